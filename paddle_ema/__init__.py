@@ -1,0 +1,40 @@
+"""paddle_ema: exponential moving averages of PaddlePaddle model weights.
+
+    from paddle_ema import ExponentialMovingAverage
+    ema = ExponentialMovingAverage(model, decay=0.9998)
+    ...  # after each optimizer.step():
+    ema.update()
+    with ema.apply():
+        evaluate(model)
+"""
+
+from ._require import require_paddle
+
+require_paddle()
+
+from .averaging import EMARule  # noqa: E402
+from .dygraph import ExponentialMovingAverage  # noqa: E402
+from .errors import (  # noqa: E402
+    ConfigError,
+    EMAStateError,
+    IncompatibleStateError,
+    PaddleEMAError,
+    SelectionError,
+)
+from .schedules import SCHEDULES, Schedule, make_schedule, register_schedule  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ExponentialMovingAverage",
+    "EMARule",
+    "Schedule",
+    "SCHEDULES",
+    "make_schedule",
+    "register_schedule",
+    "PaddleEMAError",
+    "ConfigError",
+    "SelectionError",
+    "IncompatibleStateError",
+    "EMAStateError",
+]

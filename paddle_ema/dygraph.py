@@ -1,0 +1,288 @@
+"""The dygraph EMA: `paddle_ema.ExponentialMovingAverage`."""
+
+import difflib
+from collections import OrderedDict
+
+import numpy as np
+import paddle
+
+from . import kernels
+from .averaging import EMARule
+from .errors import ConfigError, EMAStateError, IncompatibleStateError
+from .schedules import make_schedule
+from .selection import select_parameters
+
+__all__ = ["ExponentialMovingAverage"]
+
+STATE_FORMAT = "paddle_ema.ExponentialMovingAverage"
+STATE_VERSION = 1
+DEFAULT_DECAY = 0.9998
+
+
+def _shadow_dtype(param):
+    # Averages of half-precision weights are kept in float32: an fp16 shadow rounds each small
+    # (1 - d) * (x - a) step away and stops moving.
+    return paddle.float32 if param.dtype in (paddle.float16, paddle.bfloat16) else param.dtype
+
+
+def _check_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class _Applied:
+    """What `apply()` returns: the swap has already happened; as a context manager it restores on exit."""
+
+    def __init__(self, ema, token):
+        self._ema = ema
+        self._token = token
+
+    def __enter__(self):
+        return self._ema
+
+    def __exit__(self, *exc_info):
+        # Only the apply() that saved the raw weights restores them, so nested applies and an
+        # explicit restore() inside the block do not restore twice.
+        if self._token is not None and self._ema._backup_token is self._token:
+            self._ema.restore()
+        return False
+
+
+class ExponentialMovingAverage:
+    """Exponential moving average of a dygraph model's weights.
+
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped in `paddle.DataParallel`.
+        decay: the schedule's decay (upper bound), default 0.9998. Leave unset when `schedule` is
+            a Schedule instance, which carries its own.
+        thres_steps: the seeds' switch: True uses d = min(decay, (1+t)/(10+t)) ('threshold'),
+            False a constant decay. Used only when `schedule` is not given.
+        schedule: a registered schedule name ('constant', 'threshold', 'exponential', 'power') or
+            a `paddle_ema.schedules.Schedule` instance.
+        schedule_options: the named schedule's own options, e.g. {'tau': 2000} for 'exponential',
+            {'inv_gamma': 1, 'power': 2/3, 'min_decay': 0} for 'power'.
+        bias_correction: start the average from zero and correct its bias by 1 - prod(d_i) (the
+            product of the decays actually applied). Default False: start from the weights.
+        update_every: average every k-th call of update(). Default 1.
+        start_step: before this call index the shadow copies the weights. Default 0.
+        include_stop_gradient: also average parameters with stop_gradient=True (BatchNorm's
+            running statistics, frozen layers). Default False.
+        exclude: names to leave out: substrings, 're:<regex>' strings or re.Pattern objects.
+        device: where the shadow lives, e.g. 'cpu' to save accelerator memory. Default: beside
+            each weight.
+
+    The step t of the schedule counts averaging updates from 0. `update(step=n)` takes the call
+    index from an external counter instead (TensorFlow's num_updates); t is then
+    (n - start_step) // update_every, so the decay follows the external counter.
+    """
+
+    def __init__(
+        self,
+        model,
+        decay=None,
+        thres_steps=True,
+        *,
+        schedule=None,
+        schedule_options=None,
+        bias_correction=False,
+        update_every=1,
+        start_step=0,
+        include_stop_gradient=False,
+        exclude=None,
+        device=None,
+    ):
+        if schedule is None:
+            schedule = "threshold" if thres_steps else "constant"
+        if isinstance(schedule, str) and decay is None:
+            decay = DEFAULT_DECAY
+        self.rule = EMARule(make_schedule(schedule, decay, **dict(schedule_options or {})), bias_correction)
+        self.update_every = _check_int("update_every", update_every, 1)
+        self.start_step = _check_int("start_step", start_step, 0)
+        self.include_stop_gradient = bool(include_stop_gradient)
+        self.exclude = exclude
+        self.device = self._place(device)
+        self._model = model
+        named = select_parameters(model, self.include_stop_gradient, exclude)
+        if not named:
+            raise ConfigError("the model has no parameters to average (none is trainable, or all are excluded)")
+        self.names = [name for name, _ in named]
+        self._params = [param for _, param in named]
+        self._index = {name: i for i, name in enumerate(self.names)}
+        self._backup = None
+        self._backup_token = None
+        self.register()
+
+    @staticmethod
+    def _place(device):
+        if device is None:
+            return None
+        try:
+            return paddle.device._convert_to_place(device) if isinstance(device, str) else device
+        except (ValueError, RuntimeError) as exc:
+            raise ConfigError(f"device must be None, 'cpu', 'gpu' or 'gpu:N', got {device!r} ({exc})") from None
+
+    @property
+    def schedule(self):
+        return self.rule.schedule
+
+    @paddle.no_grad()
+    def _snapshot(self, param):
+        shadow = param.detach().clone().astype(_shadow_dtype(param))
+        if self.device is not None:
+            shadow = shadow._copy_to(self.device, False)
+        shadow.stop_gradient = True
+        return shadow
+
+    def register(self):
+        """(Re)snapshot the shadow from the current weights and reset the counters."""
+        if self._backup is not None:
+            raise EMAStateError("register() while EMA weights are applied would average them; call restore() first")
+        self._shadows = [self._snapshot(p) for p in self._params]
+        self.num_calls = 0
+        self.num_updates = 0
+        self.decay_product = 1.0
+        self.last_decay = None
+
+    def update(self, step=None):
+        """Fold the current weights into the average; returns the decay used, or None when skipped.
+
+        Call it after `optimizer.step()`. `step` is an external call counter (0-based).
+        """
+        if self._backup is not None:
+            raise EMAStateError(
+                "update() while EMA weights are applied would average the average; call restore() first"
+            )
+        call = self.num_calls if step is None else _check_int("step", step, 0)
+        self.num_calls = call + 1
+        if call < self.start_step:
+            kernels.copy_(self._shadows, self._params)
+            self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
+            return None
+        offset = call - self.start_step
+        if offset % self.update_every:
+            return None
+        decay, weight, product = self.rule.step(offset // self.update_every, self.decay_product)
+        kernels.lerp_(self._shadows, self._params, weight)
+        self.num_updates += 1
+        self.decay_product = product
+        self.last_decay = decay
+        return decay
+
+    @property
+    def is_applied(self):
+        """True while the model holds EMA weights that restore() can swap back."""
+        return self._backup is not None
+
+    @paddle.no_grad()
+    def apply(self, need_restore=True):
+        """Swap the EMA weights into the model. Returns a context manager that restores on exit.
+
+        `ema.apply(); ...; ema.restore()` and `with ema.apply(): ...` both work. A second apply()
+        before restore() keeps the raw weights saved by the first. With need_restore=False the
+        EMA weights stay in the model and the raw ones are dropped (for export).
+        """
+        token = None
+        if self._backup is None and need_restore:
+            self._backup = [p.detach().clone() for p in self._params]
+            self._backup_token = token = object()
+        kernels.copy_(self._params, self._shadows)
+        if not need_restore:
+            self._backup = self._backup_token = None
+        return _Applied(self, token)
+
+    @paddle.no_grad()
+    def restore(self):
+        """Swap the raw weights saved by apply() back into the model."""
+        if self._backup is None:
+            raise EMAStateError(
+                "restore() without a matching apply(): the model holds its raw weights "
+                "(or apply(need_restore=False) dropped them)"
+            )
+        kernels.copy_(self._params, self._backup)
+        self._backup = self._backup_token = None
+
+    def average(self, name):
+        """The shadow (float32 for half-precision weights) of the parameter `name`."""
+        if name not in self._index:
+            close = difflib.get_close_matches(name, self.names, n=3)
+            hint = f"; did you mean {close}?" if close else f"; averaged names: {self.names[:6]}..."
+            raise KeyError(f"{name!r} is not averaged by this EMA{hint}")
+        return self._shadows[self._index[name]]
+
+    def settings(self):
+        """The settings that change the numbers: a resumed EMA must have the same."""
+        return {
+            **self.rule.options(),
+            "update_every": self.update_every,
+            "start_step": self.start_step,
+        }
+
+    def state_dict(self):
+        """Everything needed to resume exactly. Shadows are returned by reference, like Layer.state_dict()."""
+        return {
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "shadow": OrderedDict(zip(self.names, self._shadows)),
+            "num_calls": self.num_calls,
+            "num_updates": self.num_updates,
+            "decay_product": float(self.decay_product),
+            "last_decay": self.last_decay,
+            "settings": self.settings(),
+        }
+
+    def set_state_dict(self, state_dict):
+        """Load a state from state_dict(); an incompatible one raises IncompatibleStateError listing what differs."""
+        self._check_state(state_dict)
+        sources = []
+        for name in self.names:
+            value = state_dict["shadow"][name]
+            sources.append(value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value)))
+        kernels.copy_(self._shadows, sources)
+        self.num_calls = int(state_dict["num_calls"])
+        self.num_updates = int(state_dict["num_updates"])
+        self.decay_product = float(state_dict["decay_product"])
+        last = state_dict["last_decay"]
+        self.last_decay = None if last is None else float(last)
+
+    def _check_state(self, state):
+        required = ("shadow", "num_calls", "num_updates", "decay_product", "last_decay", "settings")
+        if not isinstance(state, dict) or any(key not in state for key in required):
+            have = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise IncompatibleStateError(
+                f"not an ExponentialMovingAverage state dict: it needs the keys {list(required)}, got {have}"
+            )
+        problems = []
+        shadow = state["shadow"]
+        missing = [n for n in self.names if n not in shadow]
+        unexpected = [n for n in shadow if n not in self._index]
+        if missing:
+            problems.append(f"missing parameters {missing}")
+        if unexpected:
+            problems.append(f"unexpected parameters {unexpected}")
+        for name, mine in zip(self.names, self._shadows):
+            if name in shadow and list(shadow[name].shape) != list(mine.shape):
+                problems.append(f"{name}: shape {list(shadow[name].shape)} in the state, {list(mine.shape)} here")
+        ours, theirs = _flatten(self.settings()), _flatten(state["settings"])
+        for key in sorted(set(ours) | set(theirs)):
+            if ours.get(key) != theirs.get(key):
+                problems.append(f"setting {key}: {theirs.get(key)!r} in the state, {ours.get(key)!r} here")
+        if problems:
+            raise IncompatibleStateError("the EMA state does not fit this EMA: " + "; ".join(problems))
+
+    def __repr__(self):
+        return (
+            f"ExponentialMovingAverage({len(self.names)} tensors, schedule={self.schedule!r}, "
+            f"bias_correction={self.rule.bias_correction}, update_every={self.update_every}, "
+            f"start_step={self.start_step}, num_updates={self.num_updates})"
+        )
+
+
+def _flatten(mapping, prefix=""):
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

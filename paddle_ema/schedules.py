@@ -1,0 +1,203 @@
+"""Decay schedules: the decay d(t) used by the t-th EMA update, t = 0, 1, 2, ...
+
+Each schedule is a small frozen dataclass whose formula is written once, against a math namespace,
+so that the same expression serves host floats (the dygraph EMA computes d(t) in float64 on the
+host) and Paddle tensors (the static EMA emits it as ops of the main program):
+
+    schedule(t)         -> float, d(t) in float64
+    schedule.tensor(t)  -> Tensor, the same formula in Paddle ops, for static programs
+
+Schedules are looked up by name in a registry that user code extends with `register_schedule`.
+"""
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from .errors import ConfigError
+
+__all__ = [
+    "Schedule",
+    "Constant",
+    "Threshold",
+    "Exponential",
+    "Power",
+    "SCHEDULES",
+    "register_schedule",
+    "make_schedule",
+]
+
+
+class _HostMath:
+    """Float64 arithmetic on Python floats."""
+
+    @staticmethod
+    def minimum(x, c):
+        return min(x, c)
+
+    @staticmethod
+    def clip(x, lo, hi):
+        return max(lo, min(hi, x))
+
+    exp = staticmethod(math.exp)
+
+
+class _TensorMath:
+    """The same operations as Paddle ops; they work in dygraph and in both static program kinds."""
+
+    @staticmethod
+    def minimum(x, c):
+        import paddle
+
+        return paddle.clip(x, max=c)
+
+    @staticmethod
+    def clip(x, lo, hi):
+        import paddle
+
+        return paddle.clip(x, min=lo, max=hi)
+
+    @staticmethod
+    def exp(x):
+        import paddle
+
+        return paddle.exp(x)
+
+
+HOST = _HostMath()
+TENSOR = _TensorMath()
+
+
+def _check_unit_interval(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
+
+
+def _check_positive(name, value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Base class: `decay` is the schedule's upper bound, reached or approached as t grows."""
+
+    decay: float = 0.9998
+
+    name = "base"
+
+    def __post_init__(self):
+        _check_unit_interval(f"{self.name} schedule: decay", self.decay)
+
+    def formula(self, t, m):
+        """d(t) written with the operations of the math namespace `m` (HOST or TENSOR)."""
+        raise NotImplementedError
+
+    def __call__(self, t):
+        if t < 0:
+            raise ConfigError(f"schedule step must be >= 0, got {t}")
+        return float(self.formula(float(t), HOST))
+
+    def tensor(self, t):
+        """d(t) for a float32 step tensor `t`, as Paddle ops."""
+        return self.formula(t, TENSOR)
+
+    def options(self):
+        """The settings that determine d(t), for state dicts and configs."""
+        return {"name": self.name, **asdict(self)}
+
+
+SCHEDULES = {}
+
+
+def register_schedule(name, *aliases):
+    """Class decorator that makes a Schedule subclass available by name (and aliases)."""
+
+    def decorate(cls):
+        if not (isinstance(cls, type) and issubclass(cls, Schedule)):
+            raise TypeError(f"register_schedule({name!r}) decorates a Schedule subclass, got {cls!r}")
+        cls.name = name
+        for key in (name, *aliases):
+            if key in SCHEDULES and SCHEDULES[key] is not cls:
+                raise ConfigError(f"schedule name {key!r} is already registered to {SCHEDULES[key].__name__}")
+            SCHEDULES[key] = cls
+        return cls
+
+    return decorate
+
+
+@register_schedule("constant", "normal")
+@dataclass(frozen=True)
+class Constant(Schedule):
+    """d(t) = decay. ('normal' is PaddleDetection's name for it.)"""
+
+    def formula(self, t, m):
+        return self.decay + 0.0 * t
+
+
+@register_schedule("threshold")
+@dataclass(frozen=True)
+class Threshold(Schedule):
+    """d(t) = min(decay, (1 + t) / (10 + t)): TensorFlow's num_updates and the seeds' thres_steps."""
+
+    def formula(self, t, m):
+        return m.minimum((1.0 + t) / (10.0 + t), self.decay)
+
+
+@register_schedule("exponential")
+@dataclass(frozen=True)
+class Exponential(Schedule):
+    """d(t) = decay * (1 - exp(-(t + 1) / tau)): the YOLO / PaddleDetection warm-up."""
+
+    tau: float = 2000.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_positive("exponential schedule: tau", self.tau)
+
+    def formula(self, t, m):
+        return self.decay * (1.0 - m.exp(-(t + 1.0) / self.tau))
+
+
+@register_schedule("power")
+@dataclass(frozen=True)
+class Power(Schedule):
+    """d(t) = clip(1 - (1 + t / inv_gamma) ** -power, min_decay, decay): timm ModelEmaV3, ema-pytorch."""
+
+    inv_gamma: float = 1.0
+    power: float = 2.0 / 3.0
+    min_decay: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_positive("power schedule: inv_gamma", self.inv_gamma)
+        _check_positive("power schedule: power", self.power)
+        _check_unit_interval("power schedule: min_decay", self.min_decay)
+        if self.min_decay > self.decay:
+            raise ConfigError(f"power schedule: min_decay ({self.min_decay}) must not exceed decay ({self.decay})")
+
+    def formula(self, t, m):
+        return m.clip(1.0 - (1.0 + t / self.inv_gamma) ** (-self.power), self.min_decay, self.decay)
+
+
+def make_schedule(schedule="threshold", decay=None, **options):
+    """A Schedule from a registered name (with `decay` and the schedule's own options) or an instance.
+
+    An instance carries its own settings; passing `decay` or options beside one is an error.
+    """
+    if isinstance(schedule, Schedule):
+        if decay is not None or options:
+            raise ConfigError("pass either a Schedule instance or a schedule name with decay/options, not both")
+        return schedule
+    if not isinstance(schedule, str) or schedule not in SCHEDULES:
+        allowed = ", ".join(sorted(SCHEDULES))
+        raise ConfigError(f"unknown decay schedule {schedule!r}; allowed: {allowed}")
+    cls = SCHEDULES[schedule]
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(
+            f"schedule {schedule!r} takes the options {sorted(known)}, not {unknown}"
+        )
+    if decay is not None:
+        options["decay"] = decay
+    return cls(**options)
