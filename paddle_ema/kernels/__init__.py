@@ -8,6 +8,18 @@ on another device, and are cast on the way in. The reference implementation here
 own in-place ops tensor by tensor; a fused implementation can replace it without changing callers.
 """
 
-from .reference import copy_, lerp_
+from . import reference
+from .reference import copy_
 
 __all__ = ["lerp_", "copy_"]
+
+
+def lerp_(averages, values, weight):
+    weight = float(weight)
+    if weight == 0.0:
+        return
+    if weight == 1.0:
+        # avg + 1 * (x - avg) is not x in float arithmetic; a weight of 1 means "take x".
+        copy_(averages, values)
+        return
+    reference.lerp_(averages, values, weight)

@@ -16,9 +16,15 @@ def _as(source, like):
 
 @paddle.no_grad()
 def lerp_(averages, values, weight):
-    weight = float(weight)
+    # The weight goes in as a 0-d tensor made once per dtype and place: Tensor.lerp_ with a Python
+    # float builds a full-size weight tensor per call, is ~6x slower, and on Paddle 3.3.1 leaks
+    # ~100 bytes a call (measured: 21 MiB over 200,000 calls).
+    weights = {}
     for average, value in zip(averages, values, strict=True):
-        average.lerp_(_as(value, average), weight)
+        key = (average.dtype, str(average.place))
+        if key not in weights:
+            weights[key] = paddle.full([], weight, dtype=average.dtype).to(average.place)
+        average.lerp_(_as(value, average), weights[key])
 
 
 @paddle.no_grad()
