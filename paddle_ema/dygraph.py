@@ -11,6 +11,7 @@ from .averaging import EMARule
 from .errors import ConfigError, EMAStateError, IncompatibleStateError
 from .schedules import make_schedule
 from .selection import select_parameters
+from .sharding import Sharding
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -71,6 +72,10 @@ class ExponentialMovingAverage:
         exclude: names to leave out: substrings, 're:<regex>' strings or re.Pattern objects.
         device: where the shadow lives, e.g. 'cpu' to save accelerator memory. Default: beside
             each weight.
+        shard: under data parallelism, keep on each of the N ranks the shadow of about 1/N of the
+            weights (a balanced partition by size). Updates need no communication; apply() and
+            state_dict() broadcast from the owners, so every rank must call them. Default False.
+        group: the process group to shard over (default: the global group).
 
     The step t of the schedule counts averaging updates from 0. `update(step=n)` takes the call
     index from an external counter instead (TensorFlow's num_updates); t is then
@@ -91,6 +96,8 @@ class ExponentialMovingAverage:
         include_stop_gradient=False,
         exclude=None,
         device=None,
+        shard=False,
+        group=None,
     ):
         if schedule is None:
             schedule = "threshold" if thres_steps else "constant"
@@ -109,6 +116,8 @@ class ExponentialMovingAverage:
         self.names = [name for name, _ in named]
         self._params = [param for _, param in named]
         self._index = {name: i for i, name in enumerate(self.names)}
+        self._sharding = Sharding([int(p.numel()) for p in self._params], group) if shard else None
+        self._owned = self._sharding.owned if shard else list(range(len(self._params)))
         self._backup = None
         self._backup_token = None
         self.register()
@@ -138,7 +147,10 @@ class ExponentialMovingAverage:
         """(Re)snapshot the shadow from the current weights and reset the counters."""
         if self._backup is not None:
             raise EMAStateError("register() while EMA weights are applied would average them; call restore() first")
-        self._shadows = [self._snapshot(p) for p in self._params]
+        owned = set(self._owned)
+        self._shadows = [self._snapshot(p) if i in owned else None for i, p in enumerate(self._params)]
+        self._owned_shadows = [self._shadows[i] for i in self._owned]
+        self._owned_params = [self._params[i] for i in self._owned]
         self.num_calls = 0
         self.num_updates = 0
         self.decay_product = 1.0
@@ -156,14 +168,14 @@ class ExponentialMovingAverage:
         call = self.num_calls if step is None else _check_int("step", step, 0)
         self.num_calls = call + 1
         if call < self.start_step:
-            kernels.copy_(self._shadows, self._params)
+            kernels.copy_(self._owned_shadows, self._owned_params)
             self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
             return None
         offset = call - self.start_step
         if offset % self.update_every:
             return None
         decay, weight, product = self.rule.step(offset // self.update_every, self.decay_product)
-        kernels.lerp_(self._shadows, self._params, weight)
+        kernels.lerp_(self._owned_shadows, self._owned_params, weight)
         self.num_updates += 1
         self.decay_product = product
         self.last_decay = decay
@@ -186,10 +198,22 @@ class ExponentialMovingAverage:
         if self._backup is None and need_restore:
             self._backup = [p.detach().clone() for p in self._params]
             self._backup_token = token = object()
-        kernels.copy_(self._params, self._shadows)
+        self._averages_into(self._params)
         if not need_restore:
             self._backup = self._backup_token = None
         return _Applied(self, token)
+
+    def _averages_into(self, targets):
+        """targets[i] <- average i for every averaged parameter; collective when sharded."""
+        if self._sharding is None:
+            kernels.copy_(targets, self._shadows)
+        else:
+            dtypes = [_shadow_dtype(p) for p in self._params]
+            self._sharding.broadcast_into(targets, self._shadows, dtypes, self._params[0].place)
+
+    @property
+    def is_sharded(self):
+        return self._sharding is not None
 
     @paddle.no_grad()
     def restore(self):
@@ -208,7 +232,14 @@ class ExponentialMovingAverage:
             close = difflib.get_close_matches(name, self.names, n=3)
             hint = f"; did you mean {close}?" if close else f"; averaged names: {self.names[:6]}..."
             raise KeyError(f"{name!r} is not averaged by this EMA{hint}")
-        return self._shadows[self._index[name]]
+        shadow = self._shadows[self._index[name]]
+        if shadow is None:
+            owner = self._sharding.owners[self._index[name]]
+            raise EMAStateError(
+                f"the average of {name!r} is kept on rank {owner} of this sharded EMA; "
+                "state_dict() gathers all averages on every rank"
+            )
+        return shadow
 
     def settings(self):
         """The settings that change the numbers: a resumed EMA must have the same."""
@@ -218,12 +249,21 @@ class ExponentialMovingAverage:
             "start_step": self.start_step,
         }
 
+    @paddle.no_grad()
     def state_dict(self):
-        """Everything needed to resume exactly. Shadows are returned by reference, like Layer.state_dict()."""
+        """Everything needed to resume exactly. Shadows are returned by reference, like Layer.state_dict().
+
+        A sharded EMA gathers every average on every rank (a collective call) into new tensors,
+        so its state is the same as an unsharded one's and loads with any number of ranks.
+        """
+        shadows = self._shadows
+        if self._sharding is not None:
+            shadows = [paddle.empty(p.shape, dtype=_shadow_dtype(p)) for p in self._params]
+            self._averages_into(shadows)
         return {
             "format": STATE_FORMAT,
             "version": STATE_VERSION,
-            "shadow": OrderedDict(zip(self.names, self._shadows)),
+            "shadow": OrderedDict(zip(self.names, shadows)),
             "num_calls": self.num_calls,
             "num_updates": self.num_updates,
             "decay_product": float(self.decay_product),
@@ -235,10 +275,10 @@ class ExponentialMovingAverage:
         """Load a state from state_dict(); an incompatible one raises IncompatibleStateError listing what differs."""
         self._check_state(state_dict)
         sources = []
-        for name in self.names:
-            value = state_dict["shadow"][name]
+        for index in self._owned:
+            value = state_dict["shadow"][self.names[index]]
             sources.append(value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value)))
-        kernels.copy_(self._shadows, sources)
+        kernels.copy_(self._owned_shadows, sources)
         self.num_calls = int(state_dict["num_calls"])
         self.num_updates = int(state_dict["num_updates"])
         self.decay_product = float(state_dict["decay_product"])
@@ -260,9 +300,9 @@ class ExponentialMovingAverage:
             problems.append(f"missing parameters {missing}")
         if unexpected:
             problems.append(f"unexpected parameters {unexpected}")
-        for name, mine in zip(self.names, self._shadows):
-            if name in shadow and list(shadow[name].shape) != list(mine.shape):
-                problems.append(f"{name}: shape {list(shadow[name].shape)} in the state, {list(mine.shape)} here")
+        for name, param in zip(self.names, self._params):
+            if name in shadow and list(shadow[name].shape) != list(param.shape):
+                problems.append(f"{name}: shape {list(shadow[name].shape)} in the state, {list(param.shape)} here")
         ours, theirs = _flatten(self.settings()), _flatten(state["settings"])
         for key in sorted(set(ours) | set(theirs)):
             if ours.get(key) != theirs.get(key):
