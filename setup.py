@@ -18,7 +18,7 @@ setup(
     install_requires=["numpy", "pyyaml", "visualdl"],
     extras_require={
         "cpu": ["paddlepaddle>=3.0"],
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6"],
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6", "scikit-learn"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

@@ -13,7 +13,7 @@ from ._require import require_paddle
 require_paddle()
 
 from .averaging import EMARule  # noqa: E402
-from .dygraph import ExponentialMovingAverage  # noqa: E402
+from .dygraph import ExponentialMovingAverage, StochasticWeightAveraging  # noqa: E402
 from .errors import (  # noqa: E402
     ConfigError,
     EMAStateError,
@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ExponentialMovingAverage",
+    "StochasticWeightAveraging",
     "EMARule",
     "Schedule",
     "SCHEDULES",

@@ -9,13 +9,12 @@ import paddle
 from . import kernels
 from .averaging import EMARule
 from .errors import ConfigError, EMAStateError, IncompatibleStateError
-from .schedules import make_schedule
+from .schedules import PowerFunction, make_schedule
 from .selection import select_parameters
 from .sharding import Sharding
 
-__all__ = ["ExponentialMovingAverage"]
+__all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 
-STATE_FORMAT = "paddle_ema.ExponentialMovingAverage"
 STATE_VERSION = 1
 DEFAULT_DECAY = 0.9998
 
@@ -261,7 +260,7 @@ class ExponentialMovingAverage:
             shadows = [paddle.empty(p.shape, dtype=_shadow_dtype(p)) for p in self._params]
             self._averages_into(shadows)
         return {
-            "format": STATE_FORMAT,
+            "format": f"paddle_ema.{type(self).__name__}",
             "version": STATE_VERSION,
             "shadow": OrderedDict(zip(self.names, shadows)),
             "num_calls": self.num_calls,
@@ -290,7 +289,7 @@ class ExponentialMovingAverage:
         if not isinstance(state, dict) or any(key not in state for key in required):
             have = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise IncompatibleStateError(
-                f"not an ExponentialMovingAverage state dict: it needs the keys {list(required)}, got {have}"
+                f"not a state dict of {type(self).__name__}: it needs the keys {list(required)}, got {have}"
             )
         problems = []
         shadow = state["shadow"]
@@ -312,9 +311,35 @@ class ExponentialMovingAverage:
 
     def __repr__(self):
         return (
-            f"ExponentialMovingAverage({len(self.names)} tensors, schedule={self.schedule!r}, "
+            f"{type(self).__name__}({len(self.names)} tensors, schedule={self.schedule!r}, "
             f"bias_correction={self.rule.bias_correction}, update_every={self.update_every}, "
             f"start_step={self.start_step}, num_updates={self.num_updates})"
+        )
+
+
+class StochasticWeightAveraging(ExponentialMovingAverage):
+    """Stochastic weight averaging: the equal-weight mean of the weights seen by averaging updates.
+
+    The mean of n values is an EMA whose t-th update has decay t / (t + 1) (the power_function
+    schedule with gamma = 0), so SWA is this one setting of the same machinery. Typical use: from a
+    start step on, average every k steps (e.g. once an epoch):
+
+        swa = StochasticWeightAveraging(model, start_step=75 * steps_per_epoch, update_every=steps_per_epoch)
+
+    Before start_step the average copies the weights; the first averaging update restarts it.
+    Options as for ExponentialMovingAverage, without the decay settings.
+    """
+
+    def __init__(self, model, *, update_every=1, start_step=0, **options):
+        decay_settings = sorted({"decay", "thres_steps", "schedule", "schedule_options", "bias_correction"} & set(options))
+        if decay_settings:
+            raise ConfigError(f"StochasticWeightAveraging gives every averaged step equal weight; it takes no {decay_settings}")
+        super().__init__(
+            model,
+            schedule=PowerFunction(gamma=0.0),
+            update_every=update_every,
+            start_step=start_step,
+            **options,
         )
 
 

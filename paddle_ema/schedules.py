@@ -21,6 +21,7 @@ __all__ = [
     "Threshold",
     "Exponential",
     "Power",
+    "PowerFunction",
     "SCHEDULES",
     "register_schedule",
     "make_schedule",
@@ -177,6 +178,28 @@ class Power(Schedule):
 
     def formula(self, t, m):
         return m.clip(1.0 - (1.0 + t / self.inv_gamma) ** (-self.power), self.min_decay, self.decay)
+
+
+@register_schedule("power_function")
+@dataclass(frozen=True)
+class PowerFunction(Schedule):
+    """d(t) = min(decay, (t / (t + 1)) ** (gamma + 1)): Karras et al. 2023's power-function EMA.
+
+    After n updates the weights x_1..x_n enter the average in proportion to about tau ** gamma:
+    gamma = 0 gives them equal weight (stochastic weight averaging). The first update (t = 0) takes
+    the weights whole. `decay` is only an optional cap, 1 (none) by default.
+    """
+
+    decay: float = 1.0
+    gamma: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma >= 0:
+            raise ConfigError(f"power_function schedule: gamma must be a number >= 0, got {self.gamma!r}")
+
+    def formula(self, t, m):
+        return m.minimum((t / (t + 1.0)) ** (self.gamma + 1.0), self.decay)
 
 
 def make_schedule(schedule="threshold", decay=None, **options):

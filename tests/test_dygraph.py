@@ -405,7 +405,7 @@ def test_incompatible_state_is_a_clear_error_listing_the_differences():
     with pytest.raises(IncompatibleStateError, match=r"setting schedule.decay: 0.99 in the state, 0.9 here; setting update_every: 1 in the state, 2 here"):
         ExponentialMovingAverage(model, 0.9, update_every=2).set_state_dict(state)
 
-    with pytest.raises(IncompatibleStateError, match="not an ExponentialMovingAverage state dict"):
+    with pytest.raises(IncompatibleStateError, match="not a state dict of ExponentialMovingAverage"):
         ema.set_state_dict(model.state_dict())
 
 

@@ -1,0 +1,193 @@
+"""Post-hoc EMA: choose the EMA length after training (Karras et al. 2023, "Analyzing and Improving
+the Training Dynamics of Diffusion Models", section 3).
+
+A power-function EMA with exponent gamma averages the weights x_1..x_t seen so far with a weight
+proportional to tau ** gamma (the `power_function` schedule). Its width relative to the run is
+
+    sigma_rel = sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+
+During training, `PostHocEMA` tracks two or more such EMAs and saves their averages every K
+updates. Afterwards `synthesize` builds the average of any other profile as a linear combination
+of the snapshots: the combination whose weight profile over the steps is closest, in least
+squares, to the profile wanted. With normalised profiles p(tau) = (gamma + 1) tau**gamma / t**(gamma + 1)
+on [0, t], every inner product is in closed form:
+
+    <p_a, p_b> = (g_a + 1)(g_b + 1) min(t_a, t_b) ** (g_a + g_b + 1) / ((g_a + g_b + 1) t_a**(g_a + 1) t_b**(g_b + 1))
+
+so the coefficients solve a small linear system A x = b, A between snapshots, b against the target.
+"""
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import paddle
+
+from .dygraph import ExponentialMovingAverage
+from .errors import ConfigError, IncompatibleStateError
+from .schedules import PowerFunction
+
+__all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "profile_coefficients", "PostHocEMA", "synthesize"]
+
+INDEX = "posthoc_index.json"
+MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)  # gamma = 0, equal weights
+
+
+def gamma_to_sigma_rel(gamma):
+    if not gamma >= 0:
+        raise ConfigError(f"gamma must be >= 0, got {gamma!r}")
+    return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
+
+
+def sigma_rel_to_gamma(sigma_rel):
+    """The gamma >= 0 whose profile has this relative width: the largest real root of
+    gamma**3 + 7 gamma**2 + (16 - 1/s**2) gamma + (12 - 1/s**2) = 0."""
+    if not 0.0 < sigma_rel <= MAX_SIGMA_REL:
+        raise ConfigError(f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}] (gamma >= 0), got {sigma_rel!r}")
+    inv = 1.0 / sigma_rel**2
+    roots = np.roots([1.0, 7.0, 16.0 - inv, 12.0 - inv])
+    return max(0.0, float(max(r.real for r in roots if abs(r.imag) < 1e-9)))
+
+
+def _log_inner(t_a, g_a, t_b, g_b):
+    power = g_a + g_b + 1.0
+    return (
+        math.log(g_a + 1.0) + math.log(g_b + 1.0) + power * math.log(min(t_a, t_b))
+        - math.log(power) - (g_a + 1.0) * math.log(t_a) - (g_b + 1.0) * math.log(t_b)
+    )
+
+
+def profile_coefficients(snapshots, t, gamma):
+    """Coefficients x_i with sum_i x_i * snapshot_i closest to the gamma-profile average at step t.
+
+    `snapshots`: [(t_i, gamma_i)] for the stored averages (t_i = updates averaged, >= 1).
+    """
+    if not snapshots:
+        raise ConfigError("post-hoc EMA needs at least one snapshot")
+    n = len(snapshots)
+    gram = np.empty((n, n))
+    for i, (t_i, g_i) in enumerate(snapshots):
+        for j, (t_j, g_j) in enumerate(snapshots):
+            gram[i, j] = math.exp(_log_inner(t_i, g_i, t_j, g_j))
+    target = np.array([math.exp(_log_inner(t_i, g_i, t, gamma)) for t_i, g_i in snapshots])
+    coefficients, *_ = np.linalg.lstsq(gram, target, rcond=None)
+    return coefficients
+
+
+def _atomic_save(obj, path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    paddle.save(obj, str(tmp))
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text, path):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class PostHocEMA:
+    """Tracks power-function EMAs of a model and saves their averages every `snapshot_every` updates.
+
+    Args:
+        model: the model (bare or DataParallel).
+        snapshot_dir: folder for the snapshots and their index.
+        sigma_rels: relative widths of the tracked profiles (the paper uses 0.05 and 0.10).
+        snapshot_every: save every K averaging updates.
+        snapshot_dtype: 'float32' or 'float16' (half the disk; about 1e-3 relative rounding).
+        **options: passed to each ExponentialMovingAverage (update_every, start_step, exclude, ...).
+
+    Only rank 0 should be given `write=True` under data parallelism.
+    """
+
+    def __init__(self, model, snapshot_dir, sigma_rels=(0.05, 0.10), snapshot_every=1000,
+                 snapshot_dtype="float32", write=True, **options):
+        if snapshot_dtype not in ("float32", "float16"):
+            raise ConfigError(f"snapshot_dtype must be 'float32' or 'float16', got {snapshot_dtype!r}")
+        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
+            raise ConfigError(f"snapshot_every must be an integer >= 1, got {snapshot_every!r}")
+        if not sigma_rels:
+            raise ConfigError("sigma_rels needs at least one relative width")
+        self.sigma_rels = [float(s) for s in sigma_rels]
+        self.gammas = [sigma_rel_to_gamma(s) for s in self.sigma_rels]
+        self.emas = [ExponentialMovingAverage(model, schedule=PowerFunction(gamma=g), **options) for g in self.gammas]
+        self.snapshot_dir = Path(snapshot_dir)
+        self.snapshot_every = snapshot_every
+        self.snapshot_dtype = snapshot_dtype
+        self.write = write
+        if write:
+            self.snapshot_dir.mkdir(parents=True, exist_ok=True)
+
+    def update(self, step=None):
+        decays = [ema.update(step=step) for ema in self.emas]
+        t = self.emas[0].num_updates
+        if decays[0] is not None and t % self.snapshot_every == 0:  # only on calls that averaged
+            self.snapshot()
+
+    def snapshot(self):
+        """Save the current average of every profile (collective when the EMAs are sharded)."""
+        t = self.emas[0].num_updates
+        entries = []
+        for index, (ema, gamma, sigma_rel) in enumerate(zip(self.emas, self.gammas, self.sigma_rels)):
+            weights = {name: value.astype(self.snapshot_dtype) for name, value in ema.state_dict()["shadow"].items()}
+            name = f"posthoc_{index}_{t:010d}.pdparams"
+            entries.append({"file": name, "t": t, "gamma": gamma, "sigma_rel": sigma_rel})
+            if self.write:
+                _atomic_save(weights, self.snapshot_dir / name)
+        if self.write:
+            index_path = self.snapshot_dir / INDEX
+            known = json.loads(index_path.read_text())["snapshots"] if index_path.exists() else []
+            # A resumed run writes the same steps again: the newer files replace the older entries.
+            known = [e for e in known if e["file"] not in {n["file"] for n in entries}] + entries
+            _atomic_write_text(json.dumps({"snapshots": known}, indent=1), index_path)
+
+    def state_dict(self):
+        return {"emas": [ema.state_dict() for ema in self.emas], "sigma_rels": self.sigma_rels}
+
+    def set_state_dict(self, state):
+        if [float(s) for s in state.get("sigma_rels", [])] != self.sigma_rels:
+            raise IncompatibleStateError(
+                f"post-hoc EMA state has sigma_rels {state.get('sigma_rels')}, this one {self.sigma_rels}"
+            )
+        for ema, ema_state in zip(self.emas, state["emas"]):
+            ema.set_state_dict(ema_state)
+
+
+def synthesize(snapshot_dir, sigma_rel=None, gamma=None, at=None):
+    """The average of a power-function profile, from the snapshots in `snapshot_dir`.
+
+    Give `sigma_rel` or `gamma`; `at` is the step (updates averaged) to synthesise at, by default
+    the last snapshot's. Returns ({name: float32 numpy array}, info) where info lists the
+    snapshots used and their coefficients.
+    """
+    if (sigma_rel is None) == (gamma is None):
+        raise ConfigError("give exactly one of sigma_rel and gamma")
+    gamma = sigma_rel_to_gamma(sigma_rel) if gamma is None else float(gamma)
+    index_path = Path(snapshot_dir) / INDEX
+    if not index_path.exists():
+        raise ConfigError(f"no post-hoc EMA snapshots in {snapshot_dir}: {INDEX} is missing")
+    entries = json.loads(index_path.read_text())["snapshots"]
+    at = max(e["t"] for e in entries) if at is None else at
+    used = [e for e in entries if e["t"] <= at]
+    if not used:
+        raise ConfigError(f"no snapshot at or before step {at} in {snapshot_dir}")
+    coefficients = profile_coefficients([(e["t"], e["gamma"]) for e in used], at, gamma)
+    total = None
+    for entry, coefficient in zip(used, coefficients):
+        weights = paddle.load(str(Path(snapshot_dir) / entry["file"]), return_numpy=True)
+        if total is None:
+            total = {name: np.zeros(value.shape, np.float64) for name, value in weights.items()}
+        for name, value in weights.items():
+            total[name] += coefficient * value.astype(np.float64)
+    info = {"gamma": gamma, "sigma_rel": gamma_to_sigma_rel(gamma), "at": at,
+            "snapshots": [{**e, "coefficient": float(c)} for e, c in zip(used, coefficients)]}
+    return {name: value.astype(np.float32) for name, value in total.items()}, info
