@@ -18,6 +18,7 @@ from .errors import (  # noqa: E402
     ConfigError,
     EMAStateError,
     IncompatibleStateError,
+    NonFiniteError,
     PaddleEMAError,
     SelectionError,
 )
@@ -38,4 +39,5 @@ __all__ = [
     "SelectionError",
     "IncompatibleStateError",
     "EMAStateError",
+    "NonFiniteError",
 ]

@@ -1,6 +1,7 @@
 """The dygraph EMA: `paddle_ema.ExponentialMovingAverage`."""
 
 import difflib
+import warnings
 from collections import OrderedDict
 
 import numpy as np
@@ -8,7 +9,7 @@ import paddle
 
 from . import kernels
 from .averaging import EMARule
-from .errors import ConfigError, EMAStateError, IncompatibleStateError
+from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
 from .schedules import PowerFunction, make_schedule
 from .selection import select_parameters
 from .sharding import Sharding
@@ -17,6 +18,7 @@ __all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 
 STATE_VERSION = 1
 DEFAULT_DECAY = 0.9998
+NONFINITE_POLICIES = ("skip", "raise", "update")
 
 
 def _shadow_dtype(param):
@@ -75,6 +77,10 @@ class ExponentialMovingAverage:
             weights (a balanced partition by size). Updates need no communication; apply() and
             state_dict() broadcast from the owners, so every rank must call them. Default False.
         group: the process group to shard over (default: the global group).
+        nonfinite: what update() does when a weight holds NaN or Inf (a diverged step): 'skip'
+            (default) leaves the average as it is, counts the skip in `num_nonfinite_skipped` and
+            warns naming the first offending parameter; 'raise' raises NonFiniteError; 'update'
+            averages without checking (saves one read of the weights per update).
 
     The step t of the schedule counts averaging updates from 0. `update(step=n)` takes the call
     index from an external counter instead (TensorFlow's num_updates); t is then
@@ -97,6 +103,7 @@ class ExponentialMovingAverage:
         device=None,
         shard=False,
         group=None,
+        nonfinite="skip",
     ):
         if schedule is None:
             schedule = "threshold" if thres_steps else "constant"
@@ -105,6 +112,9 @@ class ExponentialMovingAverage:
         self.rule = EMARule(make_schedule(schedule, decay, **dict(schedule_options or {})), bias_correction)
         self.update_every = _check_int("update_every", update_every, 1)
         self.start_step = _check_int("start_step", start_step, 0)
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.include_stop_gradient = bool(include_stop_gradient)
         self.exclude = exclude
         self.device = self._place(device)
@@ -151,6 +161,7 @@ class ExponentialMovingAverage:
         self._owned_shadows = [self._shadows[i] for i in self._owned]
         self._owned_params = [self._params[i] for i in self._owned]
         self.num_calls = 0
+        self.num_nonfinite_skipped = 0
         self.num_updates = 0
         self.decay_product = 1.0
         self.last_decay = None
@@ -166,12 +177,14 @@ class ExponentialMovingAverage:
             )
         call = self.num_calls if step is None else _check_int("step", step, 0)
         self.num_calls = call + 1
+        offset = call - self.start_step
+        if offset >= 0 and offset % self.update_every:
+            return None
+        if self.nonfinite != "update" and not self._weights_finite(call):
+            return None
         if call < self.start_step:
             kernels.copy_(self._owned_shadows, self._owned_params)
             self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
-            return None
-        offset = call - self.start_step
-        if offset % self.update_every:
             return None
         decay, weight, product = self.rule.step(offset // self.update_every, self.decay_product)
         kernels.lerp_(self._owned_shadows, self._owned_params, weight)
@@ -179,6 +192,25 @@ class ExponentialMovingAverage:
         self.decay_product = product
         self.last_decay = decay
         return decay
+
+    def _weights_finite(self, call):
+        # Every rank checks every weight (not only the ones it averages), so that sharded ranks,
+        # which hold the same weights, take the same decision without communicating.
+        if kernels.all_finite(self._params):
+            return True
+        name = self.names[kernels.first_nonfinite(self._params)]
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"update() at call {call}: parameter {name!r} holds NaN or Inf")
+        self.num_nonfinite_skipped += 1
+        count = self.num_nonfinite_skipped
+        if count in (1, 10, 100) or count % 1000 == 0:  # diverged runs would warn every step
+            warnings.warn(
+                f"EMA update at call {call} skipped: parameter {name!r} holds NaN or Inf "
+                f"({count} update(s) skipped so far; warnings repeat at 10, 100 and every 1000)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
 
     @property
     def is_applied(self):
@@ -267,6 +299,7 @@ class ExponentialMovingAverage:
             "num_updates": self.num_updates,
             "decay_product": float(self.decay_product),
             "last_decay": self.last_decay,
+            "num_nonfinite_skipped": self.num_nonfinite_skipped,
             "settings": self.settings(),
         }
 
@@ -283,6 +316,7 @@ class ExponentialMovingAverage:
         self.decay_product = float(state_dict["decay_product"])
         last = state_dict["last_decay"]
         self.last_decay = None if last is None else float(last)
+        self.num_nonfinite_skipped = int(state_dict.get("num_nonfinite_skipped", 0))
 
     def _check_state(self, state):
         required = ("shadow", "num_calls", "num_updates", "decay_product", "last_decay", "settings")

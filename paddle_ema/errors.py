@@ -19,3 +19,7 @@ class IncompatibleStateError(PaddleEMAError, ValueError):
 
 class EMAStateError(PaddleEMAError, RuntimeError):
     """A call that does not fit the EMA's current state (restore() without apply())."""
+
+
+class NonFiniteError(PaddleEMAError, FloatingPointError):
+    """The weights hold NaN or Inf and the EMA was told to raise (nonfinite='raise')."""

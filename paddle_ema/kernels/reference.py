@@ -2,7 +2,7 @@
 
 import paddle
 
-__all__ = ["lerp_", "copy_"]
+__all__ = ["lerp_", "copy_", "all_finite", "first_nonfinite"]
 
 
 def _as(source, like):
@@ -31,3 +31,19 @@ def lerp_(averages, values, weight):
 def copy_(targets, sources):
     for target, source in zip(targets, sources, strict=True):
         target.copy_(_as(source, target), False)
+
+
+@paddle.no_grad()
+def all_finite(tensors):
+    """True when no tensor holds NaN or Inf (one host sync for the whole list)."""
+    if not tensors:
+        return True
+    return bool(paddle.stack([paddle.isfinite(t).all() for t in tensors]).all())
+
+
+def first_nonfinite(tensors):
+    """Index of the first tensor holding NaN or Inf, or None."""
+    for index, tensor in enumerate(tensors):
+        if not all_finite([tensor]):
+            return index
+    return None
