@@ -19,8 +19,9 @@ where Paddle 2.6 divided by 1 - decay_t^t. Before the first update apply() leave
 they are (Paddle 2.6 wrote the zero shadows into them).
 
 The step scalars (step, decay, weight, product) are computed in float64 ops, as the dygraph EMA
-computes them in float64 on the host: in float32 a decay above 1 - 3e-8 rounds to 1 and 1 - decay
-loses digits. Shadows are float32 for float16/bfloat16 parameters, else the parameter's dtype.
+computes them in float64 on the host, so 1 - product keeps its digits near 1. The schedule's
+Python-float constants (the decay) enter the program as float32 op attributes, so the decay used
+is float32(decay): 0.999 acts as 0.99900001 (the dygraph EMA uses 0.999 exactly). Shadows are float32 for float16/bfloat16 parameters, else the parameter's dtype.
 """
 
 import contextlib
@@ -121,6 +122,11 @@ class ExponentialMovingAverage:
             make_schedule(schedule, None if not isinstance(schedule, str) else decay, **options),
             bias_correction=True,
         )
+        if np.float32(self.schedule.decay) >= 1.0:
+            raise ConfigError(
+                f"decay {self.schedule.decay!r} rounds to 1.0 in float32, the precision in which programs "
+                "carry constants: nothing would be averaged; use a decay below 1 - 3e-8"
+            )
         self.update_every = int(update_every)
         self._step_variable = thres_steps if _is_program_variable(thres_steps) else None
         self._prefix = name or ""
@@ -223,10 +229,14 @@ class ExponentialMovingAverage:
             for name, param, shadow in zip(self.names, self._params, self._shadows):
                 target = program_ops.reference(name, param.shape, param.dtype)
                 average = program_ops.reference(self.shadow_name(name), shadow.shape, shadow.dtype)
-                if average.dtype != target.dtype:
-                    average = paddle.cast(average, target.dtype)
+                # Chosen in the shadow's dtype (CPU kernels lack half-precision where/add);
+                # half -> float32 -> half is exact, so the kept weights stay bit-exact.
+                raw = target if target.dtype == average.dtype else paddle.cast(target, average.dtype)
                 # Before the first update there is no average yet: keep the weights.
-                paddle.assign(paddle.where(averaged, average, target), output=target)
+                chosen = paddle.where(averaged, average, raw)
+                if chosen.dtype != target.dtype:
+                    chosen = paddle.cast(chosen, target.dtype)
+                paddle.assign(chosen, output=target)
         with paddle.static.program_guard(self._restore_program, paddle.static.Program()):
             for name, param in zip(self.names, self._params):
                 target = program_ops.reference(name, param.shape, param.dtype)
