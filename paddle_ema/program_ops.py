@@ -14,6 +14,7 @@ from .errors import ConfigError
 
 __all__ = [
     "in_pir",
+    "lerp_",
     "create_persistable",
     "reference",
     "store",
@@ -26,6 +27,25 @@ __all__ = [
 def in_pir():
     """True when static programs are built as PIR programs (the Paddle 3.x default)."""
     return paddle.framework.in_pir_mode()
+
+
+def lerp_(average, value, weight):
+    """average <- average + weight * (value - average), in place: `kernels.lerp_` as program ops.
+
+    `weight` is a one-element tensor of the average's dtype. Three elementwise ops, the last one
+    in place: on CPU this is about three times faster than Paddle's lerp kernel plus an assign
+    (PIR programs turn `Tensor.lerp_` into an out-of-place lerp).
+    """
+    step = paddle.scale(paddle.subtract(value, average), scale=weight)
+    if in_pir():
+        from paddle import _C_ops
+
+        _C_ops.add_(average, step)
+    else:
+        block = paddle.static.default_main_program().current_block()
+        block.append_op(
+            type="elementwise_add", inputs={"X": [average], "Y": [step]}, outputs={"Out": [average]}, attrs={"axis": -1}
+        )
 
 
 def create_persistable(name, shape, dtype, value):

@@ -205,13 +205,12 @@ class ExponentialMovingAverage:
             # A skipped run leaves everything as it is: weight 0 leaves the shadows unchanged.
             weight = paddle.where(averages, weight, paddle.zeros_like(weight))
             product = paddle.where(averages, product, self._product)
-        weight = paddle.reshape(weight, [])  # 0-d, so that it broadcasts to parameters of any shape
         weights = {}
         for param, shadow in zip(self._params, self._shadows):
             if shadow.dtype not in weights:
                 weights[shadow.dtype] = paddle.cast(weight, shadow.dtype)
             value = param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype)
-            paddle.assign(paddle.lerp(shadow, value, weights[shadow.dtype]), output=shadow)
+            program_ops.lerp_(shadow, value, weights[shadow.dtype])
         paddle.assign(product, output=self._product)
         paddle.increment(self._counter, 1.0)
 
