@@ -187,7 +187,10 @@ class ExponentialMovingAverage:
                 "update() must append to the program the EMA was built in; call it under the same program_guard"
             )
         self._updated = True
-        with paddle.static.name_scope("moving_average"):
+        # Legacy programs: marked as optimizer ops, like the old class's, so that a later
+        # clone(for_test=True) drops them with the backward and optimizer ops.
+        role = contextlib.nullcontext() if program_ops.in_pir() else self.program._optimized_guard([])
+        with role, paddle.static.name_scope("moving_average"):
             self._append_update_ops()
 
     def _append_update_ops(self):

@@ -320,6 +320,24 @@ def test_save_inference_model_holds_ema_weights(kind, tmp_path):
         np.testing.assert_allclose(out, sample @ w + b, rtol=1e-5, atol=1e-6)
 
 
+def test_legacy_clone_for_test_after_update_leaves_the_average_alone():
+    # The update ops are optimizer ops, so clone(for_test=True) drops them as it drops SGD's.
+    with static_programs("legacy") as (main, startup):
+        x, prediction, _ = regression()
+        ema = ExponentialMovingAverage(0.9, thres_steps=True)
+        ema.update()
+        test_program = main.clone(for_test=True)
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        train(exe, main, batches(3), [])
+        averages = {n: scope_value(ema.shadow_name(n)) for n in ema.names}
+        for x_batch, y_batch in batches(3, seed=7):
+            exe.run(test_program, feed={"x": x_batch, "y": y_batch}, fetch_list=[prediction.name])
+        assert scope_value("@EMA_UPDATE_COUNTER@").item() == 3
+        for n in ema.names:
+            np.testing.assert_array_equal(scope_value(ema.shadow_name(n)), averages[n])
+
+
 # 5. BatchNorm statistics and half-precision parameters.
 @pytest.mark.parametrize("kind", KINDS)
 def test_batchnorm_statistics_untouched_by_default(kind):
