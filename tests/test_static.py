@@ -156,6 +156,72 @@ def test_documented_example_runs(kind):
                 np.testing.assert_array_equal(scope_value(n), raw[n])
 
 
+DOCUMENTED_EXAMPLE = """
+import numpy
+import paddle
+import paddle.static as static
+from paddle_ema.static import ExponentialMovingAverage
+
+paddle.enable_static()
+
+data = static.data(name='x', shape=[-1, 5], dtype='float32')
+hidden = static.nn.fc(x=data, size=10)
+cost = paddle.mean(hidden)
+
+test_program = static.default_main_program().clone(for_test=True)
+optimizer = paddle.optimizer.Adam(learning_rate=0.001)
+optimizer.minimize(cost)
+
+ema = ExponentialMovingAverage(0.999)
+ema.update()
+
+place = paddle.CPUPlace()
+exe = static.Executor(place)
+exe.run(static.default_startup_program())
+
+for pass_id in range(3):
+    for batch_id in range(6):
+        feed_data = numpy.random.random(size=(10, 5)).astype('float32')
+        exe.run(program=static.default_main_program(),
+        feed={'x': feed_data},
+        fetch_list=[cost.name])
+
+    # usage 1
+    with ema.apply(exe):
+        feed_data = numpy.random.random(size=(10, 5)).astype('float32')
+        exe.run(program=test_program,
+            feed={'x': feed_data},
+            fetch_list=[hidden.name])
+
+    # usage 2
+    with ema.apply(exe, need_restore=False):
+        feed_data = numpy.random.random(size=(10, 5)).astype('float32')
+        exe.run(program=test_program,
+            feed={'x': feed_data},
+            fetch_list=[hidden.name])
+    ema.restore(exe)
+"""
+
+
+def test_documented_example_verbatim_with_legacy_flag_at_start(tmp_path):
+    # Paddle's docstring example, only the import changed, in a process started with
+    # FLAGS_enable_pir_api=0 (as legacy users run it); it checks its own counter at the end.
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "example.py"
+    script.write_text(
+        DOCUMENTED_EXAMPLE
+        + "\nassert not paddle.framework.in_pir_mode()"
+        + "\nprint('updates', int(numpy.array(static.global_scope().find_var('@EMA_UPDATE_COUNTER@').get_tensor())[0]))\n"
+    )
+    env = {**os.environ, "FLAGS_enable_pir_api": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "updates 18" in done.stdout
+
+
 # 2. Agreement with the float64 model over 50 training steps.
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("thres", [None, "counter", True])
