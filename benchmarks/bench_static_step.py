@@ -113,7 +113,8 @@ def main(argv=None):
     paddle.enable_static()
     kind = OldIrGuard() if args.program == "legacy" else contextlib.nullcontext()
     print(
-        f"paddle {paddle.__version__}, {args.program} programs, CPU, batch {args.batch} of 3x{args.image_size}x{args.image_size}, "
+        f"paddle {paddle.__version__}, {args.program} programs, CPU, "
+        f"batch {args.batch} of 3x{args.image_size}x{args.image_size}, "
         f"median of {args.rounds} rounds x {args.steps} steps"
     )
     print("| model | parameters (tensors) | step without EMA | step with EMA | added | ratio |")

@@ -18,7 +18,7 @@ __all__ = [
     "create_persistable",
     "reference",
     "store",
-    "find_persistable",
+    "persistable_variables",
     "step_counter",
     "clone_for_test",
 ]
@@ -96,12 +96,9 @@ def store(value, name):
         paddle.assign(value, output=target)
 
 
-def find_persistable(program, name):
-    """The persistable variable `name` declared in `program`, or None."""
-    for var in program.list_vars():
-        if var.persistable and _name(var) == name:
-            return var
-    return None
+def persistable_variables(program):
+    """{name: variable} of the persistable variables declared in `program`."""
+    return {_name(var): var for var in program.list_vars() if var.persistable and _name(var)}
 
 
 def _name(value):
@@ -122,7 +119,7 @@ def step_counter(name="@STEP_COUNTER@", begin=1, step=1):
     if isinstance(begin, bool) or not isinstance(begin, int) or isinstance(step, bool) or not isinstance(step, int):
         raise ConfigError(f"step_counter: begin and step must be integers, got begin={begin!r}, step={step!r}")
     program = paddle.static.default_main_program()
-    existing = find_persistable(program, name)
+    existing = persistable_variables(program).get(name)
     if existing is not None:
         return existing
     counter = create_persistable(name, [1], "int64", begin - step)

@@ -21,7 +21,8 @@ they are (Paddle 2.6 wrote the zero shadows into them).
 The step scalars (step, decay, weight, product) are computed in float64 ops, as the dygraph EMA
 computes them in float64 on the host, so 1 - product keeps its digits near 1. The schedule's
 Python-float constants (the decay) enter the program as float32 op attributes, so the decay used
-is float32(decay): 0.999 acts as 0.99900001 (the dygraph EMA uses 0.999 exactly). Shadows are float32 for float16/bfloat16 parameters, else the parameter's dtype.
+is float32(decay): 0.999 acts as 0.99900001 (the dygraph EMA uses 0.999 exactly). Shadows are
+float32 for float16/bfloat16 parameters, else the parameter's dtype.
 """
 
 import contextlib
@@ -172,7 +173,8 @@ class ExponentialMovingAverage:
     def _check_names_free(self):
         wanted = [self.shadow_name(n) for n in self.names]
         wanted += [self._var("@EMA_UPDATE_COUNTER@"), self._var("@EMA_DECAY_PRODUCT@")]
-        taken = [n for n in wanted if program_ops.find_persistable(self.program, n) is not None]
+        declared = program_ops.persistable_variables(self.program)
+        taken = [n for n in wanted if n in declared]
         if taken:
             raise ConfigError(
                 f"the program already has EMA variables {taken[:3]}: give each EMA of one program its own name="

@@ -214,7 +214,8 @@ def test_documented_example_verbatim_with_legacy_flag_at_start(tmp_path):
     script.write_text(
         DOCUMENTED_EXAMPLE
         + "\nassert not paddle.framework.in_pir_mode()"
-        + "\nprint('updates', int(numpy.array(static.global_scope().find_var('@EMA_UPDATE_COUNTER@').get_tensor())[0]))\n"
+        + "\ncounter = static.global_scope().find_var('@EMA_UPDATE_COUNTER@').get_tensor()"
+        + "\nprint('updates', int(numpy.array(counter)[0]))\n"
     )
     env = {**os.environ, "FLAGS_enable_pir_api": "0", "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
