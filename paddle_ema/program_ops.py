@@ -2,10 +2,10 @@
 
 Paddle 3.x builds static programs in one of two representations, chosen by FLAGS_enable_pir_api:
 PIR (`paddle.pir.Program`, the default) and the legacy ProgramDesc (`paddle.base.framework.Program`).
-Ordinary ops (arithmetic, cast, lerp, where, assign with output=) are emitted by the same Paddle
+Ordinary ops (arithmetic, cast, where, assign with output=) are emitted by the same Paddle
 calls in both; what differs is how a persistable variable is declared, referred to from another
-program, written by name, and how an op is put at the start of a block. Those differences live
-here and nowhere else.
+program, written by name, how an op updates a variable in place, and how an op is put at the start
+of a block. Those differences live here and nowhere else.
 """
 
 import paddle
