@@ -15,6 +15,7 @@ from .errors import ConfigError
 __all__ = [
     "in_pir",
     "lerp_",
+    "exp",
     "create_persistable",
     "reference",
     "store",
@@ -46,6 +47,18 @@ def lerp_(average, value, weight):
         block.append_op(
             type="elementwise_add", inputs={"X": [average], "Y": [step]}, outputs={"Out": [average]}, attrs={"axis": -1}
         )
+
+
+def exp(x):
+    """paddle.exp that also takes legacy-program Variables (paddle.exp on Paddle 3.3 does not)."""
+    if isinstance(x, paddle.static.Variable):
+        from paddle.base.layer_helper import LayerHelper
+
+        helper = LayerHelper("exp")
+        out = helper.create_variable_for_type_inference(x.dtype)
+        helper.append_op(type="exp", inputs={"X": [x]}, outputs={"Out": [out]})
+        return out
+    return paddle.exp(x)
 
 
 def create_persistable(name, shape, dtype, value):

@@ -58,17 +58,9 @@ class _TensorMath:
 
     @staticmethod
     def exp(x):
-        import paddle
+        from .program_ops import exp  # paddle.exp rejects legacy-program Variables on Paddle 3.3
 
-        if isinstance(x, paddle.static.Variable):
-            # Legacy programs: paddle.exp on Paddle 3.3 accepts only dygraph tensors and PIR values.
-            from paddle.base.layer_helper import LayerHelper
-
-            helper = LayerHelper("exp")
-            out = helper.create_variable_for_type_inference(x.dtype)
-            helper.append_op(type="exp", inputs={"X": [x]}, outputs={"Out": [out]})
-            return out
-        return paddle.exp(x)
+        return exp(x)
 
 
 HOST = _HostMath()
