@@ -1,0 +1,174 @@
+"""The few program-building operations the static EMA needs, written once for both program kinds.
+
+Paddle 3.x builds static programs in one of two representations, chosen by FLAGS_enable_pir_api:
+PIR (`paddle.pir.Program`, the default) and the legacy ProgramDesc (`paddle.base.framework.Program`).
+Ordinary ops (arithmetic, cast, where, assign with output=) are emitted by the same Paddle
+calls in both; what differs is how a persistable variable is declared, referred to from another
+program, written by name, how an op updates a variable in place, and how an op is put at the start
+of a block. Those differences live here and nowhere else.
+"""
+
+import paddle
+
+from .errors import ConfigError
+
+__all__ = [
+    "in_pir",
+    "lerp_",
+    "exp",
+    "create_persistable",
+    "reference",
+    "store",
+    "persistable_variables",
+    "step_counter",
+    "clone_for_test",
+]
+
+
+def in_pir():
+    """True when static programs are built as PIR programs (the Paddle 3.x default)."""
+    return paddle.framework.in_pir_mode()
+
+
+def lerp_(average, value, weight):
+    """average <- average + weight * (value - average), in place: `kernels.lerp_` as program ops.
+
+    `weight` is a one-element tensor of the average's dtype. Three elementwise ops, the last one
+    in place: on CPU this is about three times faster than Paddle's lerp kernel plus an assign
+    (PIR programs turn `Tensor.lerp_` into an out-of-place lerp).
+    """
+    step = paddle.scale(paddle.subtract(value, average), scale=weight)
+    if in_pir():
+        from paddle import _C_ops
+
+        _C_ops.add_(average, step)
+    else:
+        block = paddle.static.default_main_program().current_block()
+        block.append_op(
+            type="elementwise_add", inputs={"X": [average], "Y": [step]}, outputs={"Out": [average]}, attrs={"axis": -1}
+        )
+
+
+def exp(x):
+    """paddle.exp that also takes legacy-program Variables (paddle.exp on Paddle 3.3 does not)."""
+    if isinstance(x, paddle.static.Variable):
+        from paddle.base.layer_helper import LayerHelper
+
+        helper = LayerHelper("exp")
+        out = helper.create_variable_for_type_inference(x.dtype)
+        helper.append_op(type="exp", inputs={"X": [x]}, outputs={"Out": [out]})
+        return out
+    return paddle.exp(x)
+
+
+def create_persistable(name, shape, dtype, value):
+    """A persistable variable of the current main program, set to `value` by the startup program."""
+    initializer = paddle.nn.initializer.Constant(float(value))
+    if in_pir():
+        from paddle.pir.core import create_persistable_value
+
+        var = create_persistable_value(dtype, list(shape), name=name, initializer=initializer)
+    else:
+        var = paddle.static.create_global_var(
+            shape=list(shape), value=float(value), dtype=dtype, persistable=True, name=name
+        )
+    var.stop_gradient = True
+    return var
+
+
+def reference(name, shape, dtype):
+    """A value of the current program that reads and writes the existing scope variable `name`.
+
+    Used by the apply/restore programs to reach parameters and shadows of the main program.
+    """
+    if in_pir():
+        var = paddle.static.data(name, list(shape), dtype)
+        var.persistable = True
+    else:
+        block = paddle.static.default_main_program().global_block()
+        if block.has_var(name):
+            return block.var(name)
+        var = block.create_var(name=name, shape=list(shape), dtype=dtype, persistable=True)
+    var.stop_gradient = True
+    return var
+
+
+def store(value, name):
+    """Write a copy of `value` into the persistable scope variable `name`, creating it if needed."""
+    if in_pir():
+        from paddle._pir_ops import set_persistable_value
+
+        copy = paddle.assign(value)
+        # Only a persistable value outlives the run: without this the executor keeps it in a
+        # scratch scope and drops it.
+        copy.persistable = True
+        set_persistable_value(copy, name)
+    else:
+        block = paddle.static.default_main_program().global_block()
+        target = block.create_var(name=name, shape=value.shape, dtype=value.dtype, persistable=True)
+        paddle.assign(value, output=target)
+
+
+def persistable_variables(program):
+    """{name: variable} of the persistable variables declared in `program`."""
+    return {_name(var): var for var in program.list_vars() if var.persistable and _name(var)}
+
+
+def _name(value):
+    try:
+        return value.name
+    except (ValueError, RuntimeError):  # PIR values made by ordinary ops have no name
+        return None
+
+
+def step_counter(name="@STEP_COUNTER@", begin=1, step=1):
+    """An int64 counter that every run of the main program advances by `step`, first value `begin`.
+
+    The replacement for `paddle.optimizer.lr.autoincreased_step_counter`, which fails on PIR
+    programs in Paddle 3.x. The increment is the first op of the program, so every op of a run sees
+    the same value. Calling it again with the same name returns the same counter. The counter is
+    persistable, so `paddle.static.save`/`load` carry it.
+    """
+    if isinstance(begin, bool) or not isinstance(begin, int) or isinstance(step, bool) or not isinstance(step, int):
+        raise ConfigError(f"step_counter: begin and step must be integers, got begin={begin!r}, step={step!r}")
+    program = paddle.static.default_main_program()
+    existing = persistable_variables(program).get(name)
+    if existing is not None:
+        return existing
+    counter = create_persistable(name, [1], "int64", begin - step)
+    if in_pir():
+        here = paddle.pir.get_current_insertion_point()
+        paddle.pir.set_insertion_point_after(counter.get_defining_op())
+        paddle.increment(counter, float(step))
+        paddle.pir.set_insertion_point(here)
+    else:
+        program.global_block()._prepend_op(
+            type="increment", inputs={"X": [counter]}, outputs={"Out": [counter]}, attrs={"step": float(step)}
+        )
+    return counter
+
+
+def clone_for_test(program, fetch_vars=None):
+    """An evaluation copy of `program`: dropout off, BatchNorm on its running statistics.
+
+    Legacy programs: `program.clone(for_test=True)`. PIR programs have no for_test argument
+    (`clone()` takes none on Paddle 3.x), so the copy is made with `clone()` and every op that has
+    an `is_test` attribute gets it set, as Paddle's own inference export does. A PIR executor
+    fetches only values of the program it runs, so pass the variables to fetch as `fetch_vars` to
+    get (test_program, [the same variables in the copy]).
+
+    Clone before `optimizer.minimize()` and before `ema.update()`, as with the legacy call: a clone
+    made after carries the backward, optimizer and EMA update ops along.
+    """
+    if in_pir():
+        value_map = paddle.pir.IrMapping()
+        test_program = program.clone(value_map)
+        for block in test_program.blocks:
+            for op in block.ops:
+                if op.has_attr("is_test"):
+                    op.set_bool_attr("is_test", True)
+        mapped = [value_map.look_up(v) for v in fetch_vars or ()]
+    else:
+        test_program = program.clone(for_test=True)
+        mapped = [test_program.global_block().var(v.name) for v in fetch_vars or ()]
+    return test_program if fetch_vars is None else (test_program, mapped)

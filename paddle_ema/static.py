@@ -1,0 +1,289 @@
+"""The static-graph EMA: `paddle_ema.static.ExponentialMovingAverage`.
+
+A drop-in for `paddle.static.ExponentialMovingAverage`, which no longer runs on Paddle 3.x, for
+both program kinds (PIR and legacy). Code written for the old class runs after changing the import:
+
+    from paddle_ema.static import ExponentialMovingAverage
+    optimizer.minimize(loss)
+    ema = ExponentialMovingAverage(0.999)
+    ema.update()                      # appends the update ops: one exe.run(main) trains and averages
+    ...
+    with ema.apply(exe):              # parameters hold the EMA weights inside the block
+        exe.run(test_program, ...)
+
+Numbers. Shadows start at zero and are bias-corrected by the exact product of the decays applied
+(`EMARule(bias_correction=True)`): the stored shadow is already the corrected average, and apply()
+is a cast-copy of the shadows into the parameters. With a constant decay this is Paddle 2.6's
+EMA_t / (1 - decay^t); with thres_steps (a varying decay) it is the correctly debiased average
+where Paddle 2.6 divided by 1 - decay_t^t. Before the first update apply() leaves the weights as
+they are (Paddle 2.6 wrote the zero shadows into them).
+
+The step scalars (step, decay, weight, product) are computed in float64 ops, as the dygraph EMA
+computes them in float64 on the host, so 1 - product keeps its digits near 1. The schedule's
+Python-float constants (the decay) enter the program as float32 op attributes, so the decay used
+is float32(decay): 0.999 acts as 0.99900001 (the dygraph EMA uses 0.999 exactly). Shadows are
+float32 for float16/bfloat16 parameters, else the parameter's dtype.
+"""
+
+import contextlib
+
+import numpy as np
+import paddle
+
+from . import program_ops
+from .averaging import EMARule
+from .errors import ConfigError, EMAStateError
+from .program_ops import clone_for_test, step_counter
+from .schedules import make_schedule
+from .selection import select_parameters
+
+__all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
+
+DEFAULT_DECAY = 0.999
+SCALAR_DTYPE = "float64"
+
+
+def _shadow_dtype(param):
+    if param.dtype in (paddle.float16, paddle.bfloat16):
+        return paddle.float32
+    return param.dtype
+
+
+def _is_program_variable(value):
+    return isinstance(value, (paddle.static.Variable, paddle.pir.Value))
+
+
+class _ProgramParameters:
+    """A program's parameters seen through the model interface that `select_parameters` reads."""
+
+    def __init__(self, program):
+        self._program = program
+
+    def named_parameters(self):
+        params = self._program.global_block().all_parameters()
+        # ParamAttr(do_model_average=False) opted a parameter out of the old class; keep honouring it.
+        return [(p.name, p) for p in params if getattr(p, "do_model_average", None) is not False]
+
+
+class ExponentialMovingAverage:
+    """Exponential moving average of a static program's parameters, for PIR and legacy programs.
+
+    Args:
+        decay: the schedule's decay (upper bound). Default 0.999. Ignored when `schedule` is a
+            Schedule instance, which carries its own.
+        thres_steps: None (default): constant decay. A step variable of the program (int or float,
+            e.g. from `step_counter()`): decay = min(decay, (1+t)/(10+t)) with t its value.
+            True: the same, t counted by the EMA's own update counter (0 at the first update).
+        name: prefix of the EMA's variable names; needed to put two EMAs in one program.
+        schedule: a registered schedule name ('constant', 'threshold', 'exponential', 'power') or
+            a Schedule instance; overrides the choice made by thres_steps. It is fed by the
+            thres_steps variable when one is given, else by the EMA's own update counter.
+        schedule_options: the named schedule's own options, e.g. {'tau': 2000}.
+        update_every: average on every k-th run of the main program (the step variable, or the
+            own counter, divisible by k); t counts averaging updates. Default 1.
+        include_stop_gradient: also average parameters with stop_gradient=True (BatchNorm's
+            running statistics, frozen layers). Default False.
+        exclude: parameter names to leave out: substrings, 're:<regex>' strings or re.Pattern.
+
+    Build it inside the main program after `optimizer.minimize(loss)`, then call `update()` once.
+    All state (shadows, update counter, decay product) is persistable: `paddle.static.save` and
+    `load` carry it and a resumed run continues exactly.
+    """
+
+    def __init__(
+        self,
+        decay=DEFAULT_DECAY,
+        thres_steps=None,
+        name=None,
+        *,
+        schedule=None,
+        schedule_options=None,
+        update_every=1,
+        include_stop_gradient=False,
+        exclude=None,
+    ):
+        if paddle.in_dynamic_mode():
+            raise ConfigError(
+                "paddle_ema.static.ExponentialMovingAverage builds static programs; call "
+                "paddle.enable_static() first, or use paddle_ema.ExponentialMovingAverage in dygraph"
+            )
+        if not (thres_steps is None or isinstance(thres_steps, bool) or _is_program_variable(thres_steps)):
+            raise ConfigError(
+                "thres_steps must be None, True (the EMA's own update counter) or a step variable "
+                f"of the program, got {type(thres_steps).__name__}"
+            )
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"name must be a string or None, got {name!r}")
+        if isinstance(update_every, bool) or not isinstance(update_every, (int, np.integer)) or update_every < 1:
+            raise ConfigError(f"update_every must be an integer >= 1, got {update_every!r}")
+        if schedule is None:
+            schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
+        options = dict(schedule_options or {})
+        self.rule = EMARule(
+            make_schedule(schedule, None if not isinstance(schedule, str) else decay, **options),
+            bias_correction=True,
+        )
+        if np.float32(self.schedule.decay) >= 1.0:
+            raise ConfigError(
+                f"decay {self.schedule.decay!r} rounds to 1.0 in float32, the precision in which programs "
+                "carry constants: nothing would be averaged; use a decay below 1 - 3e-8"
+            )
+        self.update_every = int(update_every)
+        self._step_variable = thres_steps if _is_program_variable(thres_steps) else None
+        self._prefix = name or ""
+
+        self.program = paddle.static.default_main_program()
+        named = select_parameters(_ProgramParameters(self.program), include_stop_gradient, exclude)
+        if not named:
+            raise ConfigError(
+                "the main program has no parameters to average (none is trainable, or all are excluded); "
+                "build the EMA inside the program, after optimizer.minimize(loss)"
+            )
+        self.names = [param_name for param_name, _ in named]
+        self._params = [param for _, param in named]
+        self._check_names_free()
+
+        self._shadows = [
+            program_ops.create_persistable(self.shadow_name(n), p.shape, _shadow_dtype(p), 0.0)
+            for n, p in named
+        ]
+        # Runs of update() so far (the step of the schedule without thres_steps), and the product of
+        # the decays applied, P: the bias correction divides by 1 - P; P < 1 once anything was averaged.
+        self._counter = program_ops.create_persistable(self._var("@EMA_UPDATE_COUNTER@"), [1], "int64", 0)
+        self._product = program_ops.create_persistable(self._var("@EMA_DECAY_PRODUCT@"), [1], SCALAR_DTYPE, 1.0)
+        self._updated = False
+        self._backup_made = False
+        self._open_applies = 0
+        self._build_swap_programs()
+
+    @property
+    def schedule(self):
+        return self.rule.schedule
+
+    def _var(self, suffix):
+        return f"{self._prefix}{suffix}"
+
+    def shadow_name(self, param_name):
+        """Name of the persistable variable that holds the average of `param_name`."""
+        return self._var(f"{param_name}@EMA")
+
+    def _backup_name(self, param_name):
+        return self._var(f"{param_name}@EMA_BACKUP")
+
+    def _check_names_free(self):
+        wanted = [self.shadow_name(n) for n in self.names]
+        wanted += [self._var("@EMA_UPDATE_COUNTER@"), self._var("@EMA_DECAY_PRODUCT@")]
+        declared = program_ops.persistable_variables(self.program)
+        taken = [n for n in wanted if n in declared]
+        if taken:
+            raise ConfigError(
+                f"the program already has EMA variables {taken[:3]}: give each EMA of one program its own name="
+            )
+
+    def update(self):
+        """Append the EMA update ops to the main program (once); each run of it then averages."""
+        if self._updated:
+            raise EMAStateError("update() already appended the EMA update ops to the program; call it once")
+        if paddle.static.default_main_program() != self.program:
+            raise EMAStateError(
+                "update() must append to the program the EMA was built in; call it under the same program_guard"
+            )
+        self._updated = True
+        # Legacy programs: marked as optimizer ops, like the old class's, so that a later
+        # clone(for_test=True) drops them with the backward and optimizer ops.
+        role = contextlib.nullcontext() if program_ops.in_pir() else self.program._optimized_guard([])
+        with role, paddle.static.name_scope("moving_average"):
+            self._append_update_ops()
+
+    def _append_update_ops(self):
+        step = self._counter if self._step_variable is None else self._step_variable
+        every = self.update_every
+        averages = None
+        if every > 1:
+            step = paddle.cast(step, "int64")
+            averages = step % every == 0
+            step = step // every
+        t = paddle.cast(step, SCALAR_DTYPE)
+        decay = self.schedule.tensor(t)
+        weight, product = self.rule.weight(decay, self._product)
+        if averages is not None:
+            # A skipped run leaves everything as it is: weight 0 leaves the shadows unchanged.
+            weight = paddle.where(averages, weight, paddle.zeros_like(weight))
+            product = paddle.where(averages, product, self._product)
+        weights = {}
+        for param, shadow in zip(self._params, self._shadows):
+            if shadow.dtype not in weights:
+                weights[shadow.dtype] = paddle.cast(weight, shadow.dtype)
+            value = param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype)
+            program_ops.lerp_(shadow, value, weights[shadow.dtype])
+        paddle.assign(product, output=self._product)
+        paddle.increment(self._counter, 1.0)
+
+    def _build_swap_programs(self):
+        """The programs apply() and restore() run: back up, swap averages in, swap raw weights back."""
+        self._backup_program = paddle.static.Program()
+        self._apply_program = paddle.static.Program()
+        self._restore_program = paddle.static.Program()
+        with paddle.static.program_guard(self._backup_program, paddle.static.Program()):
+            for name, param in zip(self.names, self._params):
+                program_ops.store(program_ops.reference(name, param.shape, param.dtype), self._backup_name(name))
+        with paddle.static.program_guard(self._apply_program, paddle.static.Program()):
+            product = program_ops.reference(self._product.name, [1], SCALAR_DTYPE)
+            averaged = paddle.reshape(product < 1.0, [])
+            for name, param, shadow in zip(self.names, self._params, self._shadows):
+                target = program_ops.reference(name, param.shape, param.dtype)
+                average = program_ops.reference(self.shadow_name(name), shadow.shape, shadow.dtype)
+                # Chosen in the shadow's dtype (CPU kernels lack half-precision where/add);
+                # half -> float32 -> half is exact, so the kept weights stay bit-exact.
+                raw = target if target.dtype == average.dtype else paddle.cast(target, average.dtype)
+                # Before the first update there is no average yet: keep the weights.
+                chosen = paddle.where(averaged, average, raw)
+                if chosen.dtype != target.dtype:
+                    chosen = paddle.cast(chosen, target.dtype)
+                paddle.assign(chosen, output=target)
+        with paddle.static.program_guard(self._restore_program, paddle.static.Program()):
+            for name, param in zip(self.names, self._params):
+                target = program_ops.reference(name, param.shape, param.dtype)
+                paddle.assign(program_ops.reference(self._backup_name(name), param.shape, param.dtype), output=target)
+
+    @contextlib.contextmanager
+    def apply(self, executor, need_restore=True):
+        """Put the EMA weights into the parameters; on leaving the block the raw weights come back.
+
+        With need_restore=False the EMA weights stay (for export); `restore(executor)` still
+        brings the raw ones back. An apply() nested in an open apply() keeps the first backup.
+        """
+        if self._open_applies == 0:
+            executor.run(self._backup_program)
+            self._backup_made = True
+        executor.run(self._apply_program)
+        self._open_applies += bool(need_restore)
+        try:
+            yield self
+        finally:
+            if need_restore:
+                self._open_applies -= 1
+                if self._open_applies == 0:
+                    self.restore(executor)
+
+    def restore(self, executor):
+        """Put back the raw weights saved by the last apply() (bit-exact)."""
+        if not self._backup_made:
+            raise EMAStateError("restore() before any apply(): there are no saved raw weights to put back")
+        executor.run(self._restore_program)
+
+    def save_inference_model(self, path_prefix, feed_vars, fetch_vars, executor, **kwargs):
+        """`paddle.static.save_inference_model` with the EMA weights in the saved parameters.
+
+        Pass `program=test_program` (see `clone_for_test`) as for Paddle's function; the training
+        weights are back in the scope afterwards.
+        """
+        with self.apply(executor):
+            paddle.static.save_inference_model(path_prefix, feed_vars, fetch_vars, executor, **kwargs)
+
+    def __repr__(self):
+        return (
+            f"paddle_ema.static.ExponentialMovingAverage({len(self.names)} parameters, "
+            f"schedule={self.schedule!r}, update_every={self.update_every}, "
+            f"step={'own counter' if self._step_variable is None else 'thres_steps variable'})"
+        )
