@@ -66,8 +66,10 @@ def load_resume_state(path, use_ema):
 
 
 def load_weights(model, path):
-    """Load a .pdparams file into `model`; names and shapes must match exactly."""
-    file = checkpoint_stem(path) + ".pdparams"
+    """Load weights into `model`: `path` as given (.pdparams, or .pdema for the raw weights), or
+    <path>.pdparams without a suffix; names and shapes must match exactly."""
+    path = os.fspath(path)
+    file = path if path.endswith((".pdparams", ".pdema")) else path + ".pdparams"
     state = _load(file, "weights")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
