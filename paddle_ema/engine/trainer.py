@@ -164,7 +164,7 @@ class Trainer:
                     shown = {"loss": loss, "lr": self.optimizer.get_lr()}
                     if decay is not None:
                         shown["ema_decay"] = decay
-                    self.progress.step(epoch, epochs, iteration, len(order), len(indices), shown)
+                    self.progress.step(epoch, epochs, iteration, len(order), self.batch_size, shown)
                 final = epoch + 1 == epochs
                 if final or (epoch + 1) % cfg["snapshot_epoch"] == 0:
                     self._snapshot(epoch, final)
