@@ -6,7 +6,8 @@ step the EMA is updated; at snapshot epochs the EMA weights are taken once, eval
 checkpoint (raw weights, optimizer and LR schedule, EMA state, RNG state, step counters), so
 `-r` continues the same run bit for bit.
 
-`mode: static` is dispatched to paddle_ema.static's trainer once that module exists.
+`mode: static` is dispatched to engine/static_trainer.py (the Executor with paddle_ema.static's
+EMA) once it exists; it takes the same arguments and reuses data, checkpoint, progress and report.
 """
 
 import os
@@ -197,11 +198,12 @@ class Trainer:
 
 
 def build_trainer(cfg, name, **options):
+    """The trainer for cfg['mode']. Both modes share data, config, checkpoints, progress and report."""
     if cfg["mode"] == "static":
         try:
-            from ..static import build_static_trainer  # noqa: F401  (provided by paddle_ema.static)
+            from .static_trainer import StaticTrainer
         except ImportError:
-            raise ConfigError("mode: static needs paddle_ema.static's trainer, which this installation lacks; "
-                              "use mode: dygraph") from None
-        return build_static_trainer(cfg, name, **options)
+            raise ConfigError("mode: static is not available yet (the Executor trainer on paddle_ema.static is "
+                              "still to come); use mode: dygraph") from None
+        return StaticTrainer(cfg, name, **options)
     return Trainer(cfg, name, **options)
