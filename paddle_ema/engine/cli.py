@@ -15,8 +15,10 @@ __all__ = ["train_main", "eval_main", "export_main", "average_main"]
 
 
 def _quiet():
-    # Paddle warns at import about ccache (custom-op builds only): noise for a command-line tool.
+    # Paddle's notices that say nothing about the user's run: ccache (custom-op builds only) and
+    # BatchNorm's "we now always track global mean and variance" on every training forward.
     warnings.filterwarnings("ignore", message="No ccache found")
+    warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 
 
 def _run(main, argv):
