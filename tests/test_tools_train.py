@@ -29,7 +29,7 @@ def tiny_config(folder, name="tiny.yml", extra=""):
     path.write_text(
         f"_BASE_: [{os.path.join(REPO, 'configs', 'lenet_digits.yml')}]\n"
         f"output_dir: {folder / 'output'}\n"
-        "epoch: 2\nlog_iter: 10\n"
+        "epoch: 2\nlog_iter: 10\nbase_lr: 0.1\n"
         "LeNet: {width: 4, hidden: 16}\n"
         "TrainReader: {batch_size: 64}\n" + extra
     )
