@@ -36,7 +36,8 @@ def _schedule(cfg):
 class _PaddleEMA:
     def __init__(self, cfg, model):
         exclude = list(cfg["ema_black_list"] or [])
-        if cfg["ema_filter_no_grad"]:
+        # Frozen parameters are only candidates when stop_gradient ones are averaged at all.
+        if cfg["ema_filter_no_grad"] and cfg["ema_include_stop_gradient"]:
             running = bn_running_state_names(model)
             exclude += [f"re:^{name}$" for name, p in model.named_parameters()
                         if p.stop_gradient and name not in running]
