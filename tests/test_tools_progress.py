@@ -13,8 +13,8 @@ def test_plain_lines_every_log_iter_and_at_epoch_end():
     for i in range(5):
         progress.step(0, 2, i, 5, 16, {"loss": 0.5, "lr": 0.1})
     lines = stream.getvalue().splitlines()
-    assert [re.match(r"epoch 1/2 iter (\d)/5 loss 0\.5000 lr 0\.1000 [0-9.]+ it/s \d+ img/s eta \d:\d\d:\d\d", l).group(1)
-            for l in lines] == ["3", "5"]
+    pattern = r"epoch 1/2 iter (\d)/5 loss 0\.5000 lr 0\.1000 [0-9.]+ it/s \d+ img/s eta \d:\d\d:\d\d"
+    assert [re.match(pattern, line).group(1) for line in lines] == ["3", "5"]
 
 
 def test_bar_shows_epoch_loss_and_throughput():

@@ -50,7 +50,9 @@ def summary_table(history):
     if not history:
         return []
     has_ema = any(row.get("ema_acc") is not None for row in history)
-    head = f"{'epoch':>5}  {'raw acc':>8}" + (f"  {'EMA acc':>8}  {'EMA-raw':>8}  {'|ema-raw|/|raw|':>15}" if has_ema else "")
+    head = f"{'epoch':>5}  {'raw acc':>8}"
+    if has_ema:
+        head += f"  {'EMA acc':>8}  {'EMA-raw':>8}  {'|ema-raw|/|raw|':>15}"
     lines = [head, "-" * len(head)]
     for row in history:
         line = f"{row['epoch'] + 1:>5}  {row['raw_acc']:>8.4f}"

@@ -33,7 +33,8 @@ def set_device(cfg):
     try:
         paddle.set_device(cfg["device"])
     except (ValueError, RuntimeError) as exc:
-        raise ConfigError(f"device: {cfg['device']!r} is not available here ({' '.join(str(exc).split())[:200]})") from None
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"device: {cfg['device']!r} is not available here ({reason})") from None
 
 
 def seed_everything(seed):
@@ -190,7 +191,7 @@ class Trainer:
         lines = summary_table(self.history)
         for line in lines:
             print(line, flush=True)
-        if self.history:
+        if self.history or self.log.writer is not None:
             path = plot_curves(self.log.series, self.steps_per_epoch, os.path.join(self.output_dir, "curves.png"))
             print(f"curves: {path}", flush=True)
         print(f"checkpoints: {self.output_dir}", flush=True)
