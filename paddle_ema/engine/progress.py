@@ -1,5 +1,6 @@
 """Training progress: a tqdm bar (ETA, loss, throughput) on a terminal, plain log lines otherwise."""
 
+import shutil
 import sys
 import time
 
@@ -21,7 +22,11 @@ class Progress:
         if use_bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=done_steps, file=self.stream, unit="it", dynamic_ncols=True)
+            # A pseudo-terminal without a size reports 0 columns and rows, where tqdm draws nothing.
+            size = shutil.get_terminal_size((0, 0))
+            sized = size.columns > 0 and size.lines > 0
+            self.bar = tqdm(total=total_steps, initial=done_steps, file=self.stream, unit="it",
+                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
 
     def step(self, epoch, epochs, iteration, iterations, batch_size, values):
         """Record one finished iteration; `values` are shown as name=value."""
