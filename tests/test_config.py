@@ -5,7 +5,7 @@ import textwrap
 import pytest
 
 import paddle_ema.engine  # noqa: F401  (built-in registry entries)
-from paddle_ema.config import apply_overrides, create, load_config, read_config, register
+from paddle_ema.config import ConfigFileError, apply_overrides, create, load_config, read_config, register
 from paddle_ema.config.registry import REGISTRY
 from paddle_ema.errors import ConfigError
 
@@ -151,3 +151,14 @@ def test_imports_key_loads_user_registrations(tmp_path, monkeypatch):
         REGISTRY["optimizer"].pop("MyOptForTest", None)
     with pytest.raises(ConfigError, match="cannot import 'no_such_module_x'"):
         read_config(write(tmp_path / "bad.yml", "imports: [no_such_module_x]\n"))
+
+
+def test_errors_are_typed_and_carry_source_and_key(tmp_path):
+    path = write(tmp_path / "cfg.yml", "TrainReader: {batch_size: 0}\n")
+    with pytest.raises(ConfigFileError) as info:
+        read_config(path)
+    assert (info.value.source, info.value.key) == (str(path), "TrainReader.batch_size")
+    assert isinstance(info.value, ConfigError)
+    with pytest.raises(ConfigFileError) as info:
+        read_config(path, ["TrainReader.batch_size=4", "LeNet.depth=3"])
+    assert (info.value.source, info.value.key) == ("-o", "LeNet.depth")

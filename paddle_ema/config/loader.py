@@ -13,7 +13,7 @@ import re
 
 import yaml
 
-from ..errors import ConfigError
+from .errors import ConfigFileError
 
 __all__ = ["BASE_KEY", "Config", "load_config", "deep_merge", "parse_yaml"]
 
@@ -82,13 +82,13 @@ def _read_yaml(path):
         with open(path, encoding="utf-8") as handle:
             data = parse_yaml(handle)
     except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
+        raise ConfigFileError(f"config file not found: {path}", path) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(exc).split())}") from None
+        raise ConfigFileError(f"{path}: not valid YAML: {' '.join(str(exc).split())}", path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a config file holds a mapping of keys, got {type(data).__name__}")
+        raise ConfigFileError(f"{path}: a config file holds a mapping of keys, got {type(data).__name__}", path)
     return data
 
 
@@ -96,17 +96,17 @@ def _load(path, chain, data, origin):
     real = os.path.realpath(path)
     if real in chain:
         cycle = " -> ".join(os.path.relpath(p) for p in (*chain, real))
-        raise ConfigError(f"_BASE_ cycle: {cycle}")
+        raise ConfigFileError(f"_BASE_ cycle: {cycle}", path, BASE_KEY)
     raw = _read_yaml(path)
     bases = raw.pop(BASE_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigError(f"{path}: {BASE_KEY} must be a list of file paths, got {bases!r}")
+        raise ConfigFileError(f"{path}: {BASE_KEY} must be a list of file paths, got {bases!r}", path, BASE_KEY)
     for base in bases:
         base_path = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(base)))
         if not os.path.isfile(base_path):
-            raise ConfigError(f"{path}: {BASE_KEY} file not found: {base} (looked for {base_path})")
+            raise ConfigFileError(f"{path}: {BASE_KEY} file not found: {base} (looked for {base_path})", path, BASE_KEY)
         _load(base_path, (*chain, real), data, origin)
     deep_merge(data, raw, origin, path)
 

@@ -6,7 +6,7 @@ Overrides merge into the config one dotted key at a time, so `-o A.B.c=1 A.B.d=2
 
 import yaml
 
-from ..errors import ConfigError
+from .errors import ConfigFileError
 from .loader import Config, deep_merge, parse_yaml
 
 __all__ = ["parse_overrides", "apply_overrides", "OVERRIDE_SOURCE"]
@@ -15,17 +15,18 @@ OVERRIDE_SOURCE = "-o"
 
 
 def parse_overrides(items):
-    """[(['a', 'b'], value)] from ['a.b=value', ...]; a malformed item is a ConfigError."""
+    """[(['a', 'b'], value)] from ['a.b=value', ...]; a malformed item is a ConfigFileError."""
     parsed = []
     for item in items or []:
         key, sep, text = item.partition("=")
         path = key.strip().split(".")
         if not sep or not all(path):
-            raise ConfigError(f"-o {item!r}: an override is KEY=VALUE with a dotted KEY, e.g. -o ema_decay=0.999")
+            raise ConfigFileError(f"-o {item!r}: an override is KEY=VALUE with a dotted KEY, e.g. -o ema_decay=0.999", OVERRIDE_SOURCE)
         try:
             value = parse_yaml(text) if text.strip() else None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"-o {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})") from None
+            raise ConfigFileError(f"-o {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})", OVERRIDE_SOURCE,
+                                  key.strip()) from None
         parsed.append((path, value))
     return parsed
 

@@ -13,7 +13,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 
-from ..errors import ConfigError
+from .errors import ConfigFileError
 from ..schedules import SCHEDULES
 from .registry import CATEGORIES, REGISTRY, find_category, section_args
 
@@ -94,6 +94,11 @@ FIELDS = {
 }
 
 
+def _error(config, dotted, message):
+    source = config.where(dotted)
+    return ConfigFileError(f"{source}: {message}", source, dotted)
+
+
 def _is_kind(value, kind):
     if kind == "bool":
         return isinstance(value, bool)
@@ -127,7 +132,7 @@ def _check_value(config, dotted, value, spec):
     if ok and spec.kind in ("int", "float"):
         ok = spec.low <= value <= spec.high
     if not ok:
-        raise ConfigError(f"{config.where(dotted)}: {dotted}: {value!r} is not allowed; expected {_allowed(spec)}")
+        raise _error(config, dotted, f"{dotted}: {value!r} is not allowed; expected {_allowed(spec)}")
     if spec.kind == "dict" and spec.keys:
         for key, sub in value.items():
             _check_known(config, f"{dotted}.{key}", key, spec.keys)
@@ -138,15 +143,14 @@ def _check_known(config, dotted, key, valid):
     if key not in valid:
         close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(map(str, valid)))}"
-        raise ConfigError(f"{config.where(dotted)}: unknown key {dotted!r}{hint}")
+        raise _error(config, dotted, f"unknown key {dotted!r}{hint}")
 
 
 def _check_section(config, category, name, section):
     if section is None:
         return
     if not isinstance(section, dict):
-        raise ConfigError(f"{config.where(name)}: {name}: the arguments of {category} {name!r} are a mapping, "
-                          f"got {section!r}")
+        raise _error(config, name, f"{name}: the arguments of {category} {name!r} are a mapping, got {section!r}")
     args = section_args(category, name)
     for key, value in section.items():
         dotted = f"{name}.{key}"
@@ -156,8 +160,8 @@ def _check_section(config, category, name, section):
             if default is not None and default is not _EMPTY and _is_kind(default, kind):
                 spec = Field(kind, nullable=True)
                 if value is not None and not _is_kind(value, kind):
-                    raise ConfigError(f"{config.where(dotted)}: {dotted}: {value!r} is not allowed; "
-                                      f"expected {_allowed(spec)} like the default {default!r}")
+                    raise _error(config, dotted, f"{dotted}: {value!r} is not allowed; "
+                                 f"expected {_allowed(spec)} like the default {default!r}")
                 break
 
 
@@ -171,11 +175,11 @@ def import_user_modules(config):
         try:
             importlib.import_module(module)
         except ImportError as exc:
-            raise ConfigError(f"{config.where('imports')}: imports: cannot import {module!r}: {exc}") from None
+            raise _error(config, "imports", f"imports: cannot import {module!r}: {exc}") from None
 
 
 def validate(config):
-    """Raise ConfigError for the first unknown key or bad value; returns the config."""
+    """Raise ConfigFileError for the first unknown key or bad value; returns the config."""
     import_user_modules(config)
     valid = dict(FIELDS)
     for category in CATEGORIES:
