@@ -96,7 +96,9 @@ def _export(argv):
     from .trainer import run_name
 
     prefix, max_diff = export_model(cfg, _weights(cfg, args), os.path.join(args.output_dir, run_name(args.config)))
-    print(f"exported {prefix}.pdmodel/.json + .pdiparams; reloaded predictions match (max |diff| {max_diff:.3g})")
+    folder, stem = os.path.split(prefix)
+    files = ", ".join(sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + ".")))
+    print(f"exported {prefix} ({files}); reloaded predictions match (max |diff| {max_diff:.3g})")
 
 
 def _average(argv):
