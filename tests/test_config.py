@@ -1,5 +1,6 @@
 """Config loading: _BASE_ merging, -o overrides, registry, validation messages."""
 
+import os
 import textwrap
 
 import pytest
@@ -8,6 +9,8 @@ import paddle_ema.engine  # noqa: F401  (built-in registry entries)
 from paddle_ema.config import ConfigFileError, apply_overrides, create, load_config, read_config, register
 from paddle_ema.config.registry import REGISTRY
 from paddle_ema.errors import ConfigError
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def write(path, text):
@@ -162,3 +165,10 @@ def test_errors_are_typed_and_carry_source_and_key(tmp_path):
     with pytest.raises(ConfigFileError) as info:
         read_config(path, ["TrainReader.batch_size=4", "LeNet.depth=3"])
     assert (info.value.source, info.value.key) == ("-o", "LeNet.depth")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yml")))
+def test_shipped_configs_validate(name):
+    path = os.path.join(CONFIGS, name)
+    cfg = read_config(path)
+    assert cfg["architecture"] in REGISTRY["architecture"] and cfg["dataset"] in REGISTRY["dataset"]
