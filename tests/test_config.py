@@ -88,6 +88,7 @@ def test_malformed_override(tmp_path, bad):
         ("LeNet: {width: wide}\n", r"LeNet\.width: 'wide' is not allowed; expected an integer"),
         ("Momentum: {parameters: 3}\n", r"unknown key 'Momentum\.parameters'"),
         ("epoch: 0\n", r"epoch: 0 is not allowed; expected an integer >= 1"),
+        ("ema_black_list: [fc, 3]\n", r"ema_black_list: \['fc', 3\] is not allowed; expected a list of strings \(or null\)"),
     ],
 )
 def test_validation_messages(tmp_path, text, pattern):

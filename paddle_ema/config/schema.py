@@ -31,6 +31,7 @@ class Field:
     low: float = -math.inf
     high: float = math.inf
     keys: dict = field(default_factory=dict)  # sub-fields of a 'dict'
+    items: str = ""  # the kind of a 'list''s entries, when checked
     doc: str = ""
 
 
@@ -64,7 +65,7 @@ FIELDS = {
     "log_iter": Field("int", 20, low=1),
     "output_dir": Field("str", "output"),
     "weights": Field("str", None, nullable=True),
-    "imports": Field("list", [], doc="modules to import first, so their @register entries exist"),
+    "imports": Field("list", [], items="str", doc="modules to import first, so their @register entries exist"),
     "base_lr": Field("float", 0.1, low=0.0),
     "TrainReader": _reader(32, True),
     "EvalReader": _reader(256, False),
@@ -78,7 +79,7 @@ FIELDS = {
     "ema_decay": Field("float", 0.9998, low=0.0, high=1.0),
     "ema_decay_type": Field("str", "threshold", choices=_schedules),
     "cycle_epoch": Field("int", -1, low=-1),
-    "ema_black_list": Field("list", None, nullable=True),
+    "ema_black_list": Field("list", None, nullable=True, items="str"),
     "ema_filter_no_grad": Field("bool", False),
     # EMA: paddle_ema's own options
     "ema_impl": Field("str", "paddle_ema", choices=("paddle_ema", "ppdet")),
@@ -119,6 +120,8 @@ def _allowed(spec):
         text += f" in [{spec.low:g}, {spec.high:g}]"
     elif spec.low > -math.inf:
         text += f" >= {spec.low:g}"
+    if spec.items:
+        text = "a list of " + {"str": "strings", "int": "integers", "float": "numbers"}[spec.items]
     if spec.nullable:
         text += " (or null)"
     return text
@@ -131,6 +134,8 @@ def _check_value(config, dotted, value, spec):
     ok = _is_kind(value, spec.kind) and (not choices or value in choices)
     if ok and spec.kind in ("int", "float"):
         ok = spec.low <= value <= spec.high
+    if ok and spec.items:
+        ok = all(_is_kind(item, spec.items) for item in value)
     if not ok:
         raise _error(config, dotted, f"{dotted}: {value!r} is not allowed; expected {_allowed(spec)}")
     if spec.kind == "dict" and spec.keys:
