@@ -1,0 +1,43 @@
+"""Command-line overrides: `-o a.b=c d=[1,2]`, values parsed as YAML.
+
+Overrides merge into the config one dotted key at a time, so `-o A.B.c=1 A.B.d=2` sets both
+(PaddleDetection builds {'A': {'B': {'c': 1}}} per option and the second replaces the first).
+"""
+
+import yaml
+
+from .errors import ConfigFileError
+from .loader import Config, deep_merge, parse_yaml
+
+__all__ = ["parse_overrides", "apply_overrides", "OVERRIDE_SOURCE"]
+
+OVERRIDE_SOURCE = "-o"
+
+
+def parse_overrides(items):
+    """[(['a', 'b'], value)] from ['a.b=value', ...]; a malformed item is a ConfigFileError."""
+    parsed = []
+    for item in items or []:
+        key, sep, text = item.partition("=")
+        path = key.strip().split(".")
+        if not sep or not all(path):
+            raise ConfigFileError(f"-o {item!r}: an override is KEY=VALUE with a dotted KEY, e.g. -o ema_decay=0.999", OVERRIDE_SOURCE)
+        try:
+            value = parse_yaml(text) if text.strip() else None
+        except yaml.YAMLError as exc:
+            raise ConfigFileError(f"-o {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})", OVERRIDE_SOURCE,
+                                  key.strip()) from None
+        parsed.append((path, value))
+    return parsed
+
+
+def apply_overrides(config, items):
+    """Merge the `-o` items into `config` (a Config) in order; returns it."""
+    if not isinstance(config, Config):
+        config = Config(config)
+    for path, value in parse_overrides(items):
+        nested = value
+        for key in reversed(path):
+            nested = {key: nested}
+        deep_merge(config, nested, config.origin, OVERRIDE_SOURCE)
+    return config

@@ -1,0 +1,133 @@
+"""Average checkpoints after training (stochastic weight averaging after the fact).
+
+    average = sum_i w_i * checkpoint_i / sum_i w_i          (uniform: w_i = 1)
+
+computed as a running weighted mean with the package's lerp kernel,
+avg <- avg + (w_i / W_i) * (x_i - avg) with W_i = w_1 + ... + w_i, in float32 (float64 stays).
+
+BatchNorm running statistics are not weights: an average of weights has its own activation
+statistics. They are handled as the user chooses, explicitly (`bn`):
+- 'average': averaged like the weights (cheap, approximate);
+- 'recompute': the averaged model is run over the training set once and each BN layer's
+  statistics are recomputed as the plain mean over batches (needs the config);
+- 'first': the first checkpoint's statistics.
+Checkpoints that hold BN statistics need a choice; integer entries must agree across checkpoints.
+"""
+
+import numpy as np
+import paddle
+
+from .. import kernels
+from ..errors import ConfigError, IncompatibleStateError
+from .checkpoint import atomic_save
+from .data import batches
+
+__all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]
+
+BN_MODES = ("average", "recompute", "first")
+_BN_SUFFIXES = ("._mean", "._variance")
+
+
+def is_bn_statistic(name):
+    return name.endswith(_BN_SUFFIXES) or name in ("_mean", "_variance")
+
+
+def _check_weights(weights, count):
+    if weights is None:
+        return [1.0] * count
+    if len(weights) != count:
+        raise ConfigError(f"--weights: {len(weights)} weights for {count} checkpoints; give one per checkpoint")
+    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--weights must be finite, >= 0 and not all 0, got {weights}")
+    return [float(w) for w in weights]
+
+
+def average_state_dicts(states, weights=None, bn="average", labels=None):
+    """The weighted average of state dicts with identical keys and shapes."""
+    labels = labels or [f"checkpoint {i}" for i in range(len(states))]
+    if not states:
+        raise ConfigError("no checkpoints to average")
+    if bn not in BN_MODES:
+        raise ConfigError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    weights = _check_weights(weights, len(states))
+    first = states[0]
+    for state, label in zip(states[1:], labels[1:]):
+        if set(state) != set(first):
+            diff = sorted(set(state) ^ set(first))[:5]
+            raise IncompatibleStateError(f"{label} has other entries than {labels[0]}: {diff}")
+        for name, value in state.items():
+            if list(value.shape) != list(first[name].shape):
+                raise IncompatibleStateError(f"{label}: {name} has shape {list(value.shape)}, "
+                                             f"{labels[0]} {list(first[name].shape)}")
+    averaged, names, sums = {}, [], []
+    for name, value in first.items():
+        if not paddle.is_floating_point(value):
+            for state, label in zip(states[1:], labels[1:]):
+                if not np.array_equal(state[name].numpy(), value.numpy()):
+                    raise IncompatibleStateError(f"{name} is an integer entry and differs in {label}")
+            averaged[name] = value.clone()
+        elif is_bn_statistic(name) and bn != "average":
+            averaged[name] = value.clone()
+        else:
+            dtype = "float64" if value.dtype == paddle.float64 else "float32"
+            averaged[name] = value.astype(dtype).clone()
+            names.append(name)
+    # A zero first weight only seeds the average: the next positive weight w/total = 1 replaces it.
+    total = weights[0]
+    for state, weight in zip(states[1:], weights[1:]):
+        total += weight
+        if weight > 0:
+            kernels.lerp_([averaged[n] for n in names], [state[n] for n in names], weight / total)
+    for name in names:
+        averaged[name] = averaged[name].astype(first[name].dtype)
+    return averaged
+
+
+@paddle.no_grad()
+def recompute_bn_statistics(model, dataset, batch_size):
+    """Reset every BatchNorm layer and set its statistics to the mean over one pass of `dataset`."""
+    layers = [m for m in model.sublayers() if isinstance(m, paddle.nn.layer.norm._BatchNormBase)]
+    saved = [m._momentum for m in layers]
+    for layer in layers:
+        layer._mean.set_value(paddle.zeros_like(layer._mean))
+        layer._variance.set_value(paddle.ones_like(layer._variance))
+    model.train()
+    try:
+        for i, indices in enumerate(batches(len(dataset), batch_size)):
+            for layer in layers:
+                layer._momentum = i / (i + 1)  # running = mean over the batches seen so far
+            model(paddle.to_tensor(dataset.batch(indices)[0]))
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer._momentum = momentum
+        model.eval()
+    return len(layers)
+
+
+def average_checkpoint_files(paths, weights, bn, output, cfg=None):
+    """Average .pdparams files into `output`; returns a one-line summary."""
+    import os
+
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ConfigError(f"checkpoint {path} does not exist")
+    states = [paddle.load(path) for path in paths]
+    has_bn = any(is_bn_statistic(name) for name in states[0])
+    if has_bn and bn is None:
+        raise ConfigError("the checkpoints hold BatchNorm statistics (*._mean, *._variance): choose how to handle "
+                          "them with --bn average|recompute|first")
+    if bn == "recompute" and cfg is None:
+        raise ConfigError("--bn recompute runs the model over the training data: pass its config with -c")
+    averaged = average_state_dicts(states, weights, bn or "average", labels=list(paths))
+    if bn == "recompute":
+        from .trainer import build_datasets, build_model, set_device
+
+        set_device(cfg)
+        dataset = build_datasets(cfg, ("train",))["train"]
+        model = build_model(cfg, dataset)
+        model.set_state_dict(averaged)
+        recompute_bn_statistics(model, dataset, cfg["EvalReader"]["batch_size"])
+        averaged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    atomic_save(averaged, output)
+    shown = "uniform" if weights is None else "weights " + ", ".join(f"{w:g}" for w in weights)
+    return f"averaged {len(paths)} checkpoints ({shown}; BatchNorm statistics: {bn if has_bn else 'none'}) -> {output}"

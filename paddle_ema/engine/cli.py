@@ -1,0 +1,133 @@
+"""Command-line front-ends of tools/*.py: argument parsing, and errors as one line + exit 2.
+
+A ConfigError (or any paddle_ema error) is a problem with the user's input: it is printed as one
+line `error: ...` on stderr and the tool exits with status 2, without a traceback.
+"""
+
+import argparse
+import os
+import sys
+import warnings
+
+from ..errors import PaddleEMAError
+
+__all__ = ["train_main", "eval_main", "export_main", "average_main"]
+
+
+def _quiet():
+    # Paddle's notices that say nothing about the user's run: ccache (custom-op builds only) and
+    # BatchNorm's "we now always track global mean and variance" on every training forward.
+    warnings.filterwarnings("ignore", message="No ccache found")
+    warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
+
+
+def _run(main, argv):
+    _quiet()
+    try:
+        main(argv)
+    except PaddleEMAError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def _parser(description, config_required=True):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("-c", "--config", required=config_required, help="YAML config file")
+    parser.add_argument("-o", "--opt", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                        help="override config keys, e.g. -o use_ema=true TrainReader.batch_size=8")
+    return parser
+
+
+def _config(args):
+    from . import read_config
+
+    return read_config(args.config, args.opt)
+
+
+def _train(argv):
+    parser = _parser("Train a model with an EMA of its weights.")
+    parser.add_argument("-r", "--resume", default=None, help="checkpoint to resume from (path without suffix)")
+    parser.add_argument("--eval", action="store_true", help="evaluate raw and EMA weights at snapshot epochs")
+    parser.add_argument("--use_vdl", action="store_true", help="write VisualDL scalars")
+    parser.add_argument("--vdl_log_dir", default=None, help="VisualDL log dir (default: <output>/<name>/vdl)")
+    args = parser.parse_args(argv)
+    cfg = _config(args)
+    from .trainer import build_trainer, run_name
+
+    name = run_name(args.config)
+    vdl = None
+    if args.use_vdl or args.vdl_log_dir:
+        vdl = args.vdl_log_dir or os.path.join(cfg["output_dir"], name, "vdl")
+    trainer = build_trainer(cfg, name, do_eval=args.eval, vdl_log_dir=vdl, resume=args.resume)
+    trainer.train()
+
+
+def _weights(cfg, args):
+    from .trainer import run_name
+
+    return cfg["weights"] or os.path.join(cfg["output_dir"], run_name(args.config), "model_final.pdparams")
+
+
+def _eval(argv):
+    args = _parser("Accuracy of a checkpoint (-o weights=PATH; default <output>/<name>/model_final).").parse_args(argv)
+    cfg = _config(args)
+    from .checkpoint import load_weights
+    from .evaluation import evaluate
+    from .trainer import build_datasets, build_model, set_device
+
+    set_device(cfg)
+    dataset = build_datasets(cfg, ("eval",))["eval"]
+    model = build_model(cfg, dataset)
+    file = load_weights(model, _weights(cfg, args))
+    accuracy = evaluate(model, dataset, cfg["EvalReader"]["batch_size"])
+    print(f"{file}: accuracy {accuracy:.4f} on {len(dataset)} {cfg['dataset']} eval images")
+
+
+def _export(argv):
+    parser = _parser("Export an inference model (paddle.jit.save) with the checkpoint's (EMA) weights.")
+    parser.add_argument("--output_dir", default="output_inference", help="folder of the exported model")
+    args = parser.parse_args(argv)
+    cfg = _config(args)
+    from .export import export_model
+    from .trainer import run_name
+
+    prefix, max_diff = export_model(cfg, _weights(cfg, args), os.path.join(args.output_dir, run_name(args.config)))
+    folder, stem = os.path.split(prefix)
+    files = ", ".join(sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + ".")))
+    print(f"exported {prefix} ({files}); reloaded predictions match (max |diff| {max_diff:.3g})")
+
+
+def _average(argv):
+    parser = _parser("Average checkpoints (SWA after the fact), uniformly or with weights.", config_required=False)
+    parser.add_argument("checkpoints", nargs="+", help=".pdparams files to average")
+    parser.add_argument("--weights", nargs="+", type=float, default=None, help="one weight per checkpoint")
+    parser.add_argument("--bn", choices=("average", "recompute", "first"), default=None,
+                        help="BatchNorm statistics: average them, recompute them on the training data (needs -c), "
+                             "or take the first checkpoint's; required when the checkpoints hold BatchNorm layers")
+    parser.add_argument("--output", required=True, help="the averaged .pdparams file")
+    args = parser.parse_args(argv)
+    from .averaging_checkpoints import average_checkpoint_files
+
+    cfg = _config(args) if args.config else None
+    summary = average_checkpoint_files(args.checkpoints, args.weights, args.bn, args.output, cfg)
+    print(summary)
+
+
+def train_main(argv=None):
+    return _run(_train, argv)
+
+
+def eval_main(argv=None):
+    return _run(_eval, argv)
+
+
+def export_main(argv=None):
+    return _run(_export, argv)
+
+
+def average_main(argv=None):
+    return _run(_average, argv)

@@ -1,0 +1,126 @@
+"""The EMA a config asks for, behind one small interface the trainer uses.
+
+`ema_impl: paddle_ema` (default): paddle_ema.ExponentialMovingAverage, initialised from the
+weights, with the config's schedule and options. PaddleDetection's keys keep their meaning:
+- ema_decay_type: threshold | exponential (tau = ema_tau, PaddleDetection's 2000) | normal
+  (constant) | power (ema_inv_gamma, ema_power, ema_min_decay);
+- ema_black_list: substrings of names left out; ema_filter_no_grad: also leave out frozen
+  parameters other than BatchNorm statistics;
+- BatchNorm statistics are averaged like PaddleDetection does (ema_include_stop_gradient: true);
+- cycle_epoch: after that many snapshots the average restarts from the current weights.
+`ema_impl: ppdet`: paddle_ema.ppdet.ModelEMA, PaddleDetection's exact numbers (zero init,
+1 - d_last**t correction); its ema_* extensions other than the PaddleDetection keys do not apply.
+Both resume exactly from their full state in .pdopt.
+"""
+
+import math
+
+import paddle
+
+from ..dygraph import ExponentialMovingAverage
+from ..errors import ConfigError
+from ..ppdet import ModelEMA, bn_running_state_names
+
+__all__ = ["build_ema", "relative_distance"]
+
+def _schedule(cfg):
+    kind = cfg["ema_decay_type"]
+    if kind == "exponential":
+        return "exponential", {"tau": cfg["ema_tau"]}
+    if kind == "power":
+        return "power", {"inv_gamma": cfg["ema_inv_gamma"], "power": cfg["ema_power"],
+                         "min_decay": cfg["ema_min_decay"]}
+    return kind, {}
+
+
+class _PaddleEMA:
+    def __init__(self, cfg, model):
+        exclude = list(cfg["ema_black_list"] or [])
+        # Frozen parameters are only candidates when stop_gradient ones are averaged at all.
+        if cfg["ema_filter_no_grad"] and cfg["ema_include_stop_gradient"]:
+            running = bn_running_state_names(model)
+            exclude += [f"re:^{name}$" for name, p in model.named_parameters()
+                        if p.stop_gradient and name not in running]
+        schedule, options = _schedule(cfg)
+        self.ema = ExponentialMovingAverage(
+            model, cfg["ema_decay"], schedule=schedule, schedule_options=options,
+            bias_correction=cfg["ema_bias_correction"], update_every=cfg["ema_update_every"],
+            start_step=cfg["ema_start_step"], include_stop_gradient=cfg["ema_include_stop_gradient"],
+            exclude=exclude or None, device=cfg["ema_device"],
+        )
+        self.model = model
+        self.cycle_epoch = cfg["cycle_epoch"]
+        self.snapshots = 0
+
+    def update(self):
+        self.ema.update()
+
+    @property
+    def last_decay(self):
+        return self.ema.last_decay
+
+    @paddle.no_grad()
+    def snapshot(self):
+        """The model's state dict with EMA weights (copies); counts a snapshot for cycle_epoch."""
+        with self.ema.apply():
+            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.snapshots += 1
+        if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
+            self.ema.register()
+        return weights
+
+    def state_dict(self):
+        return {"impl": "paddle_ema", "ema": self.ema.state_dict(), "snapshots": self.snapshots}
+
+    def set_state_dict(self, state):
+        if state.get("impl") != "paddle_ema":
+            raise ConfigError(f"the checkpoint's EMA was made by ema_impl {state.get('impl')!r}, this config uses "
+                              "'paddle_ema'")
+        self.ema.set_state_dict(state["ema"])
+        self.snapshots = state["snapshots"]
+
+
+class _PPDetEMA:
+    def __init__(self, cfg, model):
+        self.ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_decay_type"], cfg["cycle_epoch"],
+                            cfg["ema_black_list"], cfg["ema_filter_no_grad"])
+
+    def update(self):
+        self.ema.update()
+
+    @property
+    def last_decay(self):
+        return self.ema._decay
+
+    def snapshot(self):
+        return {k: v.detach().clone() for k, v in self.ema.apply().items()}
+
+    def state_dict(self):
+        return {"impl": "ppdet", "ema": self.ema.ema_state()}
+
+    def set_state_dict(self, state):
+        if state.get("impl") != "ppdet":
+            raise ConfigError(f"the checkpoint's EMA was made by ema_impl {state.get('impl')!r}, this config uses "
+                              "'ppdet'")
+        self.ema.load_ema_state(state["ema"])
+
+
+def build_ema(cfg, model):
+    """None when use_ema is off; else an object with update(), last_decay, snapshot(), state_dict()."""
+    if not cfg["use_ema"]:
+        return None
+    if cfg["ema_impl"] == "ppdet":
+        return _PPDetEMA(cfg, model)
+    return _PaddleEMA(cfg, model)
+
+
+@paddle.no_grad()
+def relative_distance(ema_weights, raw_weights):
+    """||ema - raw|| / ||raw|| over the floating-point entries both hold."""
+    num = den = 0.0
+    for name, raw in raw_weights.items():
+        if name in ema_weights and paddle.is_floating_point(raw):
+            raw64 = raw.astype("float64")
+            num += float(((ema_weights[name].astype("float64") - raw64) ** 2).sum())
+            den += float((raw64**2).sum())
+    return math.sqrt(num / den) if den > 0 else 0.0

@@ -1,0 +1,103 @@
+"""What a run reports: VisualDL scalars, the end-of-run summary table and a PNG of the curves."""
+
+import os
+
+__all__ = ["ScalarLog", "summary_table", "plot_curves", "TAGS"]
+
+TAGS = {
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "decay": "ema/decay",
+    "raw_acc": "eval/raw_acc",
+    "ema_acc": "eval/ema_acc",
+    "distance": "ema/relative_distance",
+}
+
+
+class ScalarLog:
+    """Scalars kept in memory (for the table and plot) and, with a log dir, written to VisualDL."""
+
+    def __init__(self, vdl_log_dir=None):
+        self.series = {tag: [] for tag in TAGS.values()}
+        self.writer = None
+        if vdl_log_dir:
+            from visualdl import LogWriter
+
+            self.writer = LogWriter(logdir=vdl_log_dir)
+
+    def add(self, key, step, value):
+        if value is None:
+            return
+        tag = TAGS[key]
+        self.series[tag].append((int(step), float(value)))
+        if self.writer is not None:
+            self.writer.add_scalar(tag=tag, step=int(step), value=float(value))
+
+    def state_dict(self):
+        return {tag: list(points) for tag, points in self.series.items()}
+
+    def set_state_dict(self, state):
+        for tag, points in state.items():
+            self.series[tag] = [tuple(p) for p in points]
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def summary_table(history):
+    """Lines of a table of the evaluated epochs, then best raw vs best EMA accuracy."""
+    if not history:
+        return []
+    has_ema = any(row.get("ema_acc") is not None for row in history)
+    head = f"{'epoch':>5}  {'raw acc':>8}"
+    if has_ema:
+        head += f"  {'EMA acc':>8}  {'EMA-raw':>8}  {'|ema-raw|/|raw|':>15}"
+    lines = [head, "-" * len(head)]
+    for row in history:
+        line = f"{row['epoch'] + 1:>5}  {row['raw_acc']:>8.4f}"
+        if has_ema:
+            line += (f"  {row['ema_acc']:>8.4f}  {row['ema_acc'] - row['raw_acc']:>+8.4f}"
+                     f"  {row['distance']:>15.4g}")
+        lines.append(line)
+    best_raw = max(history, key=lambda r: r["raw_acc"])
+    lines.append(f"best raw acc {best_raw['raw_acc']:.4f} (epoch {best_raw['epoch'] + 1})")
+    if has_ema:
+        best_ema = max(history, key=lambda r: r["ema_acc"])
+        lines.append(f"best EMA acc {best_ema['ema_acc']:.4f} (epoch {best_ema['epoch'] + 1})")
+        final = history[-1]
+        lines.append(f"final: raw {final['raw_acc']:.4f}, EMA {final['ema_acc']:.4f}")
+    return lines
+
+
+def plot_curves(series, steps_per_epoch, path):
+    """Training loss, raw vs EMA accuracy and EMA distance against epochs, saved as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+
+    def draw(ax, tag, label, per_step=True):
+        points = series.get(tag) or []
+        if points:
+            xs = [s / steps_per_epoch if per_step else s for s, _ in points]
+            ax.plot(xs, [v for _, v in points], label=label, marker=None if per_step else "o")
+
+    draw(axes[0], TAGS["loss"], "train loss")
+    axes[0].set_title("training loss")
+    draw(axes[1], TAGS["raw_acc"], "raw weights")
+    draw(axes[1], TAGS["ema_acc"], "EMA weights")
+    axes[1].set_title("test accuracy")
+    draw(axes[2], TAGS["distance"], "|ema - raw| / |raw|")
+    axes[2].set_title("EMA vs raw weights")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

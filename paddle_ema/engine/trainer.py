@@ -1,0 +1,210 @@
+"""The dygraph trainer behind tools/train.py.
+
+One epoch is a permutation of the training set drawn from (seed, epoch); after each optimizer
+step the EMA is updated; at snapshot epochs the EMA weights are taken once, evaluated (with
+--eval, beside the raw weights) and saved. Everything that decides the next step is in the
+checkpoint (raw weights, optimizer and LR schedule, EMA state, RNG state, step counters), so
+`-r` continues the same run bit for bit.
+
+`mode: static` is dispatched to engine/static_trainer.py (the Executor with paddle_ema.static's
+EMA) once it exists; it takes the same arguments and reuses data, checkpoint, progress and report.
+"""
+
+import os
+import random
+
+import numpy as np
+import paddle
+import paddle.nn.functional as F
+
+from ..config import create
+from ..errors import ConfigError
+from .checkpoint import load_resume_state, save_checkpoint
+from .data import batches
+from .ema_setup import build_ema, relative_distance
+from .evaluation import evaluate
+from .progress import Progress
+from .report import ScalarLog, plot_curves, summary_table
+
+__all__ = ["build_datasets", "build_model", "Trainer", "build_trainer"]
+
+
+def set_device(cfg):
+    try:
+        paddle.set_device(cfg["device"])
+    except (ValueError, RuntimeError) as exc:
+        reason = " ".join(str(exc).split())[:200]
+        raise ConfigError(f"device: {cfg['device']!r} is not available here ({reason})") from None
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed)
+    paddle.seed(seed)
+
+
+def build_datasets(cfg, splits=("train", "eval")):
+    return {split: create("dataset", cfg, split=split) for split in splits}
+
+
+def build_model(cfg, dataset):
+    """The configured architecture sized for `dataset` (classes, channels, image side)."""
+    return create("architecture", cfg, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
+                  image_size=int(dataset.images.shape[-1]))
+
+
+def run_name(config_path):
+    return os.path.splitext(os.path.basename(config_path))[0]
+
+
+def _clone_state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+class Trainer:
+    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None):
+        self.cfg, self.do_eval, self.stream = cfg, do_eval, stream
+        set_device(cfg)
+        seed_everything(cfg["seed"])
+        self.data = build_datasets(cfg, ("train", "eval") if do_eval else ("train",))
+        self.model = build_model(cfg, self.data["train"])
+        reader = cfg["TrainReader"]
+        self.batch_size = reader["batch_size"]
+        self.steps_per_epoch = len(batches(len(self.data["train"]), self.batch_size, drop_last=reader["drop_last"]))
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"TrainReader.batch_size {self.batch_size} with drop_last leaves no batch of "
+                              f"{len(self.data['train'])} samples")
+        total = self.steps_per_epoch * cfg["epoch"]
+        self.lr = create("lr_schedule", cfg, base_lr=cfg["base_lr"], total_steps=total,
+                         steps_per_epoch=self.steps_per_epoch)
+        self.optimizer = create("optimizer", cfg, parameters=self.model.parameters(), learning_rate=self.lr)
+        self.ema = build_ema(cfg, self.model)
+        self.output_dir = os.path.join(cfg["output_dir"], name)
+        self.log = ScalarLog(vdl_log_dir)
+        self.start_epoch, self.global_step, self.history, self.best = 0, 0, [], None
+        if resume:
+            self._resume(resume)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def _train_state(self, epoch):
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "last_epoch": epoch,
+            "global_step": self.global_step,
+            "ema": None if self.ema is None else self.ema.state_dict(),
+            "rng": paddle.get_rng_state(),
+            "history": self.history,
+            "best": self.best,
+            "scalars": self.log.state_dict(),
+        }
+
+    def _resume(self, path):
+        raw, state = load_resume_state(path, self.ema is not None)
+        self.model.set_state_dict(raw)
+        self.optimizer.set_state_dict(state["optimizer"])
+        if self.ema is not None:
+            if state["ema"] is None:
+                raise ConfigError(f"-r {path}: the checkpoint was trained without EMA; use_ema is on here")
+            self.ema.set_state_dict(state["ema"])
+        paddle.set_rng_state(state["rng"])
+        self.start_epoch = state["last_epoch"] + 1
+        self.global_step = state["global_step"]
+        self.history, self.best = list(state["history"]), state["best"]
+        self.log.set_state_dict(state["scalars"])
+        print(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}", flush=True)
+
+    def _snapshot(self, epoch, final):
+        raw = _clone_state(self.model)
+        weights = raw if self.ema is None else self.ema.snapshot()
+        stem = os.path.join(self.output_dir, "model_final" if final else str(epoch))
+        row = None
+        if self.do_eval:
+            row = self._evaluate(epoch, raw, weights)
+            self.history.append(row)
+        save_checkpoint(stem, weights, raw if self.ema is not None else None, self._train_state(epoch))
+        if row is not None:
+            key = "ema_acc" if self.ema is not None else "raw_acc"
+            if self.best is None or row[key] > self.best[key]:
+                self.best = row
+                save_checkpoint(os.path.join(self.output_dir, "best_model"), weights,
+                                raw if self.ema is not None else None)
+                self.progress.write(f"best model so far (epoch {epoch + 1}, {key} {row[key]:.4f}) saved")
+        return weights
+
+    def _evaluate(self, epoch, raw, weights):
+        eval_batch = self.cfg["EvalReader"]["batch_size"]
+        row = {"epoch": epoch, "raw_acc": evaluate(self.model, self.data["eval"], eval_batch)}
+        self.log.add("raw_acc", self.global_step, row["raw_acc"])
+        line = f"epoch {epoch + 1}: raw acc {row['raw_acc']:.4f}"
+        if self.ema is not None:
+            self.model.set_state_dict(weights)
+            row["ema_acc"] = evaluate(self.model, self.data["eval"], eval_batch)
+            self.model.set_state_dict(raw)
+            row["distance"] = relative_distance(weights, raw)
+            self.log.add("ema_acc", self.global_step, row["ema_acc"])
+            self.log.add("distance", self.global_step, row["distance"])
+            line += f", EMA acc {row['ema_acc']:.4f}, |ema-raw|/|raw| {row['distance']:.4g}"
+        self.progress.write(line)
+        return row
+
+    # -- training ----------------------------------------------------------------------------
+    def train(self):
+        cfg, data = self.cfg, self.data["train"]
+        epochs, reader = cfg["epoch"], cfg["TrainReader"]
+        self.progress = Progress(self.steps_per_epoch * epochs, self.global_step, cfg["log_iter"], self.stream)
+        self.model.train()
+        try:
+            for epoch in range(self.start_epoch, epochs):
+                order = batches(len(data), self.batch_size, reader["shuffle"], reader["drop_last"], cfg["seed"], epoch)
+                for iteration, indices in enumerate(order):
+                    loss = self._step(*data.batch(indices))
+                    decay = None if self.ema is None else self.ema.last_decay
+                    if self.global_step % cfg["log_iter"] == 0:
+                        self.log.add("loss", self.global_step, loss)
+                        self.log.add("lr", self.global_step, self.optimizer.get_lr())
+                        self.log.add("decay", self.global_step, decay)
+                    shown = {"loss": loss, "lr": self.optimizer.get_lr()}
+                    if decay is not None:
+                        shown["ema_decay"] = decay
+                    self.progress.step(epoch, epochs, iteration, len(order), self.batch_size, shown)
+                final = epoch + 1 == epochs
+                if final or (epoch + 1) % cfg["snapshot_epoch"] == 0:
+                    self._snapshot(epoch, final)
+        finally:
+            self.progress.close()
+            self.log.close()
+        return self.finish()
+
+    def _step(self, images, labels):
+        logits = self.model(paddle.to_tensor(images))
+        loss = F.cross_entropy(logits, paddle.to_tensor(labels))
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.clear_grad()
+        self.lr.step()
+        self.global_step += 1
+        if self.ema is not None:
+            self.ema.update()
+        return float(loss)
+
+    def finish(self):
+        lines = summary_table(self.history)
+        for line in lines:
+            print(line, flush=True)
+        if self.history or self.log.writer is not None:
+            path = plot_curves(self.log.series, self.steps_per_epoch, os.path.join(self.output_dir, "curves.png"))
+            print(f"curves: {path}", flush=True)
+        print(f"checkpoints: {self.output_dir}", flush=True)
+        return self.history
+
+
+def build_trainer(cfg, name, **options):
+    """The trainer for cfg['mode']. Both modes share data, config, checkpoints, progress and report."""
+    if cfg["mode"] == "static":
+        try:
+            from .static_trainer import StaticTrainer
+        except ImportError:
+            raise ConfigError("mode: static is not available yet (the Executor trainer on paddle_ema.static is "
+                              "still to come); use mode: dygraph") from None
+        return StaticTrainer(cfg, name, **options)
+    return Trainer(cfg, name, **options)

@@ -1,0 +1,175 @@
+"""Config loading: _BASE_ merging, -o overrides, registry, validation messages."""
+
+import os
+import textwrap
+
+import pytest
+
+import paddle_ema.engine  # noqa: F401  (built-in registry entries)
+from paddle_ema.config import ConfigFileError, apply_overrides, create, load_config, read_config, register
+from paddle_ema.config.registry import REGISTRY
+from paddle_ema.errors import ConfigError
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def write(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_bases_merge_in_order_dicts_deep_lists_replaced(tmp_path):
+    write(tmp_path / "base" / "a.yml", """
+        epoch: 3
+        TrainReader: {batch_size: 8, shuffle: true}
+        ema_black_list: [x, y]
+        LeNet: {width: 4, hidden: 8}
+    """)
+    write(tmp_path / "base" / "b.yml", """
+        _BASE_: [deeper/c.yml]
+        epoch: 5
+        TrainReader: {batch_size: 16}
+    """)
+    write(tmp_path / "base" / "deeper" / "c.yml", "seed: 7\nLeNet: {hidden: 32}\n")
+    cfg = load_config(write(tmp_path / "main.yml", """
+        _BASE_: [base/a.yml, base/b.yml]
+        ema_black_list: [z]
+        LeNet: {width: 6}
+    """))
+    assert cfg["epoch"] == 5  # later base wins
+    assert cfg["TrainReader"] == {"batch_size": 16, "shuffle": True}  # dicts deep-merge
+    assert cfg["ema_black_list"] == ["z"]  # lists replace
+    assert cfg["seed"] == 7  # recursive, path relative to the including file
+    assert cfg["LeNet"] == {"width": 6, "hidden": 32}  # file over bases; c.yml (in b) over a.yml
+    assert cfg.where("LeNet.width").endswith("main.yml")
+    assert cfg.where("LeNet.hidden").endswith("c.yml")
+    assert cfg.where("TrainReader.shuffle").endswith("a.yml")
+
+
+def test_base_cycle_is_an_error_naming_the_chain(tmp_path):
+    write(tmp_path / "a.yml", "_BASE_: [b.yml]\n")
+    write(tmp_path / "b.yml", "_BASE_: [a.yml]\n")
+    with pytest.raises(ConfigError, match=r"_BASE_ cycle: .*a\.yml -> .*b\.yml -> .*a\.yml"):
+        load_config(tmp_path / "a.yml")
+
+
+def test_missing_base_names_it(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yml"):
+        load_config(write(tmp_path / "a.yml", "_BASE_: [nope.yml]\n"))
+
+
+def test_overrides_under_one_parent_all_apply(tmp_path):
+    cfg = load_config(write(tmp_path / "a.yml", "A: {B: {c: 0, d: 0, e: 0}}\n"))
+    apply_overrides(cfg, ["A.B.c=1", "A.B.d=2", "f=[1, 2]", "g=text", "h=null", "i=1e-3"])
+    # PaddleDetection's merge of {'A': {'B': {'c': 1}}} then {'A': {'B': {'d': 2}}} loses c.
+    assert cfg["A"]["B"] == {"c": 1, "d": 2, "e": 0}
+    assert cfg["f"] == [1, 2] and cfg["g"] == "text" and cfg["h"] is None and cfg["i"] == 1e-3
+    assert cfg.where("A.B.c") == "-o" and cfg.where("A.B.e").endswith("a.yml")
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=3", "a..b=1", "x=[1,"])
+def test_malformed_override(tmp_path, bad):
+    cfg = load_config(write(tmp_path / "a.yml", "epoch: 1\n"))
+    with pytest.raises(ConfigError, match="-o"):
+        apply_overrides(cfg, [bad])
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("ema_decya: 0.9\n", r"cfg\.yml: unknown key 'ema_decya'; did you mean 'ema_decay'\?"),
+        ("LeNet: {widht: 3}\n", r"cfg\.yml: unknown key 'LeNet\.widht'; did you mean 'width'\?"),
+        ("TrainReader: {batch_sise: 3}\n", r"unknown key 'TrainReader\.batch_sise'; did you mean 'batch_size'"),
+        ("ema_decay: 1.5\n", r"ema_decay: 1\.5 is not allowed; expected a number in \[0, 1\]"),
+        ("ema_decay_type: expo\n", r"ema_decay_type: 'expo' is not allowed; expected one of .*exponential.*threshold"),
+        ("use_ema: 3\n", r"use_ema: 3 is not allowed; expected true or false"),
+        ("architecture: LeNt\n", r"architecture: 'LeNt' is not allowed; expected one of .*LeNet"),
+        ("LeNet: {width: wide}\n", r"LeNet\.width: 'wide' is not allowed; expected an integer"),
+        ("Momentum: {parameters: 3}\n", r"unknown key 'Momentum\.parameters'"),
+        ("epoch: 0\n", r"epoch: 0 is not allowed; expected an integer >= 1"),
+        ("ema_black_list: [fc, 3]\n", r"ema_black_list: \['fc', 3\] is not allowed; expected a list of strings \(or null\)"),
+    ],
+)
+def test_validation_messages(tmp_path, text, pattern):
+    path = write(tmp_path / "cfg.yml", "_BASE_: [base.yml]\n" + text)
+    write(tmp_path / "base.yml", "epoch: 2\n")
+    with pytest.raises(ConfigError, match=pattern):
+        read_config(path)
+
+
+def test_unknown_key_in_a_base_names_the_base(tmp_path):
+    write(tmp_path / "base.yml", "use_emma: true\n")
+    with pytest.raises(ConfigError, match=r"base\.yml: unknown key 'use_emma'; did you mean 'use_ema'"):
+        read_config(write(tmp_path / "cfg.yml", "_BASE_: [base.yml]\n"))
+
+
+def test_override_errors_name_the_command_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"^-o: ema_decay: 2 is not allowed"):
+        read_config(write(tmp_path / "cfg.yml", "epoch: 1\n"), ["ema_decay=2"])
+
+
+def test_defaults_are_paddledetections(tmp_path):
+    cfg = read_config(write(tmp_path / "cfg.yml", "epoch: 1\n"))
+    assert (cfg["use_ema"], cfg["ema_decay"], cfg["ema_decay_type"], cfg["cycle_epoch"]) == (
+        False, 0.9998, "threshold", -1)
+    assert cfg["ema_black_list"] is None and cfg["ema_filter_no_grad"] is False
+    assert cfg["TrainReader"] == {"batch_size": 32, "shuffle": True, "drop_last": False}
+
+
+def test_register_extends_registry_and_create_builds_with_section(tmp_path):
+    @register("architecture")
+    class TinyNetForTest:
+        def __init__(self, num_classes=10, in_channels=1, depth=2):
+            self.args = (num_classes, in_channels, depth)
+
+    try:
+        cfg = read_config(write(tmp_path / "cfg.yml", "architecture: TinyNetForTest\nTinyNetForTest: {depth: 5}\n"))
+        built = create("architecture", cfg, num_classes=3, in_channels=4)
+        assert built.args == (3, 4, 5)
+        with pytest.raises(ConfigError, match="did you mean 'depth'"):
+            read_config(write(tmp_path / "bad.yml", "TinyNetForTest: {deep: 5}\n"))
+    finally:
+        del REGISTRY["architecture"]["TinyNetForTest"]
+    with pytest.raises(ConfigError, match="already taken"):
+        register("dataset", "LeNet")(lambda: None)
+
+
+def test_imports_key_loads_user_registrations(tmp_path, monkeypatch):
+    write(tmp_path / "my_blocks_for_test.py", """
+        from paddle_ema.config import register
+
+        @register("optimizer")
+        def MyOptForTest(parameters, learning_rate, rho=0.5):
+            return rho
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        cfg = read_config(write(tmp_path / "cfg.yml", """
+            imports: [my_blocks_for_test]
+            optimizer: MyOptForTest
+            MyOptForTest: {rho: 0.25}
+        """))
+        assert create("optimizer", cfg, parameters=[], learning_rate=0.1) == 0.25
+    finally:
+        REGISTRY["optimizer"].pop("MyOptForTest", None)
+    with pytest.raises(ConfigError, match="cannot import 'no_such_module_x'"):
+        read_config(write(tmp_path / "bad.yml", "imports: [no_such_module_x]\n"))
+
+
+def test_errors_are_typed_and_carry_source_and_key(tmp_path):
+    path = write(tmp_path / "cfg.yml", "TrainReader: {batch_size: 0}\n")
+    with pytest.raises(ConfigFileError) as info:
+        read_config(path)
+    assert (info.value.source, info.value.key) == (str(path), "TrainReader.batch_size")
+    assert isinstance(info.value, ConfigError)
+    with pytest.raises(ConfigFileError) as info:
+        read_config(path, ["TrainReader.batch_size=4", "LeNet.depth=3"])
+    assert (info.value.source, info.value.key) == ("-o", "LeNet.depth")
+
+
+@pytest.mark.parametrize("name", sorted(f for f in os.listdir(CONFIGS) if f.endswith(".yml")))
+def test_shipped_configs_validate(name):
+    path = os.path.join(CONFIGS, name)
+    cfg = read_config(path)
+    assert cfg["architecture"] in REGISTRY["architecture"] and cfg["dataset"] in REGISTRY["dataset"]

@@ -1,0 +1,50 @@
+"""Bad input to the tools: exit status 2, one line on stderr naming the problem, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_tool(name, *args):
+    return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args], cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "body, overrides, message",
+    [
+        ("ema_decya: 0.9\n", [], r"bad\.yml: unknown key 'ema_decya'; did you mean 'ema_decay'\?"),
+        ("ema_decay: 1.5\n", [], r"bad\.yml: ema_decay: 1\.5 is not allowed; expected a number in \[0, 1\]"),
+        ("", ["ema_decay_type=expo"], r"-o: ema_decay_type: 'expo' is not allowed; expected one of constant, "
+                                      r"exponential, normal, power, threshold"),
+        ("dataset: ImageFolder\nImageFolder: {train_root: /no/such/folder}\n", [],
+         r"ImageFolder\.train_root: '/no/such/folder' does not exist"),
+        ("mode: static\n", [], r"mode: static is not available yet"),
+    ],
+)
+def test_bad_config_exits_2_with_one_line(tmp_path, body, overrides, message):
+    import re
+
+    config = tmp_path / "bad.yml"
+    config.write_text(f"_BASE_: [{os.path.join(REPO, 'configs', 'lenet_digits.yml')}]\n"
+                      f"output_dir: {tmp_path}\nepoch: 1\n" + body)
+    result = run_tool("train.py", "-c", str(config), *(["-o", *overrides] if overrides else []))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in result.stderr and not os.path.exists(tmp_path / "bad")
+
+
+def test_base_cycle_and_missing_weights(tmp_path):
+    (tmp_path / "a.yml").write_text("_BASE_: [b.yml]\n")
+    (tmp_path / "b.yml").write_text("_BASE_: [a.yml]\n")
+    result = run_tool("eval.py", "-c", str(tmp_path / "a.yml"))
+    assert result.returncode == 2 and "_BASE_ cycle:" in result.stderr and "Traceback" not in result.stderr
+    result = run_tool("eval.py", "-c", os.path.join(REPO, "configs", "lenet_digits.yml"),
+                      "-o", f"weights={tmp_path / 'nope.pdparams'}")
+    assert result.returncode == 2 and f"weights: {tmp_path / 'nope.pdparams'} does not exist" in result.stderr
