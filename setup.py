@@ -15,10 +15,12 @@ setup(
     # No hard requirement on a Paddle build: `paddlepaddle` (CPU) and `paddlepaddle-gpu` are
     # different distributions, and requiring one would install it over the other. paddle_ema
     # says at import how to install one; the `cpu` extra installs the CPU build.
-    install_requires=["numpy", "pyyaml", "visualdl"],
+    # The training tools need scikit-learn (the bundled digits data), tqdm (progress) and
+    # matplotlib (curves); all are small and wheel-only.
+    install_requires=["numpy", "pyyaml", "visualdl", "scikit-learn", "tqdm", "matplotlib"],
     extras_require={
         "cpu": ["paddlepaddle>=3.0"],
-        "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6", "scikit-learn"],
+        "test": ["pytest>=7", "pytest-timeout", "hypothesis>=6"],
     },
     classifiers=[
         "Programming Language :: Python :: 3",

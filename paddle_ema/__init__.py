@@ -22,6 +22,7 @@ from .errors import (  # noqa: E402
     PaddleEMAError,
     SelectionError,
 )
+from .ppdet import ModelEMA  # noqa: E402
 from .schedules import SCHEDULES, Schedule, make_schedule, register_schedule  # noqa: E402
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ExponentialMovingAverage",
     "StochasticWeightAveraging",
+    "ModelEMA",
     "EMARule",
     "Schedule",
     "SCHEDULES",

@@ -20,7 +20,7 @@ def run_tool(name, *args):
         ("ema_decya: 0.9\n", [], r"bad\.yml: unknown key 'ema_decya'; did you mean 'ema_decay'\?"),
         ("ema_decay: 1.5\n", [], r"bad\.yml: ema_decay: 1\.5 is not allowed; expected a number in \[0, 1\]"),
         ("", ["ema_decay_type=expo"], r"-o: ema_decay_type: 'expo' is not allowed; expected one of constant, "
-                                      r"exponential, normal, power, threshold"),
+                                      r"exponential, normal, power, power_function, threshold"),
         ("dataset: ImageFolder\nImageFolder: {train_root: /no/such/folder}\n", [],
          r"ImageFolder\.train_root: '/no/such/folder' does not exist"),
         ("mode: static\n", [], r"mode: static is not available yet"),
