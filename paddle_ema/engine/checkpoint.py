@@ -1,4 +1,4 @@
-"""Checkpoint files, PaddleDetection's layout, written atomically (temporary file, then rename).
+"""Checkpoint files in PaddleDetection's layout, written crash-safe by paddle_ema.checkpoint.
 
     <name>.pdparams   the weights to evaluate, export and deploy: EMA weights when use_ema is on
     <name>.pdema      the raw (trained) weights, only when use_ema is on
@@ -6,31 +6,19 @@
 
 `<name>` is the 0-based epoch id, `model_final` for the last epoch, `best_model` for the best
 EMA accuracy. A resumed run loads the raw weights (.pdema, or .pdparams without EMA) and .pdopt,
-so it continues bit for bit, the EMA included.
+so it continues bit for bit, the EMA included. Each checkpoint ends with a manifest of checksums
+(paddle_ema.checkpoint): a stem whose writing was interrupted is refused, naming the complete ones.
 """
 
 import os
 
-import paddle
-
-from ..errors import ConfigError, IncompatibleStateError
+from ..checkpoint import MANIFEST_SUFFIX, atomic_save, safe_load, verify  # noqa: F401 (atomic_save re-exported)
+from ..checkpoint import save_checkpoint as _save_files
+from ..errors import IncompatibleStateError
 
 __all__ = ["atomic_save", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights"]
 
 SUFFIXES = (".pdparams", ".pdema", ".pdopt")
-
-
-def atomic_save(obj, path):
-    """paddle.save to a temporary file in the same folder, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        paddle.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def checkpoint_stem(path):
@@ -43,25 +31,30 @@ def checkpoint_stem(path):
 
 
 def save_checkpoint(stem, weights, raw_weights=None, train_state=None):
-    """Write <stem>.pdparams (weights), <stem>.pdema (raw weights) and <stem>.pdopt (train_state)."""
-    atomic_save(weights, stem + ".pdparams")
+    """Write <stem>.pdparams (weights), <stem>.pdema (raw weights), <stem>.pdopt (train_state), manifest."""
+    files = {".pdparams": weights}
     if raw_weights is not None:
-        atomic_save(raw_weights, stem + ".pdema")
+        files[".pdema"] = raw_weights
     if train_state is not None:
-        atomic_save(train_state, stem + ".pdopt")
+        files[".pdopt"] = train_state
+    _save_files(stem, files)
 
 
 def _load(path, what):
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what}: {path} does not exist")
-    return paddle.load(path)
+    """safe_load, after checking the file against its checkpoint's manifest when there is one."""
+    stem, suffix = os.path.splitext(path)
+    if os.path.exists(stem + MANIFEST_SUFFIX):
+        verify(stem, [suffix])
+    return safe_load(path, what)
 
 
 def load_resume_state(path, use_ema):
     """(raw weights, train state) of the checkpoint `path` (with or without a suffix)."""
     stem = checkpoint_stem(path)
-    raw = _load(stem + (".pdema" if use_ema else ".pdparams"), "resume checkpoint (-r)")
-    state = _load(stem + ".pdopt", "resume checkpoint (-r)")
+    weights = ".pdema" if use_ema else ".pdparams"
+    verify(stem, [weights, ".pdopt"])  # a resume needs a complete checkpoint, not just files
+    raw = safe_load(stem + weights, "resume checkpoint (-r)")
+    state = safe_load(stem + ".pdopt", "resume checkpoint (-r)")
     return raw, state
 
 
