@@ -14,9 +14,10 @@ import os
 
 from ..checkpoint import MANIFEST_SUFFIX, atomic_save, safe_load, verify  # noqa: F401 (atomic_save re-exported)
 from ..checkpoint import save_checkpoint as _save_files
-from ..errors import IncompatibleStateError
+from ..errors import CheckpointError, IncompatibleStateError
 
-__all__ = ["atomic_save", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights"]
+__all__ = ["atomic_save", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights", "check_fits",
+           "run_identity", "check_same_run"]
 
 SUFFIXES = (".pdparams", ".pdema", ".pdopt")
 
@@ -58,12 +59,10 @@ def load_resume_state(path, use_ema):
     return raw, state
 
 
-def load_weights(model, path):
-    """Load weights into `model`: `path` as given (.pdparams, or .pdema for the raw weights), or
-    <path>.pdparams without a suffix; names and shapes must match exactly."""
-    path = os.fspath(path)
-    file = path if path.endswith((".pdparams", ".pdema")) else path + ".pdparams"
-    state = _load(file, "weights")
+def check_fits(model, state, what):
+    """IncompatibleStateError unless `state` has exactly the model's state-dict names and shapes.
+
+    (Layer.set_state_dict only warns about a mismatch and loads what it can.)"""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -71,8 +70,40 @@ def load_weights(model, path):
              if k in state and list(state[k].shape) != list(v.shape)]
     if missing or unexpected or wrong:
         raise IncompatibleStateError(
-            f"weights {file} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"{what} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {wrong[:5]}"
         )
+
+
+# Settings that make a checkpoint belong to a run: resuming under other ones would load weights or
+# state into a different model, data or optimizer. (epoch, base_lr, output_dir, ... may change.)
+RUN_IDENTITY = ("architecture", "dataset", "optimizer", "lr_schedule", "use_ema", "ema_impl", "mode")
+
+
+def run_identity(cfg):
+    identity = {key: cfg[key] for key in RUN_IDENTITY}
+    for key in ("architecture", "dataset"):
+        identity[cfg[key]] = cfg.get(cfg[key])  # the chosen class's own section
+    return identity
+
+
+def check_same_run(saved, cfg, path):
+    """CheckpointError when the checkpoint at `path` was trained under another run identity."""
+    if saved is None:  # written before identities were recorded
+        return
+    current = run_identity(cfg)
+    differences = [f"{key}: {saved.get(key)!r} there, {current.get(key)!r} here"
+                   for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if differences:
+        raise CheckpointError(f"-r {path}: the checkpoint comes from another config ({'; '.join(differences)})")
+
+
+def load_weights(model, path):
+    """Load weights into `model`: `path` as given (.pdparams, or .pdema for the raw weights), or
+    <path>.pdparams without a suffix; names and shapes must match exactly."""
+    path = os.fspath(path)
+    file = path if path.endswith((".pdparams", ".pdema")) else path + ".pdparams"
+    state = _load(file, "weights")
+    check_fits(model, state, f"weights {file}")
     model.set_state_dict(state)
     return file
