@@ -1,8 +1,8 @@
 """Exact resume after a hard kill: SIGKILL at random moments and during a checkpoint write.
 
 The default training runs in a subprocess; it is killed several times (once while a checkpoint is
-half written, found by polling for checkpoint files without their manifest; the other times at
-random moments), resumed each time with -r from the last complete checkpoint, and finally allowed
+half written, found by polling for checkpoint files without their manifest; the other times at a
+random moment after the run has made progress, i.e. committed a new checkpoint), resumed each time with -r from the last complete checkpoint, and finally allowed
 to finish. Its final raw and EMA weights must be bitwise equal to an uninterrupted run's.
 Determinism: CPU, fixed seed, the data order drawn from (seed, epoch), the RNG state in .pdopt.
 """
@@ -23,7 +23,7 @@ import pytest
 from paddle_ema.checkpoint import MANIFEST_SUFFIX, complete_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
-EPOCHS = 6
+EPOCHS = 8
 OVERRIDES = [f"epoch={EPOCHS}", "snapshot_epoch=1"]
 
 
@@ -70,7 +70,11 @@ def test_kill_9_and_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
                 time.sleep(0.01)
             assert _half_written(run_dir), "no checkpoint write was caught in progress"
         else:
-            time.sleep(rng.uniform(2.0, 4.0))  # the first ~2 s are Python and Paddle starting up
+            # A random moment once this run has made progress (a newer complete checkpoint).
+            while _latest_complete(run_dir) == resume and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(rng.uniform(0.0, 0.25))
+        assert process.poll() is None, "the run finished before it could be killed"
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
         assert process.returncode == -signal.SIGKILL
