@@ -1,0 +1,264 @@
+// Multi-tensor EMA update as a Paddle custom operator: one call for a whole list of tensors.
+//
+//   paddle_ema_lerp(averages, values, weight) -> skipped
+//       averages[i] <- averages[i] + weight * (values[i] - averages[i]), in place
+//
+// with exactly Paddle's lerp formula a + w * (x - a) in the average's dtype (a float32 weight for
+// float32 averages, as paddle.lerp_ rounds a Python float), so a constant stays constant and
+// the result equals paddle.lerp_'s bit for bit. Each pair may have its own dtypes: float32
+// averages with float32/float16/bfloat16 values, or float64 with float64. Pairs this kernel does
+// not handle (another dtype, average and value on different devices, a strided view) are left
+// untouched and their indices returned in `skipped` (int64, CPU) for the caller's fallback.
+//
+// CPU pairs are updated in one OpenMP pass that splits the total element count evenly, whatever
+// the tensor sizes, so one big tensor and a thousand small ones both use every core. GPU pairs
+// go to the CUDA kernel in ema_ops.cu (one launch per device) when it was compiled in.
+//
+//   paddle_ema_stream_add(a, x):  a += x over one flat float32 buffer: the same 12 bytes per
+//   element as the EMA update with the same threading, the memory floor for the benchmarks.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "paddle/extension.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "ema_ops.h"
+
+namespace {
+
+// Below this many elements a single thread finishes before a team of threads would start.
+constexpr int64_t kMinParallelElements = 1 << 16;
+// Chunks start on multiples of 16 elements (a 64-byte line of float32) so that two
+// threads do not write the same cache line of one tensor.
+constexpr int64_t kGrain = 16;
+// Work is handed out in about this many chunks per thread, each at least kMinChunk elements
+// (large enough that taking a chunk costs nothing next to streaming it).
+constexpr int64_t kChunksPerThread = 8;
+constexpr int64_t kMinChunk = 1 << 15;
+
+// IEEE half -> float, exact for every input (normals, subnormals, inf, nan). Written with
+// selects instead of branches so that the loop around it vectorises.
+inline float HalfToFloat(uint16_t h) {
+  uint32_t magnitude = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  uint32_t exponent = magnitude & 0x0f800000u;
+  uint32_t bits = magnitude + (static_cast<uint32_t>(127 - 15) << 23);
+  // inf / nan: push the exponent to all ones.
+  bits = exponent == 0x0f800000u ? bits + (static_cast<uint32_t>(128 - 16) << 23) : bits;
+  // zero / subnormal: let the FPU normalise, (m + 2^-14 scaled) - 2^-14.
+  float sub;
+  uint32_t sub_bits = bits + (1u << 23);
+  std::memcpy(&sub, &sub_bits, 4);
+  sub -= 6.103515625e-05f;  // 2^-14
+  uint32_t sub_as_bits;
+  std::memcpy(&sub_as_bits, &sub, 4);
+  bits = exponent == 0 ? sub_as_bits : bits;
+  bits |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline float Bfloat16ToFloat(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+template <typename A>
+void LerpSame(A* __restrict a, const A* __restrict x, int64_t n, A w) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (x[i] - a[i]);
+}
+
+void LerpHalfPortable(float* __restrict a, const uint16_t* __restrict x, int64_t n, float w) {
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (HalfToFloat(x[i]) - a[i]);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// The portable conversion does not vectorise; x86 CPUs since 2012 convert 8 halves at once
+// (F16C). Chosen at run time, so the extension still loads on older CPUs. The same formula,
+// not fused into an FMA.
+__attribute__((target("avx,f16c"))) void LerpHalfF16C(float* __restrict a, const uint16_t* __restrict x,
+                                                      int64_t n, float w) {
+  const __m256 vw = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vx = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+    const __m256 va = _mm256_loadu_ps(a + i);
+    _mm256_storeu_ps(a + i, _mm256_add_ps(va, _mm256_mul_ps(vw, _mm256_sub_ps(vx, va))));
+  }
+  LerpHalfPortable(a + i, x + i, n - i, w);
+}
+
+bool HasF16C() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+void LerpHalf(float* a, const uint16_t* x, int64_t n, float w) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (HasF16C()) return LerpHalfF16C(a, x, n, w);
+#endif
+  LerpHalfPortable(a, x, n, w);
+}
+
+void LerpBfloat16(float* __restrict a, const uint16_t* __restrict x, int64_t n, float w) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (Bfloat16ToFloat(x[i]) - a[i]);
+}
+
+// Runs body(segment, begin, end) over [start, stop) of the concatenation of all segments;
+// `offsets` is the exclusive prefix sum of the segment sizes.
+template <typename Body>
+void ForRange(const std::vector<Segment>& segments, const std::vector<int64_t>& offsets,
+              int64_t start, int64_t stop, Body body) {
+  size_t s = std::upper_bound(offsets.begin(), offsets.end(), start) - offsets.begin() - 1;
+  for (; s < segments.size() && offsets[s] < stop; ++s) {
+    int64_t begin = std::max<int64_t>(start - offsets[s], 0);
+    int64_t end = std::min<int64_t>(stop - offsets[s], segments[s].numel);
+    if (begin < end) body(segments[s], begin, end);
+  }
+}
+
+// Splits the total element count over the threads, by elements rather than by tensors: the
+// concatenation of all tensors is cut into equal chunks, several per thread, handed out
+// dynamically so that a thread the OS preempts (a busy shared machine) does not hold up the rest.
+template <typename Body>
+void ParallelOverElements(const std::vector<Segment>& segments, Body body) {
+  std::vector<int64_t> offsets(segments.size() + 1, 0);
+  for (size_t s = 0; s < segments.size(); ++s) offsets[s + 1] = offsets[s] + segments[s].numel;
+  const int64_t total = offsets.back();
+  if (total == 0) return;
+  const int threads = omp_get_max_threads();
+  if (total < kMinParallelElements || threads <= 1) {
+    ForRange(segments, offsets, 0, total, body);
+    return;
+  }
+  int64_t chunk = std::max<int64_t>(total / (int64_t{threads} * kChunksPerThread), kMinChunk);
+  chunk = (chunk + kGrain - 1) / kGrain * kGrain;
+  const int64_t chunks = (total + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    ForRange(segments, offsets, c * chunk, std::min(total, (c + 1) * chunk), body);
+  }
+}
+
+// Which kernel a pair takes, or kUnsupported.
+Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value) {
+  using paddle::DataType;
+  if (average.numel() != value.numel() || !average.is_dense_tensor() || !value.is_dense_tensor() ||
+      !average.is_contiguous() || !value.is_contiguous() || !(average.place() == value.place()) ||
+      !(average.is_cpu() || average.is_gpu())) {
+    return Kind::kUnsupported;
+  }
+  const DataType a = average.dtype(), x = value.dtype();
+  if (a == DataType::FLOAT32 && x == DataType::FLOAT32) return Kind::kFloat;
+  if (a == DataType::FLOAT32 && x == DataType::FLOAT16) return Kind::kFloatHalf;
+  if (a == DataType::FLOAT32 && x == DataType::BFLOAT16) return Kind::kFloatBfloat16;
+  if (a == DataType::FLOAT64 && x == DataType::FLOAT64) return Kind::kDouble;
+  return Kind::kUnsupported;
+}
+
+void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight) {
+  // paddle.lerp_ turns a Python float weight into a float32 tensor: round the same way.
+  const float w = static_cast<float>(weight);
+  ParallelOverElements(segments, [w, weight](const Segment& s, int64_t b, int64_t e) {
+    float* a = static_cast<float*>(s.average) + b;
+    switch (s.kind) {
+      case Kind::kFloat:
+        LerpSame(a, static_cast<const float*>(s.value) + b, e - b, w);
+        break;
+      case Kind::kFloatHalf:
+        LerpHalf(a, static_cast<const uint16_t*>(s.value) + b, e - b, w);
+        break;
+      case Kind::kFloatBfloat16:
+        LerpBfloat16(a, static_cast<const uint16_t*>(s.value) + b, e - b, w);
+        break;
+      case Kind::kDouble:
+        LerpSame(static_cast<double*>(s.average) + b, static_cast<const double*>(s.value) + b, e - b, weight);
+        break;
+      case Kind::kUnsupported:
+        break;
+    }
+  });
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> LerpAll(std::vector<paddle::Tensor>& averages,  // NOLINT
+                                    const std::vector<paddle::Tensor>& values, double weight) {
+  PD_CHECK(averages.size() == values.size(), "paddle_ema_lerp: ", averages.size(), " averages but ",
+           values.size(), " values");
+  std::vector<int64_t> skipped;
+  std::vector<Segment> cpu;
+  std::map<int, std::vector<Segment>> gpu;  // by device id
+  std::map<int, size_t> gpu_example;        // a tensor on that device, for its stream
+  cpu.reserve(averages.size());
+  for (size_t i = 0; i < averages.size(); ++i) {
+    const Kind kind = KindOf(averages[i], values[i]);
+    if (kind == Kind::kUnsupported) {
+      skipped.push_back(static_cast<int64_t>(i));
+      continue;
+    }
+    if (averages[i].numel() == 0) continue;
+    Segment segment{averages[i].data(), values[i].data(), averages[i].numel(), kind};
+    if (averages[i].is_cpu()) {
+      cpu.push_back(segment);
+    } else {
+#ifdef PADDLE_EMA_WITH_CUDA
+      const int device = averages[i].place().GetDeviceId();
+      gpu[device].push_back(segment);
+      gpu_example.emplace(device, i);
+#else
+      skipped.push_back(static_cast<int64_t>(i));
+#endif
+    }
+  }
+  LerpSegmentsCPU(cpu, weight);
+#ifdef PADDLE_EMA_WITH_CUDA
+  for (const auto& [device, segments] : gpu) {
+    LerpSegmentsCUDA(segments, weight, averages[gpu_example[device]]);
+  }
+#endif
+  paddle::Tensor out = paddle::empty({static_cast<int64_t>(skipped.size())}, paddle::DataType::INT64,
+                                     paddle::CPUPlace());
+  if (!skipped.empty()) std::memcpy(out.data<int64_t>(), skipped.data(), skipped.size() * sizeof(int64_t));
+  return {out};
+}
+
+void StreamAdd(paddle::Tensor& a, const paddle::Tensor& x) {  // NOLINT
+  PD_CHECK(a.is_cpu() && x.is_cpu() && a.dtype() == paddle::DataType::FLOAT32 &&
+               x.dtype() == paddle::DataType::FLOAT32 && a.numel() == x.numel(),
+           "paddle_ema_stream_add: two float32 CPU tensors of one size");
+  std::vector<Segment> segments{{a.data(), x.data(), a.numel(), Kind::kFloat}};
+  ParallelOverElements(segments, [](const Segment& s, int64_t b, int64_t e) {
+    float* __restrict out = static_cast<float*>(s.average) + b;
+    const float* __restrict in = static_cast<const float*>(s.value) + b;
+#pragma omp simd
+    for (int64_t i = 0; i < e - b; ++i) out[i] = out[i] + in[i];
+  });
+}
+
+PD_BUILD_OP(paddle_ema_lerp)
+    .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
+    .Outputs({paddle::Vec("AveragesOut"), "Skipped"})
+    .Attrs({"weight: double"})
+    .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
+    .SetKernelFn(PD_KERNEL(LerpAll));
+
+PD_BUILD_OP(paddle_ema_stream_add)
+    .Inputs({"A", "X"})
+    .Outputs({"AOut"})
+    .SetInplaceMap({{"A", "AOut"}})
+    .SetKernelFn(PD_KERNEL(StreamAdd));

@@ -1,0 +1,73 @@
+"""The fused implementation of the kernels: the C++/CUDA extension updates a whole list in one call.
+
+`lerp_` hands every (average, value) pair to one call of the `paddle_ema_lerp` operator, which
+updates all pairs it supports in a single multi-threaded pass (CPU) or one launch per device
+(GPU): float32 averages with float32/float16/bfloat16 values and float64 with float64, both
+tensors on one device. It returns the indices of any other pair (an average kept on another
+device than its weight, an unusual dtype), which the reference implementation then updates, so
+every input gets the same numbers either way.
+
+The extension is built on first use (see build.py). `available()` says whether it could be; when
+it cannot, one warning says why and `lerp_` must not be called.
+"""
+
+import threading
+import warnings
+
+import paddle
+from paddle import _C_ops
+
+from . import build, reference
+
+__all__ = ["available", "failure", "lerp_", "stream_add_"]
+
+_lock = threading.Lock()
+_state = {"loaded": False, "failure": None}
+
+
+def _load():
+    with _lock:
+        if _state["loaded"] or _state["failure"] is not None:
+            return
+        try:
+            build.load_extension()
+            _state["loaded"] = True
+        except build.BuildError as exc:
+            _state["failure"] = str(exc)
+            warnings.warn(
+                f"paddle_ema: the fused EMA kernel is unavailable, using the pure-Paddle fallback "
+                f"(same numbers, slower). Reason: {exc}",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+
+
+def available():
+    """True when the extension is built and loaded (building it now if needed)."""
+    _load()
+    return _state["loaded"]
+
+
+def failure():
+    """Why the extension is unavailable, or None."""
+    _load()
+    return _state["failure"]
+
+
+@paddle.no_grad()
+def lerp_(averages, values, weight):
+    if len(averages) != len(values):
+        raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
+    if not averages:
+        return
+    outputs = _C_ops._run_custom_op("paddle_ema_lerp", list(averages), list(values), float(weight))
+    skipped = outputs[-1]
+    if skipped.shape[0]:
+        indices = skipped.tolist()
+        reference.lerp_([averages[i] for i in indices], [values[i] for i in indices], weight)
+
+
+@paddle.no_grad()
+def stream_add_(a, x):
+    """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor."""
+    _C_ops._run_custom_op("paddle_ema_stream_add", a, x)
