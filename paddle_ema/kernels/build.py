@@ -38,8 +38,20 @@ HEADERS = ("ema_ops.h",)
 # computes it, never fused into an FMA that rounds differently.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 CUDA_FLAGS = ["-O3", "--fmad=false"]
-LINK_FLAGS = ["-fopenmp"]
 BUILD_TIMEOUT_S = 900
+
+
+def _link_flags():
+    """OpenMP runtime to link: Paddle's own libiomp5 when its wheel ships one, else GNU libgomp.
+
+    Sharing Paddle's runtime means sharing its (already spinning) worker threads: with a second
+    runtime, two thread pools fight over the cores and the update stalls for a scheduler tick
+    whenever Paddle's threads are busy-waiting, which is always right after a training step.
+    """
+    libs = Path(paddle.__file__).parent / "libs"
+    if (libs / "libiomp5.so").exists():
+        return [f"-L{libs}", "-Wl,--no-as-needed", "-l:libiomp5.so", "-Wl,--as-needed", f"-Wl,-rpath,{libs}"]
+    return ["-fopenmp"]
 
 
 class BuildError(RuntimeError):
@@ -74,7 +86,7 @@ def _build_key(cuda):
     for path in _sources(cuda) + [SOURCE_DIR / name for name in HEADERS]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     commit = getattr(getattr(paddle, "version", None), "commit", "")
-    for part in (CXX_FLAGS, CUDA_FLAGS, LINK_FLAGS, paddle.__version__, commit, sys.version_info[:2], cuda):
+    for part in (CXX_FLAGS, CUDA_FLAGS, _link_flags(), paddle.__version__, commit, sys.version_info[:2], cuda):
         digest.update(repr(part).encode() + b"\0")
     return digest.hexdigest()[:16]
 
@@ -148,7 +160,7 @@ def _compile(target):
                 sources=[str(path) for path in _sources(cuda)],
                 cxx=CXX_FLAGS + (["-DPADDLE_EMA_WITH_CUDA"] if cuda else []),
                 nvcc=CUDA_FLAGS + ["-DPADDLE_EMA_WITH_CUDA"],
-                link=LINK_FLAGS,
+                link=_link_flags(),
                 out=str(out),
             )
         )

@@ -20,6 +20,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <map>
@@ -132,8 +133,10 @@ void ForRange(const std::vector<Segment>& segments, const std::vector<int64_t>& 
 }
 
 // Splits the total element count over the threads, by elements rather than by tensors: the
-// concatenation of all tensors is cut into equal chunks, several per thread, handed out
-// dynamically so that a thread the OS preempts (a busy shared machine) does not hold up the rest.
+// concatenation of all tensors is cut into equal chunks, several per thread, which the threads
+// take in turn from a shared counter, so that a thread the OS preempts (a busy machine) does not
+// hold the others up. The counter instead of `omp for schedule(dynamic)` keeps the extension to
+// the two OpenMP entry points that GNU and Intel runtimes share (it links Paddle's libiomp5).
 template <typename Body>
 void ParallelOverElements(const std::vector<Segment>& segments, Body body) {
   std::vector<int64_t> offsets(segments.size() + 1, 0);
@@ -148,9 +151,13 @@ void ParallelOverElements(const std::vector<Segment>& segments, Body body) {
   int64_t chunk = std::max<int64_t>(total / (int64_t{threads} * kChunksPerThread), kMinChunk);
   chunk = (chunk + kGrain - 1) / kGrain * kGrain;
   const int64_t chunks = (total + chunk - 1) / chunk;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    ForRange(segments, offsets, c * chunk, std::min(total, (c + 1) * chunk), body);
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, chunks)))
+  {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      ForRange(segments, offsets, c * chunk, std::min(total, (c + 1) * chunk), body);
+    }
   }
 }
 

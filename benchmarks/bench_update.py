@@ -1,0 +1,242 @@
+"""How fast one EMA update is, per implementation, against the machine's memory floor.
+
+An EMA update reads every weight and every average and writes the average: 12 bytes per float32
+parameter. For three parameter sets it times one update of all tensors (median over --runs after
+--warmup) and prints ms, effective GB/s (12 bytes x parameters / time), and the ratio to the
+fastest row and to the memory floor:
+
+    seed numpy loop          the seed tutorial: shadow = d * shadow + (1 - d) * param.numpy()
+    PaddleDetection-style    ema = ema * d + param * (1 - d), new Paddle tensors each step
+    paddle_ema fallback      paddle_ema.kernels.reference.lerp_ (built-in ops, per tensor)
+    paddle_ema fused         paddle_ema.kernels.fused.lerp_ (one C++ / OpenMP call)
+    torch _foreach_lerp_     PyTorch on the same shapes, in a separate process (if importable)
+    floor (OpenMP a += x)    the extension's a += x over one flat buffer of the same size:
+                             the same 12 bytes per parameter, no per-tensor work
+    floor (numpy a += x)     numpy's single-threaded a += x over one flat buffer
+
+Sets: ResNet-50 (161 trainable tensors, 25.6M parameters), MobileNetV3-small (many small
+tensors), and a synthetic transformer-like set of 1,000 tensors (13.4M parameters: embeddings,
+62 blocks of attention, MLP and LayerNorms, a pooler and a classifier).
+
+    PYTHONPATH=. python benchmarks/bench_update.py [--runs 20] [--warmup 3] [--sets resnet50,...]
+                                                    [--no-torch] [--json out.json]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+BYTES_PER_PARAMETER = 12  # read weight, read average, write average (float32)
+DECAY = 0.9998
+SETS = ("resnet50", "mobilenet_v3_small", "transformer1000")
+
+
+def _exit_usage(parser, message):
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=20, help="timed updates per row (at least 20 for the table)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed updates before timing")
+    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
+    parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch row even if torch is installed")
+    parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
+    args = parser.parse_args(argv)
+    if args.runs < 1 or args.warmup < 0:
+        _exit_usage(parser, f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
+    args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    unknown = [s for s in args.sets if s not in SETS]
+    if unknown or not args.sets:
+        _exit_usage(parser, f"--sets takes names from {', '.join(SETS)}, got {unknown or args.sets}")
+    return args
+
+
+# --- parameter sets: shapes only ---------------------------------------------------------------
+
+
+def transformer_shapes(blocks=62, hidden=128, ffn=512, vocab=8000, positions=512, classes=2):
+    shapes = [[vocab, hidden], [positions, hidden]]
+    for _ in range(blocks):
+        shapes += [[hidden], [hidden]]  # LayerNorm before attention
+        for _ in range(4):  # q, k, v, output projections
+            shapes += [[hidden, hidden], [hidden]]
+        shapes += [[hidden], [hidden]]  # LayerNorm before the MLP
+        shapes += [[hidden, ffn], [ffn], [ffn, hidden], [hidden]]
+    shapes += [[hidden], [hidden], [hidden, hidden], [hidden], [hidden, classes], [classes]]
+    return shapes
+
+
+def set_shapes(name):
+    if name == "transformer1000":
+        return transformer_shapes()
+    import paddle.vision.models as models
+
+    model = getattr(models, name)()
+    return [list(p.shape) for p in model.parameters() if not p.stop_gradient]
+
+
+# --- timing ----------------------------------------------------------------------------------------
+
+
+def median_ms(update, runs, warmup):
+    for _ in range(warmup):
+        update()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        update()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1e3)
+
+
+def paddle_rows(shapes, runs, warmup):
+    """(label, median ms) for every Paddle/numpy implementation and the floors."""
+    import paddle
+
+    from paddle_ema.kernels import fused, reference
+
+    rng = np.random.default_rng(0)
+    weights_np = [rng.standard_normal(s).astype("float32") for s in shapes]
+    params = [paddle.to_tensor(w) for w in weights_np]
+    weight = 1.0 - DECAY
+    rows = []
+
+    shadow = {i: w.copy() for i, w in enumerate(weights_np)}
+
+    def seed_numpy_loop():
+        for i, p in enumerate(params):
+            shadow[i] = DECAY * shadow[i] + (1.0 - DECAY) * p.numpy()
+
+    rows.append(("seed numpy loop", median_ms(seed_numpy_loop, runs, warmup)))
+    del shadow
+
+    with paddle.no_grad():
+        ema = [p.clone() for p in params]
+
+        def detection_style():
+            for i, p in enumerate(params):
+                ema[i] = ema[i] * DECAY + p.detach() * (1.0 - DECAY)
+
+        rows.append(("PaddleDetection-style", median_ms(detection_style, runs, warmup)))
+        del ema
+
+        averages = [p.clone() for p in params]
+        rows.append(("paddle_ema fallback", median_ms(lambda: reference.lerp_(averages, params, weight), runs, warmup)))
+        if fused.available():
+            rows.append(("paddle_ema fused", median_ms(lambda: fused.lerp_(averages, params, weight), runs, warmup)))
+        del averages
+
+        total = sum(int(np.prod(s)) for s in shapes)
+        flat_a, flat_x = np.zeros(total, "float32"), np.ones(total, "float32")
+        if fused.available():
+            ta, tx = paddle.to_tensor(flat_a), paddle.to_tensor(flat_x)
+            rows.append(("floor (OpenMP a += x)", median_ms(lambda: fused.stream_add_(ta, tx), runs, warmup)))
+            del ta, tx
+        rows.append(("floor (numpy a += x)", median_ms(lambda: np.add(flat_a, flat_x, out=flat_a), runs, warmup)))
+    return rows
+
+
+TORCH_CHILD = textwrap.dedent(
+    """
+    import json, sys, time
+    import torch
+    spec = json.load(sys.stdin)
+    torch.manual_seed(0)
+    params = [torch.randn(s) for s in spec["shapes"]]
+    averages = [p.clone() for p in params]
+    w = spec["weight"]
+    for _ in range(spec["warmup"]):
+        torch._foreach_lerp_(averages, params, w)
+    times = []
+    for _ in range(spec["runs"]):
+        t = time.perf_counter()
+        torch._foreach_lerp_(averages, params, w)
+        times.append(time.perf_counter() - t)
+    times.sort()
+    print(json.dumps({"ms": times[len(times) // 2] * 1e3, "version": torch.__version__,
+                      "threads": torch.get_num_threads()}))
+    """
+)
+
+
+def torch_row(shapes, runs, warmup):
+    """PyTorch's _foreach_lerp_ in a child process, or None when torch is not importable there."""
+    spec = json.dumps({"shapes": shapes, "weight": 1.0 - DECAY, "runs": runs, "warmup": warmup})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", TORCH_CHILD], input=spec, capture_output=True, text=True, timeout=600
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if done.returncode != 0:
+        return None
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return (f"torch {result['version']} _foreach_lerp_", result["ms"])
+
+
+def table(name, count, parameters, rows):
+    fastest = min(ms for _, ms in rows)
+    floor = min((ms for label, ms in rows if label.startswith("floor")), default=None)
+    lines = [
+        f"{name}: {count} tensors, {parameters / 1e6:.2f}M parameters, "
+        f"{BYTES_PER_PARAMETER * parameters / 1e6:.0f} MB moved per update",
+        f"  {'implementation':<34}{'median ms':>10}{'GB/s':>8}{'x fastest':>11}{'x floor':>9}",
+    ]
+    for label, ms in rows:
+        gbs = BYTES_PER_PARAMETER * parameters / (ms * 1e-3) / 1e9
+        vs_floor = f"{ms / floor:9.2f}" if floor else f"{'-':>9}"
+        lines.append(f"  {label:<34}{ms:10.2f}{gbs:8.1f}{ms / fastest:11.2f}{vs_floor}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import paddle
+
+    from paddle_ema.kernels import fused
+
+    if not fused.available():
+        print(f"note: fused kernel unavailable ({fused.failure()}); its rows are left out", file=sys.stderr)
+    report = {
+        "machine": {"cpus": os.cpu_count(), "paddle": paddle.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "runs": args.runs,
+        "warmup": args.warmup,
+        "bytes_per_parameter": BYTES_PER_PARAMETER,
+        "sets": {},
+    }
+    for name in args.sets:
+        shapes = set_shapes(name)
+        parameters = sum(int(np.prod(s)) for s in shapes)
+        rows = paddle_rows(shapes, args.runs, args.warmup)
+        if not args.no_torch:
+            row = torch_row(shapes, args.runs, args.warmup)
+            if row is not None:
+                rows.insert(-2 if fused.available() else -1, row)
+        print(table(name, len(shapes), parameters, rows), flush=True)
+        print()
+        report["sets"][name] = {
+            "tensors": len(shapes),
+            "parameters": parameters,
+            "rows": [
+                {"implementation": label, "median_ms": ms,
+                 "gb_per_s": BYTES_PER_PARAMETER * parameters / (ms * 1e-3) / 1e9}
+                for label, ms in rows
+            ],
+        }
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
