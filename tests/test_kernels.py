@@ -143,6 +143,18 @@ def test_missing_compiler_warns_and_falls_back(unbuilt, monkeypatch):
     monkeypatch.setenv("PADDLE_EMA_KERNEL", "fused")
     with pytest.raises(ConfigError, match="cannot be built: no C\\+\\+ compiler"):
         kernels.lerp_(averages, values, 0.25)
+    with pytest.raises(RuntimeError, match="fused EMA kernel is unavailable"):
+        fused.lerp_(averages, values, 0.25)
+
+
+def test_unusable_cache_dir_warns_and_falls_back(unbuilt, monkeypatch):
+    blocker = unbuilt / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PADDLE_EMA_CACHE_DIR", str(blocker / "cache"))
+    averages, values = _constant_case()
+    with pytest.warns(RuntimeWarning, match="cannot build into"):
+        kernels.lerp_(averages, values, 0.25)
+    np.testing.assert_array_equal(averages[1].numpy(), np.full([5], 0.25))
 
 
 def test_failed_compilation_warns_with_compiler_output_and_falls_back(unbuilt, monkeypatch):

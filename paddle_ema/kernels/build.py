@@ -195,17 +195,17 @@ def load_extension():
     if not target.exists():
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BuildError(f"cannot create the cache directory {target.parent}: {exc}") from None
-        with _FileLock(target.with_suffix(".lock")):
-            if not target.exists():  # another process may have built it while we waited
-                print(
-                    f"paddle_ema: compiling the fused EMA kernel once for Paddle {paddle.__version__} "
-                    f"(about 15-60 s) into {target.parent} ...",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                _compile(target)
+            with _FileLock(target.with_suffix(".lock")):
+                if not target.exists():  # another process may have built it while we waited
+                    print(
+                        f"paddle_ema: compiling the fused EMA kernel once for Paddle {paddle.__version__} "
+                        f"(about 15-60 s) into {target.parent} ...",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    _compile(target)
+        except OSError as exc:  # an unwritable cache directory, a full disk...
+            raise BuildError(f"cannot build into {target.parent}: {exc}") from None
     try:
         load_op_meta_info_and_register_op(str(target))
     except Exception as exc:  # a corrupt or incompatible library: say so, the caller falls back

@@ -44,7 +44,8 @@ def _load():
 
 def available():
     """True when the extension is built and loaded (building it now if needed)."""
-    _load()
+    if not _state["loaded"] and _state["failure"] is None:
+        _load()
     return _state["loaded"]
 
 
@@ -60,6 +61,8 @@ def lerp_(averages, values, weight):
         raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
     if not averages:
         return
+    if not _state["loaded"] and not available():
+        raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
     outputs = _C_ops._run_custom_op("paddle_ema_lerp", list(averages), list(values), float(weight))
     skipped = outputs[-1]
     if skipped.shape[0]:
@@ -70,4 +73,6 @@ def lerp_(averages, values, weight):
 @paddle.no_grad()
 def stream_add_(a, x):
     """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor."""
+    if not _state["loaded"] and not available():
+        raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
     _C_ops._run_custom_op("paddle_ema_stream_add", a, x)
