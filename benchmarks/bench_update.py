@@ -207,7 +207,11 @@ def main(argv=None):
     if not fused.available():
         print(f"note: fused kernel unavailable ({fused.failure()}); its rows are left out", file=sys.stderr)
     report = {
-        "machine": {"cpus": os.cpu_count(), "paddle": paddle.__version__, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "paddle": paddle.__version__,
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        },
         "runs": args.runs,
         "warmup": args.warmup,
         "bytes_per_parameter": BYTES_PER_PARAMETER,

@@ -126,7 +126,8 @@ void LerpSegmentsCUDA(const std::vector<Segment>& segments, double weight, const
   cudaStream_t stream = example.stream();
   uint8_t* device_meta = meta.data<uint8_t>();
   // From pageable memory: returns once `host` has been staged, so `host` may go out of scope.
-  Check(cudaMemcpyAsync(device_meta, host.data(), host.size(), cudaMemcpyHostToDevice, stream), "copying the chunk table");
+  Check(cudaMemcpyAsync(device_meta, host.data(), host.size(), cudaMemcpyHostToDevice, stream),
+        "copying the chunk table");
   LerpChunks<<<static_cast<unsigned int>(chunk_start.size()), kThreads, 0, stream>>>(
       reinterpret_cast<const DeviceSegment*>(device_meta),
       reinterpret_cast<const int32_t*>(device_meta + segments_bytes),
