@@ -75,10 +75,28 @@ inline float Bfloat16ToFloat(uint16_t b) {
   return out;
 }
 
-template <typename A>
-void LerpSame(A* __restrict a, const A* __restrict x, int64_t n, A w) {
+// The streaming loops are compiled twice, for AVX2 and for any x86-64 (SSE2), and the loader
+// picks one for the CPU (target_clones): SSE2 alone issues too many instructions to keep up
+// with the memory of a recent server core.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define PADDLE_EMA_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PADDLE_EMA_VECTOR_CLONES
+#endif
+
+PADDLE_EMA_VECTOR_CLONES void LerpFloat(float* __restrict a, const float* __restrict x, int64_t n, float w) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (x[i] - a[i]);
+}
+
+PADDLE_EMA_VECTOR_CLONES void LerpDouble(double* __restrict a, const double* __restrict x, int64_t n, double w) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (x[i] - a[i]);
+}
+
+PADDLE_EMA_VECTOR_CLONES void AddFloat(float* __restrict a, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + x[i];
 }
 
 void LerpHalfPortable(float* __restrict a, const uint16_t* __restrict x, int64_t n, float w) {
@@ -114,7 +132,7 @@ void LerpHalf(float* a, const uint16_t* x, int64_t n, float w) {
   LerpHalfPortable(a, x, n, w);
 }
 
-void LerpBfloat16(float* __restrict a, const uint16_t* __restrict x, int64_t n, float w) {
+PADDLE_EMA_VECTOR_CLONES void LerpBfloat16(float* __restrict a, const uint16_t* __restrict x, int64_t n, float w) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (Bfloat16ToFloat(x[i]) - a[i]);
 }
@@ -184,7 +202,7 @@ void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight) {
     float* a = static_cast<float*>(s.average) + b;
     switch (s.kind) {
       case Kind::kFloat:
-        LerpSame(a, static_cast<const float*>(s.value) + b, e - b, w);
+        LerpFloat(a, static_cast<const float*>(s.value) + b, e - b, w);
         break;
       case Kind::kFloatHalf:
         LerpHalf(a, static_cast<const uint16_t*>(s.value) + b, e - b, w);
@@ -193,7 +211,7 @@ void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight) {
         LerpBfloat16(a, static_cast<const uint16_t*>(s.value) + b, e - b, w);
         break;
       case Kind::kDouble:
-        LerpSame(static_cast<double*>(s.average) + b, static_cast<const double*>(s.value) + b, e - b, weight);
+        LerpDouble(static_cast<double*>(s.average) + b, static_cast<const double*>(s.value) + b, e - b, weight);
         break;
       case Kind::kUnsupported:
         break;
@@ -250,10 +268,7 @@ void StreamAdd(paddle::Tensor& a, const paddle::Tensor& x) {  // NOLINT
            "paddle_ema_stream_add: two float32 CPU tensors of one size");
   std::vector<Segment> segments{{a.data(), x.data(), a.numel(), Kind::kFloat}};
   ParallelOverElements(segments, [](const Segment& s, int64_t b, int64_t e) {
-    float* __restrict out = static_cast<float*>(s.average) + b;
-    const float* __restrict in = static_cast<const float*>(s.value) + b;
-#pragma omp simd
-    for (int64_t i = 0; i < e - b; ++i) out[i] = out[i] + in[i];
+    AddFloat(static_cast<float*>(s.average) + b, static_cast<const float*>(s.value) + b, e - b);
   });
 }
 
