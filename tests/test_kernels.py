@@ -276,22 +276,46 @@ def test_empty_lists_and_empty_tensors(fused_ready):
 
 
 def test_pairs_the_extension_does_not_take_go_through_the_reference(fused_ready):
-    """A float64 value for a float32 average and a strided view are handed back and still updated."""
+    """A float64 value for a float32 average, a strided value and a strided average (which Paddle
+    would hand the operator as a copy) are still updated, with the reference numbers."""
     rng = np.random.default_rng(2)
-    a0 = [rng.standard_normal([6]).astype("float32") for _ in range(3)]
+    a0 = [rng.standard_normal([6]).astype("float32") for _ in range(4)]
     wide = rng.standard_normal([12]).astype("float32")
     values = [
         paddle.to_tensor(rng.standard_normal([6])),  # float64 value for a float32 average
-        paddle.to_tensor(wide)[::2],  # a strided view
+        paddle.to_tensor(wide)[::2],  # a strided view as the value
         paddle.to_tensor(rng.standard_normal([6]).astype("float32")),
+        paddle.to_tensor(rng.standard_normal([6]).astype("float16")),
     ]
-    by_fused = [paddle.to_tensor(a) for a in a0]
-    by_reference = [paddle.to_tensor(a) for a in a0]
-    fused.lerp_(by_fused, values, 0.25)
-    reference.lerp_(by_reference, values, 0.25)
-    for f, r in zip(by_fused, by_reference):
-        np.testing.assert_array_equal(f.numpy(), r.numpy())
-    np.testing.assert_array_equal(by_fused[1].numpy(), a0[1] + np.float32(0.25) * (wide[::2] - a0[1]))
+    results = {}
+    for name, lerp_ in (("fused", fused.lerp_), ("reference", reference.lerp_)):
+        bases = [paddle.to_tensor(np.repeat(a, 2)) for a in a0]
+        averages = [bases[0][::2], paddle.to_tensor(a0[1]), paddle.to_tensor(a0[2]), bases[3][::2]]
+        assert not averages[0].is_contiguous()
+        lerp_(averages, values, 0.25)
+        results[name] = [a.numpy() for a in averages] + [bases[0].numpy()[::2], bases[3].numpy()[::2]]
+    for f, r in zip(results["fused"], results["reference"]):
+        np.testing.assert_array_equal(f, r)
+    w = np.float32(0.25)
+    np.testing.assert_array_equal(results["fused"][1], a0[1] + w * (wide[::2] - a0[1]))
+    expected0 = a0[0] + w * (values[0].numpy().astype("float32") - a0[0])
+    np.testing.assert_array_equal(results["fused"][4], expected0)  # written through to the base
+    np.testing.assert_array_equal(results["fused"][5], results["fused"][3])
+
+
+def test_in_place_declared_operator_gives_the_same_numbers(fused_ready):
+    """paddle_ema_lerp (declared in place, for static programs) = paddle_ema_lerp_dygraph."""
+    from paddle import _C_ops
+
+    initial, values = _pairs("bfloat16", SMALL_SHAPES[:40] + LARGE_SHAPES[:1], seed=5)
+    declared = [paddle.to_tensor(a) for a in initial]
+    by_fused = [paddle.to_tensor(a) for a in initial]
+    outputs = _C_ops._run_custom_op("paddle_ema_lerp", declared, values, 0.01)
+    assert len(outputs) == len(declared) + 1 and outputs[-1].shape == [0]
+    fused.lerp_(by_fused, values, 0.01)
+    for d, f, out in zip(declared, by_fused, outputs):
+        np.testing.assert_array_equal(d.numpy(), f.numpy())
+        assert out.data_ptr() == d.data_ptr()
 
 
 def test_dygraph_ema_same_with_either_kernel(built_cache):

@@ -1,6 +1,7 @@
 """The fused implementation of the kernels: the C++/CUDA extension updates a whole list in one call.
 
-`lerp_` hands every (average, value) pair to one call of the `paddle_ema_lerp` operator, which
+`lerp_` hands every (average, value) pair to one call of the `paddle_ema_lerp_dygraph` operator
+(`paddle_ema_lerp` is the same update declared in place, for static programs), which
 updates all pairs it supports in a single multi-threaded pass (CPU) or one launch per device
 (GPU): float32 averages with float32/float16/bfloat16 values and float64 with float64, both
 tensors on one device. It returns the indices of any other pair (an average kept on another
@@ -63,8 +64,15 @@ def lerp_(averages, values, weight):
         return
     if not _state["loaded"] and not available():
         raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
-    outputs = _C_ops._run_custom_op("paddle_ema_lerp", list(averages), list(values), float(weight))
-    skipped = outputs[-1]
+    averages, values = list(averages), list(values)
+    # Paddle gives a custom operator a contiguous copy of a strided tensor: the update of a
+    # strided average would be lost there, so those take the reference path.
+    strided = [i for i, average in enumerate(averages) if not average.is_contiguous()]
+    if strided:
+        reference.lerp_([averages[i] for i in strided], [values[i] for i in strided], weight)
+        keep = sorted(set(range(len(averages))) - set(strided))
+        averages, values = [averages[i] for i in keep], [values[i] for i in keep]
+    (skipped,) = _C_ops._run_custom_op("paddle_ema_lerp_dygraph", averages, values, float(weight))
     if skipped.shape[0]:
         indices = skipped.tolist()
         reference.lerp_([averages[i] for i in indices], [values[i] for i in indices], weight)

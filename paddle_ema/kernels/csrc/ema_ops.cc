@@ -1,6 +1,7 @@
 // Multi-tensor EMA update as a Paddle custom operator: one call for a whole list of tensors.
 //
-//   paddle_ema_lerp(averages, values, weight) -> skipped
+//   paddle_ema_lerp(averages, values, weight) -> skipped          (static programs)
+//   paddle_ema_lerp_dygraph(averages, values, weight) -> skipped  (dygraph, lower overhead)
 //       averages[i] <- averages[i] + weight * (values[i] - averages[i]), in place
 //
 // with exactly Paddle's lerp formula a + w * (x - a) in the average's dtype (a float32 weight for
@@ -9,6 +10,8 @@
 // averages with float32/float16/bfloat16 values, or float64 with float64. Pairs this kernel does
 // not handle (another dtype, average and value on different devices, a strided view) are left
 // untouched and their indices returned in `skipped` (int64, CPU) for the caller's fallback.
+// Averages must be contiguous: Paddle hands a custom operator a contiguous copy of a strided
+// tensor, so an update of a strided view would be lost (the Python caller checks).
 //
 // CPU pairs are updated in one OpenMP pass that splits the total element count evenly, whatever
 // the tensor sizes, so one big tensor and a thousand small ones both use every core. GPU pairs
@@ -221,7 +224,9 @@ void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight) {
 
 }  // namespace
 
-std::vector<paddle::Tensor> LerpAll(std::vector<paddle::Tensor>& averages,  // NOLINT
+// Writes the averages through their data pointers; the two operators below differ only in
+// what they tell Paddle about it.
+std::vector<paddle::Tensor> LerpAll(const std::vector<paddle::Tensor>& averages,
                                     const std::vector<paddle::Tensor>& values, double weight) {
   PD_CHECK(averages.size() == values.size(), "paddle_ema_lerp: ", averages.size(), " averages but ",
            values.size(), " values");
@@ -237,7 +242,7 @@ std::vector<paddle::Tensor> LerpAll(std::vector<paddle::Tensor>& averages,  // N
       continue;
     }
     if (averages[i].numel() == 0) continue;
-    Segment segment{averages[i].data(), values[i].data(), averages[i].numel(), kind};
+    Segment segment{const_cast<void*>(averages[i].data()), values[i].data(), averages[i].numel(), kind};
     if (averages[i].is_cpu()) {
       cpu.push_back(segment);
     } else {
@@ -272,11 +277,29 @@ void StreamAdd(paddle::Tensor& a, const paddle::Tensor& x) {  // NOLINT
   });
 }
 
+std::vector<paddle::Tensor> LerpInplace(std::vector<paddle::Tensor>& averages,  // NOLINT
+                                        const std::vector<paddle::Tensor>& values, double weight) {
+  return LerpAll(averages, values, weight);
+}
+
+// Declared in place: the form a static program needs, so that its graph knows the averages
+// are written.
 PD_BUILD_OP(paddle_ema_lerp)
     .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
     .Outputs({paddle::Vec("AveragesOut"), "Skipped"})
     .Attrs({"weight: double"})
     .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
+    .SetKernelFn(PD_KERNEL(LerpInplace));
+
+// The same update for dygraph, with the averages declared as plain inputs: Paddle's in-place
+// bookkeeping (version counters, one output tensor per average) costs ~1 us per tensor, four
+// times the rest of the call. Safe there because dygraph runs the kernel at once on the very
+// tensors passed, except non-contiguous ones, which Paddle copies first (for both operators:
+// the write would land in the copy), so the caller must route strided averages elsewhere.
+PD_BUILD_OP(paddle_ema_lerp_dygraph)
+    .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
+    .Outputs({"Skipped"})
+    .Attrs({"weight: double"})
     .SetKernelFn(PD_KERNEL(LerpAll));
 
 PD_BUILD_OP(paddle_ema_stream_add)
