@@ -6,7 +6,8 @@ parameter. For three parameter sets it times one update of all tensors (median o
 fastest row and to the memory floor:
 
     seed numpy loop          the seed tutorial: shadow = d * shadow + (1 - d) * param.numpy()
-    PaddleDetection-style    ema = ema * d + param * (1 - d), new Paddle tensors each step
+    PaddleDetection-style    ModelEMA.update's ema = d * ema + (1 - d) * param.astype('float32'):
+                             new Paddle tensors each step, outside no_grad as it is called
     paddle_ema fallback      paddle_ema.kernels.reference.lerp_ (built-in ops, per tensor)
     paddle_ema fused         paddle_ema.kernels.fused.lerp_ (one C++ / OpenMP call)
     torch _foreach_lerp_     PyTorch on the same shapes, in a separate process (if importable)
@@ -106,7 +107,7 @@ def paddle_rows(shapes, runs, warmup):
 
     rng = np.random.default_rng(0)
     weights_np = [rng.standard_normal(s).astype("float32") for s in shapes]
-    params = [paddle.to_tensor(w) for w in weights_np]
+    params = [paddle.to_tensor(w, stop_gradient=False) for w in weights_np]  # like a model's parameters
     weight = 1.0 - DECAY
     rows = []
 
@@ -119,17 +120,20 @@ def paddle_rows(shapes, runs, warmup):
     rows.append(("seed numpy loop", median_ms(seed_numpy_loop, runs, warmup)))
     del shadow
 
+    # PaddleDetection's ModelEMA.update: new tensors each step, outside no_grad, as it is called.
+    ema = [p.detach().clone() for p in params]
+
+    def detection_style():
+        for i, p in enumerate(params):
+            average = DECAY * ema[i] + (1 - DECAY) * p.astype("float32")
+            average.stop_gradient = True
+            ema[i] = average
+
+    rows.append(("PaddleDetection-style", median_ms(detection_style, runs, warmup)))
+    del ema
+
     with paddle.no_grad():
-        ema = [p.clone() for p in params]
-
-        def detection_style():
-            for i, p in enumerate(params):
-                ema[i] = ema[i] * DECAY + p.detach() * (1.0 - DECAY)
-
-        rows.append(("PaddleDetection-style", median_ms(detection_style, runs, warmup)))
-        del ema
-
-        averages = [p.clone() for p in params]
+        averages = [p.detach().clone() for p in params]
         rows.append(("paddle_ema fallback", median_ms(lambda: reference.lerp_(averages, params, weight), runs, warmup)))
         if fused.available():
             rows.append(("paddle_ema fused", median_ms(lambda: fused.lerp_(averages, params, weight), runs, warmup)))
