@@ -310,7 +310,7 @@ def test_in_place_declared_operator_gives_the_same_numbers(fused_ready):
     initial, values = _pairs("bfloat16", SMALL_SHAPES[:40] + LARGE_SHAPES[:1], seed=5)
     declared = [paddle.to_tensor(a) for a in initial]
     by_fused = [paddle.to_tensor(a) for a in initial]
-    outputs = _C_ops._run_custom_op("paddle_ema_lerp", declared, values, 0.01)
+    outputs = _C_ops._run_custom_op("paddle_ema_lerp", declared, values, 0.01, 2)
     assert len(outputs) == len(declared) + 1 and outputs[-1].shape == [0]
     fused.lerp_(by_fused, values, 0.01)
     for d, f, out in zip(declared, by_fused, outputs):
@@ -337,6 +337,27 @@ def test_dygraph_ema_same_with_either_kernel(built_cache):
         shadows[mode] = [s.numpy() for s in ema.state_dict()["shadow"].values()]
     for f, r in zip(shadows["fused"], shadows["reference"]):
         np.testing.assert_array_equal(f, r)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_thread_count_does_not_change_the_numbers(fused_ready, monkeypatch, threads):
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", threads)
+    assert fused.num_threads() == int(threads)
+    initial, values = _pairs("float16", LARGE_SHAPES + SMALL_SHAPES[:50], seed=6)
+    by_fused = [paddle.to_tensor(a) for a in initial]
+    by_reference = [paddle.to_tensor(a) for a in initial]
+    fused.lerp_(by_fused, values, 0.05)
+    reference.lerp_(by_reference, values, 0.05)
+    for f, r in zip(by_fused, by_reference):
+        np.testing.assert_array_max_ulp(f.numpy(), r.numpy(), maxulp=1)
+
+
+def test_bad_thread_count_is_refused(monkeypatch):
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", "two")
+    with pytest.raises(ConfigError, match="PADDLE_EMA_NUM_THREADS must be a whole number >= 1, got 'two'"):
+        fused.num_threads()
+    monkeypatch.delenv("PADDLE_EMA_NUM_THREADS")
+    assert fused.num_threads() >= 1
 
 
 def test_stream_add_is_a_plus_x(fused_ready):

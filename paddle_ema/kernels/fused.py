@@ -12,15 +12,19 @@ The extension is built on first use (see build.py). `available()` says whether i
 it cannot, one warning says why and `lerp_` must not be called.
 """
 
+import os
 import threading
 import warnings
 
 import paddle
 from paddle import _C_ops
 
+from ..errors import ConfigError
 from . import build, reference
 
-__all__ = ["available", "failure", "lerp_", "stream_add_"]
+__all__ = ["available", "failure", "lerp_", "stream_add_", "num_threads", "THREADS_ENV"]
+
+THREADS_ENV = "PADDLE_EMA_NUM_THREADS"
 
 _lock = threading.Lock()
 _state = {"loaded": False, "failure": None}
@@ -56,6 +60,24 @@ def failure():
     return _state["failure"]
 
 
+def num_threads():
+    """CPU threads of one update: $PADDLE_EMA_NUM_THREADS, else every CPU this process may use.
+
+    Not OpenMP's default: Paddle sets OMP_NUM_THREADS=1 at import when it is unset, and the
+    update, bound by memory bandwidth, needs several cores to reach it on most servers.
+    """
+    text = os.environ.get(THREADS_ENV)
+    if text is None or not text.strip():
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        threads = int(text)
+    except ValueError:
+        threads = 0
+    if threads < 1:
+        raise ConfigError(f"${THREADS_ENV} must be a whole number >= 1, got {text!r}")
+    return threads
+
+
 @paddle.no_grad()
 def lerp_(averages, values, weight):
     if len(averages) != len(values):
@@ -72,7 +94,7 @@ def lerp_(averages, values, weight):
         reference.lerp_([averages[i] for i in strided], [values[i] for i in strided], weight)
         keep = sorted(set(range(len(averages))) - set(strided))
         averages, values = [averages[i] for i in keep], [values[i] for i in keep]
-    (skipped,) = _C_ops._run_custom_op("paddle_ema_lerp_dygraph", averages, values, float(weight))
+    (skipped,) = _C_ops._run_custom_op("paddle_ema_lerp_dygraph", averages, values, float(weight), num_threads())
     if skipped.shape[0]:
         indices = skipped.tolist()
         reference.lerp_([averages[i] for i in indices], [values[i] for i in indices], weight)
@@ -83,4 +105,4 @@ def stream_add_(a, x):
     """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor."""
     if not _state["loaded"] and not available():
         raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
-    _C_ops._run_custom_op("paddle_ema_stream_add", a, x)
+    _C_ops._run_custom_op("paddle_ema_stream_add", a, x, num_threads())

@@ -13,8 +13,10 @@
 // Averages must be contiguous: Paddle hands a custom operator a contiguous copy of a strided
 // tensor, so an update of a strided view would be lost (the Python caller checks).
 //
-// CPU pairs are updated in one OpenMP pass that splits the total element count evenly, whatever
-// the tensor sizes, so one big tensor and a thousand small ones both use every core. GPU pairs
+// CPU pairs are updated in one OpenMP pass of `threads` threads (<= 0: OpenMP's default) that
+// splits the total element count evenly, whatever the tensor sizes, so one big tensor and a
+// thousand small ones both use every core. The thread count is an attribute because Paddle sets
+// OMP_NUM_THREADS=1 at import when it is unset, which makes OpenMP's default a single thread. GPU pairs
 // go to the CUDA kernel in ema_ops.cu (one launch per device) when it was compiled in.
 //
 //   paddle_ema_stream_add(a, x):  a += x over one flat float32 buffer: the same 12 bytes per
@@ -159,12 +161,12 @@ void ForRange(const std::vector<Segment>& segments, const std::vector<int64_t>& 
 // hold the others up. The counter instead of `omp for schedule(dynamic)` keeps the extension to
 // the two OpenMP entry points that GNU and Intel runtimes share (it links Paddle's libiomp5).
 template <typename Body>
-void ParallelOverElements(const std::vector<Segment>& segments, Body body) {
+void ParallelOverElements(const std::vector<Segment>& segments, int threads, Body body) {
   std::vector<int64_t> offsets(segments.size() + 1, 0);
   for (size_t s = 0; s < segments.size(); ++s) offsets[s + 1] = offsets[s] + segments[s].numel;
   const int64_t total = offsets.back();
   if (total == 0) return;
-  const int threads = omp_get_max_threads();
+  if (threads <= 0) threads = omp_get_max_threads();
   if (total < kMinParallelElements || threads <= 1) {
     ForRange(segments, offsets, 0, total, body);
     return;
@@ -198,10 +200,10 @@ Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value) {
   return Kind::kUnsupported;
 }
 
-void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight) {
+void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight, int threads) {
   // paddle.lerp_ turns a Python float weight into a float32 tensor: round the same way.
   const float w = static_cast<float>(weight);
-  ParallelOverElements(segments, [w, weight](const Segment& s, int64_t b, int64_t e) {
+  ParallelOverElements(segments, threads, [w, weight](const Segment& s, int64_t b, int64_t e) {
     float* a = static_cast<float*>(s.average) + b;
     switch (s.kind) {
       case Kind::kFloat:
@@ -227,7 +229,7 @@ void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight) {
 // Writes the averages through their data pointers; the two operators below differ only in
 // what they tell Paddle about it.
 std::vector<paddle::Tensor> LerpAll(const std::vector<paddle::Tensor>& averages,
-                                    const std::vector<paddle::Tensor>& values, double weight) {
+                                    const std::vector<paddle::Tensor>& values, double weight, int threads) {
   PD_CHECK(averages.size() == values.size(), "paddle_ema_lerp: ", averages.size(), " averages but ",
            values.size(), " values");
   std::vector<int64_t> skipped;
@@ -255,7 +257,7 @@ std::vector<paddle::Tensor> LerpAll(const std::vector<paddle::Tensor>& averages,
 #endif
     }
   }
-  LerpSegmentsCPU(cpu, weight);
+  LerpSegmentsCPU(cpu, weight, threads);
 #ifdef PADDLE_EMA_WITH_CUDA
   for (const auto& [device, segments] : gpu) {
     LerpSegmentsCUDA(segments, weight, averages[gpu_example[device]]);
@@ -267,19 +269,20 @@ std::vector<paddle::Tensor> LerpAll(const std::vector<paddle::Tensor>& averages,
   return {out};
 }
 
-void StreamAdd(paddle::Tensor& a, const paddle::Tensor& x) {  // NOLINT
+void StreamAdd(paddle::Tensor& a, const paddle::Tensor& x, int threads) {  // NOLINT
   PD_CHECK(a.is_cpu() && x.is_cpu() && a.dtype() == paddle::DataType::FLOAT32 &&
                x.dtype() == paddle::DataType::FLOAT32 && a.numel() == x.numel(),
            "paddle_ema_stream_add: two float32 CPU tensors of one size");
   std::vector<Segment> segments{{a.data(), x.data(), a.numel(), Kind::kFloat}};
-  ParallelOverElements(segments, [](const Segment& s, int64_t b, int64_t e) {
+  ParallelOverElements(segments, threads, [](const Segment& s, int64_t b, int64_t e) {
     AddFloat(static_cast<float*>(s.average) + b, static_cast<const float*>(s.value) + b, e - b);
   });
 }
 
 std::vector<paddle::Tensor> LerpInplace(std::vector<paddle::Tensor>& averages,  // NOLINT
-                                        const std::vector<paddle::Tensor>& values, double weight) {
-  return LerpAll(averages, values, weight);
+                                        const std::vector<paddle::Tensor>& values, double weight,
+                                        int threads) {
+  return LerpAll(averages, values, weight, threads);
 }
 
 // Declared in place: the form a static program needs, so that its graph knows the averages
@@ -287,7 +290,7 @@ std::vector<paddle::Tensor> LerpInplace(std::vector<paddle::Tensor>& averages,  
 PD_BUILD_OP(paddle_ema_lerp)
     .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
     .Outputs({paddle::Vec("AveragesOut"), "Skipped"})
-    .Attrs({"weight: double"})
+    .Attrs({"weight: double", "threads: int"})
     .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
     .SetKernelFn(PD_KERNEL(LerpInplace));
 
@@ -299,11 +302,12 @@ PD_BUILD_OP(paddle_ema_lerp)
 PD_BUILD_OP(paddle_ema_lerp_dygraph)
     .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
     .Outputs({"Skipped"})
-    .Attrs({"weight: double"})
+    .Attrs({"weight: double", "threads: int"})
     .SetKernelFn(PD_KERNEL(LerpAll));
 
 PD_BUILD_OP(paddle_ema_stream_add)
     .Inputs({"A", "X"})
     .Outputs({"AOut"})
+    .Attrs({"threads: int"})
     .SetInplaceMap({{"A", "AOut"}})
     .SetKernelFn(PD_KERNEL(StreamAdd));
