@@ -2,8 +2,9 @@
 
 An EMA update reads every weight and every average and writes the average: 12 bytes per float32
 parameter. For three parameter sets it times one update of all tensors (median over --runs after
---warmup) and prints ms, effective GB/s (12 bytes x parameters / time), and the ratio to the
-fastest row and to the memory floor:
+--warmup, taken in --rounds interleaved rounds so that a shared machine's drifting load falls on
+every row alike) and prints ms, effective GB/s (12 bytes x parameters / time), and the ratio to
+the fastest row and to the memory floor (the faster of the two floor rows):
 
     seed numpy loop          the seed tutorial: shadow = d * shadow + (1 - d) * param.numpy()
     PaddleDetection-style    ModelEMA.update's ema = d * ema + (1 - d) * param.astype('float32'):
@@ -23,8 +24,8 @@ Sets: ResNet-50 (161 trainable tensors, 25.6M parameters), MobileNetV3-small (ma
 tensors), and a synthetic transformer-like set of 1,000 tensors (13.4M parameters: embeddings,
 62 blocks of attention, MLP and LayerNorms, a pooler and a classifier).
 
-    PYTHONPATH=. python benchmarks/bench_update.py [--runs 20] [--warmup 3] [--sets resnet50,...]
-                                                    [--no-torch] [--json out.json]
+    PYTHONPATH=. python benchmarks/bench_update.py [--runs 20] [--warmup 3] [--rounds 4]
+                                   [--sets resnet50,...] [--no-torch] [--json out.json]
 """
 
 import argparse
@@ -54,12 +55,17 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=20, help="timed updates per row (at least 20 for the table)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed updates before timing")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the runs are split into")
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
     parser.add_argument("--no-torch", action="store_true", help="skip the PyTorch row even if torch is installed")
     parser.add_argument("--json", metavar="PATH", help="also write the figures to PATH as JSON")
     args = parser.parse_args(argv)
-    if args.runs < 1 or args.warmup < 0:
-        _exit_usage(parser, f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
+    if args.runs < 1 or args.warmup < 0 or not 1 <= args.rounds <= args.runs:
+        _exit_usage(
+            parser,
+            f"--runs must be >= 1, --warmup >= 0 and 1 <= --rounds <= --runs, "
+            f"got {args.runs}, {args.warmup} and {args.rounds}",
+        )
     args.sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     unknown = [s for s in args.sets if s not in SETS]
     if unknown or not args.sets:
@@ -91,22 +97,11 @@ def set_shapes(name):
     return [list(p.shape) for p in model.parameters() if not p.stop_gradient]
 
 
-# --- timing ----------------------------------------------------------------------------------------
+# --- contestants: (label, one update) -------------------------------------------------------------
 
 
-def median_ms(update, runs, warmup):
-    for _ in range(warmup):
-        update()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        update()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1e3)
-
-
-def paddle_rows(shapes, runs, warmup):
-    """(label, median ms) for every Paddle/numpy implementation and the floors."""
+def paddle_contestants(shapes):
+    """Every Paddle/numpy implementation and the floors, each as (label, function doing one update)."""
     import paddle
 
     from paddle_ema.kernels import fused, reference
@@ -115,7 +110,7 @@ def paddle_rows(shapes, runs, warmup):
     weights_np = [rng.standard_normal(s).astype("float32") for s in shapes]
     params = [paddle.to_tensor(w, stop_gradient=False) for w in weights_np]  # like a model's parameters
     weight = 1.0 - DECAY
-    rows = []
+    contestants = []
 
     shadow = {i: w.copy() for i, w in enumerate(weights_np)}
 
@@ -123,8 +118,7 @@ def paddle_rows(shapes, runs, warmup):
         for i, p in enumerate(params):
             shadow[i] = DECAY * shadow[i] + (1.0 - DECAY) * p.numpy()
 
-    rows.append(("seed numpy loop", median_ms(seed_numpy_loop, runs, warmup)))
-    del shadow
+    contestants.append(("seed numpy loop", seed_numpy_loop))
 
     # PaddleDetection's ModelEMA.update: new tensors each step, outside no_grad, as it is called.
     ema = [p.detach().clone() for p in params]
@@ -135,66 +129,95 @@ def paddle_rows(shapes, runs, warmup):
             average.stop_gradient = True
             ema[i] = average
 
-    rows.append(("PaddleDetection-style", median_ms(detection_style, runs, warmup)))
-    del ema
+    contestants.append(("PaddleDetection-style", detection_style))
 
-    with paddle.no_grad():
-        averages = [p.detach().clone() for p in params]
-        rows.append(("paddle_ema fallback", median_ms(lambda: reference.lerp_(averages, params, weight), runs, warmup)))
-        if fused.available():
-            rows.append((f"paddle_ema fused ({fused.num_threads()}t)", median_ms(lambda: fused.lerp_(averages, params, weight), runs, warmup)))
-        del averages
-
-        total = sum(int(np.prod(s)) for s in shapes)
-        flat_a, flat_x = np.zeros(total, "float32"), np.ones(total, "float32")
-        if fused.available():
-            ta, tx = paddle.to_tensor(flat_a), paddle.to_tensor(flat_x)
-            rows.append((f"floor (OpenMP a += x, {fused.num_threads()}t)", median_ms(lambda: fused.stream_add_(ta, tx), runs, warmup)))
-            del ta, tx
-        rows.append(("floor (numpy a += x)", median_ms(lambda: np.add(flat_a, flat_x, out=flat_a), runs, warmup)))
-    return rows
+    by_fallback = [p.detach().clone() for p in params]
+    contestants.append(("paddle_ema fallback", lambda: reference.lerp_(by_fallback, params, weight)))
+    total = sum(int(np.prod(s)) for s in shapes)
+    if fused.available():
+        by_fused = [p.detach().clone() for p in params]
+        threads = fused.num_threads()
+        contestants.append((f"paddle_ema fused ({threads}t)", lambda: fused.lerp_(by_fused, params, weight)))
+        flat_a, flat_x = paddle.zeros([total]), paddle.ones([total])
+        contestants.append((f"floor (OpenMP a += x, {threads}t)", lambda: fused.stream_add_(flat_a, flat_x)))
+    np_a, np_x = np.zeros(total, "float32"), np.ones(total, "float32")
+    contestants.append(("floor (numpy a += x)", lambda: np.add(np_a, np_x, out=np_a)))
+    return contestants
 
 
 TORCH_CHILD = textwrap.dedent(
     """
     import json, sys, time
     import torch
-    spec = json.load(sys.stdin)
+    spec = json.loads(sys.stdin.readline())
     torch.manual_seed(0)
     params = [torch.randn(s) for s in spec["shapes"]]
     averages = [p.clone() for p in params]
     w = spec["weight"]
     for _ in range(spec["warmup"]):
         torch._foreach_lerp_(averages, params, w)
-    times = []
-    for _ in range(spec["runs"]):
-        t = time.perf_counter()
-        torch._foreach_lerp_(averages, params, w)
-        times.append(time.perf_counter() - t)
-    times.sort()
-    print(json.dumps({"ms": times[len(times) // 2] * 1e3, "version": torch.__version__,
-                      "threads": torch.get_num_threads()}))
+    print(json.dumps({"version": torch.__version__, "threads": torch.get_num_threads()}), flush=True)
+    for line in sys.stdin:  # "N": time N updates and answer their times in ms
+        times = []
+        for _ in range(int(line)):
+            t = time.perf_counter()
+            torch._foreach_lerp_(averages, params, w)
+            times.append((time.perf_counter() - t) * 1e3)
+        print(json.dumps(times), flush=True)
     """
 )
 
 
-def torch_row(shapes, runs, warmup):
-    """PyTorch's _foreach_lerp_ in a child process, or None when torch is not importable there."""
-    spec = json.dumps({"shapes": shapes, "weight": 1.0 - DECAY, "runs": runs, "warmup": warmup})
-    env = dict(os.environ)
-    env.pop("OMP_NUM_THREADS", None)
-    if USER_OMP_NUM_THREADS is not None:
-        env["OMP_NUM_THREADS"] = USER_OMP_NUM_THREADS
-    try:
-        done = subprocess.run(
-            [sys.executable, "-c", TORCH_CHILD], input=spec, capture_output=True, text=True, timeout=600, env=env
+class TorchContestant:
+    """PyTorch's _foreach_lerp_ on the same shapes in a child process that times on request."""
+
+    def __init__(self, shapes, warmup):
+        env = dict(os.environ)
+        env.pop("OMP_NUM_THREADS", None)
+        if USER_OMP_NUM_THREADS is not None:
+            env["OMP_NUM_THREADS"] = USER_OMP_NUM_THREADS
+        self.child = subprocess.Popen(
+            [sys.executable, "-c", TORCH_CHILD],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
         )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if done.returncode != 0:
-        return None
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return (f"torch {result['version']} _foreach_lerp_ ({result['threads']}t)", result["ms"])
+        self.child.stdin.write(json.dumps({"shapes": shapes, "weight": 1.0 - DECAY, "warmup": warmup}) + "\n")
+        self.child.stdin.flush()
+        hello = self.child.stdout.readline()
+        if not hello:
+            self.close()
+            raise RuntimeError("torch is not importable")
+        info = json.loads(hello)
+        self.label = f"torch {info['version']} _foreach_lerp_ ({info['threads']}t)"
+
+    def times_ms(self, runs):
+        self.child.stdin.write(f"{runs}\n")
+        self.child.stdin.flush()
+        return json.loads(self.child.stdout.readline())
+
+    def close(self):
+        self.child.stdin.close()
+        self.child.wait(timeout=60)
+
+
+def run_interleaved(contestants, torch, runs, warmup, rounds):
+    """Median ms per contestant, timed in `rounds` interleaved rounds of runs/rounds updates each,
+    so that the load of a shared machine, which drifts over seconds, falls on every row alike."""
+    samples = {label: [] for label, _ in contestants}
+    if torch is not None:
+        samples[torch.label] = []
+    for _, update in contestants:
+        for _ in range(warmup):
+            update()
+    per_round = [runs // rounds + (1 if r < runs % rounds else 0) for r in range(rounds)]
+    for count in per_round:
+        for label, update in contestants:
+            for _ in range(count):
+                start = time.perf_counter()
+                update()
+                samples[label].append((time.perf_counter() - start) * 1e3)
+        if torch is not None:
+            samples[torch.label] += torch.times_ms(count)
+    return [(label, float(np.median(times))) for label, times in samples.items()]
 
 
 def table(name, count, parameters, rows):
@@ -229,17 +252,25 @@ def main(argv=None):
         },
         "runs": args.runs,
         "warmup": args.warmup,
+        "rounds": args.rounds,
         "bytes_per_parameter": BYTES_PER_PARAMETER,
         "sets": {},
     }
     for name in args.sets:
         shapes = set_shapes(name)
         parameters = sum(int(np.prod(s)) for s in shapes)
-        rows = paddle_rows(shapes, args.runs, args.warmup)
+        torch = None
         if not args.no_torch:
-            row = torch_row(shapes, args.runs, args.warmup)
-            if row is not None:
-                rows.insert(-2 if fused.available() else -1, row)
+            try:
+                torch = TorchContestant(shapes, args.warmup)
+            except (OSError, RuntimeError, ValueError):
+                print("note: torch is not importable; its row is left out", file=sys.stderr)
+        try:
+            rows = run_interleaved(paddle_contestants(shapes), torch, args.runs, args.warmup, args.rounds)
+        finally:
+            if torch is not None:
+                torch.close()
+        rows.sort(key=lambda row: row[0].startswith("floor"))  # floors last
         print(table(name, len(shapes), parameters, rows), flush=True)
         print()
         report["sets"][name] = {
