@@ -40,8 +40,8 @@ def _load():
         except build.BuildError as exc:
             _state["failure"] = str(exc)
             warnings.warn(
-                f"paddle_ema: the fused EMA kernel is unavailable, using the pure-Paddle fallback "
-                f"(same numbers, slower). Reason: {exc}",
+                f"paddle_ema: the fused EMA kernel is unavailable, so EMA updates use Paddle's built-in "
+                f"ops (same numbers, slower). Reason: {exc}",
                 RuntimeWarning,
                 stacklevel=4,
             )

@@ -16,8 +16,8 @@
 // CPU pairs are updated in one OpenMP pass of `threads` threads (<= 0: OpenMP's default) that
 // splits the total element count evenly, whatever the tensor sizes, so one big tensor and a
 // thousand small ones both use every core. The thread count is an attribute because Paddle sets
-// OMP_NUM_THREADS=1 at import when it is unset, which makes OpenMP's default a single thread. GPU pairs
-// go to the CUDA kernel in ema_ops.cu (one launch per device) when it was compiled in.
+// OMP_NUM_THREADS=1 at import when it is unset, which makes OpenMP's default a single thread.
+// GPU pairs go to the CUDA kernel in ema_ops.cu (one launch per device) when it was compiled in.
 //
 //   paddle_ema_stream_add(a, x):  a += x over one flat float32 buffer: the same 12 bytes per
 //   element as the EMA update with the same threading, the memory floor for the benchmarks.
@@ -43,8 +43,8 @@ namespace {
 
 // Below this many elements a single thread finishes before a team of threads would start.
 constexpr int64_t kMinParallelElements = 1 << 16;
-// Chunks start on multiples of 16 elements (a 64-byte line of float32) so that two
-// threads do not write the same cache line of one tensor.
+// Chunk sizes are multiples of 16 elements (one 64-byte line of float32), so that few chunk
+// boundaries split a cache line between two threads.
 constexpr int64_t kGrain = 16;
 // Work is handed out in about this many chunks per thread, each at least kMinChunk elements
 // (large enough that taking a chunk costs nothing next to streaming it).
