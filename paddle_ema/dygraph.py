@@ -196,9 +196,10 @@ class ExponentialMovingAverage:
     def _weights_finite(self, call):
         # Every rank checks every weight (not only the ones it averages), so that sharded ranks,
         # which hold the same weights, take the same decision without communicating.
-        if kernels.all_finite(self._params):
+        bad = kernels.first_nonfinite(self._params)
+        if bad is None:
             return True
-        name = self.names[kernels.first_nonfinite(self._params)]
+        name = self.names[bad]
         if self.nonfinite == "raise":
             raise NonFiniteError(f"update() at call {call}: parameter {name!r} holds NaN or Inf")
         self.num_nonfinite_skipped += 1

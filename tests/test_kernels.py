@@ -366,3 +366,27 @@ def test_stream_add_is_a_plus_x(fused_ready):
     ta = paddle.to_tensor(a)
     fused.stream_add_(ta, paddle.to_tensor(x))
     np.testing.assert_array_equal(ta.numpy(), a + x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_first_nonfinite_finds_the_first_bad_tensor(fused_ready, dtype):
+    rng = np.random.default_rng(5)
+    sizes = [10, 300_000, 7, 0, 200_000, 33]  # large ones take the multi-threaded path
+    clean = [rng.standard_normal(n) * 100 for n in sizes]
+
+    def tensors(arrays):
+        return [paddle.to_tensor(a.astype("float32")).astype(dtype) for a in arrays]
+
+    assert fused.first_nonfinite(tensors(clean)) is None and reference.first_nonfinite(tensors(clean)) is None
+    for bad_value in (np.nan, np.inf, -np.inf):
+        for where in ([(4, 199_999)], [(1, 0), (4, 5)], [(5, 32), (2, 3)], [(1, 299_999)]):
+            arrays = [a.copy() for a in clean]
+            for tensor, element in where:
+                arrays[tensor][element] = bad_value
+            want = min(tensor for tensor, _ in where)
+            assert fused.first_nonfinite(tensors(arrays)) == want, (bad_value, where)
+            assert reference.first_nonfinite(tensors(arrays)) == want
+    # The largest finite numbers are finite (only an all-ones exponent counts).
+    big = {"float32": 3.4e38, "float16": 65504.0, "bfloat16": 3.38e38, "float64": 3.4e38}[dtype]
+    assert fused.first_nonfinite(tensors([np.full(1000, big), np.full(5, -big)])) is None
+    assert fused.first_nonfinite([]) is None

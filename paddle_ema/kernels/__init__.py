@@ -24,7 +24,7 @@ import os
 
 from ..errors import ConfigError
 from . import fused, reference
-from .reference import all_finite, copy_, first_nonfinite
+from .reference import copy_
 
 __all__ = ["lerp_", "copy_", "all_finite", "first_nonfinite", "set_kernel", "kernel_mode", "active_kernel",
            "KERNEL_MODES", "KERNEL_ENV"]
@@ -67,6 +67,16 @@ def active_kernel():
             f"cannot be built: {fused.failure()}. Use 'auto' or 'reference' to run without it."
         )
     return "reference"
+
+
+def first_nonfinite(tensors):
+    if active_kernel() == "fused":
+        return fused.first_nonfinite(tensors)
+    return reference.first_nonfinite(tensors)
+
+
+def all_finite(tensors):
+    return first_nonfinite(tensors) is None
 
 
 def lerp_(averages, values, weight):

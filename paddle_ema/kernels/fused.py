@@ -22,7 +22,7 @@ from paddle import _C_ops
 from ..errors import ConfigError
 from . import build, reference
 
-__all__ = ["available", "failure", "lerp_", "stream_add_", "num_threads", "THREADS_ENV"]
+__all__ = ["available", "failure", "lerp_", "first_nonfinite", "stream_add_", "num_threads", "THREADS_ENV"]
 
 THREADS_ENV = "PADDLE_EMA_NUM_THREADS"
 
@@ -98,6 +98,24 @@ def lerp_(averages, values, weight):
     if skipped.shape[0]:
         indices = skipped.tolist()
         reference.lerp_([averages[i] for i in indices], [values[i] for i in indices], weight)
+
+
+@paddle.no_grad()
+def first_nonfinite(tensors):
+    """Index of the first tensor holding NaN or Inf, or None: one multi-threaded read of all of them."""
+    if not tensors:
+        return None
+    if not _state["loaded"] and not available():
+        raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
+    tensors = list(tensors)
+    first, skipped = _C_ops._run_custom_op("paddle_ema_first_nonfinite", tensors, num_threads())
+    found = [int(first.item())] if int(first.item()) >= 0 else []
+    if skipped.shape[0]:  # tensors not on the CPU: Paddle's own ops check them
+        indices = skipped.tolist()
+        other = reference.first_nonfinite([tensors[i] for i in indices])
+        if other is not None:
+            found.append(indices[other])
+    return min(found) if found else None
 
 
 @paddle.no_grad()

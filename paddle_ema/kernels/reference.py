@@ -36,16 +36,13 @@ def copy_(targets, sources):
 
 
 @paddle.no_grad()
-def all_finite(tensors):
-    """True when no tensor holds NaN or Inf (one host sync for the whole list)."""
-    if not tensors:
-        return True
-    return bool(paddle.stack([paddle.isfinite(t).all() for t in tensors]).all())
-
-
 def first_nonfinite(tensors):
-    """Index of the first tensor holding NaN or Inf, or None."""
-    for index, tensor in enumerate(tensors):
-        if not all_finite([tensor]):
-            return index
-    return None
+    """Index of the first tensor holding NaN or Inf, or None (one host sync for the whole list)."""
+    if not tensors:
+        return None
+    finite = paddle.stack([paddle.isfinite(t).all() for t in tensors]).numpy()
+    return None if finite.all() else int(finite.argmin())
+
+
+def all_finite(tensors):
+    return first_nonfinite(tensors) is None

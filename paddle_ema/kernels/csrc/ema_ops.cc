@@ -21,6 +21,10 @@
 //
 //   paddle_ema_stream_add(a, x):  a += x over one flat float32 buffer: the same 12 bytes per
 //   element as the EMA update with the same threading, the memory floor for the benchmarks.
+//
+//   paddle_ema_first_nonfinite(values) -> (first, skipped): the index of the first tensor that
+//   holds a NaN or Inf (-1 if none), in one multi-threaded read of every value; the EMA's guard
+//   against diverged weights. `skipped` lists the tensors not checked here (not on the CPU).
 
 #include <omp.h>
 
@@ -140,6 +144,28 @@ void LerpHalf(float* a, const uint16_t* x, int64_t n, float w) {
 PADDLE_EMA_VECTOR_CLONES void LerpBfloat16(float* __restrict a, const uint16_t* __restrict x, int64_t n, float w) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (Bfloat16ToFloat(x[i]) - a[i]);
+}
+
+// Non-finite means an all-ones exponent: a test on the bits, OR-reduced so that it vectorises.
+template <typename Bits>
+inline bool AnyAllOnesExponent(const Bits* __restrict x, int64_t n, Bits mask) {
+  Bits any = 0;
+#pragma omp simd reduction(| : any)
+  for (int64_t i = 0; i < n; ++i) any |= static_cast<Bits>((x[i] & mask) == mask);
+  return any != 0;
+}
+
+PADDLE_EMA_VECTOR_CLONES bool AnyNonfinite32(const uint32_t* x, int64_t n) {
+  return AnyAllOnesExponent<uint32_t>(x, n, 0x7f800000u);
+}
+PADDLE_EMA_VECTOR_CLONES bool AnyNonfinite64(const uint64_t* x, int64_t n) {
+  return AnyAllOnesExponent<uint64_t>(x, n, 0x7ff0000000000000ull);
+}
+PADDLE_EMA_VECTOR_CLONES bool AnyNonfiniteHalf(const uint16_t* x, int64_t n) {
+  return AnyAllOnesExponent<uint16_t>(x, n, 0x7c00u);
+}
+PADDLE_EMA_VECTOR_CLONES bool AnyNonfiniteBfloat16(const uint16_t* x, int64_t n) {
+  return AnyAllOnesExponent<uint16_t>(x, n, 0x7f80u);
 }
 
 // Runs body(segment, begin, end) over [start, stop) of the concatenation of all segments;
@@ -284,6 +310,73 @@ std::vector<paddle::Tensor> LerpInplace(std::vector<paddle::Tensor>& averages,  
                                         int threads) {
   return LerpAll(averages, values, weight, threads);
 }
+
+std::vector<paddle::Tensor> FirstNonfinite(const std::vector<paddle::Tensor>& values, int threads) {
+  using paddle::DataType;
+  std::vector<int64_t> skipped, index_of;
+  std::vector<Segment> cpu;
+  for (size_t i = 0; i < values.size(); ++i) {
+    const paddle::Tensor& v = values[i];
+    Kind kind = Kind::kUnsupported;
+    if (v.is_dense_tensor() && v.is_cpu()) {  // a strided view arrives as a contiguous copy: fine to read
+      const DataType d = v.dtype();
+      kind = d == DataType::FLOAT32    ? Kind::kFloat
+             : d == DataType::FLOAT16  ? Kind::kFloatHalf
+             : d == DataType::BFLOAT16 ? Kind::kFloatBfloat16
+             : d == DataType::FLOAT64  ? Kind::kDouble
+                                       : Kind::kUnsupported;
+    }
+    if (kind == Kind::kUnsupported) {
+      skipped.push_back(static_cast<int64_t>(i));
+      continue;
+    }
+    if (v.numel() == 0) continue;
+    cpu.push_back(Segment{nullptr, v.data(), v.numel(), kind});
+    index_of.push_back(static_cast<int64_t>(i));
+  }
+  // The lowest segment found bad so far; segments after it need no more reading.
+  std::atomic<int64_t> first{INT64_MAX};
+  const Segment* base = cpu.data();
+  ParallelOverElements(cpu, threads, [&first, base](const Segment& s, int64_t b, int64_t e) {
+    const int64_t index = &s - base;
+    if (index >= first.load(std::memory_order_relaxed)) return;
+    bool bad = false;
+    switch (s.kind) {
+      case Kind::kFloat:
+        bad = AnyNonfinite32(static_cast<const uint32_t*>(s.value) + b, e - b);
+        break;
+      case Kind::kFloatHalf:
+        bad = AnyNonfiniteHalf(static_cast<const uint16_t*>(s.value) + b, e - b);
+        break;
+      case Kind::kFloatBfloat16:
+        bad = AnyNonfiniteBfloat16(static_cast<const uint16_t*>(s.value) + b, e - b);
+        break;
+      case Kind::kDouble:
+        bad = AnyNonfinite64(static_cast<const uint64_t*>(s.value) + b, e - b);
+        break;
+      case Kind::kUnsupported:
+        break;
+    }
+    if (bad) {
+      int64_t seen = first.load(std::memory_order_relaxed);
+      while (index < seen && !first.compare_exchange_weak(seen, index, std::memory_order_relaxed)) {
+      }
+    }
+  });
+  paddle::Tensor out_first = paddle::empty({1}, DataType::INT64, paddle::CPUPlace());
+  const int64_t found = first.load();
+  out_first.data<int64_t>()[0] = found == INT64_MAX ? -1 : index_of[found];
+  paddle::Tensor out_skipped = paddle::empty({static_cast<int64_t>(skipped.size())}, DataType::INT64,
+                                             paddle::CPUPlace());
+  if (!skipped.empty()) std::memcpy(out_skipped.data<int64_t>(), skipped.data(), skipped.size() * sizeof(int64_t));
+  return {out_first, out_skipped};
+}
+
+PD_BUILD_OP(paddle_ema_first_nonfinite)
+    .Inputs({paddle::Vec("Values")})
+    .Outputs({"First", "Skipped"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(FirstNonfinite));
 
 // Declared in place: the form a static program needs, so that its graph knows the averages
 // are written.
