@@ -170,21 +170,19 @@ def test_average_with_recomputed_bn_statistics(run, tmp_path):
     swa, sa, sb = load(tmp_path / "swa.pdparams"), load(a), load(b)
     np.testing.assert_allclose(swa["features.0.weight"], (sa["features.0.weight"] + sb["features.0.weight"]) / 2,
                                rtol=1e-6, atol=1e-6)
-    # first BN layer: mean over the training batches (EvalReader.batch_size 450: 450, 450, 447) of the
-    # per-channel batch means of the first convolution's output, computed here with numpy
+    # first BN layer: the exact mean and (population) variance over all training images of the first
+    # convolution's output, computed here with numpy
     sys.path.insert(0, REPO)
     from paddle_ema.engine.data import Digits
 
     train = Digits("train")
     weight = swa["features.0.weight"].astype(np.float64)  # (4, 1, 3, 3), no bias
-    means = []
-    for start in range(0, len(train), 450):
-        images = train.batch(np.arange(start, min(start + 450, len(train))))[0].astype(np.float64)
-        padded = np.pad(images, ((0, 0), (0, 0), (1, 1), (1, 1)))
-        windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # N,1,8,8,3,3
-        conv = np.einsum("nchwij,ocij->nohw", windows, weight)
-        means.append(conv.mean(axis=(0, 2, 3)))
-    np.testing.assert_allclose(swa["features.1._mean"], np.mean(means, axis=0), rtol=1e-4, atol=1e-5)
+    images = train.batch(np.arange(len(train)))[0].astype(np.float64)
+    padded = np.pad(images, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    windows = np.lib.stride_tricks.sliding_window_view(padded, (3, 3), axis=(2, 3))  # N,1,8,8,3,3
+    conv = np.einsum("nchwij,ocij->nohw", windows, weight)
+    np.testing.assert_allclose(swa["features.1._mean"], conv.mean(axis=(0, 2, 3)), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(swa["features.1._variance"], conv.var(axis=(0, 2, 3)), rtol=1e-5)
     assert not np.allclose(swa["features.1._mean"], (sa["features.1._mean"] + sb["features.1._mean"]) / 2)
 
 

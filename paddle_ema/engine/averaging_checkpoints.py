@@ -9,7 +9,7 @@ BatchNorm running statistics are not weights: an average of weights has its own 
 statistics. They are handled as the user chooses, explicitly (`bn`):
 - 'average': averaged like the weights (cheap, approximate);
 - 'recompute': the averaged model is run over the training set once and each BN layer's
-  statistics are recomputed as the plain mean over batches (needs the config);
+  statistics become the exact mean and variance of its inputs (paddle_ema.update_bn; needs the config);
 - 'first': the first checkpoint's statistics.
 Checkpoints that hold BN statistics need a choice; integer entries must agree across checkpoints.
 """
@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 
 from .. import kernels
+from ..batchnorm import batchnorm_layers, update_bn
 from ..errors import ConfigError, IncompatibleStateError
 from ..checkpoint import atomic_save, safe_load
 from .data import batches
@@ -83,25 +84,12 @@ def average_state_dicts(states, weights=None, bn="average", labels=None):
     return averaged
 
 
-@paddle.no_grad()
-def recompute_bn_statistics(model, dataset, batch_size):
-    """Reset every BatchNorm layer and set its statistics to the mean over one pass of `dataset`."""
-    layers = [m for m in model.sublayers() if isinstance(m, paddle.nn.layer.norm._BatchNormBase)]
-    saved = [m._momentum for m in layers]
-    for layer in layers:
-        layer._mean.set_value(paddle.zeros_like(layer._mean))
-        layer._variance.set_value(paddle.ones_like(layer._variance))
-    model.train()
-    try:
-        for i, indices in enumerate(batches(len(dataset), batch_size)):
-            for layer in layers:
-                layer._momentum = i / (i + 1)  # running = mean over the batches seen so far
-            model(paddle.to_tensor(dataset.batch(indices)[0]))
-    finally:
-        for layer, momentum in zip(layers, saved):
-            layer._momentum = momentum
-        model.eval()
-    return len(layers)
+def recompute_bn_statistics(model, dataset, batch_size, num_batches=None):
+    """BatchNorm statistics of `model`'s current weights: the exact moments over one pass of `dataset`."""
+    loader = (paddle.to_tensor(dataset.batch(indices)[0]) for indices in batches(len(dataset), batch_size))
+    update_bn(model, loader, num_batches)
+    model.eval()
+    return len(batchnorm_layers(model))
 
 
 def average_checkpoint_files(paths, weights, bn, output, cfg=None):
