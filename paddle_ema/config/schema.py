@@ -92,6 +92,17 @@ FIELDS = {
     "ema_power": Field("float", 2.0 / 3.0, low=0.0),
     "ema_inv_gamma": Field("float", 1.0, low=0.0),
     "ema_min_decay": Field("float", 0.0, low=0.0, high=1.0),
+    # Beyond EMA: BatchNorm recalibration, stochastic weight averaging, post-hoc EMA snapshots
+    "ema_update_bn": Field("bool", False, doc="recompute BatchNorm statistics for the EMA weights before eval/save"),
+    "update_bn_batches": Field("int", None, nullable=True, low=1, doc="training batches per recalibration"),
+    "use_swa": Field("bool", False),
+    "swa_start_epoch": Field("int", None, nullable=True, low=0, doc="first averaged epoch (0-based); default 3/4"),
+    "swa_every_epochs": Field("int", 1, low=1),
+    "swa_update_bn": Field("bool", True),
+    "ema_posthoc": Field("bool", False, doc="store power-function EMA snapshots for tools/posthoc_ema.py"),
+    "ema_posthoc_sigma_rels": Field("list", [0.05, 0.10], items="float"),
+    "ema_posthoc_every": Field("int", 100, low=1, doc="snapshot every N updates"),
+    "ema_posthoc_dtype": Field("str", "float32", choices=("float32", "float16")),
 }
 
 

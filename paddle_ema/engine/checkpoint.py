@@ -31,9 +31,10 @@ def checkpoint_stem(path):
     return path
 
 
-def save_checkpoint(stem, weights, raw_weights=None, train_state=None):
-    """Write <stem>.pdparams (weights), <stem>.pdema (raw weights), <stem>.pdopt (train_state), manifest."""
-    files = {".pdparams": weights}
+def save_checkpoint(stem, weights, raw_weights=None, train_state=None, extra=None):
+    """Write <stem>.pdparams (weights), <stem>.pdema (raw weights), <stem>.pdopt (train_state), any
+    `extra` {suffix: weights} (e.g. SWA's), then the manifest that makes them one checkpoint."""
+    files = {".pdparams": weights, **(extra or {})}
     if raw_weights is not None:
         files[".pdema"] = raw_weights
     if train_state is not None:

@@ -11,7 +11,7 @@ import warnings
 
 from ..errors import PaddleEMAError
 
-__all__ = ["train_main", "eval_main", "export_main", "average_main"]
+__all__ = ["train_main", "eval_main", "export_main", "average_main", "posthoc_main"]
 
 
 def _quiet():
@@ -117,6 +117,33 @@ def _average(argv):
     print(summary)
 
 
+def _posthoc(argv):
+    parser = _parser("Synthesise EMA weights of any length from a run's post-hoc snapshots (ema_posthoc: true).")
+    parser.add_argument("--sigma-rel", "--sigma_rel", dest="sigma_rel", type=float, nargs="+",
+                        help="relative EMA widths (Karras et al. 2023); default: a sweep 0.02..0.25")
+    parser.add_argument("--gamma", type=float, nargs="+", help="power-function exponents instead of sigma_rel")
+    parser.add_argument("--snapshots", default=None, help="snapshot folder (default <output>/<name>/posthoc)")
+    parser.add_argument("--at", type=int, default=None, help="synthesise at this update (default: the last snapshot)")
+    parser.add_argument("--update_bn", action="store_true", help="recompute BatchNorm statistics for each")
+    parser.add_argument("--eval", action="store_true", help="evaluate each and report the best")
+    args = parser.parse_args(argv)
+    cfg = _config(args)
+    from .posthoc_tool import parse_profiles, posthoc_weights
+    from .trainer import run_name
+
+    run_dir = os.path.join(cfg["output_dir"], run_name(args.config))
+    snapshots = args.snapshots or os.path.join(run_dir, "posthoc")
+    results = posthoc_weights(cfg, run_dir, snapshots, parse_profiles(args.sigma_rel, args.gamma), args.at,
+                              args.update_bn, args.eval)
+    print(f"{'sigma_rel':>9}  {'gamma':>7}  {'accuracy':>8}  weights (synthesised at update {results[0][4]})")
+    for sigma_rel, gamma, path, accuracy, _ in results:
+        shown = f"{accuracy:>8.4f}" if accuracy is not None else f"{'-':>8}"
+        print(f"{sigma_rel:>9.3f}  {gamma:>7.2f}  {shown}  {path}")
+    if args.eval:
+        best = max(results, key=lambda r: r[3])
+        print(f"best: sigma_rel {best[0]:.3f} (gamma {best[1]:.2f}), accuracy {best[3]:.4f}: {best[2]}")
+
+
 def train_main(argv=None):
     return _run(_train, argv)
 
@@ -131,3 +158,7 @@ def export_main(argv=None):
 
 def average_main(argv=None):
     return _run(_average, argv)
+
+
+def posthoc_main(argv=None):
+    return _run(_posthoc, argv)

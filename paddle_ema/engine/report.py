@@ -10,6 +10,7 @@ TAGS = {
     "decay": "ema/decay",
     "raw_acc": "eval/raw_acc",
     "ema_acc": "eval/ema_acc",
+    "swa_acc": "eval/swa_acc",
     "distance": "ema/relative_distance",
 }
 
@@ -59,6 +60,8 @@ def summary_table(history):
         if has_ema:
             line += (f"  {row['ema_acc']:>8.4f}  {row['ema_acc'] - row['raw_acc']:>+8.4f}"
                      f"  {row['distance']:>15.4g}")
+        if row.get("swa_acc") is not None:
+            line += f"  SWA {row['swa_acc']:.4f}"
         lines.append(line)
     best_raw = max(history, key=lambda r: r["raw_acc"])
     lines.append(f"best raw acc {best_raw['raw_acc']:.4f} (epoch {best_raw['epoch'] + 1})")
@@ -66,7 +69,8 @@ def summary_table(history):
         best_ema = max(history, key=lambda r: r["ema_acc"])
         lines.append(f"best EMA acc {best_ema['ema_acc']:.4f} (epoch {best_ema['epoch'] + 1})")
         final = history[-1]
-        lines.append(f"final: raw {final['raw_acc']:.4f}, EMA {final['ema_acc']:.4f}")
+        lines.append(f"final: raw {final['raw_acc']:.4f}, EMA {final['ema_acc']:.4f}"
+                     + (f", SWA {final['swa_acc']:.4f}" if final.get("swa_acc") is not None else ""))
     return lines
 
 
@@ -89,6 +93,7 @@ def plot_curves(series, steps_per_epoch, path):
     axes[0].set_title("training loss")
     draw(axes[1], TAGS["raw_acc"], "raw weights")
     draw(axes[1], TAGS["ema_acc"], "EMA weights")
+    draw(axes[1], TAGS["swa_acc"], "SWA weights")
     axes[1].set_title("test accuracy")
     draw(axes[2], TAGS["distance"], "|ema - raw| / |raw|")
     axes[2].set_title("EMA vs raw weights")

@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from .checkpoint import check_fits, check_same_run, load_resume_state, run_identity, save_checkpoint
 from .data import batches
 from .ema_setup import build_ema, relative_distance
+from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
 from .evaluation import evaluate
 from .progress import Progress
 from .report import ScalarLog, plot_curves, summary_table
@@ -80,6 +81,8 @@ class Trainer:
         self.optimizer = create("optimizer", cfg, parameters=self.model.parameters(), learning_rate=self.lr)
         self.ema = build_ema(cfg, self.model)
         self.output_dir = os.path.join(cfg["output_dir"], name)
+        self.swa = build_swa(cfg, self.model, self.steps_per_epoch)
+        self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=True)
         self.log = ScalarLog(vdl_log_dir)
         self.start_epoch, self.global_step, self.history, self.best = 0, 0, [], None
         if resume:
@@ -97,6 +100,8 @@ class Trainer:
             "best": self.best,
             "scalars": self.log.state_dict(),
             "run": run_identity(self.cfg),
+            "swa": None if self.swa is None else self.swa.swa.state_dict(),
+            "posthoc": None if self.posthoc is None else self.posthoc.state_dict(),
         }
 
     def _resume(self, path):
@@ -109,6 +114,11 @@ class Trainer:
             if state["ema"] is None:
                 raise ConfigError(f"-r {path}: the checkpoint was trained without EMA; use_ema is on here")
             self.ema.set_state_dict(state["ema"])
+        for name, average in (("swa", self.swa and self.swa.swa), ("posthoc", self.posthoc)):
+            if average is not None:
+                if state.get(name) is None:
+                    raise ConfigError(f"-r {path}: the checkpoint has no {name} state; it was trained without it")
+                average.set_state_dict(state[name])
         paddle.set_rng_state(state["rng"])
         self.start_epoch = state["last_epoch"] + 1
         self.global_step = state["global_step"]
@@ -116,15 +126,27 @@ class Trainer:
         self.log.set_state_dict(state["scalars"])
         print(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}", flush=True)
 
+    def _recalibrated(self, weights):
+        return with_recalibrated_bn(self.model, weights, self.data["train"], self.cfg["EvalReader"]["batch_size"],
+                                    self.cfg["update_bn_batches"])
+
     def _snapshot(self, epoch, final):
         raw = _clone_state(self.model)
         weights = raw if self.ema is None else self.ema.snapshot()
+        if self.ema is not None and self.cfg["ema_update_bn"]:
+            weights = self._recalibrated(weights)
+        swa = None
+        if self.swa is not None and self.swa.started:
+            swa = self.swa.snapshot(self.model)
+            if self.cfg["swa_update_bn"]:
+                swa = self._recalibrated(swa)
         stem = os.path.join(self.output_dir, "model_final" if final else str(epoch))
         row = None
         if self.do_eval:
-            row = self._evaluate(epoch, raw, weights)
+            row = self._evaluate(epoch, raw, weights, swa)
             self.history.append(row)
-        save_checkpoint(stem, weights, raw if self.ema is not None else None, self._train_state(epoch))
+        save_checkpoint(stem, weights, raw if self.ema is not None else None, self._train_state(epoch),
+                        extra=None if swa is None else {SWA_SUFFIX: swa})
         if row is not None:
             key = "ema_acc" if self.ema is not None else "raw_acc"
             if self.best is None or row[key] > self.best[key]:
@@ -134,7 +156,7 @@ class Trainer:
                 self.progress.write(f"best model so far (epoch {epoch + 1}, {key} {row[key]:.4f}) saved")
         return weights
 
-    def _evaluate(self, epoch, raw, weights):
+    def _evaluate(self, epoch, raw, weights, swa=None):
         eval_batch = self.cfg["EvalReader"]["batch_size"]
         row = {"epoch": epoch, "raw_acc": evaluate(self.model, self.data["eval"], eval_batch)}
         self.log.add("raw_acc", self.global_step, row["raw_acc"])
@@ -147,6 +169,12 @@ class Trainer:
             self.log.add("ema_acc", self.global_step, row["ema_acc"])
             self.log.add("distance", self.global_step, row["distance"])
             line += f", EMA acc {row['ema_acc']:.4f}, |ema-raw|/|raw| {row['distance']:.4g}"
+        if swa is not None:
+            self.model.set_state_dict(swa)
+            row["swa_acc"] = evaluate(self.model, self.data["eval"], eval_batch)
+            self.model.set_state_dict(raw)
+            self.log.add("swa_acc", self.global_step, row["swa_acc"])
+            line += f", SWA acc {row['swa_acc']:.4f}"
         self.progress.write(line)
         return row
 
@@ -188,6 +216,10 @@ class Trainer:
         self.global_step += 1
         if self.ema is not None:
             self.ema.update()
+        if self.swa is not None:
+            self.swa.update(self.global_step - 1)
+        if self.posthoc is not None:
+            self.posthoc.update()
         return float(loss)
 
     def finish(self):

@@ -1,0 +1,75 @@
+"""What the trainer keeps beside the EMA, from the config:
+
+- `use_swa`: stochastic weight averaging of the weights at the end of every `swa_every_epochs`
+  epochs from `swa_start_epoch` (default: three quarters into the run), saved as
+  `<stem>_swa.pdparams` and evaluated beside the raw and EMA weights; with `swa_update_bn`
+  (default) its BatchNorm statistics are recomputed for the averaged weights.
+- `ema_update_bn`: the same recalibration for the EMA weights before they are evaluated and saved.
+- `ema_posthoc`: power-function EMA snapshots (Karras et al. 2023) every `ema_posthoc_every`
+  updates in `<output>/posthoc/`, from which tools/posthoc_ema.py synthesises any EMA length.
+"""
+
+import os
+
+import paddle
+
+from ..dygraph import StochasticWeightAveraging
+from ..posthoc import PostHocEMA
+from .averaging_checkpoints import recompute_bn_statistics
+
+__all__ = ["SWA_SUFFIX", "build_swa", "build_posthoc", "with_recalibrated_bn"]
+
+SWA_SUFFIX = "_swa.pdparams"
+
+
+class TrainerSWA:
+    """SWA over the optimizer steps that end an averaged epoch; updated only from its start on."""
+
+    def __init__(self, cfg, model, steps_per_epoch):
+        start_epoch = cfg["swa_start_epoch"]
+        if start_epoch is None:
+            start_epoch = (3 * cfg["epoch"]) // 4
+        every = cfg["swa_every_epochs"] * steps_per_epoch
+        # Call c (0-based optimizer step) averages when c = start + k * every: the last step of an epoch.
+        self.start_step = start_epoch * steps_per_epoch + steps_per_epoch - 1
+        self.swa = StochasticWeightAveraging(model, start_step=self.start_step, update_every=every)
+
+    def update(self, step):
+        # Before its start SWA would copy the weights on every call: skip those calls instead.
+        if step >= self.start_step:
+            self.swa.update(step=step)
+
+    @property
+    def started(self):
+        return self.swa.num_updates > 0
+
+    @paddle.no_grad()
+    def snapshot(self, model):
+        with self.swa.apply():
+            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def build_swa(cfg, model, steps_per_epoch):
+    return TrainerSWA(cfg, model, steps_per_epoch) if cfg["use_swa"] else None
+
+
+def build_posthoc(cfg, model, output_dir, write):
+    if not cfg["ema_posthoc"]:
+        return None
+    return PostHocEMA(model, os.path.join(output_dir, "posthoc"), sigma_rels=cfg["ema_posthoc_sigma_rels"],
+                      snapshot_every=cfg["ema_posthoc_every"], snapshot_dtype=cfg["ema_posthoc_dtype"],
+                      write=write, include_stop_gradient=cfg["ema_include_stop_gradient"])
+
+
+@paddle.no_grad()
+def with_recalibrated_bn(model, weights, dataset, batch_size, num_batches=None):
+    """`weights` with BatchNorm statistics recomputed over `dataset` for those weights; the model is left as it was."""
+    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training = model.training
+    model.set_state_dict(weights)
+    recompute_bn_statistics(model, dataset, batch_size, num_batches)
+    recalibrated = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.set_state_dict(raw)
+    if was_training:
+        model.train()
+    return recalibrated

@@ -1,0 +1,17 @@
+"""Entry point; the logic is paddle_ema.engine.cli.posthoc_main. Run from the repository root: python tools/posthoc_ema.py -h"""
+
+import os
+import sys
+import warnings
+
+# Paddle warns at import about ccache, which only matters for building custom ops, and its C++
+# side logs executor notices at INFO level; neither concerns the user's run.
+warnings.filterwarnings("ignore", message="No ccache found")
+os.environ.setdefault("GLOG_minloglevel", "2")
+# Like PaddleDetection's tools/: make the repository's paddle_ema importable without installing it.
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+
+from paddle_ema.engine.cli import posthoc_main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(posthoc_main())
