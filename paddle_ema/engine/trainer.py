@@ -218,6 +218,10 @@ class Trainer:
 def build_trainer(cfg, name, **options):
     """The trainer for cfg['mode']. Both modes share data, config, checkpoints, progress and report."""
     if cfg["mode"] == "static":
+        import paddle.distributed as dist
+
+        if dist.get_world_size() > 1:  # the Executor trainer has no data parallelism: each rank would train alone
+            raise ConfigError("mode: static runs in one process; under paddle.distributed.launch use mode: dygraph")
         try:
             from .static_trainer import StaticTrainer
         except ImportError:
