@@ -80,13 +80,18 @@ class Parallel:
 
     @paddle.no_grad()
     def sync_running_stats(self, model):
-        """Average every floating-point tensor the optimizer does not train (BatchNorm statistics) over ranks."""
+        """Average the running statistics of normalisation layers (BatchNorm's _mean, _variance) over ranks.
+
+        Only those: frozen weights are equal on every rank already, and a sum of N equal values
+        divided by N is not always the value again in floating point (N = 3), so they are left alone.
+        """
         if self.world_size == 1:
             return
         import paddle.distributed as dist
 
-        tensors = [p for p in model.parameters() if p.stop_gradient and paddle.is_floating_point(p)]
-        tensors += [b for b in model.buffers() if b is not None and paddle.is_floating_point(b)]
+        tensors = [stat for layer in model.sublayers(include_self=True)
+                   for stat in (getattr(layer, "_mean", None), getattr(layer, "_variance", None))
+                   if isinstance(stat, paddle.Tensor) and paddle.is_floating_point(stat)]
         by_dtype = {}
         for tensor in tensors:
             by_dtype.setdefault(str(tensor.dtype), []).append(tensor)
