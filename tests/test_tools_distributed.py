@@ -218,8 +218,21 @@ def test_global_batch_parts_cover_it_and_scaled_losses_average_to_its_mean():
 def test_a_batch_too_small_for_every_process_is_a_config_error():
     parallel = Parallel.__new__(Parallel)
     parallel.world_size = 4
-    with pytest.raises(ConfigError, match=r"1347 % 16 = 3 samples.*4 processes.*drop_last: true"):
+    with pytest.raises(ConfigError, match=r"1347 % 16 = 3 samples\) cannot be split over 4 processes; set TrainReader"):
         parallel._check_batches(1347, 16, drop_last=False)
     parallel._check_batches(1347, 16, drop_last=True)
-    with pytest.raises(ConfigError, match="TrainReader.batch_size 2 cannot be split over 4"):
+    with pytest.raises(ConfigError, match="TrainReader.batch_size 2 cannot be split over 4 processes.*at least 4"):
         parallel._check_batches(1347, 2, drop_last=True)
+    parallel._check_batches(1348, 16, drop_last=False)  # 1348 % 16 = 4: one sample each
+
+
+def test_a_config_error_under_the_launcher_is_one_line_and_exit_status_2(tmp_path):
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"),
+           "--start_port", str(_free_port()), str(REPO / "tools" / "train.py"), "-c", str(CONFIG),
+           "-o", "TrainReader.batch_size=1", f"output_dir={tmp_path / 'output'}"]
+    result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 2
+    log = (tmp_path / "log" / "workerlog.0").read_text()
+    assert "error: TrainReader.batch_size 1 cannot be split over 2 processes" in log and "Traceback" not in log
+    assert not (tmp_path / "output").exists()

@@ -55,14 +55,15 @@ class Parallel:
         self.evaluations = []  # (correct, total) of each evaluate() since the last dump
 
     def _check_batches(self, num_train, batch_size, drop_last):
+        # The batch size is the global one and every process needs a sample of every batch.
+        n = self.world_size
+        if batch_size < n:
+            raise ConfigError(f"TrainReader.batch_size {batch_size} cannot be split over {n} processes: it is the "
+                              f"global batch, so it must be at least {n}")
         tail = 0 if drop_last else num_train % batch_size
-        smallest = tail or batch_size
-        if min(batch_size, smallest) < self.world_size:
-            which = f"TrainReader.batch_size {batch_size}" if batch_size < self.world_size else (
-                f"the last batch of each epoch ({num_train} % {batch_size} = {tail} samples)")
-            raise ConfigError(f"{which} cannot be split over {self.world_size} processes (the batch size is the "
-                              "global one, every process needs a sample); use a larger batch_size, or "
-                              "TrainReader.drop_last: true")
+        if 0 < tail < n:
+            raise ConfigError(f"the last batch of each epoch ({num_train} % {batch_size} = {tail} samples) cannot be "
+                              f"split over {n} processes; set TrainReader.drop_last: true or another batch_size")
 
     def wrap(self, model):
         """The model to train: paddle.DataParallel (gradients averaged over ranks) when launched."""
