@@ -15,6 +15,7 @@ require_paddle()
 from .averaging import EMARule  # noqa: E402
 from .dygraph import ExponentialMovingAverage, StochasticWeightAveraging  # noqa: E402
 from .errors import (  # noqa: E402
+    CheckpointError,
     ConfigError,
     EMAStateError,
     IncompatibleStateError,
@@ -42,4 +43,5 @@ __all__ = [
     "IncompatibleStateError",
     "EMAStateError",
     "NonFiniteError",
+    "CheckpointError",
 ]

@@ -4,6 +4,7 @@ import os
 
 import paddle
 
+from .checkpoint import atomic_save
 from .dygraph import ExponentialMovingAverage
 
 __all__ = ["EMACallback"]
@@ -73,4 +74,4 @@ class EMACallback(paddle.callbacks.Callback):
                 self.model.save(path)
         state = self.ema.state_dict()
         if write:
-            paddle.save(state, path + ".pdema_state")
+            atomic_save(state, path + ".pdema_state")

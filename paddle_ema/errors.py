@@ -23,3 +23,7 @@ class EMAStateError(PaddleEMAError, RuntimeError):
 
 class NonFiniteError(PaddleEMAError, FloatingPointError):
     """The weights hold NaN or Inf and the EMA was told to raise (nonfinite='raise')."""
+
+
+class CheckpointError(PaddleEMAError, ValueError):
+    """A checkpoint is missing, incomplete (the run stopped while writing it), truncated or corrupted."""

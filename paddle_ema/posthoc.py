@@ -19,12 +19,11 @@ so the coefficients solve a small linear system A x = b, A between snapshots, b 
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
-import paddle
 
+from .checkpoint import atomic_save, atomic_write_text, safe_load
 from .dygraph import ExponentialMovingAverage
 from .errors import ConfigError, IncompatibleStateError
 from .schedules import PowerFunction
@@ -76,25 +75,6 @@ def profile_coefficients(snapshots, t, gamma):
     return coefficients
 
 
-def _atomic_save(obj, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    paddle.save(obj, str(tmp))
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_text(text, path):
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class PostHocEMA:
     """Tracks power-function EMAs of a model and saves their averages every `snapshot_every` updates.
 
@@ -142,13 +122,13 @@ class PostHocEMA:
             name = f"posthoc_{index}_{t:010d}.pdparams"
             entries.append({"file": name, "t": t, "gamma": gamma, "sigma_rel": sigma_rel})
             if self.write:
-                _atomic_save(weights, self.snapshot_dir / name)
+                atomic_save(weights, self.snapshot_dir / name)
         if self.write:
             index_path = self.snapshot_dir / INDEX
             known = json.loads(index_path.read_text())["snapshots"] if index_path.exists() else []
             # A resumed run writes the same steps again: the newer files replace the older entries.
             known = [e for e in known if e["file"] not in {n["file"] for n in entries}] + entries
-            _atomic_write_text(json.dumps({"snapshots": known}, indent=1), index_path)
+            atomic_write_text(json.dumps({"snapshots": known}, indent=1), index_path)
 
     def state_dict(self):
         return {"emas": [ema.state_dict() for ema in self.emas], "sigma_rels": self.sigma_rels}
@@ -183,7 +163,7 @@ def synthesize(snapshot_dir, sigma_rel=None, gamma=None, at=None):
     coefficients = profile_coefficients([(e["t"], e["gamma"]) for e in used], at, gamma)
     total = None
     for entry, coefficient in zip(used, coefficients):
-        weights = paddle.load(str(Path(snapshot_dir) / entry["file"]), return_numpy=True)
+        weights = {name: value.numpy() for name, value in safe_load(Path(snapshot_dir) / entry["file"], "post-hoc snapshot").items()}
         if total is None:
             total = {name: np.zeros(value.shape, np.float64) for name, value in weights.items()}
         for name, value in weights.items():

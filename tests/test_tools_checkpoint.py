@@ -7,7 +7,7 @@ import paddle
 import pytest
 
 from paddle_ema.engine import checkpoint
-from paddle_ema.errors import ConfigError, IncompatibleStateError
+from paddle_ema.errors import CheckpointError, IncompatibleStateError
 
 
 def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
@@ -39,7 +39,7 @@ def test_checkpoint_stem_and_weight_loading(tmp_path):
     assert not other.weight.numpy().any()
     with pytest.raises(IncompatibleStateError, match=r"shape mismatches \['weight \[2, 3\] vs \[2, 4\]'"):
         checkpoint.load_weights(paddle.nn.Linear(2, 4), str(tmp_path / "0"))
-    with pytest.raises(ConfigError, match="weights: .*nope.pdparams does not exist"):
+    with pytest.raises(CheckpointError, match="weights: .*nope.pdparams does not exist"):
         checkpoint.load_weights(other, str(tmp_path / "nope"))
-    with pytest.raises(ConfigError, match=r"resume checkpoint \(-r\): .*0.pdopt does not exist"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/0 has no .pdopt file \(it holds \['.pdema', '.pdparams'\]\)"):
         checkpoint.load_resume_state(str(tmp_path / "0"), use_ema=True)

@@ -19,7 +19,7 @@ import paddle
 
 from .. import kernels
 from ..errors import ConfigError, IncompatibleStateError
-from .checkpoint import atomic_save
+from ..checkpoint import atomic_save, safe_load
 from .data import batches
 
 __all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]
@@ -111,7 +111,7 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
     for path in paths:
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint {path} does not exist")
-    states = [paddle.load(path) for path in paths]
+    states = [safe_load(path, "checkpoint to average") for path in paths]
     has_bn = any(is_bn_statistic(name) for name in states[0])
     if has_bn and bn is None:
         raise ConfigError("the checkpoints hold BatchNorm statistics (*._mean, *._variance): choose how to handle "

@@ -1,4 +1,4 @@
-"""Checkpoint files, PaddleDetection's layout, written atomically (temporary file, then rename).
+"""Checkpoint files in PaddleDetection's layout, written crash-safe by paddle_ema.checkpoint.
 
     <name>.pdparams   the weights to evaluate, export and deploy: EMA weights when use_ema is on
     <name>.pdema      the raw (trained) weights, only when use_ema is on
@@ -6,31 +6,20 @@
 
 `<name>` is the 0-based epoch id, `model_final` for the last epoch, `best_model` for the best
 EMA accuracy. A resumed run loads the raw weights (.pdema, or .pdparams without EMA) and .pdopt,
-so it continues bit for bit, the EMA included.
+so it continues bit for bit, the EMA included. Each checkpoint ends with a manifest of checksums
+(paddle_ema.checkpoint): a stem whose writing was interrupted is refused, naming the complete ones.
 """
 
 import os
 
-import paddle
+from ..checkpoint import MANIFEST_SUFFIX, atomic_save, safe_load, verify  # noqa: F401 (atomic_save re-exported)
+from ..checkpoint import save_checkpoint as _save_files
+from ..errors import CheckpointError, IncompatibleStateError
 
-from ..errors import ConfigError, IncompatibleStateError
-
-__all__ = ["atomic_save", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights"]
+__all__ = ["atomic_save", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights", "check_fits",
+           "run_identity", "check_same_run"]
 
 SUFFIXES = (".pdparams", ".pdema", ".pdopt")
-
-
-def atomic_save(obj, path):
-    """paddle.save to a temporary file in the same folder, then rename over `path`."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temporary = os.path.join(folder, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        paddle.save(obj, temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 def checkpoint_stem(path):
@@ -43,26 +32,70 @@ def checkpoint_stem(path):
 
 
 def save_checkpoint(stem, weights, raw_weights=None, train_state=None):
-    """Write <stem>.pdparams (weights), <stem>.pdema (raw weights) and <stem>.pdopt (train_state)."""
-    atomic_save(weights, stem + ".pdparams")
+    """Write <stem>.pdparams (weights), <stem>.pdema (raw weights), <stem>.pdopt (train_state), manifest."""
+    files = {".pdparams": weights}
     if raw_weights is not None:
-        atomic_save(raw_weights, stem + ".pdema")
+        files[".pdema"] = raw_weights
     if train_state is not None:
-        atomic_save(train_state, stem + ".pdopt")
+        files[".pdopt"] = train_state
+    _save_files(stem, files)
 
 
 def _load(path, what):
-    if not os.path.isfile(path):
-        raise ConfigError(f"{what}: {path} does not exist")
-    return paddle.load(path)
+    """safe_load, after checking the file against its checkpoint's manifest when there is one."""
+    stem, suffix = os.path.splitext(path)
+    if os.path.exists(stem + MANIFEST_SUFFIX):
+        verify(stem, [suffix])
+    return safe_load(path, what)
 
 
 def load_resume_state(path, use_ema):
     """(raw weights, train state) of the checkpoint `path` (with or without a suffix)."""
     stem = checkpoint_stem(path)
-    raw = _load(stem + (".pdema" if use_ema else ".pdparams"), "resume checkpoint (-r)")
-    state = _load(stem + ".pdopt", "resume checkpoint (-r)")
+    weights = ".pdema" if use_ema else ".pdparams"
+    verify(stem, [weights, ".pdopt"])  # a resume needs a complete checkpoint, not just files
+    raw = safe_load(stem + weights, "resume checkpoint (-r)")
+    state = safe_load(stem + ".pdopt", "resume checkpoint (-r)")
     return raw, state
+
+
+def check_fits(model, state, what):
+    """IncompatibleStateError unless `state` has exactly the model's state-dict names and shapes.
+
+    (Layer.set_state_dict only warns about a mismatch and loads what it can.)"""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+             if k in state and list(state[k].shape) != list(v.shape)]
+    if missing or unexpected or wrong:
+        raise IncompatibleStateError(
+            f"{what} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {wrong[:5]}"
+        )
+
+
+# Settings that make a checkpoint belong to a run: resuming under other ones would load weights or
+# state into a different model, data or optimizer. (epoch, base_lr, output_dir, ... may change.)
+RUN_IDENTITY = ("architecture", "dataset", "optimizer", "lr_schedule", "use_ema", "ema_impl", "mode")
+
+
+def run_identity(cfg):
+    identity = {key: cfg[key] for key in RUN_IDENTITY}
+    for key in ("architecture", "dataset"):
+        identity[cfg[key]] = cfg.get(cfg[key])  # the chosen class's own section
+    return identity
+
+
+def check_same_run(saved, cfg, path):
+    """CheckpointError when the checkpoint at `path` was trained under another run identity."""
+    if saved is None:  # written before identities were recorded
+        return
+    current = run_identity(cfg)
+    differences = [f"{key}: {saved.get(key)!r} there, {current.get(key)!r} here"
+                   for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+    if differences:
+        raise CheckpointError(f"-r {path}: the checkpoint comes from another config ({'; '.join(differences)})")
 
 
 def load_weights(model, path):
@@ -71,15 +104,6 @@ def load_weights(model, path):
     path = os.fspath(path)
     file = path if path.endswith((".pdparams", ".pdema")) else path + ".pdparams"
     state = _load(file, "weights")
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    wrong = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
-             if k in state and list(state[k].shape) != list(v.shape)]
-    if missing or unexpected or wrong:
-        raise IncompatibleStateError(
-            f"weights {file} do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatches {wrong[:5]}"
-        )
+    check_fits(model, state, f"weights {file}")
     model.set_state_dict(state)
     return file

@@ -23,7 +23,7 @@ import paddle.nn.functional as F
 
 from ..config import create
 from ..errors import ConfigError
-from .checkpoint import load_resume_state, save_checkpoint
+from .checkpoint import check_fits, check_same_run, load_resume_state, run_identity, save_checkpoint
 from .data import batches
 from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, relative_distance
@@ -102,10 +102,13 @@ class Trainer:
             "history": self.history,
             "best": self.best,
             "scalars": self.log.state_dict(),
+            "run": run_identity(self.cfg),
         }
 
     def _resume(self, path):
         raw, state = load_resume_state(path, self.ema is not None)
+        check_same_run(state.get("run"), self.cfg, path)
+        check_fits(self.model, raw, f"-r {path}: the checkpoint's weights")
         self.model.set_state_dict(raw)
         self.optimizer.set_state_dict(state["optimizer"])
         if self.ema is not None:

@@ -6,14 +6,67 @@
     first_nonfinite(tensors)          index of the first tensor that does, or None
 
 `averages` are the float32 (or float64) shadows; `values` may be float16/bfloat16 weights, or live
-on another device, and are cast on the way in. The reference implementation here uses Paddle's
-own in-place ops tensor by tensor; a fused implementation can replace it without changing callers.
+on another device, and are cast on the way in.
+
+Two implementations give the same numbers (paddle.lerp_'s rounding): `fused` (fused.py), a C++
+OpenMP / CUDA operator compiled on first use that updates every tensor in one call at memory
+speed, and `reference` (reference.py), Paddle's built-in ops tensor by tensor. Which one runs:
+
+    PADDLE_EMA_KERNEL=auto       fused when it can be built, else reference with one warning (default)
+    PADDLE_EMA_KERNEL=fused      fused, or an error saying why it cannot be built
+    PADDLE_EMA_KERNEL=reference  reference, never compiles anything
+
+`set_kernel(mode)` does the same from Python and wins over the variable; `set_kernel(None)`
+returns to the variable. `copy_` (apply/restore, not per step) always uses the reference ops.
 """
 
-from . import reference
+import os
+
+from ..errors import ConfigError
+from . import fused, reference
 from .reference import all_finite, copy_, first_nonfinite
 
-__all__ = ["lerp_", "copy_", "all_finite", "first_nonfinite"]
+__all__ = ["lerp_", "copy_", "all_finite", "first_nonfinite", "set_kernel", "kernel_mode", "active_kernel",
+           "KERNEL_MODES", "KERNEL_ENV"]
+
+KERNEL_ENV = "PADDLE_EMA_KERNEL"
+KERNEL_MODES = ("auto", "fused", "reference")
+_forced = None
+
+
+def _check_mode(mode, where):
+    if mode not in KERNEL_MODES:
+        raise ConfigError(f"{where} must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
+    return mode
+
+
+def set_kernel(mode):
+    """Force the implementation of lerp_: 'auto', 'fused', 'reference', or None for $PADDLE_EMA_KERNEL."""
+    global _forced
+    _forced = None if mode is None else _check_mode(mode, "set_kernel(mode)")
+
+
+def kernel_mode():
+    """The mode in force: set_kernel's, else $PADDLE_EMA_KERNEL's, else 'auto'."""
+    if _forced is not None:
+        return _forced
+    value = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
+    return _check_mode(value, f"${KERNEL_ENV}")
+
+
+def active_kernel():
+    """'fused' or 'reference': what lerp_ runs now (building the extension if the mode allows it)."""
+    mode = kernel_mode()
+    if mode == "reference":
+        return "reference"
+    if fused.available():
+        return "fused"
+    if mode == "fused":
+        raise ConfigError(
+            f"the fused EMA kernel was requested ({KERNEL_ENV}=fused or set_kernel('fused')) but it "
+            f"cannot be built: {fused.failure()}. Use 'auto' or 'reference' to run without it."
+        )
+    return "reference"
 
 
 def lerp_(averages, values, weight):
@@ -24,4 +77,7 @@ def lerp_(averages, values, weight):
         # avg + 1 * (x - avg) is not x in float arithmetic; a weight of 1 means "take x".
         copy_(averages, values)
         return
-    reference.lerp_(averages, values, weight)
+    if active_kernel() == "fused":
+        fused.lerp_(averages, values, weight)
+    else:
+        reference.lerp_(averages, values, weight)

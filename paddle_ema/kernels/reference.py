@@ -1,4 +1,11 @@
-"""The plain implementation of the kernels: Paddle's in-place ops, one tensor at a time."""
+"""The plain implementation of the kernels: Paddle's built-in ops, one tensor at a time.
+
+It is also the fallback when the fused extension cannot be built. `lerp_` writes the update as
+subtract, in-place scale and in-place add: the same a + w * (x - a), rounded step by step exactly
+as `paddle.lerp_` does (w rounded to the average's dtype), so a constant stays constant and the
+numbers equal lerp_'s, but about twice as fast on CPU, where lerp_'s broadcasting kernel is slow
+(ResNet-50's 161 tensors: ~27 ms against ~59 ms on the 2-core reference machine).
+"""
 
 import paddle
 
@@ -16,15 +23,10 @@ def _as(source, like):
 
 @paddle.no_grad()
 def lerp_(averages, values, weight):
-    # The weight goes in as a 0-d tensor made once per dtype and place: Tensor.lerp_ with a Python
-    # float builds a full-size weight tensor per call, is ~6x slower, and on Paddle 3.3.1 leaks
-    # ~100 bytes a call (measured: 21 MiB over 200,000 calls).
-    weights = {}
+    # Not Tensor.lerp_: with a Python float weight it also leaks ~100 bytes a call on Paddle 3.3.1
+    # (21 MiB over 200,000 calls), and with a 0-d tensor weight it is still 2x slower than this.
     for average, value in zip(averages, values, strict=True):
-        key = (average.dtype, str(average.place))
-        if key not in weights:
-            weights[key] = paddle.full([], weight, dtype=average.dtype).to(average.place)
-        average.lerp_(_as(value, average), weights[key])
+        average.add_(paddle.subtract(_as(value, average), average).scale_(weight))
 
 
 @paddle.no_grad()

@@ -1,0 +1,313 @@
+// Multi-tensor EMA update as a Paddle custom operator: one call for a whole list of tensors.
+//
+//   paddle_ema_lerp(averages, values, weight) -> skipped          (static programs)
+//   paddle_ema_lerp_dygraph(averages, values, weight) -> skipped  (dygraph, lower overhead)
+//       averages[i] <- averages[i] + weight * (values[i] - averages[i]), in place
+//
+// with exactly Paddle's lerp formula a + w * (x - a) in the average's dtype (a float32 weight for
+// float32 averages, as paddle.lerp_ rounds a Python float), so a constant stays constant and
+// the result equals paddle.lerp_'s bit for bit. Each pair may have its own dtypes: float32
+// averages with float32/float16/bfloat16 values, or float64 with float64. Pairs this kernel does
+// not handle (another dtype, average and value on different devices, a strided view) are left
+// untouched and their indices returned in `skipped` (int64, CPU) for the caller's fallback.
+// Averages must be contiguous: Paddle hands a custom operator a contiguous copy of a strided
+// tensor, so an update of a strided view would be lost (the Python caller checks).
+//
+// CPU pairs are updated in one OpenMP pass of `threads` threads (<= 0: OpenMP's default) that
+// splits the total element count evenly, whatever the tensor sizes, so one big tensor and a
+// thousand small ones both use every core. The thread count is an attribute because Paddle sets
+// OMP_NUM_THREADS=1 at import when it is unset, which makes OpenMP's default a single thread.
+// GPU pairs go to the CUDA kernel in ema_ops.cu (one launch per device) when it was compiled in.
+//
+//   paddle_ema_stream_add(a, x):  a += x over one flat float32 buffer: the same 12 bytes per
+//   element as the EMA update with the same threading, the memory floor for the benchmarks.
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <vector>
+
+#include "paddle/extension.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+#include "ema_ops.h"
+
+namespace {
+
+// Below this many elements a single thread finishes before a team of threads would start.
+constexpr int64_t kMinParallelElements = 1 << 16;
+// Chunk sizes are multiples of 16 elements (one 64-byte line of float32), so that few chunk
+// boundaries split a cache line between two threads.
+constexpr int64_t kGrain = 16;
+// Work is handed out in about this many chunks per thread, each at least kMinChunk elements
+// (large enough that taking a chunk costs nothing next to streaming it).
+constexpr int64_t kChunksPerThread = 8;
+constexpr int64_t kMinChunk = 1 << 15;
+
+// IEEE half -> float, exact for every input (normals, subnormals, inf, nan). Written with
+// selects instead of branches so that the loop around it vectorises.
+inline float HalfToFloat(uint16_t h) {
+  uint32_t magnitude = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  uint32_t exponent = magnitude & 0x0f800000u;
+  uint32_t bits = magnitude + (static_cast<uint32_t>(127 - 15) << 23);
+  // inf / nan: push the exponent to all ones.
+  bits = exponent == 0x0f800000u ? bits + (static_cast<uint32_t>(128 - 16) << 23) : bits;
+  // zero / subnormal: let the FPU normalise, (m + 2^-14 scaled) - 2^-14.
+  float sub;
+  uint32_t sub_bits = bits + (1u << 23);
+  std::memcpy(&sub, &sub_bits, 4);
+  sub -= 6.103515625e-05f;  // 2^-14
+  uint32_t sub_as_bits;
+  std::memcpy(&sub_as_bits, &sub, 4);
+  bits = exponent == 0 ? sub_as_bits : bits;
+  bits |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+inline float Bfloat16ToFloat(uint16_t b) {
+  uint32_t bits = static_cast<uint32_t>(b) << 16;
+  float out;
+  std::memcpy(&out, &bits, 4);
+  return out;
+}
+
+// The streaming loops are compiled twice, for AVX2 and for any x86-64 (SSE2), and the loader
+// picks one for the CPU (target_clones): SSE2 alone issues too many instructions to keep up
+// with the memory of a recent server core.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define PADDLE_EMA_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PADDLE_EMA_VECTOR_CLONES
+#endif
+
+PADDLE_EMA_VECTOR_CLONES void LerpFloat(float* __restrict a, const float* __restrict x, int64_t n, float w) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (x[i] - a[i]);
+}
+
+PADDLE_EMA_VECTOR_CLONES void LerpDouble(double* __restrict a, const double* __restrict x, int64_t n, double w) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (x[i] - a[i]);
+}
+
+PADDLE_EMA_VECTOR_CLONES void AddFloat(float* __restrict a, const float* __restrict x, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + x[i];
+}
+
+void LerpHalfPortable(float* __restrict a, const uint16_t* __restrict x, int64_t n, float w) {
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (HalfToFloat(x[i]) - a[i]);
+}
+
+#if defined(__x86_64__) || defined(__i386__)
+// The portable conversion does not vectorise; x86 CPUs since 2012 convert 8 halves at once
+// (F16C). Chosen at run time, so the extension still loads on older CPUs. The same formula,
+// not fused into an FMA.
+__attribute__((target("avx,f16c"))) void LerpHalfF16C(float* __restrict a, const uint16_t* __restrict x,
+                                                      int64_t n, float w) {
+  const __m256 vw = _mm256_set1_ps(w);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 vx = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + i)));
+    const __m256 va = _mm256_loadu_ps(a + i);
+    _mm256_storeu_ps(a + i, _mm256_add_ps(va, _mm256_mul_ps(vw, _mm256_sub_ps(vx, va))));
+  }
+  LerpHalfPortable(a + i, x + i, n - i, w);
+}
+
+bool HasF16C() {
+  static const bool has = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+  return has;
+}
+#endif
+
+void LerpHalf(float* a, const uint16_t* x, int64_t n, float w) {
+#if defined(__x86_64__) || defined(__i386__)
+  if (HasF16C()) return LerpHalfF16C(a, x, n, w);
+#endif
+  LerpHalfPortable(a, x, n, w);
+}
+
+PADDLE_EMA_VECTOR_CLONES void LerpBfloat16(float* __restrict a, const uint16_t* __restrict x, int64_t n, float w) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) a[i] = a[i] + w * (Bfloat16ToFloat(x[i]) - a[i]);
+}
+
+// Runs body(segment, begin, end) over [start, stop) of the concatenation of all segments;
+// `offsets` is the exclusive prefix sum of the segment sizes.
+template <typename Body>
+void ForRange(const std::vector<Segment>& segments, const std::vector<int64_t>& offsets,
+              int64_t start, int64_t stop, Body body) {
+  size_t s = std::upper_bound(offsets.begin(), offsets.end(), start) - offsets.begin() - 1;
+  for (; s < segments.size() && offsets[s] < stop; ++s) {
+    int64_t begin = std::max<int64_t>(start - offsets[s], 0);
+    int64_t end = std::min<int64_t>(stop - offsets[s], segments[s].numel);
+    if (begin < end) body(segments[s], begin, end);
+  }
+}
+
+// Splits the total element count over the threads, by elements rather than by tensors: the
+// concatenation of all tensors is cut into equal chunks, several per thread, which the threads
+// take in turn from a shared counter, so that a thread the OS preempts (a busy machine) does not
+// hold the others up. The counter instead of `omp for schedule(dynamic)` keeps the extension to
+// the two OpenMP entry points that GNU and Intel runtimes share (it links Paddle's libiomp5).
+template <typename Body>
+void ParallelOverElements(const std::vector<Segment>& segments, int threads, Body body) {
+  std::vector<int64_t> offsets(segments.size() + 1, 0);
+  for (size_t s = 0; s < segments.size(); ++s) offsets[s + 1] = offsets[s] + segments[s].numel;
+  const int64_t total = offsets.back();
+  if (total == 0) return;
+  if (threads <= 0) threads = omp_get_max_threads();
+  if (total < kMinParallelElements || threads <= 1) {
+    ForRange(segments, offsets, 0, total, body);
+    return;
+  }
+  int64_t chunk = std::max<int64_t>(total / (int64_t{threads} * kChunksPerThread), kMinChunk);
+  chunk = (chunk + kGrain - 1) / kGrain * kGrain;
+  const int64_t chunks = (total + chunk - 1) / chunk;
+  std::atomic<int64_t> next{0};
+#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, chunks)))
+  {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed)) {
+      ForRange(segments, offsets, c * chunk, std::min(total, (c + 1) * chunk), body);
+    }
+  }
+}
+
+// Which kernel a pair takes, or kUnsupported.
+Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value) {
+  using paddle::DataType;
+  if (average.numel() != value.numel() || !average.is_dense_tensor() || !value.is_dense_tensor() ||
+      !average.is_contiguous() || !value.is_contiguous() || !(average.place() == value.place()) ||
+      !(average.is_cpu() || average.is_gpu())) {
+    return Kind::kUnsupported;
+  }
+  const DataType a = average.dtype(), x = value.dtype();
+  if (a == DataType::FLOAT32 && x == DataType::FLOAT32) return Kind::kFloat;
+  if (a == DataType::FLOAT32 && x == DataType::FLOAT16) return Kind::kFloatHalf;
+  if (a == DataType::FLOAT32 && x == DataType::BFLOAT16) return Kind::kFloatBfloat16;
+  if (a == DataType::FLOAT64 && x == DataType::FLOAT64) return Kind::kDouble;
+  return Kind::kUnsupported;
+}
+
+void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight, int threads) {
+  // paddle.lerp_ turns a Python float weight into a float32 tensor: round the same way.
+  const float w = static_cast<float>(weight);
+  ParallelOverElements(segments, threads, [w, weight](const Segment& s, int64_t b, int64_t e) {
+    float* a = static_cast<float*>(s.average) + b;
+    switch (s.kind) {
+      case Kind::kFloat:
+        LerpFloat(a, static_cast<const float*>(s.value) + b, e - b, w);
+        break;
+      case Kind::kFloatHalf:
+        LerpHalf(a, static_cast<const uint16_t*>(s.value) + b, e - b, w);
+        break;
+      case Kind::kFloatBfloat16:
+        LerpBfloat16(a, static_cast<const uint16_t*>(s.value) + b, e - b, w);
+        break;
+      case Kind::kDouble:
+        LerpDouble(static_cast<double*>(s.average) + b, static_cast<const double*>(s.value) + b, e - b, weight);
+        break;
+      case Kind::kUnsupported:
+        break;
+    }
+  });
+}
+
+}  // namespace
+
+// Writes the averages through their data pointers; the two operators below differ only in
+// what they tell Paddle about it.
+std::vector<paddle::Tensor> LerpAll(const std::vector<paddle::Tensor>& averages,
+                                    const std::vector<paddle::Tensor>& values, double weight, int threads) {
+  PD_CHECK(averages.size() == values.size(), "paddle_ema_lerp: ", averages.size(), " averages but ",
+           values.size(), " values");
+  std::vector<int64_t> skipped;
+  std::vector<Segment> cpu;
+  std::map<int, std::vector<Segment>> gpu;  // by device id
+  std::map<int, size_t> gpu_example;        // a tensor on that device, for its stream
+  cpu.reserve(averages.size());
+  for (size_t i = 0; i < averages.size(); ++i) {
+    const Kind kind = KindOf(averages[i], values[i]);
+    if (kind == Kind::kUnsupported) {
+      skipped.push_back(static_cast<int64_t>(i));
+      continue;
+    }
+    if (averages[i].numel() == 0) continue;
+    Segment segment{const_cast<void*>(averages[i].data()), values[i].data(), averages[i].numel(), kind};
+    if (averages[i].is_cpu()) {
+      cpu.push_back(segment);
+    } else {
+#ifdef PADDLE_EMA_WITH_CUDA
+      const int device = averages[i].place().GetDeviceId();
+      gpu[device].push_back(segment);
+      gpu_example.emplace(device, i);
+#else
+      skipped.push_back(static_cast<int64_t>(i));
+#endif
+    }
+  }
+  LerpSegmentsCPU(cpu, weight, threads);
+#ifdef PADDLE_EMA_WITH_CUDA
+  for (const auto& [device, segments] : gpu) {
+    LerpSegmentsCUDA(segments, weight, averages[gpu_example[device]]);
+  }
+#endif
+  paddle::Tensor out = paddle::empty({static_cast<int64_t>(skipped.size())}, paddle::DataType::INT64,
+                                     paddle::CPUPlace());
+  if (!skipped.empty()) std::memcpy(out.data<int64_t>(), skipped.data(), skipped.size() * sizeof(int64_t));
+  return {out};
+}
+
+void StreamAdd(paddle::Tensor& a, const paddle::Tensor& x, int threads) {  // NOLINT
+  PD_CHECK(a.is_cpu() && x.is_cpu() && a.dtype() == paddle::DataType::FLOAT32 &&
+               x.dtype() == paddle::DataType::FLOAT32 && a.numel() == x.numel(),
+           "paddle_ema_stream_add: two float32 CPU tensors of one size");
+  std::vector<Segment> segments{{a.data(), x.data(), a.numel(), Kind::kFloat}};
+  ParallelOverElements(segments, threads, [](const Segment& s, int64_t b, int64_t e) {
+    AddFloat(static_cast<float*>(s.average) + b, static_cast<const float*>(s.value) + b, e - b);
+  });
+}
+
+std::vector<paddle::Tensor> LerpInplace(std::vector<paddle::Tensor>& averages,  // NOLINT
+                                        const std::vector<paddle::Tensor>& values, double weight,
+                                        int threads) {
+  return LerpAll(averages, values, weight, threads);
+}
+
+// Declared in place: the form a static program needs, so that its graph knows the averages
+// are written.
+PD_BUILD_OP(paddle_ema_lerp)
+    .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
+    .Outputs({paddle::Vec("AveragesOut"), "Skipped"})
+    .Attrs({"weight: double", "threads: int"})
+    .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
+    .SetKernelFn(PD_KERNEL(LerpInplace));
+
+// The same update for dygraph, with the averages declared as plain inputs: Paddle's in-place
+// bookkeeping (version counters, one output tensor per average) costs ~1 us per tensor, four
+// times the rest of the call. Safe there because dygraph runs the kernel at once on the very
+// tensors passed, except non-contiguous ones, which Paddle copies first (for both operators:
+// the write would land in the copy), so the caller must route strided averages elsewhere.
+PD_BUILD_OP(paddle_ema_lerp_dygraph)
+    .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
+    .Outputs({"Skipped"})
+    .Attrs({"weight: double", "threads: int"})
+    .SetKernelFn(PD_KERNEL(LerpAll));
+
+PD_BUILD_OP(paddle_ema_stream_add)
+    .Inputs({"A", "X"})
+    .Outputs({"AOut"})
+    .Attrs({"threads: int"})
+    .SetInplaceMap({{"A", "AOut"}})
+    .SetKernelFn(PD_KERNEL(StreamAdd));

@@ -1,0 +1,368 @@
+"""The multi-tensor kernels: fused (C++ extension) and reference paths give the same numbers, and
+the extension's build cache works across processes.
+
+The extension is compiled once for this module, into a temporary cache directory, by two
+processes started together (which is itself the concurrency test); every other test loads that
+library. The module takes about 25-35 s on 2 cores, almost all of it that one compilation.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_ema import ConfigError, ExponentialMovingAverage, kernels
+from paddle_ema.kernels import build, fused, reference
+
+ROOT = Path(__file__).resolve().parents[1]
+COMPILING = "paddle_ema: compiling the fused EMA kernel"
+
+# A child process that updates a constant pair through the dispatch and prints what ran.
+CHILD = textwrap.dedent(
+    """
+    import numpy as np, paddle
+    from paddle_ema import kernels
+    a = [paddle.to_tensor(np.full([1000], 2.0, "float32"))]
+    x = [paddle.to_tensor(np.full([1000], 4.0, "float32"))]
+    kernels.lerp_(a, x, 0.25)
+    print(kernels.active_kernel(), float(a[0][0]))
+    """
+)
+
+
+def _child_env(cache):
+    env = dict(os.environ)
+    env.update(PYTHONPATH=str(ROOT), PADDLE_EMA_CACHE_DIR=str(cache), PADDLE_EMA_KERNEL="fused")
+    return env
+
+
+def _run_children(cache, count):
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD],
+            env=_child_env(cache),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(count)
+    ]
+    return [(p.wait(timeout=600), *p.communicate()) for p in procs]
+
+
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory):
+    """A cache directory filled by two processes that built at the same time, and what they printed."""
+    cache = tmp_path_factory.mktemp("kernel-cache")
+    results = _run_children(cache, 2)
+    previous = os.environ.get("PADDLE_EMA_CACHE_DIR")
+    os.environ["PADDLE_EMA_CACHE_DIR"] = str(cache)  # this process loads the same library
+    yield cache, results
+    if previous is None:
+        os.environ.pop("PADDLE_EMA_CACHE_DIR", None)
+    else:
+        os.environ["PADDLE_EMA_CACHE_DIR"] = previous
+
+
+@pytest.fixture
+def fused_ready(built_cache):
+    kernels.set_kernel("fused")
+    assert fused.available(), fused.failure()
+    yield
+    kernels.set_kernel(None)
+
+
+# --- the build cache ---------------------------------------------------------------------------
+
+
+def test_concurrent_builds_both_succeed_and_compile_once(built_cache):
+    cache, results = built_cache
+    for returncode, stdout, stderr in results:
+        assert returncode == 0, stderr
+        assert stdout.split() == ["fused", "2.5"]
+    assert sum(stderr.count(COMPILING) for _, _, stderr in results) == 1
+    assert len(list(cache.glob("*.so"))) == 1
+    assert not [p for p in cache.iterdir() if p.is_dir()], "a build directory was left behind"
+
+
+def test_second_process_loads_without_rebuilding(built_cache):
+    cache, _ = built_cache
+    (library,) = cache.glob("*.so")
+    before = library.stat()
+    ((returncode, stdout, stderr),) = _run_children(cache, 1)
+    assert returncode == 0, stderr
+    assert stdout.split() == ["fused", "2.5"]
+    assert COMPILING not in stderr
+    after = library.stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("PADDLE_EMA_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert build.cache_dir() == tmp_path / "paddle_ema"
+    monkeypatch.setenv("PADDLE_EMA_CACHE_DIR", str(tmp_path / "mine"))
+    assert build.cache_dir() == tmp_path / "mine"
+    assert build.library_path().parent == tmp_path / "mine"
+    assert f"paddle{paddle.__version__}" in build.library_path().name
+
+
+# --- fallback when the extension cannot be built ------------------------------------------------
+
+
+@pytest.fixture
+def unbuilt(monkeypatch, tmp_path):
+    """A process state where the extension was never loaded, with an empty cache directory."""
+    monkeypatch.setattr(fused, "_state", {"loaded": False, "failure": None})
+    monkeypatch.setenv("PADDLE_EMA_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kernels, "_forced", None)
+    return tmp_path
+
+
+def _constant_case():
+    averages = [paddle.to_tensor(np.full([3, 4], 1.0, "float32")), paddle.to_tensor(np.zeros([5], "float64"))]
+    values = [paddle.to_tensor(np.full([3, 4], 3.0, "float16")), paddle.to_tensor(np.ones([5], "float64"))]
+    return averages, values
+
+
+def test_missing_compiler_warns_and_falls_back(unbuilt, monkeypatch):
+    monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "auto")
+    averages, values = _constant_case()
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        kernels.lerp_(averages, values, 0.25)
+    np.testing.assert_array_equal(averages[0].numpy(), np.full([3, 4], 1.5, "float32"))
+    np.testing.assert_array_equal(averages[1].numpy(), np.full([5], 0.25))
+    assert kernels.active_kernel() == "reference"
+    # Forcing the fused path now says why it cannot be had.
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "fused")
+    with pytest.raises(ConfigError, match="cannot be built: no C\\+\\+ compiler"):
+        kernels.lerp_(averages, values, 0.25)
+    with pytest.raises(RuntimeError, match="fused EMA kernel is unavailable"):
+        fused.lerp_(averages, values, 0.25)
+
+
+def test_unusable_cache_dir_warns_and_falls_back(unbuilt, monkeypatch):
+    blocker = unbuilt / "a-file"
+    blocker.write_text("not a directory")
+    monkeypatch.setenv("PADDLE_EMA_CACHE_DIR", str(blocker / "cache"))
+    averages, values = _constant_case()
+    with pytest.warns(RuntimeWarning, match="cannot build into"):
+        kernels.lerp_(averages, values, 0.25)
+    np.testing.assert_array_equal(averages[1].numpy(), np.full([5], 0.25))
+
+
+def test_failed_compilation_warns_with_compiler_output_and_falls_back(unbuilt, monkeypatch):
+    broken = unbuilt / "csrc"
+    broken.mkdir()
+    for name in build.CPU_SOURCES + build.HEADERS:
+        (broken / name).write_text("this is not C++;\n")
+    monkeypatch.setattr(build, "SOURCE_DIR", broken)
+    averages, values = _constant_case()
+    with pytest.warns(RuntimeWarning, match="compiling ema_ops.cc failed"):
+        kernels.lerp_(averages, values, 0.25)
+    np.testing.assert_array_equal(averages[0].numpy(), np.full([3, 4], 1.5, "float32"))
+    assert not list((unbuilt / "cache").glob("*.so"))
+
+
+def test_reference_mode_never_builds(unbuilt, monkeypatch):
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "reference")
+    monkeypatch.setattr(build, "_compile", lambda target: pytest.fail("reference mode compiled"))
+    averages, values = _constant_case()
+    kernels.lerp_(averages, values, 0.25)
+    assert kernels.active_kernel() == "reference"
+    np.testing.assert_array_equal(averages[1].numpy(), np.full([5], 0.25))
+
+
+def test_kernel_mode_switch(monkeypatch):
+    monkeypatch.setattr(kernels, "_forced", None)
+    monkeypatch.delenv("PADDLE_EMA_KERNEL", raising=False)
+    assert kernels.kernel_mode() == "auto"
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "Reference")
+    assert kernels.kernel_mode() == "reference"
+    kernels.set_kernel("fused")
+    assert kernels.kernel_mode() == "fused"  # the setter wins over the variable
+    kernels.set_kernel(None)
+    assert kernels.kernel_mode() == "reference"
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "fast")
+    with pytest.raises(ConfigError, match="PADDLE_EMA_KERNEL must be one of auto, fused, reference, got 'fast'"):
+        kernels.kernel_mode()
+    with pytest.raises(ConfigError, match="set_kernel\\(mode\\) must be one of"):
+        kernels.set_kernel("gpu")
+
+
+# --- numbers -------------------------------------------------------------------------------------
+
+SMALL_SHAPES = [[n % 37 + 1] for n in range(300)] + [[3, 3, 2, 2], [17, 5]]
+LARGE_SHAPES = [[513, 1031], [300_007]]  # above the threshold where the CPU kernel goes parallel
+
+
+def _pairs(value_dtype, shapes, seed):
+    rng = np.random.default_rng(seed)
+    averages = [rng.standard_normal(s).astype("float32") for s in shapes]
+    values = [(a + rng.standard_normal(a.shape) * 0.5).astype("float32") for a in averages]
+    return averages, [paddle.to_tensor(v).astype(value_dtype) for v in values]
+
+
+def _float64_model(average, value, weight):
+    """a + w * (x - a) in float64, with w rounded to float32 as the kernels do."""
+    w = np.float64(np.float32(weight))
+    return average.astype(np.float64) + w * (value.astype(np.float64) - average.astype(np.float64))
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shapes", [SMALL_SHAPES, LARGE_SHAPES], ids=["302-small", "2-large"])
+@pytest.mark.parametrize("weight", [0.3, 2e-4])
+def test_fused_matches_reference_and_float64_model(fused_ready, value_dtype, shapes, weight):
+    initial, values = _pairs(value_dtype, shapes, seed=len(shapes))
+    by_fused = [paddle.to_tensor(a) for a in initial]
+    by_reference = [paddle.to_tensor(a) for a in initial]
+    pointers = [t.data_ptr() for t in by_fused]
+    fused.lerp_(by_fused, values, weight)
+    reference.lerp_(by_reference, values, weight)
+    assert [t.data_ptr() for t in by_fused] == pointers  # in place
+    for a0, x, f, r in zip(initial, values, by_fused, by_reference):
+        got, ref = f.numpy(), r.numpy()
+        assert got.dtype == np.float32
+        # Same formula, same rounding: at most one float32 ulp apart (bit-equal on x86 CPUs).
+        np.testing.assert_array_max_ulp(got, ref, maxulp=1)
+        exact_value = x.astype("float32").numpy()
+        model = _float64_model(a0, exact_value, weight)
+        # Three float32 roundings of terms no bigger than |a| + |w (x - a)|.
+        bound = 3 * np.finfo(np.float32).eps * (np.abs(a0) + abs(weight) * np.abs(exact_value - a0)) + 1e-45
+        assert np.all(np.abs(got - model) <= bound)
+
+
+def test_float64_averages(fused_ready):
+    rng = np.random.default_rng(1)
+    initial = [rng.standard_normal([400, 300]), rng.standard_normal([7])]
+    raw = [rng.standard_normal(a.shape) for a in initial]
+    averages = [paddle.to_tensor(a) for a in initial]
+    fused.lerp_(averages, [paddle.to_tensor(v) for v in raw], 0.123456789)
+    for a0, x, got in zip(initial, raw, averages):
+        expected = a0 + 0.123456789 * (x - a0)  # weight kept in float64
+        np.testing.assert_allclose(got.numpy(), expected, rtol=0, atol=4e-16 * (np.abs(a0).max() + 1))
+
+
+@pytest.mark.parametrize("path", ["fused", "reference"])
+def test_constant_stays_constant(fused_ready, path):
+    lerp_ = fused.lerp_ if path == "fused" else reference.lerp_
+    constants = [0.1, -3.7e-5, 1234.5678, 7.0]
+    averages = [paddle.to_tensor(np.full([100_000 if c == 7.0 else 33], c, "float32")) for c in constants]
+    values = [paddle.to_tensor(np.full(a.shape, c, "float32")).astype(dt) for a, c, dt in
+              zip(averages, constants, ["float32", "float32", "float32", "bfloat16"])]
+    for weight in (0.9, 0.5, 1e-3, 2e-4, 1.0):
+        lerp_(averages, values, weight)
+    for a, c in zip(averages, constants):
+        np.testing.assert_array_equal(a.numpy(), np.full(a.shape, c, "float32"))
+
+
+def test_empty_lists_and_empty_tensors(fused_ready):
+    fused.lerp_([], [], 0.5)
+    reference.lerp_([], [], 0.5)
+    averages = [paddle.zeros([0], "float32"), paddle.ones([4], "float32")]
+    values = [paddle.zeros([0], "float16"), paddle.full([4], 3.0, "float32")]
+    fused.lerp_(averages, values, 0.5)
+    np.testing.assert_array_equal(averages[1].numpy(), np.full([4], 2.0, "float32"))
+    with pytest.raises(ValueError):
+        fused.lerp_(averages, values[:1], 0.5)
+    with pytest.raises(ValueError):
+        reference.lerp_(averages, values[:1], 0.5)
+
+
+def test_pairs_the_extension_does_not_take_go_through_the_reference(fused_ready):
+    """A float64 value for a float32 average, a strided value and a strided average (which Paddle
+    would hand the operator as a copy) are still updated, with the reference numbers."""
+    rng = np.random.default_rng(2)
+    a0 = [rng.standard_normal([6]).astype("float32") for _ in range(4)]
+    wide = rng.standard_normal([12]).astype("float32")
+    values = [
+        paddle.to_tensor(rng.standard_normal([6])),  # float64 value for a float32 average
+        paddle.to_tensor(wide)[::2],  # a strided view as the value
+        paddle.to_tensor(rng.standard_normal([6]).astype("float32")),
+        paddle.to_tensor(rng.standard_normal([6]).astype("float16")),
+    ]
+    results = {}
+    for name, lerp_ in (("fused", fused.lerp_), ("reference", reference.lerp_)):
+        bases = [paddle.to_tensor(np.repeat(a, 2)) for a in a0]
+        averages = [bases[0][::2], paddle.to_tensor(a0[1]), paddle.to_tensor(a0[2]), bases[3][::2]]
+        assert not averages[0].is_contiguous()
+        lerp_(averages, values, 0.25)
+        results[name] = [a.numpy() for a in averages] + [bases[0].numpy()[::2], bases[3].numpy()[::2]]
+    for f, r in zip(results["fused"], results["reference"]):
+        np.testing.assert_array_equal(f, r)
+    w = np.float32(0.25)
+    np.testing.assert_array_equal(results["fused"][1], a0[1] + w * (wide[::2] - a0[1]))
+    expected0 = a0[0] + w * (values[0].numpy().astype("float32") - a0[0])
+    np.testing.assert_array_equal(results["fused"][4], expected0)  # written through to the base
+    np.testing.assert_array_equal(results["fused"][5], results["fused"][3])
+
+
+def test_in_place_declared_operator_gives_the_same_numbers(fused_ready):
+    """paddle_ema_lerp (declared in place, for static programs) = paddle_ema_lerp_dygraph."""
+    from paddle import _C_ops
+
+    initial, values = _pairs("bfloat16", SMALL_SHAPES[:40] + LARGE_SHAPES[:1], seed=5)
+    declared = [paddle.to_tensor(a) for a in initial]
+    by_fused = [paddle.to_tensor(a) for a in initial]
+    outputs = _C_ops._run_custom_op("paddle_ema_lerp", declared, values, 0.01, 2)
+    assert len(outputs) == len(declared) + 1 and outputs[-1].shape == [0]
+    fused.lerp_(by_fused, values, 0.01)
+    for d, f, out in zip(declared, by_fused, outputs):
+        np.testing.assert_array_equal(d.numpy(), f.numpy())
+        assert out.data_ptr() == d.data_ptr()
+
+
+def test_dygraph_ema_same_with_either_kernel(built_cache):
+    """The EMA front-end gives identical shadows through either path (callers do not change)."""
+    shadows = {}
+    for mode in ("fused", "reference"):
+        paddle.seed(3)
+        model = paddle.nn.Sequential(paddle.nn.Linear(64, 300), paddle.nn.LayerNorm(300), paddle.nn.Linear(300, 3))
+        ema = ExponentialMovingAverage(model, decay=0.99)
+        kernels.set_kernel(mode)
+        try:
+            for step in range(4):
+                with paddle.no_grad():
+                    for p in model.parameters():
+                        p.set_value(p + 0.01 * (step + 1))
+                ema.update()
+        finally:
+            kernels.set_kernel(None)
+        shadows[mode] = [s.numpy() for s in ema.state_dict()["shadow"].values()]
+    for f, r in zip(shadows["fused"], shadows["reference"]):
+        np.testing.assert_array_equal(f, r)
+
+
+@pytest.mark.parametrize("threads", ["1", "3"])
+def test_thread_count_does_not_change_the_numbers(fused_ready, monkeypatch, threads):
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", threads)
+    assert fused.num_threads() == int(threads)
+    initial, values = _pairs("float16", LARGE_SHAPES + SMALL_SHAPES[:50], seed=6)
+    by_fused = [paddle.to_tensor(a) for a in initial]
+    by_reference = [paddle.to_tensor(a) for a in initial]
+    fused.lerp_(by_fused, values, 0.05)
+    reference.lerp_(by_reference, values, 0.05)
+    for f, r in zip(by_fused, by_reference):
+        np.testing.assert_array_max_ulp(f.numpy(), r.numpy(), maxulp=1)
+
+
+def test_bad_thread_count_is_refused(monkeypatch):
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", "two")
+    with pytest.raises(ConfigError, match="PADDLE_EMA_NUM_THREADS must be a whole number >= 1, got 'two'"):
+        fused.num_threads()
+    monkeypatch.delenv("PADDLE_EMA_NUM_THREADS")
+    assert fused.num_threads() >= 1
+
+
+def test_stream_add_is_a_plus_x(fused_ready):
+    rng = np.random.default_rng(4)
+    a, x = rng.standard_normal(200_000).astype("float32"), rng.standard_normal(200_000).astype("float32")
+    ta = paddle.to_tensor(a)
+    fused.stream_add_(ta, paddle.to_tensor(x))
+    np.testing.assert_array_equal(ta.numpy(), a + x)
