@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 import pytest
 
+from paddle_ema.checkpoint import MANIFEST_SUFFIX
 from paddle_ema.engine import read_config
 from paddle_ema.engine.checkpoint import load_weights
 from paddle_ema.engine.distributed import DUMP_ENV, Parallel
@@ -131,17 +132,17 @@ def test_only_rank_zero_writes_files(runs):
     for key in ("A", "B", "D"):
         run = runs[key]
         files = sorted(p.name for p in run["out"].iterdir())
-        best = ["best_model.pdema", "best_model.pdparams"]
+        best = ["best_model.pdema", "best_model.pdparams", f"best_model{MANIFEST_SUFFIX}"]
         if key == "D":  # resumed at epoch 3: best_model is written only if epoch 3 beats C's best
             best = [f for f in best if f in files]
         assert files == sorted([*best, "curves.png", "model_final.pdema", "model_final.pdopt",
-                                "model_final.pdparams", "vdl"]), key
+                                "model_final.pdparams", f"model_final{MANIFEST_SUFFIX}", "vdl"]), key
         assert len(list((run["out"] / "vdl").iterdir())) == 1  # one VisualDL record file, not one per rank
         audit = {p.name: p.read_text().splitlines() for p in run["audit"].iterdir()}
         assert "writes.1.txt" not in audit, audit.get("writes.1.txt")  # rank 1 wrote nothing under output
         assert "writes.launcher.txt" not in audit
         renamed = {os.path.basename(line.split(" ", 1)[1]) for line in audit["writes.0.txt"] if line.startswith("os.rename")}
-        assert {f for f in files if f.endswith((".pdparams", ".pdema", ".pdopt"))} <= renamed
+        assert {f for f in files if f.endswith((".pdparams", ".pdema", ".pdopt", MANIFEST_SUFFIX))} <= renamed
         # rank 1 prints no progress, evaluation or summary
         assert "raw acc" in run["logs"][0] and not re.search(r"iter \d+/|raw acc|checkpoints:", run["logs"][1])
 
