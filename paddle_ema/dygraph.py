@@ -247,6 +247,11 @@ class ExponentialMovingAverage:
     def is_sharded(self):
         return self._sharding is not None
 
+    @property
+    def owned_names(self):
+        """Names of the averages this process keeps: all of them, or this rank's shard when sharded."""
+        return [self.names[i] for i in self._owned]
+
     @paddle.no_grad()
     def restore(self):
         """Swap the raw weights saved by apply() back into the model."""

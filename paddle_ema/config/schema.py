@@ -87,6 +87,7 @@ FIELDS = {
     "ema_start_step": Field("int", 0, low=0),
     "ema_device": Field("str", None, nullable=True),
     "ema_bias_correction": Field("bool", False),
+    "ema_shard": Field("bool", False, doc="under paddle.distributed.launch each process keeps ~1/N of the averages"),
     "ema_include_stop_gradient": Field("bool", True, doc="average BatchNorm statistics (PaddleDetection does)"),
     "ema_tau": Field("float", 2000.0, low=0.0),
     "ema_power": Field("float", 2.0 / 3.0, low=0.0),

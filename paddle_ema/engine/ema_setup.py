@@ -8,6 +8,8 @@ weights, with the config's schedule and options. PaddleDetection's keys keep the
   parameters other than BatchNorm statistics;
 - BatchNorm statistics are averaged like PaddleDetection does (ema_include_stop_gradient: true);
 - cycle_epoch: after that many snapshots the average restarts from the current weights.
+- ema_shard: under paddle.distributed.launch each of the N processes keeps the average of about
+  1/N of the weights; snapshot() and state_dict() gather them, so every process must call them.
 `ema_impl: ppdet`: paddle_ema.ppdet.ModelEMA, PaddleDetection's exact numbers (zero init,
 1 - d_last**t correction); its ema_* extensions other than the PaddleDetection keys do not apply.
 Both resume exactly from their full state in .pdopt.
@@ -46,7 +48,7 @@ class _PaddleEMA:
             model, cfg["ema_decay"], schedule=schedule, schedule_options=options,
             bias_correction=cfg["ema_bias_correction"], update_every=cfg["ema_update_every"],
             start_step=cfg["ema_start_step"], include_stop_gradient=cfg["ema_include_stop_gradient"],
-            exclude=exclude or None, device=cfg["ema_device"],
+            exclude=exclude or None, device=cfg["ema_device"], shard=cfg["ema_shard"],
         )
         self.model = model
         self.cycle_epoch = cfg["cycle_epoch"]
@@ -58,6 +60,14 @@ class _PaddleEMA:
     @property
     def last_decay(self):
         return self.ema.last_decay
+
+    @property
+    def names(self):
+        return self.ema.names
+
+    @property
+    def owned_names(self):
+        return self.ema.owned_names
 
     @paddle.no_grad()
     def snapshot(self):
@@ -110,6 +120,9 @@ def build_ema(cfg, model):
     if not cfg["use_ema"]:
         return None
     if cfg["ema_impl"] == "ppdet":
+        if cfg["ema_shard"]:
+            raise ConfigError("ema_shard: true needs ema_impl: paddle_ema (ema_impl: ppdet keeps PaddleDetection's "
+                              "unsharded ModelEMA)")
         return _PPDetEMA(cfg, model)
     return _PaddleEMA(cfg, model)
 

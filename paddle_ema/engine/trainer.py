@@ -6,6 +6,10 @@ step the EMA is updated; at snapshot epochs the EMA weights are taken once, eval
 checkpoint (raw weights, optimizer and LR schedule, EMA state, RNG state, step counters), so
 `-r` continues the same run bit for bit.
 
+Under `python -m paddle.distributed.launch` each process trains its part of every batch of a
+DataParallel model and keeps the EMA (or its shard, `ema_shard`) from the synchronised weights;
+only rank 0 writes files (engine/distributed.py).
+
 `mode: static` is dispatched to engine/static_trainer.py (the Executor with paddle_ema.static's
 EMA) once it exists; it takes the same arguments and reuses data, checkpoint, progress and report.
 """
@@ -21,9 +25,9 @@ from ..config import create
 from ..errors import ConfigError
 from .checkpoint import check_fits, check_same_run, load_resume_state, run_identity, save_checkpoint
 from .data import batches
+from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, relative_distance
 from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
-from .evaluation import evaluate
 from .progress import Progress
 from .report import ScalarLog, plot_curves, summary_table
 
@@ -71,6 +75,8 @@ class Trainer:
         self.model = build_model(cfg, self.data["train"])
         reader = cfg["TrainReader"]
         self.batch_size = reader["batch_size"]
+        self.parallel = Parallel(cfg, len(self.data["train"]), self.batch_size, reader["drop_last"])
+        self.train_model = self.parallel.wrap(self.model)
         self.steps_per_epoch = len(batches(len(self.data["train"]), self.batch_size, drop_last=reader["drop_last"]))
         if self.steps_per_epoch == 0:
             raise ConfigError(f"TrainReader.batch_size {self.batch_size} with drop_last leaves no batch of "
@@ -82,8 +88,8 @@ class Trainer:
         self.ema = build_ema(cfg, self.model)
         self.output_dir = os.path.join(cfg["output_dir"], name)
         self.swa = build_swa(cfg, self.model, self.steps_per_epoch)
-        self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=True)
-        self.log = ScalarLog(vdl_log_dir)
+        self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=self.parallel.is_main)
+        self.log = ScalarLog(vdl_log_dir if self.parallel.is_main else None)
         self.start_epoch, self.global_step, self.history, self.best = 0, 0, [], None
         if resume:
             self._resume(resume)
@@ -124,7 +130,8 @@ class Trainer:
         self.global_step = state["global_step"]
         self.history, self.best = list(state["history"]), state["best"]
         self.log.set_state_dict(state["scalars"])
-        print(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}", flush=True)
+        if self.parallel.is_main:
+            print(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}", flush=True)
 
     def _recalibrated(self, weights):
         return with_recalibrated_bn(self.model, weights, self.data["train"], self.cfg["EvalReader"]["batch_size"],
@@ -132,7 +139,7 @@ class Trainer:
 
     def _snapshot(self, epoch, final):
         raw = _clone_state(self.model)
-        weights = raw if self.ema is None else self.ema.snapshot()
+        weights = raw if self.ema is None else self.ema.snapshot()  # collective when sharded
         if self.ema is not None and self.cfg["ema_update_bn"]:
             weights = self._recalibrated(weights)
         swa = None
@@ -145,25 +152,29 @@ class Trainer:
         if self.do_eval:
             row = self._evaluate(epoch, raw, weights, swa)
             self.history.append(row)
-        save_checkpoint(stem, weights, raw if self.ema is not None else None, self._train_state(epoch),
-                        extra=None if swa is None else {SWA_SUFFIX: swa})
+        dump_snapshot(self.parallel, epoch, weights, raw, self.ema)
+        state = self._train_state(epoch)  # collective when sharded: every rank gathers, rank 0 writes
+        if self.parallel.is_main:
+            save_checkpoint(stem, weights, raw if self.ema is not None else None, state,
+                            extra=None if swa is None else {SWA_SUFFIX: swa})
         if row is not None:
             key = "ema_acc" if self.ema is not None else "raw_acc"
             if self.best is None or row[key] > self.best[key]:
-                self.best = row
-                save_checkpoint(os.path.join(self.output_dir, "best_model"), weights,
-                                raw if self.ema is not None else None)
+                self.best = row  # the same on every rank: accuracies are summed over ranks
+                if self.parallel.is_main:
+                    save_checkpoint(os.path.join(self.output_dir, "best_model"), weights,
+                                    raw if self.ema is not None else None)
                 self.progress.write(f"best model so far (epoch {epoch + 1}, {key} {row[key]:.4f}) saved")
         return weights
 
     def _evaluate(self, epoch, raw, weights, swa=None):
         eval_batch = self.cfg["EvalReader"]["batch_size"]
-        row = {"epoch": epoch, "raw_acc": evaluate(self.model, self.data["eval"], eval_batch)}
+        row = {"epoch": epoch, "raw_acc": self.parallel.evaluate(self.model, self.data["eval"], eval_batch)}
         self.log.add("raw_acc", self.global_step, row["raw_acc"])
         line = f"epoch {epoch + 1}: raw acc {row['raw_acc']:.4f}"
         if self.ema is not None:
             self.model.set_state_dict(weights)
-            row["ema_acc"] = evaluate(self.model, self.data["eval"], eval_batch)
+            row["ema_acc"] = self.parallel.evaluate(self.model, self.data["eval"], eval_batch)
             self.model.set_state_dict(raw)
             row["distance"] = relative_distance(weights, raw)
             self.log.add("ema_acc", self.global_step, row["ema_acc"])
@@ -171,7 +182,7 @@ class Trainer:
             line += f", EMA acc {row['ema_acc']:.4f}, |ema-raw|/|raw| {row['distance']:.4g}"
         if swa is not None:
             self.model.set_state_dict(swa)
-            row["swa_acc"] = evaluate(self.model, self.data["eval"], eval_batch)
+            row["swa_acc"] = self.parallel.evaluate(self.model, self.data["eval"], eval_batch)
             self.model.set_state_dict(raw)
             self.log.add("swa_acc", self.global_step, row["swa_acc"])
             line += f", SWA acc {row['swa_acc']:.4f}"
@@ -182,13 +193,15 @@ class Trainer:
     def train(self):
         cfg, data = self.cfg, self.data["train"]
         epochs, reader = cfg["epoch"], cfg["TrainReader"]
-        self.progress = Progress(self.steps_per_epoch * epochs, self.global_step, cfg["log_iter"], self.stream)
+        self.progress = (Progress(self.steps_per_epoch * epochs, self.global_step, cfg["log_iter"], self.stream)
+                         if self.parallel.is_main else SilentProgress())
         self.model.train()
         try:
             for epoch in range(self.start_epoch, epochs):
                 order = batches(len(data), self.batch_size, reader["shuffle"], reader["drop_last"], cfg["seed"], epoch)
                 for iteration, indices in enumerate(order):
-                    loss = self._step(*data.batch(indices))
+                    part = self.parallel.part(indices)
+                    loss = self._step(*data.batch(part), self.parallel.loss_scale(len(part), len(indices)))
                     decay = None if self.ema is None else self.ema.last_decay
                     if self.global_step % cfg["log_iter"] == 0:
                         self.log.add("loss", self.global_step, loss)
@@ -206,14 +219,16 @@ class Trainer:
             self.log.close()
         return self.finish()
 
-    def _step(self, images, labels):
-        logits = self.model(paddle.to_tensor(images))
+    def _step(self, images, labels, loss_scale=1.0):
+        """One optimizer step on this process's part of the batch; returns its mean loss."""
+        logits = self.train_model(paddle.to_tensor(images))
         loss = F.cross_entropy(logits, paddle.to_tensor(labels))
-        loss.backward()
+        (loss if loss_scale == 1.0 else loss * loss_scale).backward()
         self.optimizer.step()
         self.optimizer.clear_grad()
         self.lr.step()
         self.global_step += 1
+        self.parallel.sync_running_stats(self.model)
         if self.ema is not None:
             self.ema.update()
         if self.swa is not None:
@@ -223,6 +238,8 @@ class Trainer:
         return float(loss)
 
     def finish(self):
+        if not self.parallel.is_main:
+            return self.history
         lines = summary_table(self.history)
         for line in lines:
             print(line, flush=True)
@@ -236,6 +253,10 @@ class Trainer:
 def build_trainer(cfg, name, **options):
     """The trainer for cfg['mode']. Both modes share data, config, checkpoints, progress and report."""
     if cfg["mode"] == "static":
+        import paddle.distributed as dist
+
+        if dist.get_world_size() > 1:  # the Executor trainer has no data parallelism: each rank would train alone
+            raise ConfigError("mode: static runs in one process; under paddle.distributed.launch use mode: dygraph")
         try:
             from .static_trainer import StaticTrainer
         except ImportError:
