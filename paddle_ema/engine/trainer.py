@@ -6,8 +6,8 @@ step the EMA is updated; at snapshot epochs the EMA weights are taken once, eval
 checkpoint (raw weights, optimizer and LR schedule, EMA state, RNG state, step counters), so
 `-r` continues the same run bit for bit.
 
-`mode: static` is dispatched to engine/static_trainer.py (the Executor with paddle_ema.static's
-EMA) once it exists; it takes the same arguments and reuses data, checkpoint, progress and report.
+`mode: static` is engine/static_trainer.py (the Executor with paddle_ema.static's EMA), a subclass
+that replaces the methods below which touch the model, the optimizer or the evaluation.
 """
 
 import os
@@ -26,7 +26,7 @@ from .evaluation import evaluate
 from .progress import Progress
 from .report import ScalarLog, plot_curves, summary_table
 
-__all__ = ["build_datasets", "build_model", "Trainer", "build_trainer"]
+__all__ = ["build_datasets", "build_model", "classification_loss", "Trainer", "build_trainer"]
 
 
 def set_device(cfg):
@@ -53,6 +53,10 @@ def build_model(cfg, dataset):
                   image_size=int(dataset.images.shape[-1]))
 
 
+def classification_loss(logits, labels):
+    return F.cross_entropy(logits, labels)
+
+
 def run_name(config_path):
     return os.path.splitext(os.path.basename(config_path))[0]
 
@@ -67,7 +71,6 @@ class Trainer:
         set_device(cfg)
         seed_everything(cfg["seed"])
         self.data = build_datasets(cfg, ("train", "eval") if do_eval else ("train",))
-        self.model = build_model(cfg, self.data["train"])
         reader = cfg["TrainReader"]
         self.batch_size = reader["batch_size"]
         self.steps_per_epoch = len(batches(len(self.data["train"]), self.batch_size, drop_last=reader["drop_last"]))
@@ -77,18 +80,23 @@ class Trainer:
         total = self.steps_per_epoch * cfg["epoch"]
         self.lr = create("lr_schedule", cfg, base_lr=cfg["base_lr"], total_steps=total,
                          steps_per_epoch=self.steps_per_epoch)
-        self.optimizer = create("optimizer", cfg, parameters=self.model.parameters(), learning_rate=self.lr)
-        self.ema = build_ema(cfg, self.model)
+        self._build(cfg)
         self.output_dir = os.path.join(cfg["output_dir"], name)
         self.log = ScalarLog(vdl_log_dir)
         self.start_epoch, self.global_step, self.history, self.best = 0, 0, [], None
         if resume:
             self._resume(resume)
 
+    def _build(self, cfg):
+        """Model, optimizer (on self.lr) and EMA."""
+        self.model = build_model(cfg, self.data["train"])
+        self.optimizer = create("optimizer", cfg, parameters=self.model.parameters(), learning_rate=self.lr)
+        self.ema = build_ema(cfg, self.model)
+
     # -- checkpoints -------------------------------------------------------------------------
     def _train_state(self, epoch):
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "last_epoch": epoch,
             "global_step": self.global_step,
             "ema": None if self.ema is None else self.ema.state_dict(),
@@ -100,8 +108,7 @@ class Trainer:
 
     def _resume(self, path):
         raw, state = load_resume_state(path, self.ema is not None)
-        self.model.set_state_dict(raw)
-        self.optimizer.set_state_dict(state["optimizer"])
+        self._load_weights_and_optimizer(raw, state["optimizer"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise ConfigError(f"-r {path}: the checkpoint was trained without EMA; use_ema is on here")
@@ -113,8 +120,18 @@ class Trainer:
         self.log.set_state_dict(state["scalars"])
         print(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}", flush=True)
 
+    def _optimizer_state(self):
+        return self.optimizer.state_dict()
+
+    def _load_weights_and_optimizer(self, raw, optimizer_state):
+        self.model.set_state_dict(raw)
+        self.optimizer.set_state_dict(optimizer_state)
+
+    def _raw_state(self):
+        return _clone_state(self.model)
+
     def _snapshot(self, epoch, final):
-        raw = _clone_state(self.model)
+        raw = self._raw_state()
         weights = raw if self.ema is None else self.ema.snapshot()
         stem = os.path.join(self.output_dir, "model_final" if final else str(epoch))
         row = None
@@ -132,20 +149,28 @@ class Trainer:
         return weights
 
     def _evaluate(self, epoch, raw, weights):
-        eval_batch = self.cfg["EvalReader"]["batch_size"]
-        row = {"epoch": epoch, "raw_acc": evaluate(self.model, self.data["eval"], eval_batch)}
+        row = {"epoch": epoch, "raw_acc": self._accuracy()}
         self.log.add("raw_acc", self.global_step, row["raw_acc"])
         line = f"epoch {epoch + 1}: raw acc {row['raw_acc']:.4f}"
         if self.ema is not None:
-            self.model.set_state_dict(weights)
-            row["ema_acc"] = evaluate(self.model, self.data["eval"], eval_batch)
-            self.model.set_state_dict(raw)
+            row["ema_acc"] = self._ema_accuracy(raw, weights)
             row["distance"] = relative_distance(weights, raw)
             self.log.add("ema_acc", self.global_step, row["ema_acc"])
             self.log.add("distance", self.global_step, row["distance"])
             line += f", EMA acc {row['ema_acc']:.4f}, |ema-raw|/|raw| {row['distance']:.4g}"
         self.progress.write(line)
         return row
+
+    def _accuracy(self):
+        """Eval accuracy of the current (raw) weights."""
+        return evaluate(self.model, self.data["eval"], self.cfg["EvalReader"]["batch_size"])
+
+    def _ema_accuracy(self, raw, weights):
+        self.model.set_state_dict(weights)
+        try:
+            return self._accuracy()
+        finally:
+            self.model.set_state_dict(raw)
 
     # -- training ----------------------------------------------------------------------------
     def train(self):
@@ -177,7 +202,7 @@ class Trainer:
 
     def _step(self, images, labels):
         logits = self.model(paddle.to_tensor(images))
-        loss = F.cross_entropy(logits, paddle.to_tensor(labels))
+        loss = classification_loss(logits, paddle.to_tensor(labels))
         loss.backward()
         self.optimizer.step()
         self.optimizer.clear_grad()
