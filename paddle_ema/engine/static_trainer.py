@@ -24,6 +24,7 @@ Paddle's global mode stays dygraph outside the trainer's own program and executo
 
 import contextlib
 import re
+import warnings
 
 import numpy as np
 import paddle
@@ -187,7 +188,10 @@ class StaticTrainer(Trainer):
         # The dygraph model of the same seed, for its initial weights: both modes start alike.
         initial = {k: v.numpy() for k, v in build_model(cfg, train).state_dict().items()}
         self.main, startup = paddle.static.Program(), paddle.static.Program()
-        with self._static(), paddle.static.program_guard(self.main, startup), paddle.utils.unique_name.guard():
+        with self._static(), paddle.static.program_guard(self.main, startup), paddle.utils.unique_name.guard(), \
+                warnings.catch_warnings():
+            # Paddle's PIR backward and paddle.where ask a Value for its place, and warn that it has none.
+            warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface")
             self.model = build_model(cfg, train)
             images = paddle.static.data("image", [-1, *train.images.shape[1:]], "float32")
             logits = self.model(images)
