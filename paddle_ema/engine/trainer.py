@@ -226,10 +226,7 @@ class Trainer:
 def build_trainer(cfg, name, **options):
     """The trainer for cfg['mode']. Both modes share data, config, checkpoints, progress and report."""
     if cfg["mode"] == "static":
-        try:
-            from .static_trainer import StaticTrainer
-        except ImportError:
-            raise ConfigError("mode: static is not available yet (the Executor trainer on paddle_ema.static is "
-                              "still to come); use mode: dygraph") from None
+        from .static_trainer import StaticTrainer
+
         return StaticTrainer(cfg, name, **options)
     return Trainer(cfg, name, **options)
