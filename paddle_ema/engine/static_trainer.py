@@ -34,9 +34,9 @@ from ..errors import ConfigError, IncompatibleStateError
 from ..selection import is_floating, select_parameters
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
+from .data import batches
 from .ema_setup import ema_settings
 from .evaluation import accuracy
-from .data import batches
 from .trainer import Trainer, build_model, classification_loss
 
 __all__ = ["StaticTrainer"]
@@ -87,7 +87,8 @@ class _StaticEMAState:
         # Chosen by structured names (what ema_black_list means); every other candidate of the
         # program (under PIR the learning rate is a parameter too) is left out by exact name.
         chosen = {structured[n] for n, _ in select_parameters(model, include, settings["exclude"])}
-        left_out = [f"re:^{re.escape(p.name)}$" for p in paddle.static.default_main_program().global_block().all_parameters()
+        program_parameters = paddle.static.default_main_program().global_block().all_parameters()
+        left_out = [f"re:^{re.escape(p.name)}$" for p in program_parameters
                     if p.name not in chosen and (include or not p.stop_gradient) and is_floating(p)]
         self.ema = StaticEMA(settings["decay"], schedule=settings["schedule"],
                              schedule_options=settings["schedule_options"], update_every=settings["update_every"],
@@ -102,7 +103,9 @@ class _StaticEMAState:
         self.snapshots = 0
 
     def bind(self, trainer):
-        self.trainer, self.vars = trainer, trainer.vars
+        """Attach to the trainer's scope and executor (which exist once the programs are built)."""
+        self.vars, self.exe = trainer.vars, trainer.exe
+        self._static, self._read_weights = trainer._static, trainer._raw_arrays
 
     @property
     def variable_names(self):
@@ -125,8 +128,8 @@ class _StaticEMAState:
         return None if calls == 0 else float(self.ema.schedule((calls - 1) // self.ema.update_every))
 
     def snapshot(self):
-        with self.trainer._static(), self.ema.apply(self.trainer.exe):
-            weights = self.trainer._raw_arrays()
+        with self._static(), self.ema.apply(self.exe):
+            weights = self._read_weights()
         self.snapshots += 1
         if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
             self.register()
