@@ -167,6 +167,16 @@ class ExponentialMovingAverage:
         """Name of the persistable variable that holds the average of `param_name`."""
         return self._var(f"{param_name}@EMA")
 
+    def state_names(self):
+        """Scope names of the persistable state, for code that saves or sets it by hand:
+        {'shadows': {parameter name: shadow name}, 'counter': the int64 count of update runs,
+        'product': the float64 product of the decays applied (1 before any update)}."""
+        return {
+            "shadows": {n: self.shadow_name(n) for n in self.names},
+            "counter": self._counter.name,
+            "product": self._product.name,
+        }
+
     def _backup_name(self, param_name):
         return self._var(f"{param_name}@EMA_BACKUP")
 

@@ -23,7 +23,8 @@ def run_tool(name, *args):
                                       r"exponential, normal, power, power_function, threshold"),
         ("dataset: ImageFolder\nImageFolder: {train_root: /no/such/folder}\n", [],
          r"ImageFolder\.train_root: '/no/such/folder' does not exist"),
-        ("mode: static\n", [], r"mode: static is not available yet"),
+        ("mode: static\nema_start_step: 3\n", [], r"ema_start_step: 3 is not available with mode: static; "
+                                                  r"use ema_start_step: 0, or mode: dygraph"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(tmp_path, body, overrides, message):

@@ -23,7 +23,7 @@ from ..dygraph import ExponentialMovingAverage
 from ..errors import ConfigError
 from ..ppdet import ModelEMA, bn_running_state_names
 
-__all__ = ["build_ema", "relative_distance"]
+__all__ = ["build_ema", "ema_settings", "relative_distance"]
 
 def _schedule(cfg):
     kind = cfg["ema_decay_type"]
@@ -35,21 +35,28 @@ def _schedule(cfg):
     return kind, {}
 
 
+def ema_settings(cfg, model):
+    """The keyword arguments of paddle_ema.ExponentialMovingAverage that cfg's EMA keys ask for.
+
+    `exclude` holds patterns on `model`'s structured parameter names; the static trainer maps the
+    same settings onto paddle_ema.static's EMA.
+    """
+    exclude = list(cfg["ema_black_list"] or [])
+    # Frozen parameters are only candidates when stop_gradient ones are averaged at all.
+    if cfg["ema_filter_no_grad"] and cfg["ema_include_stop_gradient"]:
+        running = bn_running_state_names(model)
+        exclude += [f"re:^{name}$" for name, p in model.named_parameters()
+                    if p.stop_gradient and name not in running]
+    schedule, options = _schedule(cfg)
+    return dict(decay=cfg["ema_decay"], schedule=schedule, schedule_options=options,
+                bias_correction=cfg["ema_bias_correction"], update_every=cfg["ema_update_every"],
+                start_step=cfg["ema_start_step"], include_stop_gradient=cfg["ema_include_stop_gradient"],
+                exclude=exclude or None, device=cfg["ema_device"])
+
+
 class _PaddleEMA:
     def __init__(self, cfg, model):
-        exclude = list(cfg["ema_black_list"] or [])
-        # Frozen parameters are only candidates when stop_gradient ones are averaged at all.
-        if cfg["ema_filter_no_grad"] and cfg["ema_include_stop_gradient"]:
-            running = bn_running_state_names(model)
-            exclude += [f"re:^{name}$" for name, p in model.named_parameters()
-                        if p.stop_gradient and name not in running]
-        schedule, options = _schedule(cfg)
-        self.ema = ExponentialMovingAverage(
-            model, cfg["ema_decay"], schedule=schedule, schedule_options=options,
-            bias_correction=cfg["ema_bias_correction"], update_every=cfg["ema_update_every"],
-            start_step=cfg["ema_start_step"], include_stop_gradient=cfg["ema_include_stop_gradient"],
-            exclude=exclude or None, device=cfg["ema_device"], shard=cfg["ema_shard"],
-        )
+        self.ema = ExponentialMovingAverage(model, **ema_settings(cfg, model), shard=cfg["ema_shard"])
         self.model = model
         self.cycle_epoch = cfg["cycle_epoch"]
         self.snapshots = 0

@@ -5,7 +5,7 @@ import paddle
 
 from .data import batches
 
-__all__ = ["evaluate", "predict"]
+__all__ = ["accuracy", "evaluate", "predict"]
 
 
 @paddle.no_grad()
@@ -19,10 +19,15 @@ def predict(model, dataset, batch_size):
     return np.concatenate(outputs)
 
 
-def evaluate(model, dataset, batch_size):
+def accuracy(logits, labels):
     """Fraction of samples whose arg-max logit is the label."""
+    return float((logits.argmax(axis=1) == labels).mean())
+
+
+def evaluate(model, dataset, batch_size):
+    """Top-1 accuracy of `model` on `dataset`."""
     was_training = model.training
     logits = predict(model, dataset, batch_size)
     if was_training:
         model.train()
-    return float((logits.argmax(axis=1) == dataset.labels).mean())
+    return accuracy(logits, dataset.labels)

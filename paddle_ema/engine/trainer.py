@@ -10,8 +10,8 @@ Under `python -m paddle.distributed.launch` each process trains its part of ever
 DataParallel model and keeps the EMA (or its shard, `ema_shard`) from the synchronised weights;
 only rank 0 writes files (engine/distributed.py).
 
-`mode: static` is dispatched to engine/static_trainer.py (the Executor with paddle_ema.static's
-EMA) once it exists; it takes the same arguments and reuses data, checkpoint, progress and report.
+`mode: static` is engine/static_trainer.py (the Executor with paddle_ema.static's EMA), a subclass
+that replaces the methods below which touch the model, the optimizer or the evaluation.
 """
 
 import os
@@ -31,7 +31,7 @@ from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibra
 from .progress import Progress
 from .report import ScalarLog, plot_curves, summary_table
 
-__all__ = ["build_datasets", "build_model", "Trainer", "build_trainer"]
+__all__ = ["build_datasets", "build_model", "classification_loss", "Trainer", "build_trainer"]
 
 
 def set_device(cfg):
@@ -58,6 +58,10 @@ def build_model(cfg, dataset):
                   image_size=int(dataset.images.shape[-1]))
 
 
+def classification_loss(logits, labels):
+    return F.cross_entropy(logits, labels)
+
+
 def run_name(config_path):
     return os.path.splitext(os.path.basename(config_path))[0]
 
@@ -72,11 +76,9 @@ class Trainer:
         set_device(cfg)
         seed_everything(cfg["seed"])
         self.data = build_datasets(cfg, ("train", "eval") if do_eval else ("train",))
-        self.model = build_model(cfg, self.data["train"])
         reader = cfg["TrainReader"]
         self.batch_size = reader["batch_size"]
         self.parallel = Parallel(cfg, len(self.data["train"]), self.batch_size, reader["drop_last"])
-        self.train_model = self.parallel.wrap(self.model)
         self.steps_per_epoch = len(batches(len(self.data["train"]), self.batch_size, drop_last=reader["drop_last"]))
         if self.steps_per_epoch == 0:
             raise ConfigError(f"TrainReader.batch_size {self.batch_size} with drop_last leaves no batch of "
@@ -84,8 +86,7 @@ class Trainer:
         total = self.steps_per_epoch * cfg["epoch"]
         self.lr = create("lr_schedule", cfg, base_lr=cfg["base_lr"], total_steps=total,
                          steps_per_epoch=self.steps_per_epoch)
-        self.optimizer = create("optimizer", cfg, parameters=self.model.parameters(), learning_rate=self.lr)
-        self.ema = build_ema(cfg, self.model)
+        self._build(cfg)
         self.output_dir = os.path.join(cfg["output_dir"], name)
         self.swa = build_swa(cfg, self.model, self.steps_per_epoch)
         self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=self.parallel.is_main)
@@ -94,10 +95,17 @@ class Trainer:
         if resume:
             self._resume(resume)
 
+    def _build(self, cfg):
+        """Model (and its DataParallel wrapper for training), optimizer (on self.lr) and EMA."""
+        self.model = build_model(cfg, self.data["train"])
+        self.train_model = self.parallel.wrap(self.model)
+        self.optimizer = create("optimizer", cfg, parameters=self.model.parameters(), learning_rate=self.lr)
+        self.ema = build_ema(cfg, self.model)
+
     # -- checkpoints -------------------------------------------------------------------------
     def _train_state(self, epoch):
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self._optimizer_state(),
             "last_epoch": epoch,
             "global_step": self.global_step,
             "ema": None if self.ema is None else self.ema.state_dict(),
@@ -114,8 +122,7 @@ class Trainer:
         raw, state = load_resume_state(path, self.ema is not None)
         check_same_run(state.get("run"), self.cfg, path)
         check_fits(self.model, raw, f"-r {path}: the checkpoint's weights")
-        self.model.set_state_dict(raw)
-        self.optimizer.set_state_dict(state["optimizer"])
+        self._load_weights_and_optimizer(raw, state["optimizer"])
         if self.ema is not None:
             if state["ema"] is None:
                 raise ConfigError(f"-r {path}: the checkpoint was trained without EMA; use_ema is on here")
@@ -137,8 +144,18 @@ class Trainer:
         return with_recalibrated_bn(self.model, weights, self.data["train"], self.cfg["EvalReader"]["batch_size"],
                                     self.cfg["update_bn_batches"])
 
+    def _optimizer_state(self):
+        return self.optimizer.state_dict()
+
+    def _load_weights_and_optimizer(self, raw, optimizer_state):
+        self.model.set_state_dict(raw)
+        self.optimizer.set_state_dict(optimizer_state)
+
+    def _raw_state(self):
+        return _clone_state(self.model)
+
     def _snapshot(self, epoch, final):
-        raw = _clone_state(self.model)
+        raw = self._raw_state()
         weights = raw if self.ema is None else self.ema.snapshot()  # collective when sharded
         if self.ema is not None and self.cfg["ema_update_bn"]:
             weights = self._recalibrated(weights)
@@ -168,26 +185,32 @@ class Trainer:
         return weights
 
     def _evaluate(self, epoch, raw, weights, swa=None):
-        eval_batch = self.cfg["EvalReader"]["batch_size"]
-        row = {"epoch": epoch, "raw_acc": self.parallel.evaluate(self.model, self.data["eval"], eval_batch)}
+        row = {"epoch": epoch, "raw_acc": self._accuracy()}
         self.log.add("raw_acc", self.global_step, row["raw_acc"])
         line = f"epoch {epoch + 1}: raw acc {row['raw_acc']:.4f}"
         if self.ema is not None:
-            self.model.set_state_dict(weights)
-            row["ema_acc"] = self.parallel.evaluate(self.model, self.data["eval"], eval_batch)
-            self.model.set_state_dict(raw)
+            row["ema_acc"] = self._ema_accuracy(raw, weights)
             row["distance"] = relative_distance(weights, raw)
             self.log.add("ema_acc", self.global_step, row["ema_acc"])
             self.log.add("distance", self.global_step, row["distance"])
             line += f", EMA acc {row['ema_acc']:.4f}, |ema-raw|/|raw| {row['distance']:.4g}"
         if swa is not None:
-            self.model.set_state_dict(swa)
-            row["swa_acc"] = self.parallel.evaluate(self.model, self.data["eval"], eval_batch)
-            self.model.set_state_dict(raw)
+            row["swa_acc"] = self._ema_accuracy(raw, swa)
             self.log.add("swa_acc", self.global_step, row["swa_acc"])
             line += f", SWA acc {row['swa_acc']:.4f}"
         self.progress.write(line)
         return row
+
+    def _accuracy(self):
+        """Eval accuracy of the current (raw) weights, over the whole eval set (gathered across ranks)."""
+        return self.parallel.evaluate(self.model, self.data["eval"], self.cfg["EvalReader"]["batch_size"])
+
+    def _ema_accuracy(self, raw, weights):
+        self.model.set_state_dict(weights)
+        try:
+            return self._accuracy()
+        finally:
+            self.model.set_state_dict(raw)
 
     # -- training ----------------------------------------------------------------------------
     def train(self):
@@ -222,7 +245,7 @@ class Trainer:
     def _step(self, images, labels, loss_scale=1.0):
         """One optimizer step on this process's part of the batch; returns its mean loss."""
         logits = self.train_model(paddle.to_tensor(images))
-        loss = F.cross_entropy(logits, paddle.to_tensor(labels))
+        loss = classification_loss(logits, paddle.to_tensor(labels))
         (loss if loss_scale == 1.0 else loss * loss_scale).backward()
         self.optimizer.step()
         self.optimizer.clear_grad()
@@ -257,10 +280,7 @@ def build_trainer(cfg, name, **options):
 
         if dist.get_world_size() > 1:  # the Executor trainer has no data parallelism: each rank would train alone
             raise ConfigError("mode: static runs in one process; under paddle.distributed.launch use mode: dygraph")
-        try:
-            from .static_trainer import StaticTrainer
-        except ImportError:
-            raise ConfigError("mode: static is not available yet (the Executor trainer on paddle_ema.static is "
-                              "still to come); use mode: dygraph") from None
+        from .static_trainer import StaticTrainer
+
         return StaticTrainer(cfg, name, **options)
     return Trainer(cfg, name, **options)

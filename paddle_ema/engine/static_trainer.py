@@ -1,0 +1,291 @@
+"""`mode: static`: the trainer of tools/train.py on the Executor, with paddle_ema.static's EMA.
+
+The same registered architecture, optimizer and LR schedule are built into a main and a startup
+program (PIR by default; legacy programs with FLAGS_enable_pir_api=0 at process start); the
+test program is `clone_for_test` of the forward pass. The EMA update ops are part of the main
+program, so one `exe.run` trains and averages. Everything else (data order, progress, report,
+checkpoint files, resume) is the dygraph Trainer's: this subclass only replaces the methods that
+touch the model, the optimizer and the evaluation.
+
+- Initial weights: those of the dygraph model built with the same seed, so both modes start
+  from the same point (and, same kernels, step for step the same raw weights).
+- Checkpoints: keyed by the model's structured state-dict names (`features.0.weight`), not the
+  program's variable names, so tools/eval.py and tools/export_model.py load them unchanged.
+  `.pdopt` holds the optimizer's accumulators under `<structured name>_<accumulator>`, the LR
+  schedule, and the static EMA's full persistable state.
+- The EMA keys map like engine/ema_setup.py's (`ema_settings`). `ema_bias_correction: false`
+  (the default) starts the average from the weights: shadows <- weights and decay product 0, for
+  which the static EMA's debiased weight (1 - d) / (1 - P_new) is exactly 1 - d. `true` keeps
+  its zero start with the exact correction (product 1). The static EMA has no start step, shadow
+  device or PaddleDetection variant: those settings are refused.
+
+Paddle's global mode stays dygraph outside the trainer's own program and executor calls.
+"""
+
+import contextlib
+import re
+import warnings
+
+import numpy as np
+import paddle
+
+from ..config import create
+from ..errors import ConfigError, IncompatibleStateError
+from ..selection import is_floating, select_parameters
+from ..static import ExponentialMovingAverage as StaticEMA
+from ..static import clone_for_test
+from .data import batches
+from .ema_setup import ema_settings
+from .evaluation import accuracy
+from .trainer import Trainer, build_model, classification_loss
+
+__all__ = ["StaticTrainer"]
+
+STATE_IMPL = "paddle_ema.static"
+
+
+def check_static_config(cfg):
+    """ConfigError for EMA settings that the static EMA cannot honour."""
+    for key in ("use_swa", "ema_posthoc", "ema_update_bn"):  # dygraph averages / passes of the dygraph model
+        if cfg[key]:
+            raise ConfigError(f"{key}: true is not available with mode: static yet; use mode: dygraph")
+    if not cfg["use_ema"]:
+        return
+    refused = {
+        "ema_impl": (cfg["ema_impl"] == "ppdet", "ppdet (PaddleDetection's ModelEMA is a dygraph class)",
+                     "ema_impl: paddle_ema"),
+        "ema_start_step": (cfg["ema_start_step"] != 0, cfg["ema_start_step"], "ema_start_step: 0"),
+        "ema_device": (cfg["ema_device"] is not None, repr(cfg["ema_device"]),
+                       "ema_device: null (the averages live beside the parameters)"),
+    }
+    for key, (bad, shown, allowed) in refused.items():
+        if bad:
+            raise ConfigError(f"{key}: {shown} is not available with mode: static; use {allowed}, or mode: dygraph")
+
+
+class _Scope:
+    """numpy access to the variables of one executor scope."""
+
+    def __init__(self, scope, place):
+        self.scope, self.place = scope, place
+
+    def read(self, name):
+        return np.array(self.scope.find_var(name).get_tensor())
+
+    def write(self, name, value):
+        tensor = self.scope.find_var(name).get_tensor()
+        tensor.set(np.ascontiguousarray(np.asarray(value, dtype=np.array(tensor).dtype)), self.place)
+
+
+def _tensors(arrays):
+    return {k: paddle.to_tensor(v) for k, v in arrays.items()}
+
+
+class _StaticEMAState:
+    """paddle_ema.static's EMA behind the interface the Trainer uses (ema_setup's adapters')."""
+
+    def __init__(self, cfg, model, structured):
+        settings = ema_settings(cfg, model)
+        include = settings["include_stop_gradient"]
+        # Chosen by structured names (what ema_black_list means); every other candidate of the
+        # program (under PIR the learning rate is a parameter too) is left out by exact name.
+        chosen = {structured[n] for n, _ in select_parameters(model, include, settings["exclude"])}
+        program_parameters = paddle.static.default_main_program().global_block().all_parameters()
+        left_out = [f"re:^{re.escape(p.name)}$" for p in program_parameters
+                    if p.name not in chosen and (include or not p.stop_gradient) and is_floating(p)]
+        self.ema = StaticEMA(settings["decay"], schedule=settings["schedule"],
+                             schedule_options=settings["schedule_options"], update_every=settings["update_every"],
+                             include_stop_gradient=include, exclude=left_out or None)
+        self.ema.update()
+        self.bias_correction = settings["bias_correction"]
+        self.cycle_epoch = cfg["cycle_epoch"]
+        self.structured = structured  # structured name -> program name
+        program_to_structured = {v: k for k, v in structured.items()}
+        self.names = self.ema.state_names()
+        self.shadows = {program_to_structured[p]: s for p, s in self.names["shadows"].items()}
+        self.snapshots = 0
+
+    def bind(self, trainer):
+        """Attach to the trainer's scope and executor (which exist once the programs are built)."""
+        self.vars, self.exe = trainer.vars, trainer.exe
+        self._static, self._read_weights = trainer._static, trainer._raw_arrays
+
+    @property
+    def variable_names(self):
+        return set(self.shadows.values()) | {self.names["counter"], self.names["product"]}
+
+    def register(self):
+        """Start the average from the current weights, like the dygraph EMA's register()."""
+        for name, shadow in self.shadows.items():
+            self.vars.write(shadow, self.vars.read(self.structured[name]))
+        self.vars.write(self.names["counter"], [0])
+        self.vars.write(self.names["product"], [1.0 if self.bias_correction else 0.0])
+
+    def _calls(self):
+        return int(self.vars.read(self.names["counter"])[0])
+
+    @property
+    def last_decay(self):
+        """The schedule's decay of the last averaging run (the program uses float32(ema_decay))."""
+        calls = self._calls()
+        return None if calls == 0 else float(self.ema.schedule((calls - 1) // self.ema.update_every))
+
+    def snapshot(self):
+        with self._static(), self.ema.apply(self.exe):
+            weights = self._read_weights()
+        self.snapshots += 1
+        if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
+            self.register()
+        return _tensors(weights)
+
+    def state_dict(self):
+        calls = self._calls()
+        every = self.ema.update_every
+        return {
+            "impl": STATE_IMPL,
+            "ema": {
+                "shadow": _tensors({n: self.vars.read(s) for n, s in self.shadows.items()}),
+                "num_calls": calls,
+                "num_updates": (calls + every - 1) // every,
+                "decay_product": float(self.vars.read(self.names["product"])[0]),
+                "last_decay": self.last_decay,
+            },
+            "snapshots": self.snapshots,
+        }
+
+    def set_state_dict(self, state):
+        if state.get("impl") != STATE_IMPL:
+            raise ConfigError(f"the checkpoint's EMA was made by {state.get('impl')!r}; mode: static resumes only "
+                              f"its own ({STATE_IMPL!r})")
+        shadow = state["ema"]["shadow"]
+        if set(shadow) != set(self.shadows):
+            raise IncompatibleStateError(f"the checkpoint averages {sorted(set(shadow) ^ set(self.shadows))[:5]} "
+                                         "differently from this config")
+        for name, var in self.shadows.items():
+            self.vars.write(var, shadow[name].numpy())
+        self.vars.write(self.names["counter"], [state["ema"]["num_calls"]])
+        self.vars.write(self.names["product"], [state["ema"]["decay_product"]])
+        self.snapshots = state["snapshots"]
+
+
+class StaticTrainer(Trainer):
+    """Trainer on paddle.static programs and the Executor; same arguments and files as Trainer."""
+
+    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None):
+        check_static_config(cfg)
+        self.scope = paddle.static.Scope()
+        super().__init__(cfg, name, do_eval=do_eval, vdl_log_dir=vdl_log_dir, resume=resume, stream=stream)
+
+    @contextlib.contextmanager
+    def _static(self):
+        """Static mode and this trainer's scope inside the block; the previous global mode after it."""
+        was_dynamic = paddle.in_dynamic_mode()
+        if was_dynamic:
+            paddle.enable_static()
+        try:
+            with paddle.static.scope_guard(self.scope):
+                yield
+        finally:
+            if was_dynamic:
+                paddle.disable_static()
+
+    def _build(self, cfg):
+        train = self.data["train"]
+        # The dygraph model of the same seed, for its initial weights: both modes start alike.
+        initial = {k: v.numpy() for k, v in build_model(cfg, train).state_dict().items()}
+        self.main, startup = paddle.static.Program(), paddle.static.Program()
+        with self._static(), paddle.static.program_guard(self.main, startup), paddle.utils.unique_name.guard(), \
+                warnings.catch_warnings():
+            # Paddle's PIR backward and paddle.where ask a Value for its place, and warn that it has none.
+            warnings.filterwarnings("ignore", message="Tensor do not have 'place' interface")
+            self.model = build_model(cfg, train)
+            images = paddle.static.data("image", [-1, *train.images.shape[1:]], "float32")
+            logits = self.model(images)
+            # The forward pass only: cloned before the label, loss, backward, optimizer and EMA ops.
+            self.test_program, (self.test_logits,) = clone_for_test(self.main, [logits])
+            labels = paddle.static.data("label", [-1], "int64")
+            self.loss = classification_loss(logits, labels)
+            self.optimizer = create("optimizer", cfg, parameters=self.model.parameters(), learning_rate=self.lr)
+            self.optimizer.minimize(self.loss)
+            self.structured = {k: v.name for k, v in self.model.state_dict().items()}
+            self.ema = _StaticEMAState(cfg, self.model, self.structured) if cfg["use_ema"] else None
+            self.exe = paddle.static.Executor()
+            self.exe.run(startup)
+        self.vars = _Scope(self.scope, paddle.framework._current_expected_place())
+        self._set_raw(initial)
+        self._optimizer_vars = self._find_optimizer_vars()
+        if self.ema is not None:
+            self.ema.bind(self)
+            self.ema.register()
+
+    def _find_optimizer_vars(self):
+        """{checkpoint key: program name} of the optimizer's persistable state (accumulators):
+        every persistable variable but the weights, the EMA's state and the LR (set from the
+        schedule at each run). Keys use the structured names: `features.0.weight_velocity_0`."""
+        skip = set(self.structured.values()) | (self.ema.variable_names if self.ema is not None else set())
+        skip.add(self.main.lr_scheduler._var_name)
+        by_length = sorted(self.structured.items(), key=lambda item: -len(item[1]))
+        found = {}
+        for var in self.main.list_vars():
+            if not var.persistable or var.name in skip or self.scope.find_var(var.name) is None:
+                continue
+            key = var.name
+            for structured, program_name in by_length:
+                if var.name.startswith(program_name + "_"):
+                    key = structured + var.name[len(program_name):]
+                    break
+            found[key] = var.name
+        return found
+
+    # -- weights and optimizer state, as the Trainer's checkpoints hold them ---------------------
+    def _raw_arrays(self):
+        return {k: self.vars.read(v) for k, v in self.structured.items()}
+
+    def _raw_state(self):
+        return _tensors(self._raw_arrays())
+
+    def _set_raw(self, weights):
+        missing = [k for k in self.structured if k not in weights]
+        if missing:
+            raise IncompatibleStateError(f"the weights lack {missing[:5]} of the configured model")
+        for name, program_name in self.structured.items():
+            value = weights[name]
+            self.vars.write(program_name, value.numpy() if hasattr(value, "numpy") else value)
+
+    def _optimizer_state(self):
+        state = _tensors({k: self.vars.read(v) for k, v in self._optimizer_vars.items()})
+        state["LR_Scheduler"] = self.lr.state_dict()
+        return state
+
+    def _load_weights_and_optimizer(self, raw, optimizer_state):
+        self._set_raw(raw)
+        missing = [k for k in self._optimizer_vars if k not in optimizer_state]
+        if missing:
+            raise IncompatibleStateError(f"the checkpoint's optimizer state lacks {missing[:5]}: it was made by "
+                                         "another optimizer or mode")
+        for key, program_name in self._optimizer_vars.items():
+            self.vars.write(program_name, optimizer_state[key].numpy())
+        self.lr.set_state_dict(optimizer_state["LR_Scheduler"])
+
+    # -- evaluation and steps ----------------------------------------------------------------------
+    def _accuracy(self):
+        dataset = self.data["eval"]
+        outputs = []
+        with self._static():
+            for indices in batches(len(dataset), self.cfg["EvalReader"]["batch_size"]):
+                images, _ = dataset.batch(indices)
+                outputs.append(self.exe.run(self.test_program, feed={"image": images},
+                                            fetch_list=[self.test_logits])[0])
+        return accuracy(np.concatenate(outputs), dataset.labels)
+
+    def _ema_accuracy(self, raw, weights):
+        with self._static(), self.ema.ema.apply(self.exe):
+            return self._accuracy()
+
+    def _step(self, images, labels, loss_scale=1.0):
+        # One process (build_trainer refuses the launcher for mode: static): the whole batch, scale 1.
+        with self._static():
+            (loss,) = self.exe.run(self.main, feed={"image": images, "label": labels}, fetch_list=[self.loss])
+        self.lr.step()
+        self.global_step += 1
+        return float(loss)
