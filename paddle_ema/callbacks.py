@@ -63,15 +63,18 @@ class EMACallback(paddle.callbacks.Callback):
             self.save("ema_final")
 
     def save(self, name):
-        """Save the EMA weights as `paddle.Model.save` does, and the EMA state beside them.
+        """Save the EMA weights in `paddle.Model.save`'s files (<name>.pdparams, <name>.pdopt), and
+        the EMA state beside them, each written crash-safe (paddle_ema.checkpoint.atomic_save).
 
         Every rank must call it (a sharded EMA gathers); rank 0 writes."""
         write = paddle.distributed.get_rank() == 0
         path = os.path.join(self.save_dir, name)
         with self.ema.apply():
             if write:
-                os.makedirs(self.save_dir, exist_ok=True)
-                self.model.save(path)
+                atomic_save(self.model.network.state_dict(), path + ".pdparams")
+                optimizer = getattr(self.model, "_optimizer", None)
+                if optimizer is not None:
+                    atomic_save(optimizer.state_dict(), path + ".pdopt")
         state = self.ema.state_dict()
         if write:
             atomic_save(state, path + ".pdema_state")

@@ -61,6 +61,30 @@ def exp(x):
     return paddle.exp(x)
 
 
+def all_finite(values):
+    """A bool [1] value: True when no element of `values` is NaN or Inf (both program kinds).
+
+    Legacy programs get the operators appended by hand (paddle.isfinite, paddle.all and the
+    logical ops on Paddle 3.3 take only PIR values)."""
+    if isinstance(values[0], paddle.static.Variable):
+        from paddle.base.layer_helper import LayerHelper
+
+        helper = LayerHelper("all_finite")
+
+        def op(kind, inputs, attrs=None):
+            out = helper.create_variable_for_type_inference("bool")
+            helper.append_op(type=kind, inputs=inputs, outputs={"Out": [out]}, attrs=attrs or {})
+            return out
+
+        result = None
+        for value in values:
+            finite = op("isfinite_v2", {"X": [value]})
+            every = op("reduce_all", {"X": [finite]}, {"dim": [], "keep_dim": False, "reduce_all": True})
+            result = every if result is None else op("logical_and", {"X": [result], "Y": [every]})
+        return paddle.reshape(result, [1])
+    return paddle.reshape(paddle.all(paddle.stack([paddle.all(paddle.isfinite(v)) for v in values])), [1])
+
+
 def create_persistable(name, shape, dtype, value):
     """A persistable variable of the current main program, set to `value` by the startup program."""
     initializer = paddle.nn.initializer.Constant(float(value))

@@ -84,6 +84,8 @@ class ExponentialMovingAverage:
         include_stop_gradient: also average parameters with stop_gradient=True (BatchNorm's
             running statistics, frozen layers). Default False.
         exclude: parameter names to leave out: substrings, 're:<regex>' strings or re.Pattern.
+        nonfinite: 'skip' (default): a run whose parameters hold NaN or Inf averages nothing and
+            is counted in the persistable `@EMA_NONFINITE_SKIPPED@`; 'update' averages regardless.
 
     Build it inside the main program after `optimizer.minimize(loss)`, then call `update()` once.
     All state (shadows, update counter, decay product) is persistable: `paddle.static.save` and
@@ -101,6 +103,7 @@ class ExponentialMovingAverage:
         update_every=1,
         include_stop_gradient=False,
         exclude=None,
+        nonfinite="skip",
     ):
         if paddle.in_dynamic_mode():
             raise ConfigError(
@@ -128,6 +131,9 @@ class ExponentialMovingAverage:
                 f"decay {self.schedule.decay!r} rounds to 1.0 in float32, the precision in which programs "
                 "carry constants: nothing would be averaged; use a decay below 1 - 3e-8"
             )
+        if nonfinite not in ("skip", "update"):
+            raise ConfigError(f"nonfinite must be 'skip' or 'update' in a static program, got {nonfinite!r}")
+        self.nonfinite = nonfinite
         self.update_every = int(update_every)
         self._step_variable = thres_steps if _is_program_variable(thres_steps) else None
         self._prefix = name or ""
@@ -151,6 +157,7 @@ class ExponentialMovingAverage:
         # the decays applied, P: the bias correction divides by 1 - P; P < 1 once anything was averaged.
         self._counter = program_ops.create_persistable(self._var("@EMA_UPDATE_COUNTER@"), [1], "int64", 0)
         self._product = program_ops.create_persistable(self._var("@EMA_DECAY_PRODUCT@"), [1], SCALAR_DTYPE, 1.0)
+        self._skipped = program_ops.create_persistable(self._var("@EMA_NONFINITE_SKIPPED@"), [1], "int64", 0)
         self._updated = False
         self._backup_made = False
         self._open_applies = 0
@@ -170,11 +177,13 @@ class ExponentialMovingAverage:
     def state_names(self):
         """Scope names of the persistable state, for code that saves or sets it by hand:
         {'shadows': {parameter name: shadow name}, 'counter': the int64 count of update runs,
-        'product': the float64 product of the decays applied (1 before any update)}."""
+        'product': the float64 product of the decays applied (1 before any update),
+        'skipped': the int64 count of runs skipped for non-finite parameters}."""
         return {
             "shadows": {n: self.shadow_name(n) for n in self.names},
             "counter": self._counter.name,
             "product": self._product.name,
+            "skipped": self._skipped.name,
         }
 
     def _backup_name(self, param_name):
@@ -216,6 +225,15 @@ class ExponentialMovingAverage:
         t = paddle.cast(step, SCALAR_DTYPE)
         decay = self.schedule.tensor(t)
         weight, product = self.rule.weight(decay, self._product)
+        finite = None
+        if self.nonfinite == "skip":
+            # Weights holding NaN or Inf (a diverged step) must not reach the shadows: such a run
+            # averages nothing and is counted, like the dygraph EMA's nonfinite='skip'.
+            finite = program_ops.all_finite(self._params)
+            paddle.assign(self._skipped + (1 - paddle.cast(finite, "int64")), output=self._skipped)
+            # where() takes no bool operands: both conditions as integer arithmetic
+            averages = finite if averages is None else paddle.cast(
+                paddle.cast(averages, "int64") * paddle.cast(finite, "int64"), "bool")
         if averages is not None:
             # A skipped run leaves everything as it is: weight 0 leaves the shadows unchanged.
             weight = paddle.where(averages, weight, paddle.zeros_like(weight))
@@ -225,6 +243,8 @@ class ExponentialMovingAverage:
             if shadow.dtype not in weights:
                 weights[shadow.dtype] = paddle.cast(weight, shadow.dtype)
             value = param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype)
+            if finite is not None:  # a weight of 0 would not do: 0 * NaN is NaN
+                value = paddle.where(finite, value, shadow)
             program_ops.lerp_(shadow, value, weights[shadow.dtype])
         paddle.assign(product, output=self._product)
         paddle.increment(self._counter, 1.0)

@@ -494,3 +494,34 @@ def test_bad_arguments_raise_config_errors():
             ema.update()
     with pytest.raises(ConfigError, match="enable_static"):
         ExponentialMovingAverage(0.9)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_nonfinite_parameters_are_skipped_and_counted(kind):
+    place = paddle.CPUPlace()
+    with static_programs(kind) as (main, startup):
+        regression()
+        ema = ExponentialMovingAverage(0.9)
+        ema.update()
+        exe = paddle.static.Executor(place)
+        exe.run(startup)
+        kept = {name: [] for name in ema.names}
+        for step, (x, y) in enumerate(batches(8)):
+            poisoned = step in (3, 4)
+            if poisoned:  # a diverged step: the weights hold NaN/Inf when the EMA reads them
+                clean = {name: scope_value(name) for name in ema.names}
+                bad = clean["fc.w"].copy()
+                bad[0, 0] = np.nan if step == 3 else np.inf
+                paddle.static.global_scope().find_var("fc.w").get_tensor().set(bad, place)
+            exe.run(main, feed={"x": x, "y": y})
+            if poisoned:  # the NaN reached the bias through the gradient too: put both back
+                for name, value in clean.items():
+                    paddle.static.global_scope().find_var(name).get_tensor().set(value, place)
+            else:
+                for name in ema.names:
+                    kept[name].append(scope_value(name))
+        assert scope_value(ema.state_names()["skipped"]).item() == 2
+        for name in ema.names:
+            shadow = scope_value(ema.shadow_name(name))
+            assert np.isfinite(shadow).all()
+            np.testing.assert_allclose(shadow, reference_ema(kept[name], [in_program(0.9)] * 6), **F32)

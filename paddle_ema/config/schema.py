@@ -93,6 +93,8 @@ FIELDS = {
     "ema_power": Field("float", 2.0 / 3.0, low=0.0),
     "ema_inv_gamma": Field("float", 1.0, low=0.0),
     "ema_min_decay": Field("float", 0.0, low=0.0, high=1.0),
+    "ema_nonfinite": Field("str", "skip", choices=("skip", "raise", "update"),
+                           doc="an update on weights holding NaN/Inf: skip it (and count), raise, or average anyway"),
     # Beyond EMA: BatchNorm recalibration, stochastic weight averaging, post-hoc EMA snapshots
     "ema_update_bn": Field("bool", False, doc="recompute BatchNorm statistics for the EMA weights before eval/save"),
     "update_bn_batches": Field("int", None, nullable=True, low=1, doc="training batches per recalibration"),

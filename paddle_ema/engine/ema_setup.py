@@ -51,7 +51,7 @@ def ema_settings(cfg, model):
     return dict(decay=cfg["ema_decay"], schedule=schedule, schedule_options=options,
                 bias_correction=cfg["ema_bias_correction"], update_every=cfg["ema_update_every"],
                 start_step=cfg["ema_start_step"], include_stop_gradient=cfg["ema_include_stop_gradient"],
-                exclude=exclude or None, device=cfg["ema_device"])
+                exclude=exclude or None, device=cfg["ema_device"], nonfinite=cfg["ema_nonfinite"])
 
 
 class _PaddleEMA:

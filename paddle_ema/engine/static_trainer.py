@@ -57,6 +57,7 @@ def check_static_config(cfg):
         "ema_start_step": (cfg["ema_start_step"] != 0, cfg["ema_start_step"], "ema_start_step: 0"),
         "ema_device": (cfg["ema_device"] is not None, repr(cfg["ema_device"]),
                        "ema_device: null (the averages live beside the parameters)"),
+        "ema_nonfinite": (cfg["ema_nonfinite"] == "raise", "raise", "ema_nonfinite: skip or update"),
     }
     for key, (bad, shown, allowed) in refused.items():
         if bad:
@@ -95,7 +96,8 @@ class _StaticEMAState:
                     if p.name not in chosen and (include or not p.stop_gradient) and is_floating(p)]
         self.ema = StaticEMA(settings["decay"], schedule=settings["schedule"],
                              schedule_options=settings["schedule_options"], update_every=settings["update_every"],
-                             include_stop_gradient=include, exclude=left_out or None)
+                             include_stop_gradient=include, exclude=left_out or None,
+                             nonfinite=settings["nonfinite"])
         self.ema.update()
         self.bias_correction = settings["bias_correction"]
         self.cycle_epoch = cfg["cycle_epoch"]
@@ -112,7 +114,7 @@ class _StaticEMAState:
 
     @property
     def variable_names(self):
-        return set(self.shadows.values()) | {self.names["counter"], self.names["product"]}
+        return set(self.shadows.values()) | {self.names["counter"], self.names["product"], self.names["skipped"]}
 
     def register(self):
         """Start the average from the current weights, like the dygraph EMA's register()."""
@@ -149,6 +151,7 @@ class _StaticEMAState:
                 "num_updates": (calls + every - 1) // every,
                 "decay_product": float(self.vars.read(self.names["product"])[0]),
                 "last_decay": self.last_decay,
+                "num_nonfinite_skipped": int(self.vars.read(self.names["skipped"])[0]),
             },
             "snapshots": self.snapshots,
         }
@@ -165,6 +168,7 @@ class _StaticEMAState:
             self.vars.write(var, shadow[name].numpy())
         self.vars.write(self.names["counter"], [state["ema"]["num_calls"]])
         self.vars.write(self.names["product"], [state["ema"]["decay_product"]])
+        self.vars.write(self.names["skipped"], [state["ema"].get("num_nonfinite_skipped", 0)])
         self.snapshots = state["snapshots"]
 
 
