@@ -49,9 +49,14 @@ def lerp_(average, value, weight):
         )
 
 
+def _legacy_variable(x):
+    # An eager Tensor is an instance of paddle.static.Variable too: check the mode first.
+    return not paddle.in_dynamic_mode() and isinstance(x, paddle.static.Variable)
+
+
 def exp(x):
     """paddle.exp that also takes legacy-program Variables (paddle.exp on Paddle 3.3 does not)."""
-    if isinstance(x, paddle.static.Variable):
+    if _legacy_variable(x):
         from paddle.base.layer_helper import LayerHelper
 
         helper = LayerHelper("exp")
@@ -66,7 +71,7 @@ def all_finite(values):
 
     Legacy programs get the operators appended by hand (paddle.isfinite, paddle.all and the
     logical ops on Paddle 3.3 take only PIR values)."""
-    if isinstance(values[0], paddle.static.Variable):
+    if _legacy_variable(values[0]):
         from paddle.base.layer_helper import LayerHelper
 
         helper = LayerHelper("all_finite")
