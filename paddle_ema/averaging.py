@@ -24,7 +24,16 @@ The formulas are plain arithmetic, so the static EMA evaluates them on tensors t
 
 from .errors import ConfigError
 
-__all__ = ["EMARule"]
+__all__ = ["EMARule", "shadow_dtype"]
+
+
+def shadow_dtype(dtype):
+    """The dtype an average of `dtype` weights is kept in: float32 for float16/bfloat16 (a
+    half-precision average rounds each small (1 - d) * (x - a) step away and stops moving),
+    else the weights' own."""
+    import paddle
+
+    return paddle.float32 if dtype in (paddle.float16, paddle.bfloat16) else dtype
 
 
 class EMARule:

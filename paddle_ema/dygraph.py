@@ -8,7 +8,7 @@ import numpy as np
 import paddle
 
 from . import kernels
-from .averaging import EMARule
+from .averaging import EMARule, shadow_dtype
 from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
 from .schedules import PowerFunction, make_schedule
 from .selection import select_parameters
@@ -19,12 +19,6 @@ __all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 STATE_VERSION = 1
 DEFAULT_DECAY = 0.9998
 NONFINITE_POLICIES = ("skip", "raise", "update")
-
-
-def _shadow_dtype(param):
-    # Averages of half-precision weights are kept in float32: an fp16 shadow rounds each small
-    # (1 - d) * (x - a) step away and stops moving.
-    return paddle.float32 if param.dtype in (paddle.float16, paddle.bfloat16) else param.dtype
 
 
 def _check_int(name, value, minimum):
@@ -146,7 +140,7 @@ class ExponentialMovingAverage:
 
     @paddle.no_grad()
     def _snapshot(self, param):
-        shadow = param.detach().clone().astype(_shadow_dtype(param))
+        shadow = param.detach().clone().astype(shadow_dtype(param.dtype))
         if self.device is not None:
             shadow = shadow._copy_to(self.device, False)
         shadow.stop_gradient = True
@@ -240,7 +234,7 @@ class ExponentialMovingAverage:
         if self._sharding is None:
             kernels.copy_(targets, self._shadows)
         else:
-            dtypes = [_shadow_dtype(p) for p in self._params]
+            dtypes = [shadow_dtype(p.dtype) for p in self._params]
             self._sharding.broadcast_into(targets, self._shadows, dtypes, self._params[0].place)
 
     @property
@@ -295,7 +289,7 @@ class ExponentialMovingAverage:
         """
         shadows = self._shadows
         if self._sharding is not None:
-            shadows = [paddle.empty(p.shape, dtype=_shadow_dtype(p)) for p in self._params]
+            shadows = [paddle.empty(p.shape, dtype=shadow_dtype(p.dtype)) for p in self._params]
             self._averages_into(shadows)
         return {
             "format": f"paddle_ema.{type(self).__name__}",

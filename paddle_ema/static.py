@@ -31,7 +31,7 @@ import numpy as np
 import paddle
 
 from . import program_ops
-from .averaging import EMARule
+from .averaging import EMARule, shadow_dtype
 from .errors import ConfigError, EMAStateError
 from .program_ops import clone_for_test, step_counter
 from .schedules import make_schedule
@@ -41,12 +41,6 @@ __all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
 
 DEFAULT_DECAY = 0.999
 SCALAR_DTYPE = "float64"
-
-
-def _shadow_dtype(param):
-    if param.dtype in (paddle.float16, paddle.bfloat16):
-        return paddle.float32
-    return param.dtype
 
 
 def _is_program_variable(value):
@@ -150,7 +144,7 @@ class ExponentialMovingAverage:
         self._check_names_free()
 
         self._shadows = [
-            program_ops.create_persistable(self.shadow_name(n), p.shape, _shadow_dtype(p), 0.0)
+            program_ops.create_persistable(self.shadow_name(n), p.shape, shadow_dtype(p.dtype), 0.0)
             for n, p in named
         ]
         # Runs of update() so far (the step of the schedule without thres_steps), and the product of
