@@ -19,8 +19,9 @@ import paddle
 
 from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
-from ..errors import ConfigError, IncompatibleStateError
 from ..checkpoint import atomic_save, safe_load
+from ..errors import ConfigError, IncompatibleStateError
+from .checkpoint import copy_state
 from .data import batches
 
 __all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]
@@ -115,7 +116,7 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
         model = build_model(cfg, dataset)
         model.set_state_dict(averaged)
         recompute_bn_statistics(model, dataset, cfg["EvalReader"]["batch_size"])
-        averaged = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        averaged = copy_state(model.state_dict())
     atomic_save(averaged, output)
     shown = "uniform" if weights is None else "weights " + ", ".join(f"{w:g}" for w in weights)
     return f"averaged {len(paths)} checkpoints ({shown}; BatchNorm statistics: {bn if has_bn else 'none'}) -> {output}"

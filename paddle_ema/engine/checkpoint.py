@@ -16,10 +16,15 @@ from ..checkpoint import MANIFEST_SUFFIX, atomic_save, safe_load, verify  # noqa
 from ..checkpoint import save_checkpoint as _save_files
 from ..errors import CheckpointError, IncompatibleStateError
 
-__all__ = ["atomic_save", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights", "check_fits",
+__all__ = ["atomic_save", "copy_state", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights", "check_fits",
            "run_identity", "check_same_run"]
 
 SUFFIXES = (".pdparams", ".pdema", ".pdopt")
+
+
+def copy_state(state):
+    """A detached copy of a state dict (every tensor cloned): what a snapshot or checkpoint holds."""
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def checkpoint_stem(path):

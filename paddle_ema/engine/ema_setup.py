@@ -22,6 +22,7 @@ import paddle
 from ..dygraph import ExponentialMovingAverage
 from ..errors import ConfigError
 from ..ppdet import ModelEMA, bn_running_state_names
+from .checkpoint import copy_state
 
 __all__ = ["build_ema", "ema_settings", "relative_distance"]
 
@@ -80,7 +81,7 @@ class _PaddleEMA:
     def snapshot(self):
         """The model's state dict with EMA weights (copies); counts a snapshot for cycle_epoch."""
         with self.ema.apply():
-            weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            weights = copy_state(self.model.state_dict())
         self.snapshots += 1
         if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
             self.ema.register()
@@ -110,7 +111,7 @@ class _PPDetEMA:
         return self.ema._decay
 
     def snapshot(self):
-        return {k: v.detach().clone() for k, v in self.ema.apply().items()}
+        return copy_state(self.ema.apply())
 
     def state_dict(self):
         return {"impl": "ppdet", "ema": self.ema.ema_state()}

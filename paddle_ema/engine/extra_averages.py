@@ -16,6 +16,7 @@ import paddle
 from ..dygraph import StochasticWeightAveraging
 from ..posthoc import PostHocEMA
 from .averaging_checkpoints import recompute_bn_statistics
+from .checkpoint import copy_state
 
 __all__ = ["SWA_SUFFIX", "build_swa", "build_posthoc", "with_recalibrated_bn"]
 
@@ -46,7 +47,7 @@ class TrainerSWA:
     @paddle.no_grad()
     def snapshot(self, model):
         with self.swa.apply():
-            return {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return copy_state(model.state_dict())
 
 
 def build_swa(cfg, model, steps_per_epoch):
@@ -64,11 +65,11 @@ def build_posthoc(cfg, model, output_dir, write):
 @paddle.no_grad()
 def with_recalibrated_bn(model, weights, dataset, batch_size, num_batches=None):
     """`weights` with BatchNorm statistics recomputed over `dataset` for those weights; the model is left as it was."""
-    raw = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    raw = copy_state(model.state_dict())
     was_training = model.training
     model.set_state_dict(weights)
     recompute_bn_statistics(model, dataset, batch_size, num_batches)
-    recalibrated = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    recalibrated = copy_state(model.state_dict())
     model.set_state_dict(raw)
     if was_training:
         model.train()

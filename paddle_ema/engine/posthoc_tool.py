@@ -23,7 +23,7 @@ def posthoc_weights(cfg, run_dir, snapshots, sigma_rels, at=None, update_bn=Fals
     import paddle
 
     from .averaging_checkpoints import recompute_bn_statistics
-    from .checkpoint import check_fits
+    from .checkpoint import check_fits, copy_state
     from .evaluation import evaluate
     from .trainer import build_datasets, build_model, set_device
 
@@ -50,7 +50,7 @@ def posthoc_weights(cfg, run_dir, snapshots, sigma_rels, at=None, update_bn=Fals
         if update_bn:
             recompute_bn_statistics(model, data["train"], cfg["EvalReader"]["batch_size"], cfg["update_bn_batches"])
         path = os.path.join(run_dir, f"posthoc_sigma{sigma_rel:.3f}.pdparams")
-        atomic_save({k: v.detach().clone() for k, v in model.state_dict().items()}, path)
+        atomic_save(copy_state(model.state_dict()), path)
         accuracy = evaluate(model, data["eval"], cfg["EvalReader"]["batch_size"]) if do_eval else None
         results.append((sigma_rel, info["gamma"], path, accuracy, info["at"]))
     return results

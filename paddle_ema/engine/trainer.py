@@ -23,7 +23,7 @@ import paddle.nn.functional as F
 
 from ..config import create
 from ..errors import ConfigError
-from .checkpoint import check_fits, check_same_run, load_resume_state, run_identity, save_checkpoint
+from .checkpoint import check_fits, check_same_run, copy_state, load_resume_state, run_identity, save_checkpoint
 from .data import batches
 from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, relative_distance
@@ -64,10 +64,6 @@ def classification_loss(logits, labels):
 
 def run_name(config_path):
     return os.path.splitext(os.path.basename(config_path))[0]
-
-
-def _clone_state(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
 class Trainer:
@@ -152,7 +148,7 @@ class Trainer:
         self.optimizer.set_state_dict(optimizer_state)
 
     def _raw_state(self):
-        return _clone_state(self.model)
+        return copy_state(self.model.state_dict())
 
     def _snapshot(self, epoch, final):
         raw = self._raw_state()
