@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,16 +12,12 @@ import pytest
 
 from paddle_ema import EMAStateError, ExponentialMovingAverage
 from paddle_ema.sharding import partition
+from processes import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).parent / "workers" / "ema_dataparallel.py"
 STEPS = 6
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(out, mode, nproc, *extra):
@@ -32,7 +27,7 @@ def launch(out, mode, nproc, *extra):
         cmd = [sys.executable, str(WORKER), str(out), mode, str(STEPS), *extra]
     else:
         cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc),
-               "--log_dir", str(out / "log"), "--start_port", str(_free_port()),
+               "--log_dir", str(out / "log"), "--start_port", str(free_port()),
                str(WORKER), str(out), mode, str(STEPS), *extra]
     result = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=240)
     logs = "".join(p.read_text(errors="replace")[-3000:] for p in sorted((out / "log").glob("workerlog.*"))) if nproc > 1 else ""

@@ -16,6 +16,7 @@ from paddle_ema import (
     IncompatibleStateError,
     SelectionError,
 )
+from processes import rss_bytes
 
 
 class ConvBN(paddle.nn.Layer):
@@ -430,10 +431,6 @@ def test_invalid_options_name_what_is_allowed():
         ExponentialMovingAverage(layer, schedule="expo")
 
 
-def _rss_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
-
 
 def test_updates_build_no_graph_and_memory_stays_flat_over_10000_updates():
     model = paddle.vision.models.LeNet()
@@ -442,10 +439,10 @@ def test_updates_build_no_graph_and_memory_stays_flat_over_10000_updates():
     loss.backward()  # gradients exist: an update that recorded autograd ops would grow the graph
     for _ in range(1000):
         ema.update()
-    before = _rss_bytes()
+    before = rss_bytes()
     for _ in range(9000):
         ema.update()
-    growth = _rss_bytes() - before
+    growth = rss_bytes() - before
     assert ema.num_updates == 10000
     assert all(ema.average(n).stop_gradient for n in ema.names)
     # Any per-update allocation that is kept (a graph node, a copy) would add >= 61,706 floats

@@ -13,13 +13,10 @@ import pytest
 
 from ema_model import EMAModel, decay_closed_form
 from paddle_ema import ExponentialMovingAverage
+from processes import rss_bytes
 
 UPDATES = int(os.environ.get("PADDLE_EMA_SOAK_UPDATES", "20000"))
 
-
-def _rss_bytes():
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * 4096
 
 
 @pytest.mark.soak
@@ -40,13 +37,13 @@ def test_soak(schedule, bias_correction):
     start_rss = None
     for k in range(UPDATES):
         if k == warm:
-            start_rss = _rss_bytes()
+            start_rss = rss_bytes()
         values = weights_at(k)
         layer.weight.set_value(values["weight"])
         layer.bias.set_value(values["bias"])
         ema.update()
         reference.update(values)
-    growth = _rss_bytes() - start_rss
+    growth = rss_bytes() - start_rss
     assert ema.num_updates == UPDATES
     for name, want in reference.average().items():
         got = ema.average(name).numpy()

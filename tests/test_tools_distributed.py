@@ -9,7 +9,6 @@ a start-up audit hook (tests/workers/write_audit) records every file each proces
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +24,7 @@ from paddle_ema.engine.distributed import DUMP_ENV, Parallel
 from paddle_ema.engine.evaluation import evaluate
 from paddle_ema.engine.trainer import Trainer, build_datasets, build_model
 from paddle_ema.errors import ConfigError
+from processes import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "lenet_digits.yml"
@@ -32,11 +32,6 @@ AUDIT = Path(__file__).parent / "workers" / "write_audit"
 STEPS_PER_EPOCH = 85  # ceil(1347 / 16): the global batch of 16 is split over the processes
 NUM_EVAL = 450
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(base, name, nproc, *options, resume=None):
@@ -51,7 +46,7 @@ def train(base, name, nproc, *options, resume=None):
             "-o", f"output_dir={out}", *options, *(["-r", str(resume)] if resume else [])]
     if nproc > 1:
         args = ["-m", "paddle.distributed.launch", "--nproc_per_node", str(nproc), "--log_dir", str(run / "log"),
-                "--start_port", str(_free_port()), *args]
+                "--start_port", str(free_port()), *args]
     result = subprocess.run([sys.executable, *args], cwd=run, env=env, capture_output=True, text=True, timeout=240)
     logs = {int(p.name.rsplit(".", 1)[1]): p.read_text(errors="replace") for p in (run / "log").glob("workerlog.*")}
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:] + "".join(logs.values())[-3000:]
@@ -229,7 +224,7 @@ def test_a_batch_too_small_for_every_process_is_a_config_error():
 
 def test_a_config_error_under_the_launcher_is_one_line_and_exit_status_2(tmp_path):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--log_dir", str(tmp_path / "log"),
-           "--start_port", str(_free_port()), str(REPO / "tools" / "train.py"), "-c", str(CONFIG),
+           "--start_port", str(free_port()), str(REPO / "tools" / "train.py"), "-c", str(CONFIG),
            "-o", "TrainReader.batch_size=1", f"output_dir={tmp_path / 'output'}"]
     result = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True,
                             timeout=240)
