@@ -12,9 +12,12 @@ removed, so a run killed half way leaves a stem without a manifest, which `verif
 incomplete instead of loading a torn mixture of old and new files.
 """
 
+import contextlib
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 
 import paddle
@@ -23,6 +26,7 @@ from .errors import CheckpointError
 
 __all__ = [
     "atomic_save",
+    "staged_prefix",
     "atomic_write_text",
     "safe_load",
     "save_checkpoint",
@@ -77,6 +81,27 @@ def atomic_write_text(text, path):
             f.write(text)
 
     _atomic(write, path)
+
+
+@contextlib.contextmanager
+def staged_prefix(prefix):
+    """For writers that produce several `<prefix><suffix>` files (paddle.jit.save,
+    paddle.static.save_inference_model): the block writes under the yielded staging prefix, in a
+    temporary folder beside the target; only if it succeeds does each file move to
+    `<prefix><suffix>`, fsynced, by an atomic rename. On failure nothing at `prefix` changes."""
+    prefix = os.fspath(prefix)
+    folder, base = os.path.split(os.path.abspath(prefix))
+    os.makedirs(folder, exist_ok=True)
+    stage = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=folder)
+    try:
+        yield os.path.join(stage, base)
+        for name in sorted(os.listdir(stage)):
+            with open(os.path.join(stage, name), "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(os.path.join(stage, name), os.path.join(folder, name))
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
 
 
 def _digest(path):

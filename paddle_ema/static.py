@@ -32,6 +32,7 @@ import paddle
 
 from . import program_ops
 from .averaging import EMARule, shadow_dtype
+from .checkpoint import staged_prefix
 from .errors import ConfigError, EMAStateError
 from .program_ops import clone_for_test, step_counter
 from .schedules import make_schedule
@@ -300,10 +301,11 @@ class ExponentialMovingAverage:
         """`paddle.static.save_inference_model` with the EMA weights in the saved parameters.
 
         Pass `program=test_program` (see `clone_for_test`) as for Paddle's function; the training
-        weights are back in the scope afterwards.
+        weights are back in the scope afterwards. The files are written crash-safe
+        (paddle_ema.checkpoint.staged_prefix).
         """
-        with self.apply(executor):
-            paddle.static.save_inference_model(path_prefix, feed_vars, fetch_vars, executor, **kwargs)
+        with self.apply(executor), staged_prefix(path_prefix) as staged:
+            paddle.static.save_inference_model(staged, feed_vars, fetch_vars, executor, **kwargs)
 
     def __repr__(self):
         return (

@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import numpy as np
 import paddle
@@ -81,3 +82,21 @@ def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypat
     monkeypatch.undo()
     assert np.array_equal(paddle.load(str(target))["w"].numpy(), [1.0, 1.0])
     assert os.listdir(tmp_path) == ["x.pdparams"]
+
+
+def test_staged_prefix_publishes_all_files_or_none(tmp_path):
+    prefix = tmp_path / "out" / "model"
+
+    def write(staged, value):
+        for suffix in (".json", ".pdiparams"):
+            Path(staged + suffix).write_text(value)
+
+    with checkpoint.staged_prefix(prefix) as staged:
+        write(staged, "first")
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.json", "model.pdiparams"]
+    with pytest.raises(RuntimeError, match="check failed"):
+        with checkpoint.staged_prefix(prefix) as staged:
+            write(staged, "second")
+            raise RuntimeError("check failed")
+    assert sorted(os.listdir(tmp_path / "out")) == ["model.json", "model.pdiparams"]  # no staging left behind
+    assert (tmp_path / "out" / "model.json").read_text() == "first"

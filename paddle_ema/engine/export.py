@@ -3,6 +3,7 @@
 import numpy as np
 import paddle
 
+from ..checkpoint import staged_prefix
 from ..errors import PaddleEMAError
 from .checkpoint import load_weights
 from .evaluation import predict
@@ -23,13 +24,15 @@ def export_model(cfg, weights, prefix, check_samples=64, tolerance=1e-4):
     load_weights(model, weights)
     model.eval()
     shape = [None, *dataset.images.shape[1:]]
-    paddle.jit.save(model, prefix, input_spec=[paddle.static.InputSpec(shape, "float32", "image")])
     images, _ = dataset.batch(np.arange(min(check_samples, len(dataset))))
     expected = predict(model, dataset, 256)[: len(images)]
-    loaded = paddle.jit.load(prefix)
-    loaded.eval()
-    got = loaded(paddle.to_tensor(images)).numpy()
-    max_diff = float(np.abs(got - expected).max())
-    if not max_diff <= tolerance:
-        raise ExportMismatch(f"exported model {prefix} predicts differently: max |diff| {max_diff:.3g} > {tolerance}")
+    # Checked before it is published: a failed export leaves an earlier one at `prefix` intact.
+    with staged_prefix(prefix) as staged:
+        paddle.jit.save(model, staged, input_spec=[paddle.static.InputSpec(shape, "float32", "image")])
+        loaded = paddle.jit.load(staged)
+        loaded.eval()
+        got = loaded(paddle.to_tensor(images)).numpy()
+        max_diff = float(np.abs(got - expected).max())
+        if not max_diff <= tolerance:
+            raise ExportMismatch(f"exported model {prefix} predicts differently: max |diff| {max_diff:.3g} > {tolerance}")
     return prefix, max_diff
