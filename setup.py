@@ -12,6 +12,8 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["paddle_ema", "paddle_ema.*"]),
+    # The kernels' C++/CUDA sources are compiled on the user's machine at first use.
+    package_data={"paddle_ema.kernels": ["csrc/*.cc", "csrc/*.cu", "csrc/*.h", "csrc/*.cuh"]},
     # No hard requirement on a Paddle build: `paddlepaddle` (CPU) and `paddlepaddle-gpu` are
     # different distributions, and requiring one would install it over the other. paddle_ema
     # says at import how to install one; the `cpu` extra installs the CPU build.
