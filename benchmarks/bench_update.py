@@ -6,9 +6,11 @@ parameter. For three parameter sets it times one update of all tensors (median o
 every row alike) and prints ms, effective GB/s (12 bytes x parameters / time), and the ratio to
 the fastest row and to the memory floor (the faster of the two floor rows):
 
-    seed numpy loop          the seed tutorial: shadow = d * shadow + (1 - d) * param.numpy()
-    PaddleDetection-style    ModelEMA.update's ema = d * ema + (1 - d) * param.astype('float32'):
-                             new Paddle tensors each step, outside no_grad as it is called
+    seed numpy loop          the seed tutorial's update as written (SeedTutorialEMA below): numpy
+                             copies of every weight and shadow, a new numpy average each step
+    PaddleDetection-style    ModelEMA.update as written (DetectionModelEMA below): the model's
+                             whole state_dict, ema = d * ema + (1 - d) * value.astype('float32')
+                             as new Paddle tensors, outside no_grad as its trainer calls it
     paddle_ema fallback      paddle_ema.kernels.reference.lerp_ (built-in ops, per tensor)
     paddle_ema fused         paddle_ema.kernels.fused.lerp_ (one C++ / OpenMP call)
     torch _foreach_lerp_     PyTorch on the same shapes, in a separate process (if importable)
@@ -88,49 +90,95 @@ def transformer_shapes(blocks=62, hidden=128, ffn=512, vocab=8000, positions=512
     return shapes
 
 
+def build_model(name):
+    """The set as a paddle.nn.Layer: Paddle's model (BatchNorm statistics included), or a Layer
+    holding the transformer-like set's parameters."""
+    import paddle
+
+    if name != "transformer1000":
+        import paddle.vision.models as models
+
+        return getattr(models, name)()
+    layer = paddle.nn.Layer()
+    for i, shape in enumerate(transformer_shapes()):
+        layer.add_parameter(f"p{i}", layer.create_parameter(shape))
+    return layer
+
+
 def set_shapes(name):
     if name == "transformer1000":
         return transformer_shapes()
-    import paddle.vision.models as models
+    return [list(p.shape) for p in build_model(name).parameters() if not p.stop_gradient]
 
-    model = getattr(models, name)()
-    return [list(p.shape) for p in model.parameters() if not p.stop_gradient]
+
+# --- the two baselines, as their authors wrote them ------------------------------------------------
+
+
+class SeedTutorialEMA:
+    """The seed tutorial's ExponentialMovingAverage.update, step for step: walk named_parameters(),
+    copy each trainable weight to numpy (numpy(), .copy(), np.array) and the shadow (np.array),
+    threshold decay, new numpy arrays for the average."""
+
+    def __init__(self, model, decay, thres_steps=True):
+        self._model, self._decay, self._thres_steps = model, decay, thres_steps
+        self._shadow = {n: p.numpy().copy() for n, p in model.named_parameters() if p.stop_gradient is False}
+        self._update_step = 0
+
+    def update(self):
+        for name, param in self._model.named_parameters():
+            if param.stop_gradient is False:
+                new_val = np.array(param.numpy().copy())
+                old_val = np.array(self._shadow[name])
+                decay = (min(self._decay, (1 + self._update_step) / (10 + self._update_step))
+                         if self._thres_steps else self._decay)
+                self._shadow[name] = decay * old_val + (1 - decay) * new_val
+        self._update_step += 1
+
+
+class DetectionModelEMA:
+    """PaddleDetection's ModelEMA.update (ppdet/optimizer/ema.py), step for step: a state_dict of
+    the whole model each call (BatchNorm statistics too), then for every entry a new float32 tensor
+    decay * ema + (1 - decay) * value.astype('float32'), outside no_grad as its trainer calls it."""
+
+    def __init__(self, model, decay):
+        self.decay, self.step, self.model = decay, 0, model
+        self.state_dict = {k: paddle_zeros_like(v) for k, v in model.state_dict().items()}
+
+    def update(self):
+        decay = min(self.decay, (1 + self.step) / (10 + self.step))
+        model_dict = self.model.state_dict()
+        for k, v in self.state_dict.items():
+            v = decay * v + (1 - decay) * model_dict[k].astype("float32")
+            v.stop_gradient = True
+            self.state_dict[k] = v
+        self.step += 1
+
+
+def paddle_zeros_like(tensor):
+    import paddle
+
+    out = paddle.zeros(tensor.shape, "float32")
+    out.stop_gradient = True
+    return out
 
 
 # --- contestants: (label, one update) -------------------------------------------------------------
 
 
-def paddle_contestants(shapes):
+def paddle_contestants(name):
     """Every Paddle/numpy implementation and the floors, each as (label, function doing one update)."""
     import paddle
 
     from paddle_ema.kernels import fused, reference
 
-    rng = np.random.default_rng(0)
-    weights_np = [rng.standard_normal(s).astype("float32") for s in shapes]
-    params = [paddle.to_tensor(w, stop_gradient=False) for w in weights_np]  # like a model's parameters
+    model = build_model(name)
+    params = [p for p in model.parameters() if not p.stop_gradient]  # the trainable weights
+    shapes = [list(p.shape) for p in params]
     weight = 1.0 - DECAY
-    contestants = []
-
-    shadow = {i: w.copy() for i, w in enumerate(weights_np)}
-
-    def seed_numpy_loop():
-        for i, p in enumerate(params):
-            shadow[i] = DECAY * shadow[i] + (1.0 - DECAY) * p.numpy()
-
-    contestants.append(("seed numpy loop", seed_numpy_loop))
-
-    # PaddleDetection's ModelEMA.update: new tensors each step, outside no_grad, as it is called.
-    ema = [p.detach().clone() for p in params]
-
-    def detection_style():
-        for i, p in enumerate(params):
-            average = DECAY * ema[i] + (1 - DECAY) * p.astype("float32")
-            average.stop_gradient = True
-            ema[i] = average
-
-    contestants.append(("PaddleDetection-style", detection_style))
-
+    contestants = [
+        ("seed numpy loop", SeedTutorialEMA(model, DECAY).update),
+        ("PaddleDetection-style", DetectionModelEMA(model, DECAY).update),
+    ]
     by_fallback = [p.detach().clone() for p in params]
     contestants.append(("paddle_ema fallback", lambda: reference.lerp_(by_fallback, params, weight)))
     total = sum(int(np.prod(s)) for s in shapes)
@@ -220,7 +268,7 @@ def run_interleaved(contestants, torch, runs, warmup, rounds):
     return [(label, float(np.median(times))) for label, times in samples.items()]
 
 
-def table(name, count, parameters, rows):
+def table(name, count, parameters, rows, digits=2):
     fastest = min(ms for _, ms in rows)
     floor = min((ms for label, ms in rows if label.startswith("floor")), default=None)
     lines = [
@@ -231,7 +279,7 @@ def table(name, count, parameters, rows):
     for label, ms in rows:
         gbs = BYTES_PER_PARAMETER * parameters / (ms * 1e-3) / 1e9
         vs_floor = f"{ms / floor:9.2f}" if floor else f"{'-':>9}"
-        lines.append(f"  {label:<38}{ms:10.2f}{gbs:8.1f}{ms / fastest:11.2f}{vs_floor}")
+        lines.append(f"  {label:<38}{ms:10.{digits}f}{gbs:8.1f}{ms / fastest:11.2f}{vs_floor}")
     return "\n".join(lines)
 
 
@@ -266,7 +314,7 @@ def main(argv=None):
             except (OSError, RuntimeError, ValueError):
                 print("note: torch is not importable; its row is left out", file=sys.stderr)
         try:
-            rows = run_interleaved(paddle_contestants(shapes), torch, args.runs, args.warmup, args.rounds)
+            rows = run_interleaved(paddle_contestants(name), torch, args.runs, args.warmup, args.rounds)
         finally:
             if torch is not None:
                 torch.close()
