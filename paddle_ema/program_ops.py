@@ -5,7 +5,8 @@ PIR (`paddle.pir.Program`, the default) and the legacy ProgramDesc (`paddle.base
 Ordinary ops (arithmetic, cast, where, assign with output=) are emitted by the same Paddle
 calls in both; what differs is how a persistable variable is declared, referred to from another
 program, written by name, how an op updates a variable in place, how a custom op of the fused
-extension is appended, and how an op is put at the start of a block. Those differences live here and nowhere else.
+extension is appended, and how an op is put at the start of a block. Those differences live here
+and nowhere else.
 """
 
 import paddle
