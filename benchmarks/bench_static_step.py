@@ -2,11 +2,13 @@
 
     PYTHONPATH=. python benchmarks/bench_static_step.py [--program pir|legacy] [--image-size 32]
 
-Each model is built twice, as the same training program (forward, backward, Momentum) without and
-with `paddle_ema.static.ExponentialMovingAverage(0.999, thres_steps=True)`; each program runs in
-its own scope. Timing alternates between the two in rounds (`--steps` runs each, after a warm-up) so
-that drifting machine load hits both alike; the table shows the median time per step over the
-rounds and the ratio with/without. The ResNet-18 program has ResNet-18's 11.2 M parameters (what the
+Each model is built three times, as the same training program (forward, backward, Momentum)
+without the EMA and with `paddle_ema.static.ExponentialMovingAverage(0.999, thres_steps=True)`
+built with each update: `fused` (one op of the C++ extension per shadow dtype, the default on CPU)
+and `built-in` (Paddle's own ops, ~3 per parameter: PADDLE_EMA_KERNEL=reference). Each program runs
+in its own scope. Timing alternates between them in rounds (`--steps` runs each, after a warm-up)
+so that drifting machine load hits all alike; the table shows the median time per step over the
+rounds and the ratio to the step without EMA. The ResNet-18 program has ResNet-18's 11.2 M parameters (what the
 EMA's cost grows with) but, by default, small 32x32 inputs, so the ratio is a pessimistic one: with
 224x224 inputs (--image-size 224) the same EMA cost sits beside a ~50x larger forward/backward.
 """
@@ -42,7 +44,18 @@ def resnet18(paddle, size):
 MODELS = {"small-cnn": small_cnn, "resnet18": resnet18}
 
 
-def build(paddle, make_model, size, with_ema):
+# The EMA update each program is built with: None (no EMA) or the kernel mode set while building.
+UPDATES = {"fused": "fused", "built-in": "reference"}
+
+
+def count_ops(program):
+    """Ops of the program, less PIR's pd_op.data (declarations of the EMA's persistable state)."""
+    ops = program.global_block().ops
+    return sum(1 for op in ops if not (hasattr(op, "name") and op.name() == "pd_op.data"))
+
+
+def build(paddle, make_model, size, update):
+    from paddle_ema import kernels
     from paddle_ema.static import ExponentialMovingAverage
 
     main, startup = paddle.static.Program(), paddle.static.Program()
@@ -51,15 +64,20 @@ def build(paddle, make_model, size, with_ema):
         label = paddle.static.data("label", [-1, 1], "int64")
         loss = paddle.nn.functional.cross_entropy(make_model(paddle, size)(image), label)
         paddle.optimizer.Momentum(learning_rate=0.01, momentum=0.9).minimize(loss)
-        ema = None
-        if with_ema:
-            ema = ExponentialMovingAverage(0.999, thres_steps=True)
-            ema.update()
+        ema, before = None, count_ops(main)
+        if update is not None:
+            kernels.set_kernel(UPDATES[update])
+            try:
+                ema = ExponentialMovingAverage(0.999, thres_steps=True)
+                ema.update()
+            finally:
+                kernels.set_kernel(None)
     n_params = sum(int(np.prod(p.shape)) for p in main.global_block().all_parameters() if not p.stop_gradient)
-    return main, startup, n_params, ema
+    return main, startup, n_params, ema, count_ops(main) - before
 
 
-def time_model(paddle, name, batch, size, rounds, steps, warmup):
+def time_model(paddle, name, batch, size, rounds, steps, warmup, updates):
+    """{update: (median s/step, EMA ops)} for None (no EMA) and each of `updates`, and sizes."""
     exe = paddle.static.Executor(paddle.CPUPlace())
     rng = np.random.default_rng(0)
     feed = {
@@ -67,26 +85,26 @@ def time_model(paddle, name, batch, size, rounds, steps, warmup):
         "label": rng.integers(0, 10, size=(batch, 1)).astype("int64"),
     }
     runs = {}
-    for with_ema in (False, True):
-        main, startup, n_params, ema = build(paddle, MODELS[name], size, with_ema)
+    for update in (None, *updates):
+        main, startup, n_params, ema, n_ops = build(paddle, MODELS[name], size, update)
         scope = paddle.static.Scope()
         with paddle.static.scope_guard(scope):
             exe.run(startup)
             for _ in range(warmup):
                 exe.run(main, feed=feed)
-        runs[with_ema] = (main, scope, [], ema)
+        runs[update] = (main, scope, [], n_ops)
+        if ema is not None:
+            n_tensors = len(ema.names)
 
     for _ in range(rounds):
-        for with_ema in (False, True):
-            main, scope, times, _ = runs[with_ema]
+        for main, scope, times, _ in runs.values():
             with paddle.static.scope_guard(scope):
                 start = time.perf_counter()
                 for _ in range(steps):
                     exe.run(main, feed=feed)
                 times.append((time.perf_counter() - start) / steps)
-    without = statistics.median(runs[False][2])
-    with_ = statistics.median(runs[True][2])
-    return n_params, len(runs[True][3].names), without, with_
+    medians = {update: (statistics.median(times), n_ops) for update, (_, _, times, n_ops) in runs.items()}
+    return n_params, n_tensors, medians
 
 
 def main(argv=None):
@@ -98,6 +116,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per program (median over them)")
     parser.add_argument("--steps", type=int, default=5, help="training steps per round")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--updates", nargs="+", choices=sorted(UPDATES), default=list(UPDATES),
+                        help="EMA updates to time (default both)")
     args = parser.parse_args(argv)
     if args.image_size < 8 or args.image_size % 4:
         parser.error(f"--image-size must be a multiple of 4 and >= 8, got {args.image_size}")
@@ -117,18 +137,28 @@ def main(argv=None):
         f"batch {args.batch} of 3x{args.image_size}x{args.image_size}, "
         f"median of {args.rounds} rounds x {args.steps} steps"
     )
-    print("| model | parameters (tensors) | step without EMA | step with EMA | added | ratio |")
-    print("|---|---|---|---|---|---|")
+    if "fused" in args.updates:
+        from paddle_ema.kernels import fused
+
+        if not fused.available():
+            print(f"the fused kernel is unavailable ({fused.failure()}): timing the built-in update only")
+            args.updates = [u for u in args.updates if u != "fused"]
+    print("| model | parameters (tensors) | EMA update | EMA ops | step without EMA | step with EMA | added | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
     with kind:
         for name in args.models:
-            n_params, n_tensors, without, with_ = time_model(
-                paddle, name, args.batch, args.image_size, args.rounds, args.steps, args.warmup
+            n_params, n_tensors, medians = time_model(
+                paddle, name, args.batch, args.image_size, args.rounds, args.steps, args.warmup, args.updates
             )
-            print(
-                f"| {name} | {n_params / 1e6:.2f} M ({n_tensors}) | {without * 1e3:.1f} ms | "
-                f"{with_ * 1e3:.1f} ms | {(with_ - without) * 1e3:+.1f} ms | {with_ / without:.3f} |",
-                flush=True,
-            )
+            without = medians[None][0]
+            for update in args.updates:
+                with_, n_ops = medians[update]
+                print(
+                    f"| {name} | {n_params / 1e6:.2f} M ({n_tensors}) | {update} | {n_ops} | "
+                    f"{without * 1e3:.1f} ms | {with_ * 1e3:.1f} ms | {(with_ - without) * 1e3:+.1f} ms | "
+                    f"{with_ / without:.3f} |",
+                    flush=True,
+                )
     return 0
 
 

@@ -4,8 +4,9 @@ Paddle 3.x builds static programs in one of two representations, chosen by FLAGS
 PIR (`paddle.pir.Program`, the default) and the legacy ProgramDesc (`paddle.base.framework.Program`).
 Ordinary ops (arithmetic, cast, where, assign with output=) are emitted by the same Paddle
 calls in both; what differs is how a persistable variable is declared, referred to from another
-program, written by name, how an op updates a variable in place, and how an op is put at the start
-of a block. Those differences live here and nowhere else.
+program, written by name, how an op updates a variable in place, how a custom op of the fused
+extension is appended, and how an op is put at the start of a block. Those differences live here
+and nowhere else.
 """
 
 import paddle
@@ -15,6 +16,8 @@ from .errors import ConfigError
 __all__ = [
     "in_pir",
     "lerp_",
+    "fused_lerp_",
+    "runs_on_cpu",
     "exp",
     "create_persistable",
     "reference",
@@ -46,6 +49,48 @@ def lerp_(average, value, weight):
         block = paddle.static.default_main_program().current_block()
         block.append_op(
             type="elementwise_add", inputs={"X": [average], "Y": [step]}, outputs={"Out": [average]}, attrs={"axis": -1}
+        )
+
+
+# The custom operator of kernels/csrc/ema_ops.cc that updates a whole list in place.
+FUSED_LERP_OP = "paddle_ema_lerp_by_tensor"
+
+
+def runs_on_cpu():
+    """True when the program being built will run on the CPU: Paddle's expected place, the
+    one paddle.set_device chose (`_current_expected_place` says nothing in PIR mode)."""
+    from paddle.framework import _current_expected_place_
+
+    return _current_expected_place_().is_cpu_place()
+
+
+def fused_lerp_(averages, values, weight):
+    """`lerp_` for a whole list in one op: the fused extension's `paddle_ema_lerp_by_tensor`.
+
+    `weight` is a one-element float32 or float64 tensor (the averages' dtype); 0 leaves the
+    averages untouched even where values hold NaN, 1 copies the values. CPU programs only, with
+    the extension loaded (kernels.active_kernel() == 'fused'). The thread count is fixed now,
+    when the op is built, from kernels.fused.num_threads().
+    """
+    from .kernels import fused
+
+    averages, values = list(averages), list(values)
+    threads = fused.num_threads()
+    if in_pir():
+        from paddle import _C_ops
+
+        # PIR declares the op in place from its inplace map (custom_op.<name>_).
+        _C_ops._run_custom_op(FUSED_LERP_OP, averages, values, weight, threads)
+    else:
+        from paddle.base.layer_helper import LayerHelper
+
+        # Legacy programs name a custom op's list arguments "<Name>@VECTOR"; the in-place
+        # output is the averages themselves, as Paddle's generated static API writes it.
+        LayerHelper(FUSED_LERP_OP).append_op(
+            type=FUSED_LERP_OP,
+            inputs={"Averages@VECTOR": averages, "Values@VECTOR": values, "Weight": [weight]},
+            outputs={"AveragesOut@VECTOR": averages},
+            attrs={"threads": threads},
         )
 
 

@@ -23,6 +23,12 @@ computes them in float64 on the host, so 1 - product keeps its digits near 1. Th
 Python-float constants (the decay) enter the program as float32 op attributes, so the decay used
 is float32(decay): 0.999 acts as 0.99900001 (the dygraph EMA uses 0.999 exactly). Shadows are
 float32 for float16/bfloat16 parameters, else the parameter's dtype.
+
+Ops. When update() builds the program for the CPU (paddle.set_device's place) and the fused
+kernel is active (`paddle_ema.kernels`, PADDLE_EMA_KERNEL), each run updates all shadows of one
+dtype with one op of the extension, `paddle_ema_lerp_by_tensor`, with the same numbers as the
+built-in ops (~3 per parameter) used otherwise. The choice and the op's thread count are fixed
+when update() is called: a program built for the CPU must run on the CPU.
 """
 
 import contextlib
@@ -30,7 +36,7 @@ import contextlib
 import numpy as np
 import paddle
 
-from . import program_ops
+from . import kernels, program_ops
 from .averaging import EMARule, shadow_dtype
 from .checkpoint import staged_prefix
 from .errors import ConfigError, EMAStateError
@@ -42,6 +48,13 @@ __all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
 
 DEFAULT_DECAY = 0.999
 SCALAR_DTYPE = "float64"
+
+
+def _fused_pair(param, shadow):
+    """The (parameter, shadow) dtypes that the fused op updates; others take the built-in ops."""
+    if shadow.dtype == paddle.float32:
+        return param.dtype in (paddle.float32, paddle.float16, paddle.bfloat16)
+    return shadow.dtype == paddle.float64 and param.dtype == paddle.float64
 
 
 def _is_program_variable(value):
@@ -234,15 +247,37 @@ class ExponentialMovingAverage:
             weight = paddle.where(averages, weight, paddle.zeros_like(weight))
             product = paddle.where(averages, product, self._product)
         weights = {}
-        for param, shadow in zip(self._params, self._shadows):
-            if shadow.dtype not in weights:
-                weights[shadow.dtype] = paddle.cast(weight, shadow.dtype)
+
+        def weight_for(dtype):
+            if dtype not in weights:
+                weights[dtype] = paddle.cast(weight, dtype)
+            return weights[dtype]
+
+        pairs = list(zip(self._params, self._shadows))
+        if self._fused_update():
+            # One op per shadow dtype. It takes half-precision weights as they are, and a weight
+            # of 0 is a true no-op there, so the non-finite guard is the weight alone.
+            groups = {}
+            for param, shadow in pairs:
+                if _fused_pair(param, shadow):
+                    groups.setdefault(shadow.dtype, ([], []))
+                    groups[shadow.dtype][0].append(shadow)
+                    groups[shadow.dtype][1].append(param)
+            for dtype, (shadows, params) in groups.items():
+                program_ops.fused_lerp_(shadows, params, weight_for(dtype))
+            pairs = [(param, shadow) for param, shadow in pairs if not _fused_pair(param, shadow)]
+        for param, shadow in pairs:
             value = param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype)
             if finite is not None:  # a weight of 0 would not do: 0 * NaN is NaN
                 value = paddle.where(finite, value, shadow)
-            program_ops.lerp_(shadow, value, weights[shadow.dtype])
+            program_ops.lerp_(shadow, value, weight_for(shadow.dtype))
         paddle.assign(product, output=self._product)
         paddle.increment(self._counter, 1.0)
+
+    def _fused_update(self):
+        """Update with the fused extension's op: it is the active kernel and the program runs on
+        the CPU (the op has no GPU kernel for static programs)."""
+        return kernels.active_kernel() == "fused" and program_ops.runs_on_cpu()
 
     def _build_swap_programs(self):
         """The programs apply() and restore() run: back up, swap averages in, swap raw weights back."""

@@ -390,3 +390,71 @@ def test_first_nonfinite_finds_the_first_bad_tensor(fused_ready, dtype):
     big = {"float32": 3.4e38, "float16": 65504.0, "bfloat16": 3.38e38, "float64": 3.4e38}[dtype]
     assert fused.first_nonfinite(tensors([np.full(1000, big), np.full(5, -big)])) is None
     assert fused.first_nonfinite([]) is None
+
+
+# --- paddle_ema_lerp_by_tensor: the static EMA's op (weight as a tensor), run here in dygraph ----
+
+
+def _lerp_by_tensor(averages, values, weight, dtype="float32"):
+    from paddle import _C_ops
+
+    _C_ops._run_custom_op(
+        "paddle_ema_lerp_by_tensor", averages, values, paddle.to_tensor([weight], dtype), fused.num_threads()
+    )
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "bfloat16"])
+def test_lerp_by_tensor_equals_fused_lerp(fused_ready, value_dtype):
+    initial, values = _pairs(value_dtype, SMALL_SHAPES[:60] + LARGE_SHAPES, seed=7)
+    by_tensor = [paddle.to_tensor(a) for a in initial]
+    by_attribute = [paddle.to_tensor(a) for a in initial]
+    pointers = [t.data_ptr() for t in by_tensor]
+    for weight in (0.3, 2e-4, 0.123456789):
+        _lerp_by_tensor(by_tensor, values, np.float32(weight))
+        fused.lerp_(by_attribute, values, np.float32(weight))
+    assert [t.data_ptr() for t in by_tensor] == pointers  # in place
+    for t, a in zip(by_tensor, by_attribute):
+        np.testing.assert_array_equal(t.numpy(), a.numpy())
+
+
+def test_lerp_by_tensor_float64_keeps_a_float64_weight(fused_ready):
+    rng = np.random.default_rng(8)
+    a0, x = rng.standard_normal([300, 301]), rng.standard_normal([300, 301])
+    average = [paddle.to_tensor(a0)]
+    _lerp_by_tensor(average, [paddle.to_tensor(x)], 0.123456789, "float64")
+    np.testing.assert_array_equal(average[0].numpy(), a0 + 0.123456789 * (x - a0))
+
+
+def test_lerp_by_tensor_weight_zero_is_a_no_op_and_one_a_copy(fused_ready):
+    a0 = [np.array([1.5, -2.0, 0.0, 3.0], "float32"), np.arange(70_000, dtype="float32"), np.ones(3)]
+    nan = [np.array([np.nan, np.inf, 1.0, -np.inf], "float32"), np.full(70_000, np.nan, "float32"), np.full(3, np.nan)]
+    averages = [paddle.to_tensor(a) for a in a0]
+    _lerp_by_tensor(averages, [paddle.to_tensor(v) for v in nan], 0.0)  # 0 * NaN would be NaN
+    for a, expected in zip(averages, a0):
+        np.testing.assert_array_equal(a.numpy(), expected)
+    # Weight 1 takes the values bit for bit (a + 1 * (x - a) is not x, and loses the sign of -0).
+    rng = np.random.default_rng(9)
+    raw = np.concatenate([[-0.0, 1e-30, 65504.0], rng.standard_normal(200_000) * 1e4]).astype("float32")
+    for value_dtype in ("float32", "float16", "bfloat16"):
+        value = paddle.to_tensor(raw).astype(value_dtype)
+        average = [paddle.to_tensor(np.full(raw.shape, 7.25, "float32"))]
+        _lerp_by_tensor(average, [value], 1.0)
+        exact = value.astype("float32").numpy()
+        np.testing.assert_array_equal(average[0].numpy().view(np.uint32), exact.view(np.uint32))
+    average = [paddle.to_tensor(np.full([5], 2.0))]
+    _lerp_by_tensor(average, [paddle.to_tensor(np.full([5], -0.0))], 1.0, "float64")
+    assert np.signbit(average[0].numpy()).all()
+
+
+def test_lerp_by_tensor_refuses_what_it_cannot_update(fused_ready):
+    average = [paddle.zeros([4], "float32")]
+    with pytest.raises(OSError, match="pair 0 is not a CPU pair"):
+        _lerp_by_tensor(average, [paddle.zeros([4], "float64")], 0.5)
+    with pytest.raises(OSError, match="pair 0 is not a CPU pair"):
+        _lerp_by_tensor(average, [paddle.zeros([5], "float32")], 0.5)
+    from paddle import _C_ops
+
+    for weight in (paddle.to_tensor([0.5, 0.5]), paddle.to_tensor([1], "int64")):
+        with pytest.raises(OSError, match="one-element float32 or float64 CPU tensor"):
+            _C_ops._run_custom_op("paddle_ema_lerp_by_tensor", average, [paddle.zeros([4])], weight, 1)
+    np.testing.assert_array_equal(average[0].numpy(), np.zeros(4, "float32"))

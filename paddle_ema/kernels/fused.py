@@ -1,7 +1,7 @@
 """The fused implementation of the kernels: the C++/CUDA extension updates a whole list in one call.
 
 `lerp_` hands every (average, value) pair to one call of the `paddle_ema_lerp_dygraph` operator
-(`paddle_ema_lerp` is the same update declared in place, for static programs), which
+(the static EMA uses `paddle_ema_lerp_by_tensor`, declared in place with the weight a tensor), which
 updates all pairs it supports in a single multi-threaded pass (CPU) or one launch per device
 (GPU): float32 averages with float32/float16/bfloat16 values and float64 with float64, both
 tensors on one device. It returns the indices of any other pair (an average kept on another

@@ -19,6 +19,13 @@
 // OMP_NUM_THREADS=1 at import when it is unset, which makes OpenMP's default a single thread.
 // GPU pairs go to the CUDA kernel in ema_ops.cu (one launch per device) when it was compiled in.
 //
+//   paddle_ema_lerp_by_tensor(averages, values, weight)  (static programs, CPU only)
+//       the same update with the weight a one-element float32/float64 CPU tensor read at run
+//       time, so that a program can compute it (bias correction, a skipped step). Like
+//       kernels.lerp_: weight 0 leaves the averages untouched (also where values hold NaN) and
+//       weight 1 copies the values exactly (a + 1 * (x - a) is not x in float). Any pair it
+//       cannot update is an error: a program has no fallback to hand it to.
+//
 //   paddle_ema_stream_add(a, x):  a += x over one flat float32 buffer: the same 12 bytes per
 //   element as the EMA update with the same threading, the memory floor for the benchmarks.
 //
@@ -250,6 +257,31 @@ void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight, int th
   });
 }
 
+// averages[i] <- values[i] exactly, widened to the average's dtype (half -> float is exact).
+void CopySegmentsCPU(const std::vector<Segment>& segments, int threads) {
+  ParallelOverElements(segments, threads, [](const Segment& s, int64_t b, int64_t e) {
+    float* a = static_cast<float*>(s.average) + b;
+    const uint16_t* h = static_cast<const uint16_t*>(s.value) + b;
+    switch (s.kind) {
+      case Kind::kFloat:
+        std::memcpy(a, static_cast<const float*>(s.value) + b, (e - b) * sizeof(float));
+        break;
+      case Kind::kFloatHalf:
+        for (int64_t i = 0; i < e - b; ++i) a[i] = HalfToFloat(h[i]);
+        break;
+      case Kind::kFloatBfloat16:
+        for (int64_t i = 0; i < e - b; ++i) a[i] = Bfloat16ToFloat(h[i]);
+        break;
+      case Kind::kDouble:
+        std::memcpy(static_cast<double*>(s.average) + b, static_cast<const double*>(s.value) + b,
+                    (e - b) * sizeof(double));
+        break;
+      case Kind::kUnsupported:
+        break;
+    }
+  });
+}
+
 }  // namespace
 
 // Writes the averages through their data pointers; the two operators below differ only in
@@ -309,6 +341,35 @@ std::vector<paddle::Tensor> LerpInplace(std::vector<paddle::Tensor>& averages,  
                                         const std::vector<paddle::Tensor>& values, double weight,
                                         int threads) {
   return LerpAll(averages, values, weight, threads);
+}
+
+void LerpByTensor(std::vector<paddle::Tensor>& averages,  // NOLINT
+                  const std::vector<paddle::Tensor>& values, const paddle::Tensor& weight, int threads) {
+  using paddle::DataType;
+  PD_CHECK(averages.size() == values.size(), "paddle_ema_lerp_by_tensor: ", averages.size(),
+           " averages but ", values.size(), " values");
+  PD_CHECK(weight.is_cpu() && weight.numel() == 1 &&
+               (weight.dtype() == DataType::FLOAT32 || weight.dtype() == DataType::FLOAT64),
+           "paddle_ema_lerp_by_tensor: the weight must be a one-element float32 or float64 CPU tensor");
+  const double w = weight.dtype() == DataType::FLOAT32 ? static_cast<double>(weight.data<float>()[0])
+                                                       : weight.data<double>()[0];
+  if (w == 0.0) return;
+  std::vector<Segment> segments;
+  segments.reserve(averages.size());
+  for (size_t i = 0; i < averages.size(); ++i) {
+    const Kind kind = KindOf(averages[i], values[i]);
+    PD_CHECK(kind != Kind::kUnsupported && averages[i].is_cpu(), "paddle_ema_lerp_by_tensor: pair ", i,
+             " is not a CPU pair it updates (float32 average with float32/float16/bfloat16 value, or "
+             "float64 with float64, same size, contiguous); the static EMA emits Paddle's own ops "
+             "for programs that run elsewhere");
+    if (averages[i].numel() == 0) continue;
+    segments.push_back(Segment{averages[i].data(), values[i].data(), averages[i].numel(), kind});
+  }
+  if (w == 1.0) {
+    CopySegmentsCPU(segments, threads);
+  } else {
+    LerpSegmentsCPU(segments, w, threads);
+  }
 }
 
 std::vector<paddle::Tensor> FirstNonfinite(const std::vector<paddle::Tensor>& values, int threads) {
@@ -386,6 +447,14 @@ PD_BUILD_OP(paddle_ema_lerp)
     .Attrs({"weight: double", "threads: int"})
     .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
     .SetKernelFn(PD_KERNEL(LerpInplace));
+
+// The static EMA's update: the weight is computed by the program, so it is an input.
+PD_BUILD_OP(paddle_ema_lerp_by_tensor)
+    .Inputs({paddle::Vec("Averages"), paddle::Vec("Values"), "Weight"})
+    .Outputs({paddle::Vec("AveragesOut")})
+    .Attrs({"threads: int"})
+    .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
+    .SetKernelFn(PD_KERNEL(LerpByTensor));
 
 // The same update for dygraph, with the averages declared as plain inputs: Paddle's in-place
 // bookkeeping (version counters, one output tensor per average) costs ~1 us per tensor, four
