@@ -17,6 +17,7 @@ __all__ = [
     "in_pir",
     "lerp_",
     "fused_lerp_",
+    "fused_all_finite",
     "runs_on_cpu",
     "exp",
     "create_persistable",
@@ -92,6 +93,42 @@ def fused_lerp_(averages, values, weight):
             outputs={"AveragesOut@VECTOR": averages},
             attrs={"threads": threads},
         )
+
+
+# The custom operator of kernels/csrc/ema_ops.cc that checks a whole list for NaN/Inf.
+FUSED_ALL_FINITE_OP = "paddle_ema_all_finite"
+
+# The parameter dtypes that op reads; a program with others keeps `all_finite`.
+FUSED_ALL_FINITE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def fused_all_finite(values):
+    """`all_finite` in one op: the fused extension's `paddle_ema_all_finite`, a bool [1] value.
+
+    One threaded read of all values instead of a full-size isfinite tensor and a reduction per
+    value. Same conditions as `fused_lerp_` (CPU programs, extension loaded); every value must be
+    of a dtype in FUSED_ALL_FINITE_DTYPES, else the run fails.
+    """
+    from .kernels import fused
+
+    values = list(values)
+    threads = fused.num_threads()
+    if in_pir():
+        from paddle import _C_ops
+
+        (finite,) = _C_ops._run_custom_op(FUSED_ALL_FINITE_OP, values, threads)
+        return finite
+    from paddle.base.layer_helper import LayerHelper
+
+    helper = LayerHelper(FUSED_ALL_FINITE_OP)
+    finite = helper.create_variable_for_type_inference("bool")
+    helper.append_op(
+        type=FUSED_ALL_FINITE_OP,
+        inputs={"Values@VECTOR": values},
+        outputs={"Finite": [finite]},
+        attrs={"threads": threads},
+    )
+    return finite
 
 
 def _legacy_variable(x):

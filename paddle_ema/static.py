@@ -27,8 +27,10 @@ float32 for float16/bfloat16 parameters, else the parameter's dtype.
 Ops. When update() builds the program for the CPU (paddle.set_device's place) and the fused
 kernel is active (`paddle_ema.kernels`, PADDLE_EMA_KERNEL), each run updates all shadows of one
 dtype with one op of the extension, `paddle_ema_lerp_by_tensor`, with the same numbers as the
-built-in ops (~3 per parameter) used otherwise. The choice and the op's thread count are fixed
-when update() is called: a program built for the CPU must run on the CPU.
+built-in ops (~3 per parameter) used otherwise, and nonfinite='skip' checks all parameters with
+one more, `paddle_ema_all_finite`, instead of two built-in ops per parameter. The choice and the
+ops' thread count are fixed when update() is called: a program built for the CPU must run on the
+CPU.
 """
 
 import contextlib
@@ -237,7 +239,8 @@ class ExponentialMovingAverage:
         if self.nonfinite == "skip":
             # Weights holding NaN or Inf (a diverged step) must not reach the shadows: such a run
             # averages nothing and is counted, like the dygraph EMA's nonfinite='skip'.
-            finite = program_ops.all_finite(self._params)
+            check = program_ops.fused_all_finite if self._fused_check() else program_ops.all_finite
+            finite = check(self._params)
             paddle.assign(self._skipped + (1 - paddle.cast(finite, "int64")), output=self._skipped)
             # where() takes no bool operands: both conditions as integer arithmetic
             averages = finite if averages is None else paddle.cast(
@@ -278,6 +281,12 @@ class ExponentialMovingAverage:
         """Update with the fused extension's op: it is the active kernel and the program runs on
         the CPU (the op has no GPU kernel for static programs)."""
         return kernels.active_kernel() == "fused" and program_ops.runs_on_cpu()
+
+    def _fused_check(self):
+        """Check the parameters with the fused extension's one op: with the fused update, when it
+        reads every parameter's dtype (it has no fallback inside a program)."""
+        dtypes = tuple(getattr(paddle, name) for name in program_ops.FUSED_ALL_FINITE_DTYPES)
+        return self._fused_update() and all(p.dtype in dtypes for p in self._params)
 
     def _build_swap_programs(self):
         """The programs apply() and restore() run: back up, swap averages in, swap raw weights back."""

@@ -392,6 +392,50 @@ def test_first_nonfinite_finds_the_first_bad_tensor(fused_ready, dtype):
     assert fused.first_nonfinite([]) is None
 
 
+# --- paddle_ema_all_finite: the static EMA's check (bool [1]), run here in dygraph --------------
+
+
+def _all_finite(tensors, threads=None):
+    from paddle import _C_ops
+
+    (finite,) = _C_ops._run_custom_op(
+        "paddle_ema_all_finite", list(tensors), fused.num_threads() if threads is None else threads
+    )
+    assert finite.shape == [1] and finite.dtype == paddle.bool and finite.place.is_cpu_place()
+    return bool(finite.numpy()[0])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
+def test_all_finite_op(fused_ready, dtype):
+    rng = np.random.default_rng(10)
+    sizes = [10, 300_000, 0, 7, 200_000]  # large ones take the multi-threaded path
+
+    def tensors(arrays):
+        return [paddle.to_tensor(a.astype("float32")).astype(dtype) for a in arrays]
+
+    clean = [rng.standard_normal(n) * 100 for n in sizes]
+    assert _all_finite(tensors(clean))
+    assert _all_finite(tensors(clean), threads=1)
+    for bad_value in (np.nan, np.inf, -np.inf):
+        for tensor, element in ((0, 0), (1, 299_999), (1, 150_000), (3, 6), (4, 0), (4, 199_999)):
+            arrays = [a.copy() for a in clean]
+            arrays[tensor][element] = bad_value
+            assert not _all_finite(tensors(arrays)), (bad_value, tensor, element)
+            assert not _all_finite(tensors(arrays), threads=1), (bad_value, tensor, element)
+    big = {"float32": 3.4e38, "float16": 65504.0, "bfloat16": 3.38e38, "float64": 3.4e38}[dtype]
+    assert _all_finite(tensors([np.full(1000, big), np.full(5, -big)]))
+    # Nothing to read is finite: an empty list, or only empty tensors.
+    assert _all_finite([])
+    assert _all_finite(tensors([np.zeros(0), np.zeros([0])]))
+
+
+def test_all_finite_op_refuses_what_it_cannot_check(fused_ready):
+    # Unlike paddle_ema_first_nonfinite it hands nothing back for a fallback: an error instead.
+    for other in (paddle.zeros([3], "int64"), paddle.zeros([3], "int32"), paddle.zeros([3], "bool")):
+        with pytest.raises(OSError, match="paddle_ema_all_finite: value 1 is not a dense CPU tensor"):
+            _all_finite([paddle.zeros([4]), other])
+
+
 # --- paddle_ema_lerp_by_tensor: the static EMA's op (weight as a tensor), run here in dygraph ----
 
 

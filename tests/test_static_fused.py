@@ -29,6 +29,7 @@ PARAMETERS = [
 ]
 DECAY = 0.5  # with thres_steps=True: min(0.5, (1 + t) / (10 + t)), both branches within 20 steps
 CUSTOM_OP = {"pir": "custom_op.paddle_ema_lerp_by_tensor_", "legacy": "paddle_ema_lerp_by_tensor"}
+CHECK_OP = {"pir": "custom_op.paddle_ema_all_finite", "legacy": "paddle_ema_all_finite"}
 
 
 @pytest.fixture(autouse=True)
@@ -40,6 +41,10 @@ def _fused_built():
 
 def op_names(program, kind):
     return [op.name() if kind == "pir" else op.type for op in program.global_block().ops]
+
+
+def isfinite_ops(ops):
+    return sum(count for name, count in ops.items() if "isfinite" in name)
 
 
 def build(kind, mode, **ema_options):
@@ -110,9 +115,12 @@ def test_fused_equals_builtin_ops_and_the_float64_model(kind, every):
     ema, history, fused_shadows, fused_state, fused_ops = run(kind, "fused", data, update_every=every)
     _, _, reference_shadows, reference_state, reference_ops = run(kind, "reference", data, update_every=every)
 
-    # One op per shadow dtype (float32, float64) instead of ~3 ops and a where() per parameter.
+    # One op per shadow dtype (float32, float64) instead of ~3 ops and a where() per parameter,
+    # and one check instead of isfinite + reduce_all per parameter.
     assert fused_ops[CUSTOM_OP[kind]] == 2
     assert reference_ops[CUSTOM_OP[kind]] == 0
+    assert fused_ops[CHECK_OP[kind]] == 1 and isfinite_ops(fused_ops) == 0
+    assert reference_ops[CHECK_OP[kind]] == 0 and isfinite_ops(reference_ops) == len(PARAMETERS)
     assert sum(fused_ops.values()) < sum(reference_ops.values()) - 3 * len(PARAMETERS)
 
     for fused_after, reference_after in zip(fused_shadows, reference_shadows):
@@ -160,6 +168,7 @@ def test_builtin_ops_off_the_cpu_or_in_reference_mode(kind, monkeypatch):
         with static_programs(kind) as (main, _):
             build(kind, mode)
             assert CUSTOM_OP[kind] not in op_names(main, kind)
+            assert CHECK_OP[kind] not in op_names(main, kind)
 
 
 def test_expected_place_is_the_cpu_here():
@@ -175,3 +184,51 @@ def test_legacy_clone_for_test_drops_the_fused_op():
         ExponentialMovingAverage(0.9).update()
         assert CUSTOM_OP["legacy"] in op_names(main, "legacy")
         assert CUSTOM_OP["legacy"] not in op_names(main.clone(for_test=True), "legacy")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("order", ["listed", "reversed"])  # last tensor: float64, then float32
+@pytest.mark.parametrize("position", ["first", "middle", "last"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_one_nonfinite_parameter_skips_the_run_like_the_builtin_check(kind, order, position, bad, monkeypatch):
+    """The fused check (paddle_ema_all_finite) skips and counts exactly the runs the built-in
+    ops do: NaN or Inf in any one parameter, whatever its place in the list and its dtype."""
+    parameters = PARAMETERS if order == "listed" else PARAMETERS[::-1]
+    monkeypatch.setitem(globals(), "PARAMETERS", parameters)  # read by build() and feeds()
+    # The place in the list the op reads (PIR programs list parameters in their own order).
+    with static_programs(kind):
+        names = build(kind, "fused").names
+    name = names[{"first": 0, "middle": len(names) // 2, "last": -1}[position]]
+    runs, poisoned = 7, (2, 3, 5)
+    data = feeds(runs, seed=11)
+    for run_index in poisoned:
+        data[run_index][f"feed_{name}"].flat[-1 if run_index != 3 else 0] = bad
+
+    ema, _, fused_shadows, fused_state, fused_ops = run(kind, "fused", data)
+    _, _, reference_shadows, reference_state, reference_ops = run(kind, "reference", data)
+    assert ema.names == names
+    assert fused_ops[CHECK_OP[kind]] == 1 and isfinite_ops(fused_ops) == 0
+    assert isfinite_ops(reference_ops) == len(parameters)
+
+    assert fused_state == reference_state
+    assert fused_state["skipped"] == len(poisoned) and fused_state["counter"] == runs
+    for fused_after, reference_after in zip(fused_shadows, reference_shadows):
+        assert_same_bits(fused_after, reference_after)
+    for run_index in poisoned:
+        assert_same_bits(fused_shadows[run_index], fused_shadows[run_index - 1])
+    assert all(np.isfinite(s).all() for s in fused_shadows[-1].values())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameters_the_check_cannot_read_keep_the_builtin_check(kind, monkeypatch):
+    # A program has no fallback for a value the op refuses: such parameters keep isfinite ops
+    # (the update stays fused).
+    monkeypatch.setattr(program_ops, "FUSED_ALL_FINITE_DTYPES", ("float32", "float16", "bfloat16"))
+    data = feeds(4, poisoned=(2,), seed=12)
+    _, _, shadows, state, ops = run(kind, "fused", data)
+    assert ops[CHECK_OP[kind]] == 0 and isfinite_ops(ops) == len(PARAMETERS)
+    assert ops[CUSTOM_OP[kind]] == 2
+    _, _, reference_shadows, reference_state, _ = run(kind, "reference", data)
+    assert state == reference_state and state["skipped"] == 1
+    for fused_after, reference_after in zip(shadows, reference_shadows):
+        assert_same_bits(fused_after, reference_after)

@@ -32,6 +32,9 @@
 //   paddle_ema_first_nonfinite(values) -> (first, skipped): the index of the first tensor that
 //   holds a NaN or Inf (-1 if none), in one multi-threaded read of every value; the EMA's guard
 //   against diverged weights. `skipped` lists the tensors not checked here (not on the CPU).
+//
+//   paddle_ema_all_finite(values) -> finite  (static programs, CPU only): the same read, as
+//   one bool [1]; a value it cannot check is an error, as for paddle_ema_lerp_by_tensor.
 
 #include <omp.h>
 
@@ -372,9 +375,14 @@ void LerpByTensor(std::vector<paddle::Tensor>& averages,  // NOLINT
   }
 }
 
-std::vector<paddle::Tensor> FirstNonfinite(const std::vector<paddle::Tensor>& values, int threads) {
+namespace {
+
+// The index in `values` of the first tensor holding a NaN or Inf (-1 if none), read in one
+// multi-threaded pass; the indices of tensors it cannot read (not on the CPU, not a floating
+// dtype) go to `unchecked` and count as finite here.
+int64_t ScanNonfinite(const std::vector<paddle::Tensor>& values, int threads, std::vector<int64_t>* unchecked) {
   using paddle::DataType;
-  std::vector<int64_t> skipped, index_of;
+  std::vector<int64_t> index_of;
   std::vector<Segment> cpu;
   for (size_t i = 0; i < values.size(); ++i) {
     const paddle::Tensor& v = values[i];
@@ -388,7 +396,7 @@ std::vector<paddle::Tensor> FirstNonfinite(const std::vector<paddle::Tensor>& va
                                        : Kind::kUnsupported;
     }
     if (kind == Kind::kUnsupported) {
-      skipped.push_back(static_cast<int64_t>(i));
+      unchecked->push_back(static_cast<int64_t>(i));
       continue;
     }
     if (v.numel() == 0) continue;
@@ -424,13 +432,42 @@ std::vector<paddle::Tensor> FirstNonfinite(const std::vector<paddle::Tensor>& va
       }
     }
   });
-  paddle::Tensor out_first = paddle::empty({1}, DataType::INT64, paddle::CPUPlace());
   const int64_t found = first.load();
-  out_first.data<int64_t>()[0] = found == INT64_MAX ? -1 : index_of[found];
+  return found == INT64_MAX ? -1 : index_of[found];
+}
+
+}  // namespace
+
+std::vector<paddle::Tensor> FirstNonfinite(const std::vector<paddle::Tensor>& values, int threads) {
+  using paddle::DataType;
+  std::vector<int64_t> skipped;
+  paddle::Tensor out_first = paddle::empty({1}, DataType::INT64, paddle::CPUPlace());
+  out_first.data<int64_t>()[0] = ScanNonfinite(values, threads, &skipped);
   paddle::Tensor out_skipped = paddle::empty({static_cast<int64_t>(skipped.size())}, DataType::INT64,
                                              paddle::CPUPlace());
   if (!skipped.empty()) std::memcpy(out_skipped.data<int64_t>(), skipped.data(), skipped.size() * sizeof(int64_t));
   return {out_first, out_skipped};
+}
+
+// The static EMA's guard: a program has no fallback for tensors the scan cannot read, so they
+// are an error rather than a list handed back.
+std::vector<paddle::Tensor> AllFinite(const std::vector<paddle::Tensor>& values, int threads) {
+  std::vector<int64_t> unchecked;
+  const int64_t first = ScanNonfinite(values, threads, &unchecked);
+  PD_CHECK(unchecked.empty(), "paddle_ema_all_finite: value ", unchecked.empty() ? 0 : unchecked[0],
+           " is not a dense CPU tensor of float32, float16, bfloat16 or float64; the static EMA emits "
+           "Paddle's own ops for programs that run elsewhere");
+  paddle::Tensor finite = paddle::empty({1}, paddle::DataType::BOOL, paddle::CPUPlace());
+  finite.data<bool>()[0] = first < 0;
+  return {finite};
+}
+
+std::vector<std::vector<int64_t>> AllFiniteInferShape(const std::vector<std::vector<int64_t>>& /*values*/) {
+  return {{1}};
+}
+
+std::vector<paddle::DataType> AllFiniteInferDtype(const std::vector<paddle::DataType>& /*values*/) {
+  return {paddle::DataType::BOOL};
 }
 
 PD_BUILD_OP(paddle_ema_first_nonfinite)
@@ -438,6 +475,16 @@ PD_BUILD_OP(paddle_ema_first_nonfinite)
     .Outputs({"First", "Skipped"})
     .Attrs({"threads: int"})
     .SetKernelFn(PD_KERNEL(FirstNonfinite));
+
+// The same scan for static programs: one bool [1] (true: no NaN or Inf anywhere), with the
+// shape and dtype functions a program needs to declare its output.
+PD_BUILD_OP(paddle_ema_all_finite)
+    .Inputs({paddle::Vec("Values")})
+    .Outputs({"Finite"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(AllFinite))
+    .SetInferShapeFn(PD_INFER_SHAPE(AllFiniteInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(AllFiniteInferDtype));
 
 // Declared in place: the form a static program needs, so that its graph knows the averages
 // are written.
