@@ -164,7 +164,7 @@ def test_failed_compilation_warns_with_compiler_output_and_falls_back(unbuilt, m
         (broken / name).write_text("this is not C++;\n")
     monkeypatch.setattr(build, "SOURCE_DIR", broken)
     averages, values = _constant_case()
-    with pytest.warns(RuntimeWarning, match="compiling ema_ops.cc failed"):
+    with pytest.warns(RuntimeWarning, match="compiling ema_ops.cc, ema_python.cc failed"):
         kernels.lerp_(averages, values, 0.25)
     np.testing.assert_array_equal(averages[0].numpy(), np.full([3, 4], 1.5, "float32"))
     assert not list((unbuilt / "cache").glob("*.so"))
@@ -303,19 +303,30 @@ def test_pairs_the_extension_does_not_take_go_through_the_reference(fused_ready)
     np.testing.assert_array_equal(results["fused"][5], results["fused"][3])
 
 
-def test_in_place_declared_operator_gives_the_same_numbers(fused_ready):
-    """paddle_ema_lerp (declared in place, for static programs) = paddle_ema_lerp_dygraph."""
+def test_static_operator_gives_the_dygraph_numbers(fused_ready):
+    """paddle_ema_lerp_by_tensor (the static programs' operator, called here in dygraph) = fused.lerp_."""
     from paddle import _C_ops
 
     initial, values = _pairs("bfloat16", SMALL_SHAPES[:40] + LARGE_SHAPES[:1], seed=5)
     declared = [paddle.to_tensor(a) for a in initial]
     by_fused = [paddle.to_tensor(a) for a in initial]
-    outputs = _C_ops._run_custom_op("paddle_ema_lerp", declared, values, 0.01, 2)
-    assert len(outputs) == len(declared) + 1 and outputs[-1].shape == [0]
+    outputs = _C_ops._run_custom_op("paddle_ema_lerp_by_tensor", declared, values, paddle.to_tensor([0.01]), 2)
     fused.lerp_(by_fused, values, 0.01)
     for d, f, out in zip(declared, by_fused, outputs):
         np.testing.assert_array_equal(d.numpy(), f.numpy())
         assert out.data_ptr() == d.data_ptr()
+
+
+def test_bindings_refuse_what_is_not_a_tensor_list(fused_ready):
+    module = fused._module()
+    with pytest.raises(TypeError, match=r"averages\[1\] is a numpy.ndarray, not a paddle.Tensor"):
+        module.lerp_([paddle.zeros([2]), np.zeros(2)], [paddle.zeros([2])] * 2, 0.5, 1)
+    with pytest.raises(TypeError, match="values must be a list or tuple"):
+        module.lerp_([paddle.zeros([2])], paddle.zeros([2]), 0.5, 1)
+    with pytest.raises(TypeError, match="stream_add_ takes two paddle.Tensor"):
+        module.stream_add_(paddle.zeros([2]), np.zeros(2, "float32"), 1)
+    with pytest.raises(RuntimeError, match="two contiguous float32 CPU tensors of one size"):
+        module.stream_add_(paddle.zeros([2]), paddle.zeros([3]), 1)
 
 
 def test_dygraph_ema_same_with_either_kernel(built_cache):

@@ -11,8 +11,9 @@ finds the library there and loads it without compiling. Several processes that s
 safe: one compiles while the others wait on a file lock, and the library appears under its final
 name only by an atomic rename, so nobody ever loads a half-written file.
 
-`load_extension()` returns the loaded library's path; it raises `BuildError` (with the compiler's
-output) when there is no compiler or the build fails, and the caller decides what to do.
+`load_extension()` registers the library's operators (for static programs) with Paddle and returns
+its Python module (the dygraph functions, ema_python.cc); it raises `BuildError` (with the
+compiler's output) when there is no compiler or the build fails, and the caller decides what to do.
 """
 
 import hashlib
@@ -31,7 +32,7 @@ __all__ = ["BuildError", "cache_dir", "library_path", "load_extension"]
 
 LIBRARY_NAME = "paddle_ema_ops"
 SOURCE_DIR = Path(__file__).with_name("csrc")
-CPU_SOURCES = ("ema_ops.cc",)
+CPU_SOURCES = ("ema_ops.cc", "ema_python.cc")
 CUDA_SOURCES = ("ema_ops.cu",)
 HEADERS = ("ema_ops.h", "ema_segments.h", "ema_cuda_kernel.cuh")
 # -ffp-contract=off: the update must be a + w * (x - a) rounded step by step, as paddle.lerp_
@@ -185,10 +186,12 @@ def _compile(target):
 
 
 def load_extension():
-    """Path of the library, compiled first if this Paddle and these sources have none cached.
+    """The library's Python module, compiled first if this Paddle and these sources have none cached.
 
-    Registers its operators with Paddle (once per process is the caller's business).
+    Also registers its operators with Paddle (once per process is the caller's business).
     """
+    import importlib.util
+
     from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
 
     target = library_path()
@@ -208,6 +211,10 @@ def load_extension():
             raise BuildError(f"cannot build into {target.parent}: {exc}") from None
     try:
         load_op_meta_info_and_register_op(str(target))
+        # The module's name is the one compiled in (PADDLE_EXTENSION_NAME), whatever the file's.
+        spec = importlib.util.spec_from_file_location(LIBRARY_NAME, target)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
     except Exception as exc:  # a corrupt or incompatible library: say so, the caller falls back
         raise BuildError(f"cannot load {target}: {exc}") from None
-    return target
+    return module

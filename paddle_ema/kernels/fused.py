@@ -1,12 +1,13 @@
 """The fused implementation of the kernels: the C++/CUDA extension updates a whole list in one call.
 
-`lerp_` hands every (average, value) pair to one call of the `paddle_ema_lerp_dygraph` operator
-(the static EMA uses `paddle_ema_lerp_by_tensor`, declared in place with the weight a tensor), which
-updates all pairs it supports in a single multi-threaded pass (CPU) or one launch per device
-(GPU): float32 averages with float32/float16/bfloat16 values and float64 with float64, both
-tensors on one device. It returns the indices of any other pair (an average kept on another
-device than its weight, an unusual dtype), which the reference implementation then updates, so
-every input gets the same numbers either way.
+`lerp_` hands every (average, value) pair to one call of the extension's `lerp_` (a Python function
+of the compiled library, ema_python.cc), which updates all pairs it supports in a single
+multi-threaded pass (CPU) or one launch per device (GPU): float32 averages with
+float32/float16/bfloat16 values and float64 with float64, both tensors on one device, contiguous.
+It returns the indices of any other pair (an average kept on another device than its weight, an
+unusual dtype, a strided view), which the reference implementation then updates, so every input
+gets the same numbers either way. Static programs use the library's operators instead
+(program_ops.fused_lerp_, paddle_ema_lerp_by_tensor), which take the weight as a tensor.
 
 The extension is built on first use (see build.py). `available()` says whether it could be; when
 it cannot, one warning says why and `lerp_` must not be called.
@@ -17,7 +18,6 @@ import threading
 import warnings
 
 import paddle
-from paddle import _C_ops
 
 from ..errors import ConfigError
 from . import build, reference
@@ -27,7 +27,7 @@ __all__ = ["available", "failure", "lerp_", "first_nonfinite", "stream_add_", "n
 THREADS_ENV = "PADDLE_EMA_NUM_THREADS"
 
 _lock = threading.Lock()
-_state = {"loaded": False, "failure": None}
+_state = {"loaded": False, "failure": None, "module": None}
 
 
 def _load():
@@ -35,7 +35,7 @@ def _load():
         if _state["loaded"] or _state["failure"] is not None:
             return
         try:
-            build.load_extension()
+            _state["module"] = build.load_extension()
             _state["loaded"] = True
         except build.BuildError as exc:
             _state["failure"] = str(exc)
@@ -78,26 +78,22 @@ def num_threads():
     return threads
 
 
+def _module():
+    if not _state["loaded"] and not available():
+        raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
+    return _state["module"]
+
+
 @paddle.no_grad()
 def lerp_(averages, values, weight):
     if len(averages) != len(values):
         raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
     if not averages:
         return
-    if not _state["loaded"] and not available():
-        raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
     averages, values = list(averages), list(values)
-    # Paddle gives a custom operator a contiguous copy of a strided tensor: the update of a
-    # strided average would be lost there, so those take the reference path.
-    strided = [i for i, average in enumerate(averages) if not average.is_contiguous()]
-    if strided:
-        reference.lerp_([averages[i] for i in strided], [values[i] for i in strided], weight)
-        keep = sorted(set(range(len(averages))) - set(strided))
-        averages, values = [averages[i] for i in keep], [values[i] for i in keep]
-    (skipped,) = _C_ops._run_custom_op("paddle_ema_lerp_dygraph", averages, values, float(weight), num_threads())
-    if skipped.shape[0]:
-        indices = skipped.tolist()
-        reference.lerp_([averages[i] for i in indices], [values[i] for i in indices], weight)
+    skipped = _module().lerp_(averages, values, float(weight), num_threads())
+    if skipped:  # strided views, other dtypes or devices: Paddle's own ops
+        reference.lerp_([averages[i] for i in skipped], [values[i] for i in skipped], weight)
 
 
 @paddle.no_grad()
@@ -105,22 +101,17 @@ def first_nonfinite(tensors):
     """Index of the first tensor holding NaN or Inf, or None: one multi-threaded read of all of them."""
     if not tensors:
         return None
-    if not _state["loaded"] and not available():
-        raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
     tensors = list(tensors)
-    first, skipped = _C_ops._run_custom_op("paddle_ema_first_nonfinite", tensors, num_threads())
-    found = [int(first.item())] if int(first.item()) >= 0 else []
-    if skipped.shape[0]:  # tensors not on the CPU: Paddle's own ops check them
-        indices = skipped.tolist()
-        other = reference.first_nonfinite([tensors[i] for i in indices])
+    first, unchecked = _module().first_nonfinite(tensors, num_threads())
+    found = [first] if first >= 0 else []
+    if unchecked:  # tensors not on the CPU, or strided: Paddle's own ops check them
+        other = reference.first_nonfinite([tensors[i] for i in unchecked])
         if other is not None:
-            found.append(indices[other])
+            found.append(unchecked[other])
     return min(found) if found else None
 
 
 @paddle.no_grad()
 def stream_add_(a, x):
     """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor."""
-    if not _state["loaded"] and not available():
-        raise RuntimeError(f"the fused EMA kernel is unavailable: {_state['failure']}")
-    _C_ops._run_custom_op("paddle_ema_stream_add", a, x, num_threads())
+    _module().stream_add_(a, x, num_threads())

@@ -1,7 +1,7 @@
-// Multi-tensor EMA update as a Paddle custom operator: one call for a whole list of tensors.
+// Multi-tensor EMA update: one call for a whole list of tensors, for dygraph (as Python functions,
+// ema_python.cc) and for static programs (as Paddle custom operators, below).
 //
-//   paddle_ema_lerp(averages, values, weight) -> skipped          (static programs)
-//   paddle_ema_lerp_dygraph(averages, values, weight) -> skipped  (dygraph, lower overhead)
+//   LerpTensors(averages, values, weight) -> skipped    (dygraph: ema_python.cc's lerp_)
 //       averages[i] <- averages[i] + weight * (values[i] - averages[i]), in place
 //
 // with exactly Paddle's lerp formula a + w * (x - a) in the average's dtype (a float32 weight for
@@ -9,32 +9,28 @@
 // the result equals paddle.lerp_'s bit for bit. Each pair may have its own dtypes: float32
 // averages with float32/float16/bfloat16 values, or float64 with float64. Pairs this kernel does
 // not handle (another dtype, average and value on different devices, a strided view) are left
-// untouched and their indices returned in `skipped` (int64, CPU) for the caller's fallback.
-// Averages must be contiguous: Paddle hands a custom operator a contiguous copy of a strided
-// tensor, so an update of a strided view would be lost (the Python caller checks).
+// untouched and their indices returned for the caller's fallback.
 //
 // CPU pairs are updated in one OpenMP pass of `threads` threads (<= 0: OpenMP's default) that
 // splits the total element count evenly, whatever the tensor sizes, so one big tensor and a
-// thousand small ones both use every core. The thread count is an attribute because Paddle sets
+// thousand small ones both use every core. The thread count is explicit because Paddle sets
 // OMP_NUM_THREADS=1 at import when it is unset, which makes OpenMP's default a single thread.
 // GPU pairs go to the CUDA kernel in ema_ops.cu (one launch per device) when it was compiled in.
 //
-//   paddle_ema_lerp_by_tensor(averages, values, weight)  (static programs, CPU only)
-//       the same update with the weight a one-element float32/float64 CPU tensor read at run
-//       time, so that a program can compute it (bias correction, a skipped step). Like
-//       kernels.lerp_: weight 0 leaves the averages untouched (also where values hold NaN) and
-//       weight 1 copies the values exactly (a + 1 * (x - a) is not x in float). Any pair it
-//       cannot update is an error: a program has no fallback to hand it to.
+//   ScanNonfinite(values) -> first: the index of the first tensor that holds a NaN or Inf (-1 if
+//   none), in one multi-threaded read of every value; the EMA's guard against diverged weights.
 //
-//   paddle_ema_stream_add(a, x):  a += x over one flat float32 buffer: the same 12 bytes per
-//   element as the EMA update with the same threading, the memory floor for the benchmarks.
+//   StreamAdd(a, x): a += x over one flat float32 buffer: the same 12 bytes per element as the
+//   EMA update with the same threading, the memory floor for the benchmarks.
 //
-//   paddle_ema_first_nonfinite(values) -> (first, skipped): the index of the first tensor that
-//   holds a NaN or Inf (-1 if none), in one multi-threaded read of every value; the EMA's guard
-//   against diverged weights. `skipped` lists the tensors not checked here (not on the CPU).
+// Operators, for static programs (CPU only; a pair or value they cannot handle is an error, since
+// a program has no fallback to hand it to):
 //
-//   paddle_ema_all_finite(values) -> finite  (static programs, CPU only): the same read, as
-//   one bool [1]; a value it cannot check is an error, as for paddle_ema_lerp_by_tensor.
+//   paddle_ema_lerp_by_tensor(averages, values, weight): the update with the weight a
+//       one-element float32/float64 CPU tensor read at run time, so that a program can compute
+//       it (bias correction, a skipped step). Like kernels.lerp_: weight 0 leaves the averages
+//       untouched (also where values hold NaN) and weight 1 copies the values exactly.
+//   paddle_ema_all_finite(values) -> finite: ScanNonfinite's read as one bool [1].
 
 #include <omp.h>
 
@@ -287,11 +283,11 @@ void CopySegmentsCPU(const std::vector<Segment>& segments, int threads) {
 
 }  // namespace
 
-// Writes the averages through their data pointers; the two operators below differ only in
-// what they tell Paddle about it.
-std::vector<paddle::Tensor> LerpAll(const std::vector<paddle::Tensor>& averages,
-                                    const std::vector<paddle::Tensor>& values, double weight, int threads) {
-  PD_CHECK(averages.size() == values.size(), "paddle_ema_lerp: ", averages.size(), " averages but ",
+// The dygraph update (bound to Python in ema_python.cc): writes the averages through their data
+// pointers and returns the indices of the pairs it does not handle, for the caller's fallback.
+std::vector<int64_t> LerpTensors(const std::vector<const paddle::Tensor*>& averages,
+                                 const std::vector<const paddle::Tensor*>& values, double weight, int threads) {
+  PD_CHECK(averages.size() == values.size(), "paddle_ema lerp_: ", averages.size(), " averages but ",
            values.size(), " values");
   std::vector<int64_t> skipped;
   std::vector<Segment> cpu;
@@ -299,18 +295,19 @@ std::vector<paddle::Tensor> LerpAll(const std::vector<paddle::Tensor>& averages,
   std::map<int, size_t> gpu_example;        // a tensor on that device, for its stream
   cpu.reserve(averages.size());
   for (size_t i = 0; i < averages.size(); ++i) {
-    const Kind kind = KindOf(averages[i], values[i]);
+    const paddle::Tensor& average = *averages[i];
+    const Kind kind = KindOf(average, *values[i]);
     if (kind == Kind::kUnsupported) {
       skipped.push_back(static_cast<int64_t>(i));
       continue;
     }
-    if (averages[i].numel() == 0) continue;
-    Segment segment{const_cast<void*>(averages[i].data()), values[i].data(), averages[i].numel(), kind};
-    if (averages[i].is_cpu()) {
+    if (average.numel() == 0) continue;
+    Segment segment{const_cast<void*>(average.data()), values[i]->data(), average.numel(), kind};
+    if (average.is_cpu()) {
       cpu.push_back(segment);
     } else {
 #ifdef PADDLE_EMA_WITH_CUDA
-      const int device = averages[i].place().GetDeviceId();
+      const int device = average.place().GetDeviceId();
       gpu[device].push_back(segment);
       gpu_example.emplace(device, i);
 #else
@@ -321,29 +318,21 @@ std::vector<paddle::Tensor> LerpAll(const std::vector<paddle::Tensor>& averages,
   LerpSegmentsCPU(cpu, weight, threads);
 #ifdef PADDLE_EMA_WITH_CUDA
   for (const auto& [device, segments] : gpu) {
-    LerpSegmentsCUDA(segments, weight, averages[gpu_example[device]]);
+    LerpSegmentsCUDA(segments, weight, *averages[gpu_example[device]]);
   }
 #endif
-  paddle::Tensor out = paddle::empty({static_cast<int64_t>(skipped.size())}, paddle::DataType::INT64,
-                                     paddle::CPUPlace());
-  if (!skipped.empty()) std::memcpy(out.data<int64_t>(), skipped.data(), skipped.size() * sizeof(int64_t));
-  return {out};
+  return skipped;
 }
 
-void StreamAdd(paddle::Tensor& a, const paddle::Tensor& x, int threads) {  // NOLINT
+void StreamAdd(const paddle::Tensor& a, const paddle::Tensor& x, int threads) {
   PD_CHECK(a.is_cpu() && x.is_cpu() && a.dtype() == paddle::DataType::FLOAT32 &&
-               x.dtype() == paddle::DataType::FLOAT32 && a.numel() == x.numel(),
-           "paddle_ema_stream_add: two float32 CPU tensors of one size");
-  std::vector<Segment> segments{{a.data(), x.data(), a.numel(), Kind::kFloat}};
+               x.dtype() == paddle::DataType::FLOAT32 && a.numel() == x.numel() && a.is_contiguous() &&
+               x.is_contiguous(),
+           "stream_add_: two contiguous float32 CPU tensors of one size");
+  std::vector<Segment> segments{{const_cast<void*>(a.data()), x.data(), a.numel(), Kind::kFloat}};
   ParallelOverElements(segments, threads, [](const Segment& s, int64_t b, int64_t e) {
     AddFloat(static_cast<float*>(s.average) + b, static_cast<const float*>(s.value) + b, e - b);
   });
-}
-
-std::vector<paddle::Tensor> LerpInplace(std::vector<paddle::Tensor>& averages,  // NOLINT
-                                        const std::vector<paddle::Tensor>& values, double weight,
-                                        int threads) {
-  return LerpAll(averages, values, weight, threads);
 }
 
 void LerpByTensor(std::vector<paddle::Tensor>& averages,  // NOLINT
@@ -375,19 +364,18 @@ void LerpByTensor(std::vector<paddle::Tensor>& averages,  // NOLINT
   }
 }
 
-namespace {
-
 // The index in `values` of the first tensor holding a NaN or Inf (-1 if none), read in one
 // multi-threaded pass; the indices of tensors it cannot read (not on the CPU, not a floating
 // dtype) go to `unchecked` and count as finite here.
-int64_t ScanNonfinite(const std::vector<paddle::Tensor>& values, int threads, std::vector<int64_t>* unchecked) {
+int64_t ScanNonfinite(const std::vector<const paddle::Tensor*>& values, int threads,
+                      std::vector<int64_t>* unchecked) {
   using paddle::DataType;
   std::vector<int64_t> index_of;
   std::vector<Segment> cpu;
   for (size_t i = 0; i < values.size(); ++i) {
-    const paddle::Tensor& v = values[i];
+    const paddle::Tensor& v = *values[i];
     Kind kind = Kind::kUnsupported;
-    if (v.is_dense_tensor() && v.is_cpu()) {  // a strided view arrives as a contiguous copy: fine to read
+    if (v.is_dense_tensor() && v.is_cpu() && v.is_contiguous()) {
       const DataType d = v.dtype();
       kind = d == DataType::FLOAT32    ? Kind::kFloat
              : d == DataType::FLOAT16  ? Kind::kFloatHalf
@@ -436,24 +424,14 @@ int64_t ScanNonfinite(const std::vector<paddle::Tensor>& values, int threads, st
   return found == INT64_MAX ? -1 : index_of[found];
 }
 
-}  // namespace
-
-std::vector<paddle::Tensor> FirstNonfinite(const std::vector<paddle::Tensor>& values, int threads) {
-  using paddle::DataType;
-  std::vector<int64_t> skipped;
-  paddle::Tensor out_first = paddle::empty({1}, DataType::INT64, paddle::CPUPlace());
-  out_first.data<int64_t>()[0] = ScanNonfinite(values, threads, &skipped);
-  paddle::Tensor out_skipped = paddle::empty({static_cast<int64_t>(skipped.size())}, DataType::INT64,
-                                             paddle::CPUPlace());
-  if (!skipped.empty()) std::memcpy(out_skipped.data<int64_t>(), skipped.data(), skipped.size() * sizeof(int64_t));
-  return {out_first, out_skipped};
-}
-
 // The static EMA's guard: a program has no fallback for tensors the scan cannot read, so they
 // are an error rather than a list handed back.
 std::vector<paddle::Tensor> AllFinite(const std::vector<paddle::Tensor>& values, int threads) {
+  std::vector<const paddle::Tensor*> pointers;
+  pointers.reserve(values.size());
+  for (const paddle::Tensor& v : values) pointers.push_back(&v);
   std::vector<int64_t> unchecked;
-  const int64_t first = ScanNonfinite(values, threads, &unchecked);
+  const int64_t first = ScanNonfinite(pointers, threads, &unchecked);
   PD_CHECK(unchecked.empty(), "paddle_ema_all_finite: value ", unchecked.empty() ? 0 : unchecked[0],
            " is not a dense CPU tensor of float32, float16, bfloat16 or float64; the static EMA emits "
            "Paddle's own ops for programs that run elsewhere");
@@ -470,12 +448,6 @@ std::vector<paddle::DataType> AllFiniteInferDtype(const std::vector<paddle::Data
   return {paddle::DataType::BOOL};
 }
 
-PD_BUILD_OP(paddle_ema_first_nonfinite)
-    .Inputs({paddle::Vec("Values")})
-    .Outputs({"First", "Skipped"})
-    .Attrs({"threads: int"})
-    .SetKernelFn(PD_KERNEL(FirstNonfinite));
-
 // The same scan for static programs: one bool [1] (true: no NaN or Inf anywhere), with the
 // shape and dtype functions a program needs to declare its output.
 PD_BUILD_OP(paddle_ema_all_finite)
@@ -486,15 +458,6 @@ PD_BUILD_OP(paddle_ema_all_finite)
     .SetInferShapeFn(PD_INFER_SHAPE(AllFiniteInferShape))
     .SetInferDtypeFn(PD_INFER_DTYPE(AllFiniteInferDtype));
 
-// Declared in place: the form a static program needs, so that its graph knows the averages
-// are written.
-PD_BUILD_OP(paddle_ema_lerp)
-    .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
-    .Outputs({paddle::Vec("AveragesOut"), "Skipped"})
-    .Attrs({"weight: double", "threads: int"})
-    .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
-    .SetKernelFn(PD_KERNEL(LerpInplace));
-
 // The static EMA's update: the weight is computed by the program, so it is an input.
 PD_BUILD_OP(paddle_ema_lerp_by_tensor)
     .Inputs({paddle::Vec("Averages"), paddle::Vec("Values"), "Weight"})
@@ -502,21 +465,3 @@ PD_BUILD_OP(paddle_ema_lerp_by_tensor)
     .Attrs({"threads: int"})
     .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
     .SetKernelFn(PD_KERNEL(LerpByTensor));
-
-// The same update for dygraph, with the averages declared as plain inputs: Paddle's in-place
-// bookkeeping (version counters, one output tensor per average) costs ~1 us per tensor, four
-// times the rest of the call. Safe there because dygraph runs the kernel at once on the very
-// tensors passed, except non-contiguous ones, which Paddle copies first (for both operators:
-// the write would land in the copy), so the caller must route strided averages elsewhere.
-PD_BUILD_OP(paddle_ema_lerp_dygraph)
-    .Inputs({paddle::Vec("Averages"), paddle::Vec("Values")})
-    .Outputs({"Skipped"})
-    .Attrs({"weight: double", "threads: int"})
-    .SetKernelFn(PD_KERNEL(LerpAll));
-
-PD_BUILD_OP(paddle_ema_stream_add)
-    .Inputs({"A", "X"})
-    .Outputs({"AOut"})
-    .Attrs({"threads: int"})
-    .SetInplaceMap({{"A", "AOut"}})
-    .SetKernelFn(PD_KERNEL(StreamAdd));

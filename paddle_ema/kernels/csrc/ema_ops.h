@@ -1,10 +1,18 @@
-// Shared between the CPU operator (ema_ops.cc) and the CUDA kernel's Paddle glue (ema_ops.cu).
+// Shared between the CPU code (ema_ops.cc), its Python bindings (ema_python.cc) and the CUDA
+// kernel's Paddle glue (ema_ops.cu). See ema_ops.cc for what each function does.
 #pragma once
 
+#include <cstdint>
 #include <vector>
 
 #include "ema_segments.h"
 #include "paddle/extension.h"
+
+std::vector<int64_t> LerpTensors(const std::vector<const paddle::Tensor*>& averages,
+                                 const std::vector<const paddle::Tensor*>& values, double weight, int threads);
+int64_t ScanNonfinite(const std::vector<const paddle::Tensor*>& values, int threads,
+                      std::vector<int64_t>* unchecked);
+void StreamAdd(const paddle::Tensor& a, const paddle::Tensor& x, int threads);
 
 #ifdef PADDLE_EMA_WITH_CUDA
 // Updates all segments (all on the device of `example`) in one launch on `example`'s stream.
