@@ -441,7 +441,7 @@ def test_all_finite_op(fused_ready, dtype):
 
 
 def test_all_finite_op_refuses_what_it_cannot_check(fused_ready):
-    # Unlike paddle_ema_first_nonfinite it hands nothing back for a fallback: an error instead.
+    # Unlike the dygraph first_nonfinite it hands nothing back for a fallback: an error instead.
     for other in (paddle.zeros([3], "int64"), paddle.zeros([3], "int32"), paddle.zeros([3], "bool")):
         with pytest.raises(OSError, match="paddle_ema_all_finite: value 1 is not a dense CPU tensor"):
             _all_finite([paddle.zeros([4]), other])
