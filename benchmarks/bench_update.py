@@ -23,8 +23,9 @@ process may use); PyTorch's child gets the OMP_NUM_THREADS the user had before P
 (Paddle sets it to 1 when unset), so by default each uses all cores. "(Nt)" shows the count.
 
 Sets: ResNet-50 (161 trainable tensors, 25.6M parameters), MobileNetV3-small (many small
-tensors), and a synthetic transformer-like set of 1,000 tensors (13.4M parameters: embeddings,
-62 blocks of attention, MLP and LayerNorms, a pooler and a classifier).
+tensors), a synthetic transformer-like set of 1,000 tensors (13.4M parameters: embeddings,
+62 blocks of attention, MLP and LayerNorms, a pooler and a classifier), and 1,000 one-element
+tensors (overhead1000: the per-call and per-tensor overhead alone).
 
     PYTHONPATH=. python benchmarks/bench_update.py [--runs 20] [--warmup 3] [--rounds 4]
                                    [--sets resnet50,...] [--no-torch] [--json out.json]
@@ -44,7 +45,7 @@ import numpy as np
 USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
 BYTES_PER_PARAMETER = 12  # read weight, read average, write average (float32)
 DECAY = 0.9998
-SETS = ("resnet50", "mobilenet_v3_small", "transformer1000")
+SETS = ("resnet50", "mobilenet_v3_small", "transformer1000", "overhead1000")
 
 
 def _exit_usage(parser, message):
@@ -90,25 +91,34 @@ def transformer_shapes(blocks=62, hidden=128, ffn=512, vocab=8000, positions=512
     return shapes
 
 
+def synthetic_shapes(name):
+    """The shapes of a set that is not one of Paddle's models, else None. overhead1000: 1,000
+    one-element tensors, where an update's time is all per-call and per-tensor overhead."""
+    if name == "transformer1000":
+        return transformer_shapes()
+    if name == "overhead1000":
+        return [[1]] * 1000
+    return None
+
+
 def build_model(name):
     """The set as a paddle.nn.Layer: Paddle's model (BatchNorm statistics included), or a Layer
-    holding the transformer-like set's parameters."""
+    holding a synthetic set's parameters."""
     import paddle
 
-    if name != "transformer1000":
+    shapes = synthetic_shapes(name)
+    if shapes is None:
         import paddle.vision.models as models
 
         return getattr(models, name)()
     layer = paddle.nn.Layer()
-    for i, shape in enumerate(transformer_shapes()):
+    for i, shape in enumerate(shapes):
         layer.add_parameter(f"p{i}", layer.create_parameter(shape))
     return layer
 
 
 def set_shapes(name):
-    if name == "transformer1000":
-        return transformer_shapes()
-    return [list(p.shape) for p in build_model(name).parameters() if not p.stop_gradient]
+    return synthetic_shapes(name) or [list(p.shape) for p in build_model(name).parameters() if not p.stop_gradient]
 
 
 # --- the two baselines, as their authors wrote them ------------------------------------------------

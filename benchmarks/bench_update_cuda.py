@@ -34,7 +34,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_update import BYTES_PER_PARAMETER, DECAY, SETS, table, transformer_shapes  # noqa: E402
+from bench_update import BYTES_PER_PARAMETER, DECAY, SETS, synthetic_shapes, table  # noqa: E402
 
 HARNESS = HERE / "cuda" / "lerp_check.cu"
 SHAPES_FILE = HERE / "param_shapes.json"
@@ -43,8 +43,8 @@ NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-Xcompiler", "-ffp-contract=
 
 def shapes_of(name):
     """Trainable parameter shapes: from Paddle's model zoo when importable, else the saved list."""
-    if name == "transformer1000":
-        return transformer_shapes()
+    if synthetic_shapes(name) is not None:
+        return synthetic_shapes(name)
     try:
         from bench_update import set_shapes
 
