@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from reporting import write_json
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -104,7 +106,7 @@ def main():
             "apply_restore_unsharded_ms": max(r["full"]["apply_restore"] for r in ranks) * 1e3,
         })
     print("ResNet-50 EMA shadow (float32), per rank; times are the median over repeats, slowest rank")
-    print(f"| processes | unsharded MiB/rank | sharded MiB/rank (max, min) | max/ideal | apply+restore ms sharded | unsharded | state_dict ms sharded |")
+    print("| processes | unsharded MiB/rank | sharded MiB/rank (max, min) | max/ideal | apply+restore ms sharded | unsharded | state_dict ms sharded |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for row in rows:
         shards = row["shard_bytes_per_rank"]
@@ -112,8 +114,7 @@ def main():
         print(f"| {row['processes']} | {row['full_bytes_per_rank'] / 2**20:.1f} | "
               f"{max(shards) / 2**20:.1f}, {min(shards) / 2**20:.1f} | {max(shards) / ideal:.3f} | "
               f"{row['apply_restore_ms']:.1f} | {row['apply_restore_unsharded_ms']:.1f} | {row['state_dict_ms']:.1f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=2))
+    write_json(args.json, rows)
 
 
 if __name__ == "__main__":

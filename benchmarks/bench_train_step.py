@@ -11,11 +11,12 @@ step + update. Target: under 3% for ResNet-18 with the fused kernel.
 """
 
 import argparse
-import json
 import sys
 import time
 
 import numpy as np
+
+from reporting import write_json
 
 MODELS = ("resnet18", "small_cnn")
 
@@ -119,10 +120,7 @@ def main(argv=None):
                     if first else " " * 38)
             print(f"{head}  {mode:<11}{figures['ms']:>8.2f}{figures['share'] * 100:>7.2f}%", flush=True)
             first = False
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

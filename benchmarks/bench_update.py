@@ -41,6 +41,8 @@ import time
 
 import numpy as np
 
+from reporting import write_json
+
 # Paddle sets OMP_NUM_THREADS=1 at import when it is unset; PyTorch's process gets what the user had.
 USER_OMP_NUM_THREADS = os.environ.get("OMP_NUM_THREADS")
 BYTES_PER_PARAMETER = 12  # read weight, read average, write average (float32)
@@ -152,7 +154,10 @@ class DetectionModelEMA:
 
     def __init__(self, model, decay):
         self.decay, self.step, self.model = decay, 0, model
-        self.state_dict = {k: paddle_zeros_like(v) for k, v in model.state_dict().items()}
+        import paddle
+
+        # float32 zeros, stop_gradient as PaddleDetection makes them
+        self.state_dict = {k: paddle.zeros(v.shape, "float32") for k, v in model.state_dict().items()}
 
     def update(self):
         decay = min(self.decay, (1 + self.step) / (10 + self.step))
@@ -162,14 +167,6 @@ class DetectionModelEMA:
             v.stop_gradient = True
             self.state_dict[k] = v
         self.step += 1
-
-
-def paddle_zeros_like(tensor):
-    import paddle
-
-    out = paddle.zeros(tensor.shape, "float32")
-    out.stop_gradient = True
-    return out
 
 
 # --- contestants: (label, one update) -------------------------------------------------------------
@@ -340,10 +337,7 @@ def main(argv=None):
                 for label, ms in rows
             ],
         }
-    if args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_update import BYTES_PER_PARAMETER, DECAY, SETS, synthetic_shapes, table  # noqa: E402
+from bench_update import BYTES_PER_PARAMETER, DECAY, SETS, set_shapes, table  # noqa: E402
+from reporting import write_json  # noqa: E402
 
 HARNESS = HERE / "cuda" / "lerp_check.cu"
 SHAPES_FILE = HERE / "param_shapes.json"
@@ -43,12 +44,8 @@ NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-Xcompiler", "-ffp-contract=
 
 def shapes_of(name):
     """Trainable parameter shapes: from Paddle's model zoo when importable, else the saved list."""
-    if synthetic_shapes(name) is not None:
-        return synthetic_shapes(name)
     try:
-        from bench_update import set_shapes
-
-        return set_shapes(name)
+        return set_shapes(name)  # imports Paddle only for its models
     except ImportError:
         return json.loads(SHAPES_FILE.read_text())[name]
 
@@ -146,9 +143,7 @@ def main(argv=None):
                           "gb_per_s": BYTES_PER_PARAMETER * figures["parameters"] / (ms * 1e-3) / 1e9}
                          for label, ms in rows],
             }
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-        print(f"wrote {args.json}")
+    write_json(args.json, report)
 
 
 def _numel(shape):

@@ -18,6 +18,8 @@ __all__ = [
     "lerp_",
     "fused_lerp_",
     "fused_all_finite",
+    "fused_lerp_takes",
+    "fused_all_finite_takes",
     "runs_on_cpu",
     "exp",
     "create_persistable",
@@ -53,8 +55,19 @@ def lerp_(average, value, weight):
         )
 
 
-# The custom operator of kernels/csrc/ema_ops.cc that updates a whole list in place.
+# The custom operator of kernels/csrc/ema_ops.cc that updates a whole list in place, and the
+# (average dtype: value dtypes) pairs it takes, as that file's KindOf does.
 FUSED_LERP_OP = "paddle_ema_lerp_by_tensor"
+FUSED_LERP_DTYPES = {"float32": ("float32", "float16", "bfloat16"), "float64": ("float64",)}
+
+
+def fused_lerp_takes(average, value):
+    """True when `fused_lerp_` can update `average` from `value` (by their dtypes); a program has no
+    fallback inside the op, so the caller gives other pairs the built-in ops."""
+    return any(
+        average.dtype == getattr(paddle, a) and value.dtype in tuple(getattr(paddle, v) for v in vs)
+        for a, vs in FUSED_LERP_DTYPES.items()
+    )
 
 
 def runs_on_cpu():
@@ -98,8 +111,15 @@ def fused_lerp_(averages, values, weight):
 # The custom operator of kernels/csrc/ema_ops.cc that checks a whole list for NaN/Inf.
 FUSED_ALL_FINITE_OP = "paddle_ema_all_finite"
 
-# The parameter dtypes that op reads; a program with others keeps `all_finite`.
-FUSED_ALL_FINITE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# The parameter dtypes that op reads (every one the fused update reads); a program with others
+# keeps `all_finite`.
+FUSED_ALL_FINITE_DTYPES = tuple(dict.fromkeys(d for ds in FUSED_LERP_DTYPES.values() for d in ds))
+
+
+def fused_all_finite_takes(values):
+    """True when `fused_all_finite` can check every one of `values`."""
+    dtypes = tuple(getattr(paddle, name) for name in FUSED_ALL_FINITE_DTYPES)
+    return all(value.dtype in dtypes for value in values)
 
 
 def fused_all_finite(values):

@@ -52,13 +52,6 @@ DEFAULT_DECAY = 0.999
 SCALAR_DTYPE = "float64"
 
 
-def _fused_pair(param, shadow):
-    """The (parameter, shadow) dtypes that the fused op updates; others take the built-in ops."""
-    if shadow.dtype == paddle.float32:
-        return param.dtype in (paddle.float32, paddle.float16, paddle.bfloat16)
-    return shadow.dtype == paddle.float64 and param.dtype == paddle.float64
-
-
 def _is_program_variable(value):
     return isinstance(value, (paddle.static.Variable, paddle.pir.Value))
 
@@ -262,13 +255,13 @@ class ExponentialMovingAverage:
             # of 0 is a true no-op there, so the non-finite guard is the weight alone.
             groups = {}
             for param, shadow in pairs:
-                if _fused_pair(param, shadow):
+                if program_ops.fused_lerp_takes(shadow, param):
                     groups.setdefault(shadow.dtype, ([], []))
                     groups[shadow.dtype][0].append(shadow)
                     groups[shadow.dtype][1].append(param)
             for dtype, (shadows, params) in groups.items():
                 program_ops.fused_lerp_(shadows, params, weight_for(dtype))
-            pairs = [(param, shadow) for param, shadow in pairs if not _fused_pair(param, shadow)]
+            pairs = [(param, shadow) for param, shadow in pairs if not program_ops.fused_lerp_takes(shadow, param)]
         for param, shadow in pairs:
             value = param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype)
             if finite is not None:  # a weight of 0 would not do: 0 * NaN is NaN
@@ -285,8 +278,7 @@ class ExponentialMovingAverage:
     def _fused_check(self):
         """Check the parameters with the fused extension's one op: with the fused update, when it
         reads every parameter's dtype (it has no fallback inside a program)."""
-        dtypes = tuple(getattr(paddle, name) for name in program_ops.FUSED_ALL_FINITE_DTYPES)
-        return self._fused_update() and all(p.dtype in dtypes for p in self._params)
+        return self._fused_update() and program_ops.fused_all_finite_takes(self._params)
 
     def _build_swap_programs(self):
         """The programs apply() and restore() run: back up, swap averages in, swap raw weights back."""

@@ -61,7 +61,7 @@ def average_state_dicts(states, weights=None, bn="average", labels=None):
             if list(value.shape) != list(first[name].shape):
                 raise IncompatibleStateError(f"{label}: {name} has shape {list(value.shape)}, "
                                              f"{labels[0]} {list(first[name].shape)}")
-    averaged, names, sums = {}, [], []
+    averaged, names = {}, []
     for name, value in first.items():
         if not paddle.is_floating_point(value):
             for state, label in zip(states[1:], labels[1:]):
