@@ -6,13 +6,23 @@
     ema.update()
     with ema.apply():
         evaluate(model)
+
+The static-graph EMA is `paddle_ema.static.ExponentialMovingAverage`; `static`, `EMACallback` and
+`PostHocEMA` are loaded on first use (PEP 562), so importing the package does not build them.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from ._require import require_paddle
 
 require_paddle()
 
+from . import ppdet as _ppdet  # noqa: E402
 from .averaging import EMARule  # noqa: E402
+from .batchnorm import update_bn  # noqa: E402
 from .dygraph import ExponentialMovingAverage, StochasticWeightAveraging  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
@@ -26,9 +36,21 @@ from .errors import (  # noqa: E402
 from .ppdet import ModelEMA  # noqa: E402
 from .schedules import SCHEDULES, Schedule, make_schedule, register_schedule  # noqa: E402
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
+    from . import static
+    from .callbacks import EMACallback
+    from .posthoc import PostHocEMA
 
-__all__ = [
+__version__: str = "0.1.0"
+
+# name -> (module, attribute or None for the module itself), imported on first access
+_LAZY: dict[str, tuple[str, str | None]] = {
+    "static": (".static", None),
+    "EMACallback": (".callbacks", "EMACallback"),
+    "PostHocEMA": (".posthoc", "PostHocEMA"),
+}
+
+__all__: list[str] = [
     "ExponentialMovingAverage",
     "StochasticWeightAveraging",
     "ModelEMA",
@@ -37,6 +59,10 @@ __all__ = [
     "SCHEDULES",
     "make_schedule",
     "register_schedule",
+    "update_bn",
+    "static",
+    "EMACallback",
+    "PostHocEMA",
     "PaddleEMAError",
     "ConfigError",
     "SelectionError",
@@ -45,3 +71,26 @@ __all__ = [
     "NonFiniteError",
     "CheckpointError",
 ]
+
+# PaddleDetection's timm-style SimpleModelEMA, exported where this version of paddle_ema.ppdet has it.
+if hasattr(_ppdet, "SimpleModelEMA"):
+    SimpleModelEMA = _ppdet.SimpleModelEMA
+    __all__.insert(__all__.index("ModelEMA") + 1, "SimpleModelEMA")
+
+
+def __getattr__(name: str) -> Any:
+    """Import a lazily exported name (`static`, `EMACallback`, `PostHocEMA`) on first access."""
+    if name in _LAZY:
+        module_name, attribute = _LAZY[name]
+        module = importlib.import_module(module_name, __name__)
+        value = module if attribute is None else getattr(module, attribute)
+        globals()[name] = value  # later accesses skip this function
+        return value
+    if name == "SimpleModelEMA":
+        raise AttributeError("paddle_ema.SimpleModelEMA is not available: this version of paddle_ema.ppdet "
+                             "does not define it")
+    raise AttributeError(f"module 'paddle_ema' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
