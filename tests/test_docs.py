@@ -151,6 +151,39 @@ def test_examples_run(page, tmp_path):
     assert not failed, "\n\n".join(failed)
 
 
+# Pages other helpers are writing at the same time; a link to one is allowed before it exists.
+# Once they are merged this set can be emptied.
+PAGES_TO_COME = {"docs/migration.md", "docs/reliability.md", "docs/install.md", "docs/performance.md"}
+
+
+def _slug(heading):
+    """GitHub's anchor for a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _anchors(page):
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+ (.+)$", text, flags=re.M)}
+
+
+def test_links_between_pages_resolve():
+    broken = []
+    for page in PAGES:
+        text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            file = (page.parent / path).resolve() if path else page
+            name = str(file.relative_to(ROOT)) if file.is_relative_to(ROOT) else str(file)
+            if not file.exists():
+                if name not in PAGES_TO_COME:
+                    broken.append(f"{_name(page)}: {target} (no such file)")
+            elif anchor and anchor not in _anchors(file):
+                broken.append(f"{_name(page)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
 # The Extending example claims its formula serves both modes: run it in dygraph, in a PIR program and
 # in a legacy program, and check the decays it gave against the closed form.
 BOTH_MODES = textwrap.dedent(
