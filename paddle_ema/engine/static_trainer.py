@@ -35,7 +35,7 @@ from ..selection import is_floating, select_parameters
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
 from .data import batches
-from .ema_setup import ema_settings
+from .ema_setup import ema_settings, restart_allowed
 from .evaluation import accuracy
 from .trainer import Trainer, build_model, classification_loss
 
@@ -105,6 +105,7 @@ class _StaticEMAState:
         program_to_structured = {v: k for k, v in structured.items()}
         self.names = self.ema.state_names()
         self.shadows = {program_to_structured[p]: s for p, s in self.names["shadows"].items()}
+        self.nonfinite = settings["nonfinite"]
         self.snapshots = 0
 
     def bind(self, trainer):
@@ -137,7 +138,9 @@ class _StaticEMAState:
             weights = self._read_weights()
         self.snapshots += 1
         if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
-            self.register()
+            live = [(name, self.vars.read(self.structured[name])) for name in self.shadows]
+            if restart_allowed(self.nonfinite, live, f"snapshot {self.snapshots}"):
+                self.register()
         return _tensors(weights)
 
     def state_dict(self):
