@@ -183,6 +183,14 @@ class StaticTrainer(Trainer):
         self.scope = paddle.static.Scope()
         super().__init__(cfg, name, do_eval=do_eval, vdl_log_dir=vdl_log_dir, resume=resume, stream=stream)
 
+    @classmethod
+    def check_config(cls, cfg, do_eval=True):
+        check_static_config(cfg)
+        trainer = cls.__new__(cls)
+        trainer.scope = paddle.static.Scope()
+        trainer._build_parts(cfg, do_eval, None)
+        return trainer
+
     @contextlib.contextmanager
     def _static(self):
         """Static mode and this trainer's scope inside the block; the previous global mode after it."""

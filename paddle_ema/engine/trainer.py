@@ -90,23 +90,8 @@ def run_name(config_path):
 
 class Trainer:
     def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None):
-        self.cfg, self.do_eval, self.stream = cfg, do_eval, stream
-        set_device(cfg)
-        seed_everything(cfg["seed"])
-        self.data = build_datasets(cfg, ("train", "eval") if do_eval else ("train",))
-        reader = cfg["TrainReader"]
-        self.batch_size = reader["batch_size"]
-        self.parallel = Parallel(cfg, len(self.data["train"]), self.batch_size, reader["drop_last"])
-        self.steps_per_epoch = len(batches(len(self.data["train"]), self.batch_size, drop_last=reader["drop_last"]))
-        if self.steps_per_epoch == 0:
-            raise ConfigError(f"TrainReader.batch_size {self.batch_size} with drop_last leaves no batch of "
-                              f"{len(self.data['train'])} samples")
-        total = self.steps_per_epoch * cfg["epoch"]
-        self.lr = create("lr_schedule", cfg, base_lr=cfg["base_lr"], total_steps=total,
-                         steps_per_epoch=self.steps_per_epoch)
-        self._build(cfg)
+        self._build_parts(cfg, do_eval, stream)
         self.output_dir = os.path.join(cfg["output_dir"], name)
-        self.swa = build_swa(cfg, self.model, self.steps_per_epoch)
         self.lock, self._created = None, []
         try:
             if self.parallel.is_main:
@@ -123,6 +108,33 @@ class Trainer:
         except BaseException:
             self.close(failed=True)
             raise
+
+    @classmethod
+    def check_config(cls, cfg, do_eval=True):
+        """Build everything a run of `cfg` trains with (data, model, schedule, optimizer, EMA), writing
+        nothing: a config that passes trains; one that does not raises a PaddleEMAError."""
+        trainer = cls.__new__(cls)
+        trainer._build_parts(cfg, do_eval, None)
+        return trainer
+
+    def _build_parts(self, cfg, do_eval, stream):
+        """What the run trains with; validates the config against the data, writes nothing."""
+        self.cfg, self.do_eval, self.stream = cfg, do_eval, stream
+        set_device(cfg)
+        seed_everything(cfg["seed"])
+        self.data = build_datasets(cfg, ("train", "eval") if do_eval else ("train",))
+        reader = cfg["TrainReader"]
+        self.batch_size = reader["batch_size"]
+        self.parallel = Parallel(cfg, len(self.data["train"]), self.batch_size, reader["drop_last"])
+        self.steps_per_epoch = len(batches(len(self.data["train"]), self.batch_size, drop_last=reader["drop_last"]))
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"TrainReader.batch_size {self.batch_size} with drop_last leaves no batch of "
+                              f"{len(self.data['train'])} samples")
+        total = self.steps_per_epoch * cfg["epoch"]
+        self.lr = create("lr_schedule", cfg, base_lr=cfg["base_lr"], total_steps=total,
+                         steps_per_epoch=self.steps_per_epoch)
+        self._build(cfg)
+        self.swa = build_swa(cfg, self.model, self.steps_per_epoch)
 
     def _claim_outputs(self, vdl_log_dir):
         """Before anything trains: every output folder writable, this run the folder's only writer,
@@ -357,6 +369,19 @@ class Trainer:
             print(f"curves: {path}", flush=True)
         print(f"checkpoints: {self.output_dir}", flush=True)
         return self.history
+
+
+def trainer_class(cfg):
+    if cfg["mode"] == "static":
+        from .static_trainer import StaticTrainer
+
+        return StaticTrainer
+    return Trainer
+
+
+def check_config(cfg, do_eval=True):
+    """Everything a run of `cfg` builds, built without writing a file (Trainer.check_config)."""
+    return trainer_class(cfg).check_config(cfg, do_eval)
 
 
 def build_trainer(cfg, name, **options):
