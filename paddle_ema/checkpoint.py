@@ -90,11 +90,16 @@ def _remove_quietly(path):
         pass
 
 
-def _write_synced(write, temporary):
+def _write_synced(write, temporary, target=None):
     try:
         write(temporary)
         with open(temporary, "rb+") as f:
             os.fsync(f.fileno())
+    except OSError as exc:
+        _remove_quietly(temporary)
+        if exc.filename is None:  # a failed write() names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, os.fspath(target or temporary)) from None
+        raise
     except BaseException:
         _remove_quietly(temporary)
         raise
@@ -106,7 +111,7 @@ def _atomic(write, path):
     os.makedirs(folder, exist_ok=True)
     temporary = _temporary_name(path)
     try:
-        _write_synced(write, temporary)
+        _write_synced(write, temporary, path)
         os.replace(temporary, path)
         _fsync_dir(folder)
     finally:
@@ -172,7 +177,7 @@ def save_checkpoint(stem, files, info=None):
     try:
         for suffix, obj in files.items():
             temporary = _temporary_name(stem + suffix)
-            _write_synced(lambda path, obj=obj: paddle.save(obj, path), temporary)
+            _write_synced(lambda path, obj=obj: paddle.save(obj, path), temporary, stem + suffix)
             staged[suffix] = temporary
             entries[suffix] = {**_entry(temporary), "staged": os.path.basename(temporary)}
             if delay:
