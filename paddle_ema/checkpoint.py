@@ -373,7 +373,12 @@ def complete_checkpoints(folder, suffix=None):
 
 
 def _complete_hint(folder):
-    names = [os.path.basename(stem) for stem in complete_checkpoints(folder)]
+    """The complete checkpoints of `folder` for a message: the resumable ones (with a .pdopt) in step
+    order, then the weight-only ones (best_model)."""
+    stems = complete_checkpoints(folder)
+    resumable = set(complete_checkpoints(folder, ".pdopt"))
+    names = [os.path.basename(s) for s in stems if s in resumable]
+    names += [os.path.basename(s) for s in stems if s not in resumable]
     return f"; complete checkpoints there: {', '.join(names)}" if names else ""
 
 
