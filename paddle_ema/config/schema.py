@@ -189,8 +189,8 @@ def _check_section(config, category, name, section):
         default = args[key]
         for kind in ("bool", "int", "float", "str"):
             if default is not None and default is not _EMPTY and _is_kind(default, kind):
-                spec = Field(kind, nullable=True)
-                if value is not None and not _is_kind(value, kind):
+                spec = Field(kind)
+                if not _is_kind(value, kind):  # null too: leave the key out for the default
                     raise _error(config, dotted, f"{dotted}: {_short(value)} is not allowed; "
                                  f"expected {_allowed(spec)} like the default {default!r}")
                 break

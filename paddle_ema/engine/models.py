@@ -9,15 +9,15 @@ from paddle import nn
 from ..config import register
 from ..config.registry import Limit
 
-_COUNT = Limit(1, 4096)
-_CLASSES = Limit(1, 100_000)
+_COUNT = Limit(1, 512)  # caps keep a typo (width: 40960) from allocating gigabytes
+_CLASSES = Limit(1, 10_000)
 _CHANNELS = Limit(1, 1024)
 
 __all__ = ["LeNet", "ResNet18", "MobileNetV3Small"]
 
 
 @register("architecture", limits={"num_classes": _CLASSES, "in_channels": _CHANNELS, "width": _COUNT,
-                                  "hidden": Limit(1, 65536), "image_size": Limit(4, 4096)})
+                                  "hidden": Limit(1, 8192), "image_size": Limit(4, 4096)})
 class LeNet(nn.Layer):
     """A LeNet-style CNN sized for 8x8 digits: two conv-BN-ReLU stages and a 2-layer classifier.
 

@@ -189,6 +189,7 @@ class StaticTrainer(Trainer):
         trainer = cls.__new__(cls)
         trainer.scope = paddle.static.Scope()
         trainer._build_parts(cfg, do_eval, None)
+        trainer.global_step, trainer.posthoc = 0, None  # so that a test may take a step
         return trainer
 
     @contextlib.contextmanager

@@ -115,6 +115,7 @@ class Trainer:
         nothing: a config that passes trains; one that does not raises a PaddleEMAError."""
         trainer = cls.__new__(cls)
         trainer._build_parts(cfg, do_eval, None)
+        trainer.global_step, trainer.posthoc = 0, None  # so that a test may take a step
         return trainer
 
     def _build_parts(self, cfg, do_eval, stream):
