@@ -63,6 +63,9 @@ def build_datasets(cfg, splits=("train", "eval")):
     return {split: create("dataset", cfg, split=split) for split in splits}
 
 
+_UNITS = {"num_classes": "classes", "in_channels": "channels", "image_size": "pixels a side"}
+
+
 def build_model(cfg, dataset):
     """The configured architecture sized for `dataset` (classes, channels, image side); a section
     that sets one of those to something the data does not have is a ConfigError."""
@@ -75,7 +78,7 @@ def build_model(cfg, dataset):
         if section.get(key) is not None and not fits(section[key], have):
             need = f">= {have}" if key == "num_classes" else f"{have}"
             raise ConfigError(f"{name}.{key}: {section[key]!r} does not fit the data: dataset {cfg['dataset']} has "
-                              f"{have} {key.replace('_', ' ')}; set {need} or leave it out (the data's value is used)")
+                              f"{have} {_UNITS[key]}; set {need} or leave it out (the data's value is used)")
     return create("architecture", cfg, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
                   image_size=int(dataset.images.shape[-1]))
 
