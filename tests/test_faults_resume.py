@@ -81,6 +81,7 @@ def test_r_auto_after_kill_9_at_random_moments_and_during_the_best_model_write_i
         process.wait(timeout=60)
         kills.append(how)
     assert kills[:2] == ["best_model", "checkpoint"]
+    print(f"kills: {kills}")  # for the attack table (pytest -s)
 
     finished = subprocess.run(command(config), env=ENV, capture_output=True, text=True, timeout=240)
     assert finished.returncode == 0, finished.stderr[-2000:]
