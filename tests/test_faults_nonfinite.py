@@ -122,3 +122,23 @@ def test_ppdet_impl_honours_ema_nonfinite():  # needs ModelEMA(nonfinite=...), h
         skipping.update()
     after = skipping.snapshot()
     assert before.keys() == after.keys() and all(np.isfinite(v.numpy()).all() for v in after.values())
+
+
+def test_a_static_cycle_restart_on_nan_weights_keeps_the_average(tmp_path):
+    cfg = read_config(str(REPO / "configs" / "lenet_digits.yml"),
+                      ["epoch=1", f"output_dir={tmp_path}", "LeNet.width=4", "LeNet.hidden=8", "mode=static",
+                       "cycle_epoch=1"])
+    trainer = check_config(cfg, do_eval=False)
+    state = trainer.ema
+    shadows = {n: state.vars.read(v).copy() for n, v in state.shadows.items()}
+    name = "features.0.weight"
+    weight = state.vars.read(state.structured[name])
+    state.vars.write(state.structured[name], np.full_like(weight, np.nan))
+    with pytest.warns(RuntimeWarning, match=rf"cycle_epoch restart would copy parameter '{name}', which holds NaN"):
+        state.snapshot()
+    after = {n: state.vars.read(v) for n, v in state.shadows.items()}
+    assert all(np.array_equal(shadows[n], after[n]) for n in shadows)  # the average was not restarted from NaN
+    state.vars.write(state.structured[name], weight)
+    state.snapshot()  # finite: the restart copies the weights
+    assert np.array_equal(state.vars.read(state.shadows[name]), weight)
+    assert paddle.in_dynamic_mode()
