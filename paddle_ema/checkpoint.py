@@ -97,7 +97,7 @@ def _write_synced(write, temporary, target=None):
             os.fsync(f.fileno())
     except OSError as exc:
         _remove_quietly(temporary)
-        if exc.filename is None:  # a failed write() names no file: name the one being written
+        if exc.filename is None and exc.errno is not None:  # a failed write() names no file: name it
             raise OSError(exc.errno, exc.strerror, os.fspath(target or temporary)) from None
         raise
     except BaseException:

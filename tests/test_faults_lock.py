@@ -43,12 +43,15 @@ def test_the_lock_in_one_process(tmp_path):
 def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_intact(tmp_path):
     config = tiny(tmp_path)
     run_dir = tmp_path / "output" / "tiny"
-    slow = {**ENV, "PADDLE_EMA_FAULT_SAVE_DELAY": "0.5"}  # each checkpoint file takes 0.5 s more: a long window
+    # each checkpoint file takes 1.5 s more: a window of about half a minute, long enough for two
+    # more processes to start on a loaded machine
+    slow = {**ENV, "PADDLE_EMA_FAULT_SAVE_DELAY": "1.5"}
     first = subprocess.Popen(command(config, "--eval"), env=slow, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (run_dir / LOCK_NAME).exists() and first.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     assert first.poll() is None, "the first run ended before the second started"
+    time.sleep(0.5)  # the lock file exists: give the holder the moment to lock it and write its PID
     second = subprocess.run(command(config, "--eval"), env=ENV, capture_output=True, text=True, timeout=120)
     assert second.returncode == 2
     assert second.stderr.strip().splitlines() == [
@@ -56,6 +59,7 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_intac
         "wait for it to end, or choose another output_dir"]
     auto = subprocess.run(command(config, "-r", "auto"), env=ENV, capture_output=True, text=True, timeout=120)
     assert auto.returncode == 2 and f"PID {first.pid}" in auto.stderr  # -r auto respects the lock too
+    assert first.poll() is None, "the first run ended before the others were refused: the window was too short"
     out, err = first.communicate(timeout=180)
     assert first.returncode == 0, err[-2000:]
     stems = {os.path.basename(s) for s in checkpoint.complete_checkpoints(str(run_dir))}
