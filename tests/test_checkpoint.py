@@ -23,29 +23,89 @@ def test_complete_checkpoint_verifies_and_loads(tmp_path):
     assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n]  # no temporary files left behind
 
 
-def test_interrupted_write_leaves_an_incomplete_stem_and_older_ones_intact(tmp_path, monkeypatch):
-    checkpoint.save_checkpoint(str(tmp_path / "0"), _files(0.0))
-    checkpoint.save_checkpoint(str(tmp_path / "1"), _files(1.0))
-    real = checkpoint.atomic_save
+def _values(stem):
+    return float(paddle.load(stem + ".pdparams")["w"].numpy()[0]), paddle.load(stem + ".pdopt")["step"]
+
+
+def _dies_on_second_file(monkeypatch, leave_files=False):
+    real = paddle.save
     calls = []
 
-    def dies_on_second_file(obj, path):
+    def save(obj, path):
         calls.append(path)
         if len(calls) == 2:
             raise KeyboardInterrupt("killed")  # as if the process died between the two files
         real(obj, path)
 
-    monkeypatch.setattr(checkpoint, "atomic_save", dies_on_second_file)
+    monkeypatch.setattr(paddle, "save", save)
+    if leave_files:  # a SIGKILL runs no clean-up: the first file stays under its temporary name
+        monkeypatch.setattr(checkpoint, "_remove_quietly", lambda path: None)
+
+
+def test_interrupted_write_leaves_an_incomplete_stem_and_older_ones_intact(tmp_path, monkeypatch):
+    checkpoint.save_checkpoint(str(tmp_path / "0"), _files(0.0))
+    checkpoint.save_checkpoint(str(tmp_path / "1"), _files(1.0))
+    _dies_on_second_file(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save_checkpoint(str(tmp_path / "1"), _files(9.0))  # rewriting an existing stem
-    monkeypatch.setattr(checkpoint, "atomic_save", real)
-    with pytest.raises(CheckpointError, match=r"checkpoint .*/1 is incomplete \(the run stopped while writing it: "
-                                              r".*1.manifest.json is missing\); complete checkpoints there: 0"):
-        checkpoint.verify(str(tmp_path / "1"))
+    monkeypatch.undo()
+    # The old checkpoint is replaced only once its successor is complete: stem 1 is still the old one.
+    checkpoint.verify(str(tmp_path / "1"))
+    assert _values(str(tmp_path / "1")) == (1.0, 1)
+    assert not [n for n in os.listdir(tmp_path) if ".tmp-" in n or n.endswith(checkpoint.JOURNAL_SUFFIX)]
+
+    _dies_on_second_file(monkeypatch, leave_files=True)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(str(tmp_path / "2"), _files(2.0))  # a new stem, killed half way
+    monkeypatch.undo()
+    with pytest.raises(CheckpointError, match=r"checkpoint .*/2 is incomplete \(the run stopped while writing it: "
+                                              r".*2.manifest.json is missing\); complete checkpoints there: 0, 1"):
+        checkpoint.verify(str(tmp_path / "2"))
     checkpoint.verify(str(tmp_path / "0"))
-    assert checkpoint.complete_checkpoints(str(tmp_path)) == [str(tmp_path / "0")]
+    assert checkpoint.complete_checkpoints(str(tmp_path)) == [str(tmp_path / "0"), str(tmp_path / "1")]
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         checkpoint.verify(str(tmp_path / "7"))
+
+
+def test_a_commit_killed_after_its_journal_is_read_as_the_new_checkpoint_and_finished(tmp_path, monkeypatch):
+    stem = str(tmp_path / "1")
+    checkpoint.save_checkpoint(stem, _files(1.0))
+    real_replace = os.replace
+    renames = []
+
+    def dies_after_one_rename(src, dst):
+        if os.path.basename(os.fspath(src)).startswith(".1.pd"):
+            renames.append(dst)
+            if len(renames) == 2:
+                raise KeyboardInterrupt("killed between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dies_after_one_rename)
+    monkeypatch.setattr(checkpoint, "_remove_quietly", lambda path: None)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save_checkpoint(stem, _files(9.0))
+    monkeypatch.undo()
+    # .pdparams is renamed already, .pdopt is still under its temporary name, the old manifest is stale:
+    assert os.path.exists(stem + checkpoint.JOURNAL_SUFFIX)
+    paths = checkpoint.resolve(stem)
+    assert paths[".pdparams"] == stem + ".pdparams" and ".tmp-" in paths[".pdopt"]
+    assert paddle.load(paths[".pdopt"]) == {"step": 9}  # readers see the committed new checkpoint
+    checkpoint.recover(str(tmp_path))  # what the next run does first, holding the run lock
+    assert sorted(os.listdir(tmp_path)) == ["1.manifest.json", "1.pdopt", "1.pdparams"]
+    checkpoint.verify(stem)
+    assert _values(stem) == (9.0, 9)
+
+
+def test_stale_temporary_files_of_dead_writers_are_removed(tmp_path):
+    checkpoint.save_checkpoint(str(tmp_path / "0"), _files(0.0))
+    dead = 2**22 + 12345  # above the default pid_max: no such process
+    (tmp_path / f".0.pdopt.tmp-{dead}").write_bytes(b"partial")
+    (tmp_path / f".best_model.pdparams.tmp-{dead}").write_bytes(b"partial")
+    (tmp_path / f".model.tmp-{dead}-abc123").mkdir()  # a staged_prefix folder
+    alive = tmp_path / f".1.pdopt.tmp-{os.getpid()}"  # a live writer's file stays
+    alive.write_bytes(b"in progress")
+    checkpoint.recover(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(["0.manifest.json", "0.pdopt", "0.pdparams", alive.name])
 
 
 def test_corrupted_and_truncated_files_are_named(tmp_path):

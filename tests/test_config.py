@@ -173,3 +173,64 @@ def test_shipped_configs_validate(name):
     path = os.path.join(CONFIGS, name)
     cfg = read_config(path)
     assert cfg["architecture"] in REGISTRY["architecture"] and cfg["dataset"] in REGISTRY["dataset"]
+
+
+# The hand-written probes of issue 13: each is one ConfigError naming the key, before anything is built.
+@pytest.mark.parametrize(
+    "overrides, pattern",
+    [
+        (["LeNet.width=0"], r"LeNet\.width: 0 is not allowed; expected a value in \[1, 512\]"),
+        (["LeNet.num_classes=3"], r"LeNet\.num_classes: 3 does not fit the data: dataset Digits has 10 classes"),
+        (["LeNet.image_size=4"], r"LeNet\.image_size: 4 does not fit the data: dataset Digits has 8 pixels a side"),
+        (["Digits.test_size=0"], r"Digits\.test_size: 0 is not allowed; expected an integer in \[10, 1787\]"),
+        (["optimizer=Adam", "Adam.beta1=2"], r"Adam\.beta1: 2 is not allowed; expected a value in \[0, 1\)"),
+        (["Constant.warmup_steps=-5"], r"Constant\.warmup_steps: -5 is not allowed; expected a value in \[0, "),
+        (["lr_schedule=PiecewiseDecay"], r"PiecewiseDecay\.milestones: None is not allowed; expected a non-empty list"),
+        (["lr_schedule=PiecewiseDecay", "PiecewiseDecay.milestones=[5, 2]"],
+         r"PiecewiseDecay\.milestones: \[5, 2\] is not allowed; expected a non-empty list of increasing epochs"),
+        (["seed=4294967296"], r"seed: 4294967296 is not allowed; expected an integer >= 0 and <= 4294967295"),
+        (["base_lr=.inf"], r"base_lr: inf is not allowed; expected a number >= 0 \(finite\)"),
+        (["LeNet.width=null"], r"LeNet\.width: None is not allowed; expected an integer"),
+        ([f"epoch={'9' * 5000}"], r"-o .*: the value is .*a value cannot be read \(Exceeds the limit \(4300 digits\)"),
+        (["LeNet=" + "[" * 5000], r"-o .*: the value is not accepted: values nested more than 64 levels deep"),
+        (["x={1: 2}"], r"-o .*: the value is the key 1 \(int\) is not allowed; keys are strings"),
+    ],
+)
+def test_issue_13_probes_are_one_config_error(overrides, pattern):
+    from paddle_ema.engine.trainer import check_config
+
+    with pytest.raises(ConfigError, match=pattern) as info:
+        check_config(read_config(os.path.join(CONFIGS, "lenet_digits.yml"), overrides), do_eval=False)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 600
+
+
+@pytest.mark.parametrize(
+    "body, pattern",
+    [
+        ("# nothing but a comment\n".encode(), r"the config file holds no settings \(it is empty\)"),
+        ("epoch: 1\n# Grüße\n".encode("utf-16"), r"is UTF-16 \(or binary\); save the config as UTF-8"),
+        ("epoch: 1\n# Grüße\n".encode("latin-1"), r"is not UTF-8 text \(byte 0xfc at offset 13\)"),
+        (b"epoch: 1\n\x00\x01\x02", r"holds NUL bytes"),
+        (b"1: 2\n", r"the key 1 \(int\) is not allowed; keys are strings"),
+        (b"LeNet: {true: 2}\n", r"the key True \(bool\) under 'LeNet' is not allowed"),
+        (b"2020-01-02: 2\n", r"the key datetime.date\(2020, 1, 2\) \(date\) is not allowed"),
+        ("\n".join([f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}" if i else "x"] * 9) + "]" for i in range(10)]).encode(),
+         r"not accepted: more than 100000 values once its aliases \(\*name\) are expanded"),
+        (b"a: &x [1, *x]\n", r"the alias \*x refers to a value that contains it"),
+    ],
+)
+def test_hostile_files_are_one_config_error_also_as_a_base(tmp_path, body, pattern):
+    import time
+
+    (tmp_path / "bad.yml").write_bytes(body)
+    (tmp_path / "main.yml").write_text("_BASE_: [bad.yml]\nepoch: 2\n")
+    for path in (tmp_path / "bad.yml", tmp_path / "main.yml"):
+        if path.name == "main.yml" and b"nothing but" in body:
+            assert read_config(path)["epoch"] == 2  # an empty base is fine: the including file has settings
+            continue
+        start = time.monotonic()
+        with pytest.raises(ConfigError, match=pattern):
+            read_config(path)
+        assert time.monotonic() - start < 5  # the alias bomb is refused while composing, not expanded
+    with pytest.raises(ConfigError, match=r"is a folder; a config is a YAML file"):
+        read_config(tmp_path)

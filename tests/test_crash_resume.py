@@ -39,10 +39,11 @@ def _latest_complete(run_dir):
 
 
 def _half_written(run_dir):
+    """A checkpoint write in progress: its files still under their temporary names
+    (`.<stem><suffix>.tmp-<pid>`), not yet committed by a manifest."""
     if not run_dir.is_dir():
         return False
-    stems = {p.name.split(".")[0] for p in run_dir.iterdir() if p.suffix in (".pdparams", ".pdema", ".pdopt")}
-    return any(not (run_dir / f"{stem}{MANIFEST_SUFFIX}").exists() for stem in stems)
+    return any(re.fullmatch(r"\.\w+\.(pdparams|pdema|pdopt)\.tmp-\d+", p.name) for p in run_dir.iterdir())
 
 
 def _weights(path):

@@ -15,11 +15,51 @@ import yaml
 
 from .errors import ConfigFileError
 
-__all__ = ["BASE_KEY", "Config", "load_config", "deep_merge", "parse_yaml"]
+__all__ = ["BASE_KEY", "Config", "load_config", "deep_merge", "parse_yaml", "MAX_FILE_BYTES", "MAX_DEPTH", "MAX_NODES"]
+
+# Bounds on what a config may be, so that hostile input ends in a clear error, not a hang.
+MAX_FILE_BYTES = 1 << 20  # a config file, or one -o value
+MAX_DEPTH = 64  # nesting of mappings and lists
+MAX_NODES = 100_000  # values after expanding every YAML alias (a "billion laughs" file has 10**9)
+
+
+class YAMLLimitError(yaml.YAMLError):
+    """A document exceeds MAX_DEPTH or MAX_NODES, or has a recursive alias."""
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads 1e-3 and 5E4 as floats (YAML 1.1 wants a dot: 1.0e-3)."""
+    """SafeLoader that also reads 1e-3 and 5E4 as floats (YAML 1.1 wants a dot: 1.0e-3), and bounds
+    nesting and alias expansion while composing (before anything walks the values)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth, self._total, self._sizes = 0, 0, {}
+
+    def _count(self, size):
+        self._total += size
+        if self._total > MAX_NODES:
+            raise YAMLLimitError(f"more than {MAX_NODES} values once its aliases (*name) are expanded")
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            anchor = self.peek_event().anchor
+            if anchor in self.anchors:
+                size = self._sizes.get(id(self.anchors[anchor]))
+                if size is None:
+                    raise YAMLLimitError(f"the alias *{anchor} refers to a value that contains it (a recursive alias)")
+                self._count(size)
+            return super().compose_node(parent, index)
+        self._depth += 1
+        if self._depth > MAX_DEPTH:
+            raise YAMLLimitError(f"values nested more than {MAX_DEPTH} levels deep")
+        before = self._total
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        self._count(1)
+        self._sizes[id(node)] = self._total - before
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -29,8 +69,51 @@ _Loader.add_implicit_resolver(
 )
 
 
-def parse_yaml(text):
-    return yaml.load(text, Loader=_Loader)
+def _key_problem(value, dotted="", depth=0):
+    """The first mapping key in `value` that is not a string, as a message, or None."""
+    if isinstance(value, dict):
+        for key, sub in value.items():
+            if not isinstance(key, str):
+                where = f" under {dotted!r}" if dotted else ""
+                return (f"the key {_short(key)} ({type(key).__name__}){where} is not allowed; keys are strings "
+                        "(quote it: '1': ...)")
+            problem = _key_problem(sub, f"{dotted}.{key}" if dotted else key, depth + 1)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        for item in value:
+            problem = _key_problem(item, dotted, depth + 1)
+            if problem:
+                return problem
+    return None
+
+
+def _short(value, limit=60):
+    import reprlib
+
+    shown = reprlib.Repr()
+    shown.maxstring = shown.maxother = limit
+    return shown.repr(value)
+
+
+def parse_yaml(text, where="<yaml>"):
+    """The YAML value of `text`, bounded (see MAX_*); ConfigFileError naming `where` when it is not valid."""
+    if len(text) > MAX_FILE_BYTES:
+        raise ConfigFileError(f"{where}: {len(text)} characters; at most {MAX_FILE_BYTES} are read", where)
+    try:
+        value = yaml.load(text, Loader=_Loader)
+    except YAMLLimitError as exc:
+        raise ConfigFileError(f"{where}: not accepted: {exc}", where) from None
+    except yaml.YAMLError as exc:
+        raise ConfigFileError(f"{where}: not valid YAML: {' '.join(str(exc).split())[:400]}", where) from None
+    except ValueError as exc:  # an integer of more than 4300 digits, a date like 2020-13-45
+        raise ConfigFileError(f"{where}: a value cannot be read ({' '.join(str(exc).split())[:200]})", where) from None
+    except RecursionError:
+        raise ConfigFileError(f"{where}: values nested too deeply", where) from None
+    problem = _key_problem(value)
+    if problem:
+        raise ConfigFileError(f"{where}: {problem}", where)
+    return value
 
 BASE_KEY = "_BASE_"
 
@@ -77,14 +160,33 @@ def deep_merge(base, override, origin=None, source=None, prefix=""):
     return base
 
 
-def _read_yaml(path):
+def _read_text(path):
+    if os.path.isdir(path):
+        raise ConfigFileError(f"{path}: is a folder; a config is a YAML file", path)
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = parse_yaml(handle)
+        size = os.path.getsize(path)
+        if size > MAX_FILE_BYTES:
+            raise ConfigFileError(f"{path}: {size} bytes; a config file is at most {MAX_FILE_BYTES} bytes", path)
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_FILE_BYTES + 1)
     except FileNotFoundError:
         raise ConfigFileError(f"config file not found: {path}", path) from None
-    except yaml.YAMLError as exc:
-        raise ConfigFileError(f"{path}: not valid YAML: {' '.join(str(exc).split())}", path) from None
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot be read ({exc.strerror})", path) from None
+    if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) > 1 and b"\0" in data[:2]):
+        raise ConfigFileError(f"{path}: is UTF-16 (or binary); save the config as UTF-8", path)
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ConfigFileError(f"{path}: is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                              "save the config as UTF-8", path) from None
+    if "\0" in text:
+        raise ConfigFileError(f"{path}: holds NUL bytes (a binary file?); a config is UTF-8 YAML text", path)
+    return text
+
+
+def _read_yaml(path):
+    data = parse_yaml(_read_text(path), path)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -101,18 +203,28 @@ def _load(path, chain, data, origin):
     bases = raw.pop(BASE_KEY, [])
     if isinstance(bases, str):
         bases = [bases]
-    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
-        raise ConfigFileError(f"{path}: {BASE_KEY} must be a list of file paths, got {bases!r}", path, BASE_KEY)
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigFileError(f"{path}: {BASE_KEY} must be a list of file paths, got {_short(bases)}", path, BASE_KEY)
     for base in bases:
         base_path = os.path.normpath(os.path.join(os.path.dirname(path), os.path.expanduser(base)))
+        if os.path.isdir(base_path):
+            raise ConfigFileError(f"{path}: {BASE_KEY} {base} is a folder (looked at {base_path}); list YAML files",
+                                  path, BASE_KEY)
         if not os.path.isfile(base_path):
             raise ConfigFileError(f"{path}: {BASE_KEY} file not found: {base} (looked for {base_path})", path, BASE_KEY)
         _load(base_path, (*chain, real), data, origin)
     deep_merge(data, raw, origin, path)
+    return raw
 
 
 def load_config(path):
-    """Read `path` and its bases into a Config."""
+    """Read `path` and its bases into a Config. A file without any setting (empty, or comments only)
+    is an error: it would silently train every default (EMA off)."""
+    path = os.fspath(path)
+    if not path:
+        raise ConfigFileError("-c: an empty config path; give a YAML file", path)
     data, origin = {}, {}
-    _load(os.fspath(path), (), data, origin)
-    return Config(data, origin, os.fspath(path))
+    if not _load(path, (), data, origin) and not data:
+        raise ConfigFileError(f"{path}: the config file holds no settings (it is empty); write at least one key, "
+                              f"e.g. {BASE_KEY}: [configs/lenet_digits.yml]", path)
+    return Config(data, origin, path)

@@ -4,10 +4,8 @@ Overrides merge into the config one dotted key at a time, so `-o A.B.c=1 A.B.d=2
 (PaddleDetection builds {'A': {'B': {'c': 1}}} per option and the second replaces the first).
 """
 
-import yaml
-
 from .errors import ConfigFileError
-from .loader import Config, deep_merge, parse_yaml
+from .loader import Config, _short, deep_merge, parse_yaml
 
 __all__ = ["parse_overrides", "apply_overrides", "OVERRIDE_SOURCE"]
 
@@ -20,13 +18,17 @@ def parse_overrides(items):
     for item in items or []:
         key, sep, text = item.partition("=")
         path = key.strip().split(".")
-        if not sep or not all(path):
-            raise ConfigFileError(f"-o {item!r}: an override is KEY=VALUE with a dotted KEY, e.g. -o ema_decay=0.999", OVERRIDE_SOURCE)
+        shown = _short(item)
+        if not sep or not all(path) or len(key) > 200:
+            raise ConfigFileError(f"-o {shown}: an override is KEY=VALUE with a dotted KEY, e.g. -o ema_decay=0.999",
+                                  OVERRIDE_SOURCE)
+        if "\0" in item:
+            raise ConfigFileError(f"-o {shown}: holds a NUL character", OVERRIDE_SOURCE, key.strip())
         try:
-            value = parse_yaml(text) if text.strip() else None
-        except yaml.YAMLError as exc:
-            raise ConfigFileError(f"-o {item!r}: the value is not valid YAML ({' '.join(str(exc).split())})", OVERRIDE_SOURCE,
-                                  key.strip()) from None
+            value = parse_yaml(text, "-o") if text.strip() else None
+        except ConfigFileError as exc:
+            reason = str(exc)[len("-o: "):]
+            raise ConfigFileError(f"-o {shown}: the value is {reason}", OVERRIDE_SOURCE, key.strip()) from None
         parsed.append((path, value))
     return parsed
 

@@ -17,15 +17,54 @@ User code adds its own with the decorator (and lists its module under `imports:`
 
 The trainer passes some arguments itself (`INJECTED`: the parameters and learning rate of an
 optimizer, the split of a dataset, ...); a section may not set those. Everything else in the
-constructor's signature is a valid section key, type-checked against its default value.
+constructor's signature is a valid section key, type-checked against its default value; numbers
+must be finite, and `register(..., limits={arg: Limit(...)})` adds each argument's range (or a
+check of its own), validated with the rest of the config before anything is built. An error the
+constructor still raises (ValueError, AssertionError, ...) is one ConfigError naming the section.
 """
 
 import difflib
 import inspect
+import math
+from dataclasses import dataclass
 
 from ..errors import ConfigError
 
-__all__ = ["CATEGORIES", "INJECTED", "REGISTRY", "register", "lookup", "section_args", "create"]
+__all__ = ["CATEGORIES", "INJECTED", "REGISTRY", "LIMITS", "Limit", "register", "lookup", "section_args", "create"]
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The allowed range of a section argument: [low, high], each end open when told; or `check`,
+    a function returning what is wrong with a value (a string) or None."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    check: object = None
+    text: str = ""
+
+    def problem(self, value):
+        if self.check is not None:
+            return self.check(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None  # the type check reports it
+        low_ok = value > self.low if self.low_open else value >= self.low
+        high_ok = value < self.high if self.high_open else value <= self.high
+        return None if low_ok and high_ok else f"expected {self.describe()}"
+
+    def describe(self):
+        if self.text:
+            return self.text
+        low = "(" if self.low_open else "["
+        high = ")" if self.high_open else "]"
+        if self.high == math.inf:
+            return f"a value {'>' if self.low_open else '>='} {self.low:g}"
+        return f"a value in {low}{self.low:g}, {self.high:g}{high}"
+
+
+LIMITS = {}  # registered name -> {argument: Limit}
 
 CATEGORIES = ("architecture", "dataset", "optimizer", "lr_schedule")
 
@@ -40,8 +79,9 @@ INJECTED = {
 REGISTRY = {category: {} for category in CATEGORIES}
 
 
-def register(category, name=None):
-    """Decorator registering a class or factory function under `name` (default: its __name__)."""
+def register(category, name=None, limits=None):
+    """Decorator registering a class or factory function under `name` (default: its __name__);
+    `limits` {argument: Limit} bound its section's arguments."""
     if category not in REGISTRY:
         raise ConfigError(f"register(): unknown category {category!r}; allowed: {', '.join(CATEGORIES)}")
 
@@ -51,6 +91,8 @@ def register(category, name=None):
             if key in entries and entries[key] is not factory:
                 raise ConfigError(f"register(): the name {key!r} is already taken in category {other!r}")
         REGISTRY[category][key] = factory
+        if limits:
+            LIMITS[key] = dict(limits)
         return factory
 
     return decorate
@@ -94,4 +136,11 @@ def create(category, config, **injected):
     for key, value in injected.items():
         if key in accepted:
             args.setdefault(key, value)
-    return factory(**args)
+    try:
+        return factory(**args)
+    except (ValueError, AssertionError, OverflowError, ZeroDivisionError) as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        given = {k: v for k, v in (config.get(name) or {}).items()}
+        raise ConfigError(f"{name}: cannot build {category} {name} with {given}: {reason}") from None

@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 
 from .errors import ConfigFileError
 from ..schedules import SCHEDULES
-from .registry import CATEGORIES, REGISTRY, find_category, section_args
+from .loader import _short
+from .registry import CATEGORIES, LIMITS, REGISTRY, find_category, section_args
+
+# Integers a runtime field may hold at most unless it says otherwise (counts, sizes, steps).
+INT_MAX = 2**31 - 1
 
 __all__ = ["FIELDS", "Field", "validate", "with_defaults", "import_user_modules"]
 
@@ -40,7 +44,7 @@ def _reader(batch_size, shuffle):
         "dict",
         default=None,
         keys={
-            "batch_size": Field("int", batch_size, low=1),
+            "batch_size": Field("int", batch_size, low=1, high=INT_MAX),
             "shuffle": Field("bool", shuffle),
             "drop_last": Field("bool", False),
         },
@@ -59,10 +63,10 @@ FIELDS = {
     # runtime
     "mode": Field("str", "dygraph", choices=("dygraph", "static"), doc="static needs paddle_ema.static"),
     "device": Field("str", "cpu", doc="'cpu', 'gpu', 'gpu:0', ..."),
-    "seed": Field("int", 0, low=0),
-    "epoch": Field("int", 10, low=1),
-    "snapshot_epoch": Field("int", 1, low=1),
-    "log_iter": Field("int", 20, low=1),
+    "seed": Field("int", 0, low=0, high=2**32 - 1, doc="numpy's and Paddle's seeds are 32-bit"),
+    "epoch": Field("int", 10, low=1, high=1_000_000),
+    "snapshot_epoch": Field("int", 1, low=1, high=INT_MAX),
+    "log_iter": Field("int", 20, low=1, high=INT_MAX),
     "output_dir": Field("str", "output"),
     "weights": Field("str", None, nullable=True),
     "imports": Field("list", [], items="str", doc="modules to import first, so their @register entries exist"),
@@ -78,13 +82,13 @@ FIELDS = {
     "use_ema": Field("bool", False),
     "ema_decay": Field("float", 0.9998, low=0.0, high=1.0),
     "ema_decay_type": Field("str", "threshold", choices=_schedules),
-    "cycle_epoch": Field("int", -1, low=-1),
+    "cycle_epoch": Field("int", -1, low=-1, high=INT_MAX),
     "ema_black_list": Field("list", None, nullable=True, items="str"),
     "ema_filter_no_grad": Field("bool", False),
     # EMA: paddle_ema's own options
     "ema_impl": Field("str", "paddle_ema", choices=("paddle_ema", "ppdet")),
-    "ema_update_every": Field("int", 1, low=1),
-    "ema_start_step": Field("int", 0, low=0),
+    "ema_update_every": Field("int", 1, low=1, high=INT_MAX),
+    "ema_start_step": Field("int", 0, low=0, high=2**62),
     "ema_device": Field("str", None, nullable=True),
     "ema_bias_correction": Field("bool", False),
     "ema_shard": Field("bool", False, doc="under paddle.distributed.launch each process keeps ~1/N of the averages"),
@@ -97,14 +101,16 @@ FIELDS = {
                            doc="an update on weights holding NaN/Inf: skip it (and count), raise, or average anyway"),
     # Beyond EMA: BatchNorm recalibration, stochastic weight averaging, post-hoc EMA snapshots
     "ema_update_bn": Field("bool", False, doc="recompute BatchNorm statistics for the EMA weights before eval/save"),
-    "update_bn_batches": Field("int", None, nullable=True, low=1, doc="training batches per recalibration"),
+    "update_bn_batches": Field("int", None, nullable=True, low=1, high=INT_MAX,
+                               doc="training batches per recalibration"),
     "use_swa": Field("bool", False),
-    "swa_start_epoch": Field("int", None, nullable=True, low=0, doc="first averaged epoch (0-based); default 3/4"),
-    "swa_every_epochs": Field("int", 1, low=1),
+    "swa_start_epoch": Field("int", None, nullable=True, low=0, high=INT_MAX,
+                             doc="first averaged epoch (0-based); default 3/4"),
+    "swa_every_epochs": Field("int", 1, low=1, high=INT_MAX),
     "swa_update_bn": Field("bool", True),
     "ema_posthoc": Field("bool", False, doc="store power-function EMA snapshots for tools/posthoc_ema.py"),
     "ema_posthoc_sigma_rels": Field("list", [0.05, 0.10], items="float"),
-    "ema_posthoc_every": Field("int", 100, low=1, doc="snapshot every N updates"),
+    "ema_posthoc_every": Field("int", 100, low=1, high=INT_MAX, doc="snapshot every N updates"),
     "ema_posthoc_dtype": Field("str", "float32", choices=("float32", "float16")),
 }
 
@@ -119,8 +125,8 @@ def _is_kind(value, kind):
         return isinstance(value, bool)
     if kind == "int":
         return isinstance(value, int) and not isinstance(value, bool)
-    if kind == "float":
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind == "float":  # a finite number: NaN and Inf are never a setting
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     return isinstance(value, {"str": str, "list": list, "dict": dict}[kind])
 
 
@@ -130,10 +136,14 @@ def _allowed(spec):
         return "one of " + ", ".join(map(str, choices))
     text = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
             "list": "a list", "dict": "a mapping"}[spec.kind]
-    if spec.low > -math.inf and spec.high < math.inf:
+    if spec.kind == "float" and spec.low > -math.inf and spec.high < math.inf:
         text += f" in [{spec.low:g}, {spec.high:g}]"
     elif spec.low > -math.inf:
         text += f" >= {spec.low:g}"
+        if spec.high < math.inf:
+            text += f" and <= {spec.high}"
+    if spec.kind == "float" and spec.high == math.inf:
+        text += " (finite)"
     if spec.items:
         text = "a list of " + {"str": "strings", "int": "integers", "float": "numbers"}[spec.items]
     if spec.nullable:
@@ -151,7 +161,7 @@ def _check_value(config, dotted, value, spec):
     if ok and spec.items:
         ok = all(_is_kind(item, spec.items) for item in value)
     if not ok:
-        raise _error(config, dotted, f"{dotted}: {value!r} is not allowed; expected {_allowed(spec)}")
+        raise _error(config, dotted, f"{dotted}: {_short(value)} is not allowed; expected {_allowed(spec)}")
     if spec.kind == "dict" and spec.keys:
         for key, sub in value.items():
             _check_known(config, f"{dotted}.{key}", key, spec.keys)
@@ -169,19 +179,27 @@ def _check_section(config, category, name, section):
     if section is None:
         return
     if not isinstance(section, dict):
-        raise _error(config, name, f"{name}: the arguments of {category} {name!r} are a mapping, got {section!r}")
+        raise _error(config, name, f"{name}: the arguments of {category} {name!r} are a mapping, "
+                                   f"got {_short(section)}")
     args = section_args(category, name)
+    limits = LIMITS.get(name, {})
     for key, value in section.items():
         dotted = f"{name}.{key}"
         _check_known(config, dotted, key, args)
         default = args[key]
         for kind in ("bool", "int", "float", "str"):
             if default is not None and default is not _EMPTY and _is_kind(default, kind):
-                spec = Field(kind, nullable=True)
-                if value is not None and not _is_kind(value, kind):
-                    raise _error(config, dotted, f"{dotted}: {value!r} is not allowed; "
+                spec = Field(kind)
+                if not _is_kind(value, kind):  # null too: leave the key out for the default
+                    raise _error(config, dotted, f"{dotted}: {_short(value)} is not allowed; "
                                  f"expected {_allowed(spec)} like the default {default!r}")
                 break
+        if isinstance(value, float) and not math.isfinite(value):
+            raise _error(config, dotted, f"{dotted}: {value!r} is not allowed; expected a finite number")
+        if key in limits and value is not None:
+            problem = limits[key].problem(value)
+            if problem:
+                raise _error(config, dotted, f"{dotted}: {_short(value)} is not allowed; {problem}")
 
 
 def import_user_modules(config):

@@ -19,9 +19,8 @@ import paddle
 
 from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
-from ..checkpoint import atomic_save, safe_load
 from ..errors import ConfigError, IncompatibleStateError
-from .checkpoint import copy_state
+from .checkpoint import copy_state, load_state_dict, save_weights_file
 from .data import batches
 
 __all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]
@@ -100,7 +99,7 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
     for path in paths:
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint {path} does not exist")
-    states = [safe_load(path, "checkpoint to average") for path in paths]
+    states = [load_state_dict(path, "checkpoint to average") for path in paths]
     has_bn = any(is_bn_statistic(name) for name in states[0])
     if has_bn and bn is None:
         raise ConfigError("the checkpoints hold BatchNorm statistics (*._mean, *._variance): choose how to handle "
@@ -117,6 +116,6 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
         model.set_state_dict(averaged)
         recompute_bn_statistics(model, dataset, cfg["EvalReader"]["batch_size"])
         averaged = copy_state(model.state_dict())
-    atomic_save(averaged, output)
+    save_weights_file(averaged, output)  # with a manifest: a later reader checks it
     shown = "uniform" if weights is None else "weights " + ", ".join(f"{w:g}" for w in weights)
     return f"averaged {len(paths)} checkpoints ({shown}; BatchNorm statistics: {bn if has_bn else 'none'}) -> {output}"

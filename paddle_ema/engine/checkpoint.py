@@ -12,14 +12,19 @@ so it continues bit for bit, the EMA included. Each checkpoint ends with a manif
 
 import os
 
-from ..checkpoint import MANIFEST_SUFFIX, atomic_save, safe_load, verify  # noqa: F401 (atomic_save re-exported)
+import numpy as np
+import paddle
+
+from ..checkpoint import JOURNAL_SUFFIX, MANIFEST_SUFFIX, atomic_save, complete_checkpoints, resolve, safe_load  # noqa: F401
 from ..checkpoint import save_checkpoint as _save_files
 from ..errors import CheckpointError, IncompatibleStateError
 
 __all__ = ["atomic_save", "copy_state", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights", "check_fits",
-           "run_identity", "check_same_run"]
+           "run_identity", "check_same_run", "load_state_dict", "newest_resumable", "save_weights_file"]
 
 SUFFIXES = (".pdparams", ".pdema", ".pdopt")
+# What a .pdopt of tools/train.py holds, and the types its entries must have to be resumed.
+TRAIN_STATE_KEYS = {"optimizer": dict, "last_epoch": int, "global_step": int, "history": list, "scalars": dict}
 
 
 def copy_state(state):
@@ -36,7 +41,7 @@ def checkpoint_stem(path):
     return path
 
 
-def save_checkpoint(stem, weights, raw_weights=None, train_state=None, extra=None):
+def save_checkpoint(stem, weights, raw_weights=None, train_state=None, extra=None, info=None):
     """Write <stem>.pdparams (weights), <stem>.pdema (raw weights), <stem>.pdopt (train_state), any
     `extra` {suffix: weights} (e.g. SWA's), then the manifest that makes them one checkpoint."""
     files = {".pdparams": weights, **(extra or {})}
@@ -44,25 +49,89 @@ def save_checkpoint(stem, weights, raw_weights=None, train_state=None, extra=Non
         files[".pdema"] = raw_weights
     if train_state is not None:
         files[".pdopt"] = train_state
-    _save_files(stem, files)
+    _save_files(stem, files, info)
 
 
-def _load(path, what):
-    """safe_load, after checking the file against its checkpoint's manifest when there is one."""
-    stem, suffix = os.path.splitext(path)
-    if os.path.exists(stem + MANIFEST_SUFFIX):
-        verify(stem, [suffix])
-    return safe_load(path, what)
+def save_weights_file(state, path):
+    """A single weights file `<stem>.pdparams` with its manifest, so that every reader checks it."""
+    path = os.fspath(path)
+    if not path.endswith(".pdparams"):
+        atomic_save(state, path)
+        return
+    _save_files(path[: -len(".pdparams")], {".pdparams": state})
+
+
+def _manifest_for(path):
+    """(stem, suffix) of the checkpoint whose manifest lists the file `path`, or None."""
+    folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return None
+    for other in sorted(os.listdir(folder), key=len, reverse=True):
+        for ending in (JOURNAL_SUFFIX, MANIFEST_SUFFIX):
+            if other.endswith(ending) and not other.startswith("."):
+                base = other[: -len(ending)]
+                if name.startswith(base) and name[len(base):][:1] in (".", "_"):
+                    return os.path.join(folder, base), name[len(base):]
+    return None
+
+
+def _is_tensor(value):
+    return isinstance(value, (paddle.Tensor, np.ndarray))
+
+
+def _check_state_dict(state, path, what):
+    if not isinstance(state, dict) or not state:
+        raise CheckpointError(f"{what}: {path} holds a {type(state).__name__}, not a state dict of weights")
+    bad = [str(k)[:60] for k, v in state.items() if not isinstance(k, str) or not _is_tensor(v)]
+    if bad:
+        raise CheckpointError(f"{what}: {path} is not a state dict of weights (entries {bad[:3]} are not named tensors)")
+    return state
+
+
+def load_state_dict(path, what):
+    """A weights file, checked against its checkpoint's manifest when one lists it (else just readable),
+    and checked to be a state dict of named tensors."""
+    path = os.fspath(path)
+    found = _manifest_for(path)
+    if found is not None:
+        stem, suffix = found
+        try:
+            path = resolve(stem, [suffix])[suffix]
+        except CheckpointError as exc:
+            if f"has no {suffix} file" not in str(exc):  # another checkpoint's manifest: the file is loose
+                raise CheckpointError(f"{what}: {exc}") from None
+    return _check_state_dict(safe_load(path, what), path, what)
+
+
+def _check_train_state(state, path):
+    if not isinstance(state, dict):
+        raise CheckpointError(f"-r {path}: its .pdopt holds a {type(state).__name__}, not the training state "
+                              "tools/train.py writes")
+    for key, kind in TRAIN_STATE_KEYS.items():
+        value = state.get(key)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            got = "nothing" if key not in state else f"a {type(value).__name__}"
+            raise CheckpointError(f"-r {path}: its .pdopt is not a training state of tools/train.py ({key!r} holds "
+                                  f"{got}, expected a {kind.__name__})")
+    return state
 
 
 def load_resume_state(path, use_ema):
     """(raw weights, train state) of the checkpoint `path` (with or without a suffix)."""
     stem = checkpoint_stem(path)
     weights = ".pdema" if use_ema else ".pdparams"
-    verify(stem, [weights, ".pdopt"])  # a resume needs a complete checkpoint, not just files
-    raw = safe_load(stem + weights, "resume checkpoint (-r)")
-    state = safe_load(stem + ".pdopt", "resume checkpoint (-r)")
+    paths = resolve(stem, [weights, ".pdopt"])  # a resume needs a complete checkpoint, not just files
+    what = "resume checkpoint (-r)"
+    raw = _check_state_dict(safe_load(paths[weights], what), stem + weights, what)
+    state = _check_train_state(safe_load(paths[".pdopt"], what), stem)
     return raw, state
+
+
+def newest_resumable(run_dir, use_ema):
+    """The newest complete checkpoint of `run_dir` that a run can resume from (in step order), or None."""
+    weights = ".pdema" if use_ema else ".pdparams"
+    stems = [s for s in complete_checkpoints(run_dir, ".pdopt") if s in complete_checkpoints(run_dir, weights)]
+    return stems[-1] if stems else None
 
 
 def check_fits(model, state, what):
@@ -97,6 +166,8 @@ def check_same_run(saved, cfg, path):
     """CheckpointError when the checkpoint at `path` was trained under another run identity."""
     if saved is None:  # written before identities were recorded
         return
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"-r {path}: its .pdopt records no valid run identity (a {type(saved).__name__})")
     current = run_identity(cfg)
     differences = [f"{key}: {saved.get(key)!r} there, {current.get(key)!r} here"
                    for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
@@ -109,7 +180,7 @@ def load_weights(model, path):
     <path>.pdparams without a suffix; names and shapes must match exactly."""
     path = os.fspath(path)
     file = path if path.endswith((".pdparams", ".pdema")) else path + ".pdparams"
-    state = _load(file, "weights")
+    state = load_state_dict(file, "weights")
     check_fits(model, state, f"weights {file}")
     model.set_state_dict(state)
     return file

@@ -1,15 +1,20 @@
 """Command-line front-ends of tools/*.py: argument parsing, and errors as one line + exit 2.
 
-A ConfigError (or any paddle_ema error) is a problem with the user's input: it is printed as one
-line `error: ...` on stderr and the tool exits with status 2, without a traceback.
+One error path: a problem the user or the machine causes is printed as one line `error: ...` on
+stderr and the tool exits with status 2, without a traceback. That is every paddle_ema error
+(ConfigError, CheckpointError, ...), every OSError (disk full, read-only file system, file-size
+limit, a path through a file, permissions: the line names the path and what to do) and running
+out of memory. Anything else is a bug and keeps its traceback.
 """
 
 import argparse
 import os
+import signal
 import sys
 import warnings
 
-from ..errors import PaddleEMAError
+from ..errors import ConfigError, PaddleEMAError
+from .run_folder import check_writable, describe_os_error
 
 __all__ = ["train_main", "eval_main", "export_main", "average_main", "posthoc_main"]
 
@@ -21,12 +26,27 @@ def _quiet():
     warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 
 
+def _one_line(text, limit=2000):
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _run(main, argv):
     _quiet()
+    if hasattr(signal, "SIGXFSZ"):
+        # Past a file-size limit (ulimit -f) the kernel would kill the process without a word; ignored,
+        # the write fails with EFBIG instead, which is reported like any other OSError.
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     try:
         main(argv)
     except PaddleEMAError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {_one_line(describe_os_error(exc))}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print("error: out of memory (a config or file asks for more than this machine has)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -50,11 +70,16 @@ def _config(args):
 
 def _train(argv):
     parser = _parser("Train a model with an EMA of its weights.")
-    parser.add_argument("-r", "--resume", default=None, help="checkpoint to resume from (path without suffix)")
+    parser.add_argument("-r", "--resume", default=None,
+                        help="checkpoint to resume from (path without suffix), or 'auto': the newest complete "
+                             "checkpoint of this run, or a fresh start when there is none")
     parser.add_argument("--eval", action="store_true", help="evaluate raw and EMA weights at snapshot epochs")
     parser.add_argument("--use_vdl", action="store_true", help="write VisualDL scalars")
     parser.add_argument("--vdl_log_dir", default=None, help="VisualDL log dir (default: <output>/<name>/vdl)")
     args = parser.parse_args(argv)
+    if args.resume is not None and not args.resume.strip():
+        raise ConfigError("-r: an empty checkpoint path; give a checkpoint (path without suffix), or -r auto for the "
+                          "newest complete checkpoint of this run (./auto for a checkpoint named auto)")
     cfg = _config(args)
     from .trainer import build_trainer, run_name
 
@@ -95,6 +120,7 @@ def _export(argv):
     from .export import export_model
     from .trainer import run_name
 
+    check_writable(args.output_dir, "--output_dir")
     prefix, max_diff = export_model(cfg, _weights(cfg, args), os.path.join(args.output_dir, run_name(args.config)))
     folder, stem = os.path.split(prefix)
     files = ", ".join(sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + ".")))
@@ -113,6 +139,9 @@ def _average(argv):
     from .averaging_checkpoints import average_checkpoint_files
 
     cfg = _config(args) if args.config else None
+    if os.path.isdir(args.output):
+        raise ConfigError(f"--output: {args.output} is a folder; give the averaged .pdparams file's path")
+    check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
     summary = average_checkpoint_files(args.checkpoints, args.weights, args.bn, args.output, cfg)
     print(summary)
 

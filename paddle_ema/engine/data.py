@@ -18,6 +18,7 @@ import os
 import numpy as np
 
 from ..config import register
+from ..config.registry import Limit
 from ..errors import ConfigError
 
 __all__ = ["ArrayDataset", "Digits", "ImageFolder", "MNIST", "FashionMNIST", "Cifar10", "batches"]
@@ -64,7 +65,14 @@ def _require(path, what):
     return os.path.expanduser(str(path))
 
 
-@register("dataset")
+DIGITS_SAMPLES, DIGITS_CLASSES = 1797, 10
+
+
+@register("dataset", limits={"test_size": Limit(DIGITS_CLASSES, DIGITS_SAMPLES - DIGITS_CLASSES,
+                                                text=f"an integer in [{DIGITS_CLASSES}, "
+                                                     f"{DIGITS_SAMPLES - DIGITS_CLASSES}] (each split needs every "
+                                                     f"class of the {DIGITS_SAMPLES} digits)"),
+                             "split_seed": Limit(0, 2**32 - 1)})
 def Digits(split="train", test_size=450, split_seed=0):
     """sklearn's handwritten digits, 8x8 grey levels 0..16; stratified split with `split_seed`."""
     _check_split(split)
@@ -80,7 +88,7 @@ def Digits(split="train", test_size=450, split_seed=0):
     return ArrayDataset(x, y, 10, scale=16.0, mean=0.5, std=0.5)
 
 
-@register("dataset")
+@register("dataset", limits={"image_size": Limit(4, 4096)})
 def ImageFolder(split="train", train_root=None, eval_root=None, image_size=32, grayscale=False):
     """Class-per-folder images: `<root>/<class name>/<image file>`; classes sorted by name.
 

@@ -7,24 +7,63 @@ weights, with the config's schedule and options. PaddleDetection's keys keep the
 - ema_black_list: substrings of names left out; ema_filter_no_grad: also leave out frozen
   parameters other than BatchNorm statistics;
 - BatchNorm statistics are averaged like PaddleDetection does (ema_include_stop_gradient: true);
-- cycle_epoch: after that many snapshots the average restarts from the current weights.
+- cycle_epoch: after that many snapshots the average restarts from the current weights; when
+  those hold NaN or Inf, `ema_nonfinite` decides: skip keeps the average (with a warning), raise
+  stops, update restarts anyway (PaddleDetection's behaviour).
 - ema_shard: under paddle.distributed.launch each of the N processes keeps the average of about
   1/N of the weights; snapshot() and state_dict() gather them, so every process must call them.
 `ema_impl: ppdet`: paddle_ema.ppdet.ModelEMA, PaddleDetection's exact numbers (zero init,
-1 - d_last**t correction); its ema_* extensions other than the PaddleDetection keys do not apply.
+1 - d_last**t correction); of the ema_* extensions only `ema_nonfinite` applies (ModelEMA's
+`nonfinite` guard).
 Both resume exactly from their full state in .pdopt.
 """
 
 import math
+import warnings
 
 import paddle
 
+from .. import kernels
 from ..dygraph import ExponentialMovingAverage
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..ppdet import ModelEMA, bn_running_state_names
 from .checkpoint import copy_state
 
-__all__ = ["build_ema", "ema_settings", "relative_distance"]
+__all__ = ["build_ema", "ema_settings", "relative_distance", "restart_allowed"]
+
+
+def restart_allowed(policy, arrays_or_tensors, where):
+    """Whether a cycle_epoch restart may copy the current weights into the average.
+
+    `arrays_or_tensors`: (name, value) pairs of the floating-point weights. Non-finite weights are
+    copied only under policy 'update'; 'raise' raises NonFiniteError; 'skip' warns and keeps the
+    average."""
+    if policy == "update":
+        return True
+    pairs = list(arrays_or_tensors)
+    bad = _first_nonfinite(pairs)
+    if bad is None:
+        return True
+    message = f"{where}: the cycle_epoch restart would copy parameter {bad!r}, which holds NaN or Inf, into the average"
+    if policy == "raise":
+        raise NonFiniteError(message)
+    warnings.warn(message + "; the restart is skipped and the average kept (ema_nonfinite: skip)", RuntimeWarning,
+                  stacklevel=3)
+    return False
+
+
+def _first_nonfinite(pairs):
+    import numpy as np
+
+    tensors = [(name, v) for name, v in pairs if isinstance(v, paddle.Tensor)]
+    if tensors:
+        index = kernels.first_nonfinite([v for _, v in tensors])
+        if index is not None:
+            return tensors[index][0]
+    for name, value in pairs:
+        if not isinstance(value, paddle.Tensor) and not np.isfinite(np.asarray(value)).all():
+            return name
+    return None
 
 def _schedule(cfg):
     kind = cfg["ema_decay_type"]
@@ -84,7 +123,11 @@ class _PaddleEMA:
             weights = copy_state(self.model.state_dict())
         self.snapshots += 1
         if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
-            self.ema.register()
+            live = [(k, v) for k, v in self.model.state_dict().items() if paddle.is_floating_point(v)]
+            if restart_allowed(self.ema.nonfinite, live, f"snapshot {self.snapshots}"):
+                skipped = self.ema.num_nonfinite_skipped  # a restart starts a new average, not a new run
+                self.ema.register()
+                self.ema.num_nonfinite_skipped = skipped
         return weights
 
     def state_dict(self):
@@ -100,8 +143,9 @@ class _PaddleEMA:
 
 class _PPDetEMA:
     def __init__(self, cfg, model):
+        # `nonfinite` is ModelEMA's guard (its default 'update' is PaddleDetection's behaviour).
         self.ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_decay_type"], cfg["cycle_epoch"],
-                            cfg["ema_black_list"], cfg["ema_filter_no_grad"])
+                            cfg["ema_black_list"], cfg["ema_filter_no_grad"], nonfinite=cfg["ema_nonfinite"])
 
     def update(self):
         self.ema.update()

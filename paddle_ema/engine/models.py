@@ -7,11 +7,17 @@ import paddle
 from paddle import nn
 
 from ..config import register
+from ..config.registry import Limit
+
+_COUNT = Limit(1, 512)  # caps keep a typo (width: 40960) from allocating gigabytes
+_CLASSES = Limit(1, 10_000)
+_CHANNELS = Limit(1, 1024)
 
 __all__ = ["LeNet", "ResNet18", "MobileNetV3Small"]
 
 
-@register("architecture")
+@register("architecture", limits={"num_classes": _CLASSES, "in_channels": _CHANNELS, "width": _COUNT,
+                                  "hidden": Limit(1, 8192), "image_size": Limit(4, 4096)})
 class LeNet(nn.Layer):
     """A LeNet-style CNN sized for 8x8 digits: two conv-BN-ReLU stages and a 2-layer classifier.
 
@@ -45,7 +51,7 @@ def _first_conv(in_channels, conv, stride):
                      padding=conv._padding, bias_attr=False)
 
 
-@register("architecture")
+@register("architecture", limits={"num_classes": _CLASSES, "in_channels": _CHANNELS})
 def ResNet18(num_classes=10, in_channels=3, small_input=True):
     """paddle.vision resnet18; `small_input` (for 8..32 pixel images) uses a 3x3 stride-1 stem, no max-pool."""
     from paddle.vision.models import resnet18
@@ -59,7 +65,8 @@ def ResNet18(num_classes=10, in_channels=3, small_input=True):
     return model
 
 
-@register("architecture")
+@register("architecture", limits={"num_classes": _CLASSES, "in_channels": _CHANNELS,
+                                  "scale": Limit(0, 8, low_open=True)})
 def MobileNetV3Small(num_classes=10, in_channels=3, small_input=True, scale=1.0):
     """paddle.vision mobilenet_v3_small; `small_input` makes the stem stride 1."""
     from paddle.vision.models import mobilenet_v3_small

@@ -103,6 +103,13 @@ def plot_curves(series, steps_per_epoch, path):
             ax.legend()
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    folder, base = os.path.split(os.path.abspath(path))
+    temporary = os.path.join(folder, f".{base}.tmp-{os.getpid()}")  # a failed write keeps the old plot
+    try:
+        fig.savefig(temporary, dpi=100, format="png")
+        os.replace(temporary, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(temporary):
+            os.remove(temporary)
     return path

@@ -35,7 +35,7 @@ from ..selection import is_floating, select_parameters
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
 from .data import batches
-from .ema_setup import ema_settings
+from .ema_setup import ema_settings, restart_allowed
 from .evaluation import accuracy
 from .trainer import Trainer, build_model, classification_loss
 
@@ -105,6 +105,7 @@ class _StaticEMAState:
         program_to_structured = {v: k for k, v in structured.items()}
         self.names = self.ema.state_names()
         self.shadows = {program_to_structured[p]: s for p, s in self.names["shadows"].items()}
+        self.nonfinite = settings["nonfinite"]
         self.snapshots = 0
 
     def bind(self, trainer):
@@ -137,7 +138,9 @@ class _StaticEMAState:
             weights = self._read_weights()
         self.snapshots += 1
         if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
-            self.register()
+            live = [(name, self.vars.read(self.structured[name])) for name in self.shadows]
+            if restart_allowed(self.nonfinite, live, f"snapshot {self.snapshots}"):
+                self.register()
         return _tensors(weights)
 
     def state_dict(self):
@@ -179,6 +182,15 @@ class StaticTrainer(Trainer):
         check_static_config(cfg)
         self.scope = paddle.static.Scope()
         super().__init__(cfg, name, do_eval=do_eval, vdl_log_dir=vdl_log_dir, resume=resume, stream=stream)
+
+    @classmethod
+    def check_config(cls, cfg, do_eval=True):
+        check_static_config(cfg)
+        trainer = cls.__new__(cls)
+        trainer.scope = paddle.static.Scope()
+        trainer._build_parts(cfg, do_eval, None)
+        trainer.global_step, trainer.posthoc = 0, None  # so that a test may take a step
+        return trainer
 
     @contextlib.contextmanager
     def _static(self):

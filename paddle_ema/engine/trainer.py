@@ -16,20 +16,31 @@ that replaces the methods below which touch the model, the optimizer or the eval
 
 import os
 import random
+import warnings
 
 import numpy as np
 import paddle
 import paddle.nn.functional as F
 
+from .. import kernels
+from ..checkpoint import recover
 from ..config import create
-from ..errors import ConfigError
-from .checkpoint import check_fits, check_same_run, copy_state, load_resume_state, run_identity, save_checkpoint
+from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, PaddleEMAError
+from .averaging_checkpoints import is_bn_statistic
+from .checkpoint import (check_fits, check_same_run, copy_state, load_resume_state, newest_resumable, run_identity,
+                         save_checkpoint)
 from .data import batches
 from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, relative_distance
 from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
 from .progress import Progress
 from .report import ScalarLog, plot_curves, summary_table
+from .run_folder import RunLock, check_writable, remove_created
+
+# `-r auto`: resume from the newest complete checkpoint of this run, or start fresh without one.
+RESUME_AUTO = "auto"
+# Exceptions a foreign or damaged training state raises inside Paddle's and the EMA's set_state_dict.
+_FOREIGN_STATE = (KeyError, TypeError, ValueError, AssertionError, AttributeError, IndexError, RuntimeError)
 
 __all__ = ["build_datasets", "build_model", "classification_loss", "Trainer", "build_trainer"]
 
@@ -52,8 +63,22 @@ def build_datasets(cfg, splits=("train", "eval")):
     return {split: create("dataset", cfg, split=split) for split in splits}
 
 
+_UNITS = {"num_classes": "classes", "in_channels": "channels", "image_size": "pixels a side"}
+
+
 def build_model(cfg, dataset):
-    """The configured architecture sized for `dataset` (classes, channels, image side)."""
+    """The configured architecture sized for `dataset` (classes, channels, image side); a section
+    that sets one of those to something the data does not have is a ConfigError."""
+    name = cfg["architecture"]
+    section = cfg.get(name) or {}
+    side = int(dataset.images.shape[-1])
+    for key, have, fits in (("num_classes", dataset.num_classes, lambda v, have: v >= have),
+                            ("in_channels", dataset.in_channels, lambda v, have: v == have),
+                            ("image_size", side, lambda v, have: v == have)):
+        if section.get(key) is not None and not fits(section[key], have):
+            need = f">= {have}" if key == "num_classes" else f"{have}"
+            raise ConfigError(f"{name}.{key}: {section[key]!r} does not fit the data: dataset {cfg['dataset']} has "
+                              f"{have} {_UNITS[key]}; set {need} or leave it out (the data's value is used)")
     return create("architecture", cfg, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
                   image_size=int(dataset.images.shape[-1]))
 
@@ -68,6 +93,36 @@ def run_name(config_path):
 
 class Trainer:
     def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None):
+        self._build_parts(cfg, do_eval, stream)
+        self.output_dir = os.path.join(cfg["output_dir"], name)
+        self.lock, self._created = None, []
+        try:
+            if self.parallel.is_main:
+                self._claim_outputs(vdl_log_dir)
+            self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=self.parallel.is_main)
+            self.log = ScalarLog(vdl_log_dir if self.parallel.is_main else None)
+            self.start_epoch, self.global_step, self.history, self.best = 0, 0, [], None
+            if resume == RESUME_AUTO:
+                resume = newest_resumable(self.output_dir, self.ema is not None)
+                if resume is None and self.parallel.is_main:
+                    print(f"-r auto: no complete checkpoint in {self.output_dir}: starting fresh", flush=True)
+            if resume:
+                self._resume(resume)
+        except BaseException:
+            self.close(failed=True)
+            raise
+
+    @classmethod
+    def check_config(cls, cfg, do_eval=True):
+        """Build everything a run of `cfg` trains with (data, model, schedule, optimizer, EMA), writing
+        nothing: a config that passes trains; one that does not raises a PaddleEMAError."""
+        trainer = cls.__new__(cls)
+        trainer._build_parts(cfg, do_eval, None)
+        trainer.global_step, trainer.posthoc = 0, None  # so that a test may take a step
+        return trainer
+
+    def _build_parts(self, cfg, do_eval, stream):
+        """What the run trains with; validates the config against the data, writes nothing."""
         self.cfg, self.do_eval, self.stream = cfg, do_eval, stream
         set_device(cfg)
         seed_everything(cfg["seed"])
@@ -83,13 +138,27 @@ class Trainer:
         self.lr = create("lr_schedule", cfg, base_lr=cfg["base_lr"], total_steps=total,
                          steps_per_epoch=self.steps_per_epoch)
         self._build(cfg)
-        self.output_dir = os.path.join(cfg["output_dir"], name)
         self.swa = build_swa(cfg, self.model, self.steps_per_epoch)
-        self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=self.parallel.is_main)
-        self.log = ScalarLog(vdl_log_dir if self.parallel.is_main else None)
-        self.start_epoch, self.global_step, self.history, self.best = 0, 0, [], None
-        if resume:
-            self._resume(resume)
+
+    def _claim_outputs(self, vdl_log_dir):
+        """Before anything trains: every output folder writable, this run the folder's only writer,
+        and what a killed writer left there finished or removed."""
+        self._created = check_writable(self.output_dir, "output_dir")
+        if vdl_log_dir:
+            self._created += check_writable(vdl_log_dir, "--vdl_log_dir")
+        self.lock = RunLock(self.output_dir).acquire()
+        recover(self.output_dir)
+        if os.path.isdir(os.path.join(self.output_dir, "posthoc")):
+            recover(os.path.join(self.output_dir, "posthoc"))
+
+    def close(self, failed=False):
+        """Release the run folder (and, after a failed start, remove the folders it created)."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+        if failed:
+            remove_created(self._created)
+        self._created = []
 
     def _build(self, cfg):
         """Model (and its DataParallel wrapper for training), optimizer (on self.lr) and EMA."""
@@ -118,27 +187,56 @@ class Trainer:
         raw, state = load_resume_state(path, self.ema is not None)
         check_same_run(state.get("run"), self.cfg, path)
         check_fits(self.model, raw, f"-r {path}: the checkpoint's weights")
-        self._load_weights_and_optimizer(raw, state["optimizer"])
+        self._restore(path, "optimizer", lambda: self._load_weights_and_optimizer(raw, state["optimizer"]))
         if self.ema is not None:
-            if state["ema"] is None:
+            if not isinstance(state.get("ema"), dict):
                 raise ConfigError(f"-r {path}: the checkpoint was trained without EMA; use_ema is on here")
-            self.ema.set_state_dict(state["ema"])
+            self._restore(path, "EMA", lambda: self.ema.set_state_dict(state["ema"]))
         for name, average in (("swa", self.swa and self.swa.swa), ("posthoc", self.posthoc)):
             if average is not None:
                 if state.get(name) is None:
                     raise ConfigError(f"-r {path}: the checkpoint has no {name} state; it was trained without it")
-                average.set_state_dict(state[name])
-        paddle.set_rng_state(state["rng"])
+                self._restore(path, name, lambda average=average, name=name: average.set_state_dict(state[name]))
+        self._restore(path, "RNG", lambda: paddle.set_rng_state(state["rng"]))
+        self._restore(path, "scalar log", lambda: self.log.set_state_dict(state["scalars"]))
+        best = state.get("best")
+        if best is not None and not isinstance(best, dict):
+            raise IncompatibleStateError(f"-r {path}: its .pdopt records a best model of the wrong kind")
         self.start_epoch = state["last_epoch"] + 1
         self.global_step = state["global_step"]
-        self.history, self.best = list(state["history"]), state["best"]
-        self.log.set_state_dict(state["scalars"])
+        self.history, self.best = list(state["history"]), best
         if self.parallel.is_main:
             print(f"resumed from {path}: epoch {self.start_epoch}, step {self.global_step}", flush=True)
 
-    def _recalibrated(self, weights):
-        return with_recalibrated_bn(self.model, weights, self.data["train"], self.cfg["EvalReader"]["batch_size"],
-                                    self.cfg["update_bn_batches"])
+    @staticmethod
+    def _restore(path, what, load):
+        """Run `load` (a set_state_dict); a foreign or damaged state is one IncompatibleStateError."""
+        try:
+            load()
+        except PaddleEMAError:
+            raise
+        except _FOREIGN_STATE as exc:
+            reason = " ".join(str(exc).split())[:160]
+            raise IncompatibleStateError(f"-r {path}: the checkpoint's {what} state does not fit this config "
+                                         f"({type(exc).__name__}: {reason})") from None
+
+    def _recalibrated(self, weights, what="ema_update_bn"):
+        """`weights` with recalibrated BatchNorm statistics; when the recalibration yields NaN or Inf
+        (e.g. a huge finite average overflowing) it is refused: `ema_nonfinite: raise` stops the run,
+        otherwise a warning says so and the weights keep their averaged statistics (never saved NaN)."""
+        recalibrated = with_recalibrated_bn(self.model, weights, self.data["train"],
+                                            self.cfg["EvalReader"]["batch_size"], self.cfg["update_bn_batches"])
+        names = [k for k, v in recalibrated.items() if is_bn_statistic(k) and paddle.is_floating_point(v)]
+        bad = kernels.first_nonfinite([recalibrated[k] for k in names]) if names else None
+        if bad is None:
+            return recalibrated
+        message = (f"{what}: the recalibrated BatchNorm statistic {names[bad]!r} holds NaN or Inf at step "
+                   f"{self.global_step}")
+        if self.cfg["ema_nonfinite"] == "raise":
+            raise NonFiniteError(message + " (ema_nonfinite: raise)")
+        warnings.warn(message + "; the recalibration is skipped: the averaged statistics are kept and saved",
+                      RuntimeWarning, stacklevel=2)
+        return weights
 
     def _optimizer_state(self):
         return self.optimizer.state_dict()
@@ -159,25 +257,30 @@ class Trainer:
         if self.swa is not None and self.swa.started:
             swa = self.swa.snapshot(self.model)
             if self.cfg["swa_update_bn"]:
-                swa = self._recalibrated(swa)
+                swa = self._recalibrated(swa, "swa_update_bn")
         stem = os.path.join(self.output_dir, "model_final" if final else str(epoch))
-        row = None
+        row, improved = None, False
+        key = "ema_acc" if self.ema is not None else "raw_acc"
         if self.do_eval:
             row = self._evaluate(epoch, raw, weights, swa)
             self.history.append(row)
+            improved = self.best is None or row[key] > self.best[key]
+            if improved:
+                self.best = row  # the same on every rank: accuracies are summed over ranks
         dump_snapshot(self.parallel, epoch, weights, raw, self.ema)
         state = self._train_state(epoch)  # collective when sharded: every rank gathers, rank 0 writes
+        info = {"global_step": self.global_step, "epoch": epoch}
         if self.parallel.is_main:
+            # best_model first, then the epoch's checkpoint that records it as `best`: killed between
+            # the two, the run resumes from the previous checkpoint, evaluates this epoch again and
+            # writes the same best_model, so `best` and best_model always agree.
+            if improved:
+                save_checkpoint(os.path.join(self.output_dir, "best_model"), weights,
+                                raw if self.ema is not None else None, info=info)
             save_checkpoint(stem, weights, raw if self.ema is not None else None, state,
-                            extra=None if swa is None else {SWA_SUFFIX: swa})
-        if row is not None:
-            key = "ema_acc" if self.ema is not None else "raw_acc"
-            if self.best is None or row[key] > self.best[key]:
-                self.best = row  # the same on every rank: accuracies are summed over ranks
-                if self.parallel.is_main:
-                    save_checkpoint(os.path.join(self.output_dir, "best_model"), weights,
-                                    raw if self.ema is not None else None)
-                self.progress.write(f"best model so far (epoch {epoch + 1}, {key} {row[key]:.4f}) saved")
+                            extra=None if swa is None else {SWA_SUFFIX: swa}, info=info)
+        if improved:
+            self.progress.write(f"best model so far (epoch {epoch + 1}, {key} {row[key]:.4f}) saved")
         return weights
 
     def _evaluate(self, epoch, raw, weights, swa=None):
@@ -216,27 +319,30 @@ class Trainer:
                          if self.parallel.is_main else SilentProgress())
         self.model.train()
         try:
-            for epoch in range(self.start_epoch, epochs):
-                order = batches(len(data), self.batch_size, reader["shuffle"], reader["drop_last"], cfg["seed"], epoch)
-                for iteration, indices in enumerate(order):
-                    part = self.parallel.part(indices)
-                    loss = self._step(*data.batch(part), self.parallel.loss_scale(len(part), len(indices)))
-                    decay = None if self.ema is None else self.ema.last_decay
-                    if self.global_step % cfg["log_iter"] == 0:
-                        self.log.add("loss", self.global_step, loss)
-                        self.log.add("lr", self.global_step, self.optimizer.get_lr())
-                        self.log.add("decay", self.global_step, decay)
-                    shown = {"loss": loss, "lr": self.optimizer.get_lr()}
-                    if decay is not None:
-                        shown["ema_decay"] = decay
-                    self.progress.step(epoch, epochs, iteration, len(order), self.batch_size, shown)
-                final = epoch + 1 == epochs
-                if final or (epoch + 1) % cfg["snapshot_epoch"] == 0:
-                    self._snapshot(epoch, final)
+            try:
+                for epoch in range(self.start_epoch, epochs):
+                    order = batches(len(data), self.batch_size, reader["shuffle"], reader["drop_last"], cfg["seed"], epoch)
+                    for iteration, indices in enumerate(order):
+                        part = self.parallel.part(indices)
+                        loss = self._step(*data.batch(part), self.parallel.loss_scale(len(part), len(indices)))
+                        decay = None if self.ema is None else self.ema.last_decay
+                        if self.global_step % cfg["log_iter"] == 0:
+                            self.log.add("loss", self.global_step, loss)
+                            self.log.add("lr", self.global_step, self.optimizer.get_lr())
+                            self.log.add("decay", self.global_step, decay)
+                        shown = {"loss": loss, "lr": self.optimizer.get_lr()}
+                        if decay is not None:
+                            shown["ema_decay"] = decay
+                        self.progress.step(epoch, epochs, iteration, len(order), self.batch_size, shown)
+                    final = epoch + 1 == epochs
+                    if final or (epoch + 1) % cfg["snapshot_epoch"] == 0:
+                        self._snapshot(epoch, final)
+            finally:
+                self.progress.close()
+                self.log.close()
+            return self.finish()
         finally:
-            self.progress.close()
-            self.log.close()
-        return self.finish()
+            self.close()
 
     def _step(self, images, labels, loss_scale=1.0):
         """One optimizer step on this process's part of the batch; returns its mean loss."""
@@ -267,6 +373,19 @@ class Trainer:
             print(f"curves: {path}", flush=True)
         print(f"checkpoints: {self.output_dir}", flush=True)
         return self.history
+
+
+def trainer_class(cfg):
+    if cfg["mode"] == "static":
+        from .static_trainer import StaticTrainer
+
+        return StaticTrainer
+    return Trainer
+
+
+def check_config(cfg, do_eval=True):
+    """Everything a run of `cfg` builds, built without writing a file (Trainer.check_config)."""
+    return trainer_class(cfg).check_config(cfg, do_eval)
 
 
 def build_trainer(cfg, name, **options):
