@@ -15,6 +15,7 @@ it cannot, one warning says why and `lerp_` must not be called.
 
 import os
 import threading
+import time
 import warnings
 
 import paddle
@@ -22,7 +23,8 @@ import paddle
 from ..errors import ConfigError
 from . import build, reference
 
-__all__ = ["available", "failure", "lerp_", "first_nonfinite", "stream_add_", "num_threads", "THREADS_ENV"]
+__all__ = ["available", "failure", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "stream_add_", "num_threads",
+           "THREADS_ENV"]
 
 THREADS_ENV = "PADDLE_EMA_NUM_THREADS"
 
@@ -60,6 +62,13 @@ def failure():
     return _state["failure"]
 
 
+# num_threads() runs on every update: it keeps its answer for the same $PADDLE_EMA_NUM_THREADS
+# text and re-reads the CPU affinity (a system call) at most every _AFFINITY_TTL_S seconds, so a
+# changed variable takes effect at once and a changed affinity (taskset) within a second.
+_AFFINITY_TTL_S = 1.0
+_threads_cache = {"text": None, "threads": None, "until": 0.0}
+
+
 def num_threads():
     """CPU threads of one update: $PADDLE_EMA_NUM_THREADS, else every CPU this process may use.
 
@@ -67,6 +76,16 @@ def num_threads():
     update, bound by memory bandwidth, needs several cores to reach it on most servers.
     """
     text = os.environ.get(THREADS_ENV)
+    cache = _threads_cache
+    if text == cache["text"] and cache["threads"] is not None:
+        if text is not None or time.monotonic() < cache["until"]:
+            return cache["threads"]
+    threads = _threads_from(text)
+    cache.update(text=text, threads=threads, until=time.monotonic() + _AFFINITY_TTL_S)
+    return threads
+
+
+def _threads_from(text):
     if text is None or not text.strip():
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
@@ -109,6 +128,47 @@ def first_nonfinite(tensors):
         if other is not None:
             found.append(unchecked[other])
     return min(found) if found else None
+
+
+@paddle.no_grad()
+def guarded_lerp_(averages, values, scan, weight):
+    """`lerp_` only when no tensor of `scan` holds NaN or Inf, in one call: returns the index in
+    `scan` of the first that does (the averages untouched), or None (updated).
+
+    `scan` holds the weights whose finiteness decides (every weight, `values` among them). One
+    pass reads all of `scan`, a second updates; see GuardedLerpTensors in ema_ops.cc. When some
+    tensor of `scan` is not one the extension reads (another device, strided), the scan and the
+    update run as two separate calls, with Paddle's ops for what the extension leaves out."""
+    if len(averages) != len(values):
+        raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
+    averages, values, scan = list(averages), list(values), list(scan)
+    threads = num_threads()
+    first, unchecked, skipped = _module().guarded_lerp_(averages, values, scan, float(weight), threads)
+    if unchecked:
+        bad = first_nonfinite(scan)
+        if bad is not None:
+            return bad
+        lerp_(averages, values, weight)
+        return None
+    if first >= 0:
+        return first
+    if skipped:
+        reference.lerp_([averages[i] for i in skipped], [values[i] for i in skipped], weight)
+    return None
+
+
+@paddle.no_grad()
+def copy_(targets, sources):
+    """targets[i] <- sources[i]: same-dtype CPU pairs in one multi-threaded call, the rest (casts,
+    other devices, strided views) with Paddle's copy."""
+    targets, sources = list(targets), list(sources)
+    if len(targets) != len(sources):
+        raise ValueError(f"copy_ needs one source per target, got {len(targets)} targets and {len(sources)} sources")
+    if not targets:
+        return
+    skipped = _module().copy_(targets, sources, num_threads())
+    if skipped:
+        reference.copy_([targets[i] for i in skipped], [sources[i] for i in skipped])
 
 
 @paddle.no_grad()
