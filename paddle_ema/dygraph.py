@@ -125,6 +125,7 @@ class ExponentialMovingAverage:
         self._backup = None
         self._backup_token = None
         self._spares = None  # apply()'s buffers for the averages, kept between applies
+        self._holders = None  # and the tensors that hold the raw weights' buffers meanwhile
         self.register()
 
     @staticmethod
@@ -243,8 +244,8 @@ class ExponentialMovingAverage:
         self._averages_into(self._params)
         if not need_restore:
             if self._backup is not None and self._spares is not None:
-                # The weights stay on the spare buffers for good: new spares next time.
-                self._spares = None
+                # The weights stay on the spare buffers for good, and the raw ones are dropped.
+                self._spares = self._holders = None
             self._backup = self._backup_token = None
         return _Applied(self, token)
 
@@ -259,14 +260,13 @@ class ExponentialMovingAverage:
         if not hasattr(self._params[0], "_share_buffer_to"):
             return [p.detach().clone() for p in self._params]
         if self._spares is None:
+            # paddle.Tensor() costs ~20 us: the holders are made once, with the spares.
             self._spares = [paddle.empty_like(p) for p in self._params]
-        raw = []
-        for param, spare in zip(self._params, self._spares):
-            holder = paddle.Tensor()
+            self._holders = [paddle.Tensor() for _ in self._params]
+        for param, spare, holder in zip(self._params, self._spares, self._holders):
             param._share_buffer_to(holder)
             spare._share_buffer_to(param)
-            raw.append(holder)
-        return raw
+        return self._holders
 
     def _averages_into(self, targets):
         """targets[i] <- average i for every averaged parameter; collective when sharded."""
