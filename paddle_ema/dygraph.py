@@ -180,12 +180,14 @@ class ExponentialMovingAverage:
         guarded = self.nonfinite != "update"
         if call >= self.start_step:
             decay, weight, product = self.rule.step(offset // self.update_every, self.decay_product)
-            if guarded and 0.0 < weight < 1.0 and kernels.active_kernel() == "fused":
-                # The scan and the update in one call of the extension (the common case).
-                bad = fused.guarded_lerp_(self._owned_shadows, self._owned_params, self._params, weight)
-                if bad is not None:
-                    self._nonfinite(call, bad)
-                    return None
+            if 0.0 < weight < 1.0 and _active_kernel() == "fused":  # the common case, one call
+                if not guarded:
+                    fused.lerp_(self._owned_shadows, self._owned_params, weight)
+                else:
+                    bad = fused.guarded_lerp_(self._owned_shadows, self._owned_params, self._params, weight)
+                    if bad is not None:
+                        self._nonfinite(call, bad)
+                        return None
             else:
                 if guarded and not self._weights_finite(call):
                     return None
@@ -420,9 +422,24 @@ class StochasticWeightAveraging(ExponentialMovingAverage):
         )
 
 
+# kernels.active_kernel() reads $PADDLE_EMA_KERNEL through os.environ.get, 1-3 us of a small
+# model's update; its answer is kept for as long as set_kernel()'s mode and the variable's raw
+# value stay the same (both are checked on every call, for ~0.1 us).
+_kernel_cache = {"key": None, "kernel": None}
+
+
+def _active_kernel():
+    key = (kernels._forced, fused.environment(kernels.KERNEL_ENV))
+    cache = _kernel_cache
+    if cache["kernel"] is None or key != cache["key"]:
+        kernel = kernels.active_kernel()  # raises for a bad mode: nothing cached then
+        cache["key"], cache["kernel"] = key, kernel
+    return cache["kernel"]
+
+
 def _copy(targets, sources):
     """kernels.copy_, multi-threaded by the extension for same-dtype CPU pairs when it is in use."""
-    if kernels.active_kernel() == "fused":
+    if _active_kernel() == "fused":
         fused.copy_(targets, sources)
     else:
         kernels.copy_(targets, sources)
