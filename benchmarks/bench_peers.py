@@ -141,19 +141,22 @@ TORCH_CHILD = COMMON_CHILD + textwrap.dedent(
         if kind in ("timm_v3", "timm_v2"):
             module, version = timm_module()
             ema = module.ModelEmaV3(model, decay=DECAY) if kind == "timm_v3" else module.ModelEmaV2(model, decay=DECAY)
-            return {"model": model, "update": lambda: ema.update(model), "ema": ema, "info": f"timm {version}, torch {torch.__version__}"}
+            info = f"timm {version}, torch {torch.__version__}"
+            return {"model": model, "update": lambda: ema.update(model), "ema": ema, "info": info}
         if kind == "torch_ema":
             import importlib.metadata as md
             from torch_ema import ExponentialMovingAverage
             ema = ExponentialMovingAverage(model.parameters(), decay=DECAY)
             def swap():
                 ema.store(); ema.copy_to(); ema.restore()
-            return {"model": model, "update": ema.update, "swap": swap, "ema": ema, "info": f"torch-ema {md.version('torch_ema')}"}
+            info = f"torch-ema {md.version('torch_ema')}"
+            return {"model": model, "update": ema.update, "swap": swap, "ema": ema, "info": info}
         if kind == "ema_pytorch":
             import importlib.metadata as md
             from ema_pytorch import EMA
             ema = EMA(model, beta=DECAY, update_after_step=0, update_every=1)
-            return {"model": model, "update": ema.update, "ema": ema, "info": f"ema-pytorch {md.version('ema_pytorch')}"}
+            info = f"ema-pytorch {md.version('ema_pytorch')}"
+            return {"model": model, "update": ema.update, "ema": ema, "info": info}
         raise SystemExit(f"unknown kind {kind}")
     serve(build, WARMUP)
     """
@@ -310,7 +313,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
-    parser.add_argument("--torch-python", default=DEFAULT_TORCH, help="a Python with torch (timm, torch-ema, ema-pytorch)")
+    parser.add_argument("--torch-python", default=DEFAULT_TORCH,
+                        help="a Python with torch (timm, torch-ema, ema-pytorch)")
     parser.add_argument("--threads", type=int, default=0,
                         help="threads for every child (paddle_ema and PyTorch alike); default: each library's own "
                              "(all cores)")
