@@ -127,3 +127,40 @@ def test_ema_skip_and_raise_policies_through_the_fused_guard():
         _run("raise", poisoned={2})
     unchecked, _ = _run("update", poisoned={2})
     assert np.isnan(unchecked.average("2.weight").numpy()[7, 11])
+
+
+def test_kernel_choice_follows_set_kernel_and_the_variable_at_once(monkeypatch):
+    from paddle_ema import kernels
+
+    calls = []
+    original = fused.guarded_lerp_
+    monkeypatch.setattr(fused, "guarded_lerp_", lambda *a: calls.append(1) or original(*a))
+    model = _model()
+    ema = ExponentialMovingAverage(model, 0.9)
+    ema.update()
+    assert len(calls) == 1
+    kernels.set_kernel("reference")
+    try:
+        ema.update()
+        assert len(calls) == 1  # the reference path, from the very next call
+    finally:
+        kernels.set_kernel(None)
+    ema.update()
+    assert len(calls) == 2
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "reference")
+    ema.update()
+    assert len(calls) == 2
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "fused")
+    ema.update()
+    assert len(calls) == 3
+
+
+def test_thread_count_follows_the_variable_at_once(monkeypatch):
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", "1")
+    assert fused.num_threads() == 1
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", "5")
+    assert fused.num_threads() == 5
+    monkeypatch.delenv("PADDLE_EMA_NUM_THREADS")
+    import os
+
+    assert fused.num_threads() == len(os.sched_getaffinity(0))
