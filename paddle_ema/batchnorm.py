@@ -4,8 +4,10 @@ An average of weights (EMA, SWA) was never run forward during training, so the B
 statistics collected with the raw weights do not describe its activations. `update_bn` runs the
 model over data and sets each BatchNorm layer's `_mean`/`_variance` to the exact mean and
 population variance of that layer's inputs over the pass (Paddle's running variance is the
-population one too). The statistics are accumulated in float64 with Chan's parallel formulas, one
-batch at a time, so the result does not depend on BatchNorm's momentum, which is left as it was.
+population one too). Each batch's per-channel mean and variance are computed on the model's device
+(float32, by BatchNorm's own forward); only those vectors reach the host, where they are merged in
+float64 with Chan's parallel formulas, so the result does not depend on BatchNorm's momentum,
+which is left as it was.
 """
 
 import numpy as np
@@ -45,16 +47,15 @@ def _channel_axis(layer):
 
 
 class _Moments:
-    """Per-channel count, mean and sum of squared deviations, merged batch by batch in float64."""
+    """Per-channel count, mean and sum of squared deviations, merged batch by batch in float64
+    (Chan's parallel formulas) from each batch's float32 mean and population variance."""
 
     def __init__(self):
         self.count, self.mean, self.m2 = 0, None, None
 
-    def add(self, x, axis):
-        values = np.moveaxis(x.astype("float64").numpy(), axis, -1).reshape(-1, x.shape[axis])
-        n = values.shape[0]
-        mean = values.mean(axis=0)
-        m2 = ((values - mean) ** 2).sum(axis=0)
+    def add(self, n, mean, variance):
+        mean = np.asarray(mean, np.float64)
+        m2 = np.asarray(variance, np.float64) * n
         if self.count == 0:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -65,6 +66,32 @@ class _Moments:
         self.count = total
 
 
+def _per_channel_count(x, axis):
+    """Values per channel, from the shape (Tensor.numel() would read a tensor back)."""
+    return int(np.prod(x.shape)) // int(x.shape[axis])
+
+
+def _batch_moments_on_device(x, axis):
+    """(count, mean, population variance) per channel of one input, reduced where x lives;
+    only the two per-channel vectors come to the host."""
+    axes = [d for d in range(x.ndim) if d != axis % x.ndim]
+    x = x.astype("float32") if x.dtype not in (paddle.float32, paddle.float64) else x
+    mean = x.mean(axis=axes)
+    variance = (x - mean.reshape([-1 if d == axis % x.ndim else 1 for d in range(x.ndim)])).square().mean(axis=axes)
+    return _per_channel_count(x, axis), mean.numpy(), variance.numpy()
+
+
+def _order(model, loader):
+    """(model, loader) from either order: update_bn(model, loader) is this library's, and
+    PyTorch's torch.optim.swa_utils.update_bn takes (loader, model); a Layer is the model."""
+    if not isinstance(model, paddle.nn.Layer) and isinstance(loader, paddle.nn.Layer):
+        return loader, model
+    if not isinstance(model, paddle.nn.Layer):
+        raise TypeError(f"update_bn needs a paddle.nn.Layer and a loader, got {type(model).__name__} "
+                        f"and {type(loader).__name__}")
+    return model, loader
+
+
 @paddle.no_grad()
 def update_bn(model, loader, num_batches=None):
     """Recompute BatchNorm statistics with a pass over `loader`; returns the statistics replaced.
@@ -72,19 +99,44 @@ def update_bn(model, loader, num_batches=None):
     Each batch is `x` or a tuple/list whose first element is `x`; the model runs in training mode
     (as during training, each BatchNorm normalises with its batch) and is put back in the mode it
     had. `num_batches` limits the pass. The return value restores the old statistics through
-    `set_bn_statistics(model, old)`. A model without BatchNorm is left untouched.
+    `set_bn_statistics(model, old)`. A model without BatchNorm is left untouched. The arguments
+    may also come in PyTorch's order, `update_bn(loader, model)`: the one that is a Layer is the
+    model.
+
+    The per-batch moments are the ones the forward pass computes anyway, on the model's device:
+    with its momentum set to 0 for the pass, each BatchNorm leaves the batch's mean and population
+    variance in its running statistics, and only those per-channel vectors come to the host, where
+    they are merged in float64. A layer that normalises with its running statistics during
+    training (use_global_stats) gets its input's moments reduced on the device instead.
     """
+    model, loader = _order(model, loader)
     layers = batchnorm_layers(model)
     if not layers:
         return {}
     previous = bn_statistics(model)
     moments = {name: _Moments() for name, _ in layers}
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda layer, inputs, name=name: moments[name].add(inputs[0], _channel_axis(layer))
-        )
-        for name, layer in layers
-    ]
+    counts = {}
+    hooks, momenta = [], {}
+    for name, layer in layers:
+        if getattr(layer, "_use_global_stats", None) or not hasattr(layer, "_momentum"):
+            hooks.append(layer.register_forward_pre_hook(
+                lambda layer, inputs, name=name: moments[name].add(
+                    *_batch_moments_on_device(inputs[0], _channel_axis(layer)))))
+            continue
+        momenta[name] = layer._momentum
+        layer._momentum = 0.0  # running <- 0 * running + 1 * batch: the batch's own moments
+
+        def count(layer, inputs, name=name):
+            x = inputs[0]
+            counts[name] = _per_channel_count(x, _channel_axis(layer))
+            layer._mean.set_value(paddle.zeros_like(layer._mean))  # 0 * NaN would stay NaN
+            layer._variance.set_value(paddle.zeros_like(layer._variance))
+
+        def collect(layer, inputs, output, name=name):
+            moments[name].add(counts[name], layer._mean.numpy(), layer._variance.numpy())
+
+        hooks.append(layer.register_forward_pre_hook(count))
+        hooks.append(layer.register_forward_post_hook(collect))
     was_training = unwrap(model).training
     model.train()
     try:
@@ -95,6 +147,9 @@ def update_bn(model, loader, num_batches=None):
     finally:
         for hook in hooks:
             hook.remove()
+        for name, layer in layers:
+            if name in momenta:
+                layer._momentum = momenta[name]
         if not was_training:
             model.eval()
     for name, layer in layers:
@@ -102,4 +157,8 @@ def update_bn(model, loader, num_batches=None):
         if m.count:
             layer._mean.set_value(m.mean.astype(layer._mean.numpy().dtype))
             layer._variance.set_value((m.m2 / m.count).astype(layer._variance.numpy().dtype))
+        else:
+            mean, variance = previous[name]
+            layer._mean.set_value(mean)
+            layer._variance.set_value(variance)
     return previous

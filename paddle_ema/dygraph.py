@@ -8,6 +8,7 @@ import numpy as np
 import paddle
 
 from . import kernels
+from .kernels import fused
 from .averaging import EMARule, shadow_dtype
 from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
 from .schedules import PowerFunction, make_schedule
@@ -123,6 +124,8 @@ class ExponentialMovingAverage:
         self._owned = self._sharding.owned if shard else list(range(len(self._params)))
         self._backup = None
         self._backup_token = None
+        self._spares = None  # apply()'s buffers for the averages, kept between applies
+        self._holders = None  # and the tensors that hold the raw weights' buffers meanwhile
         self.register()
 
     @staticmethod
@@ -174,18 +177,30 @@ class ExponentialMovingAverage:
         offset = call - self.start_step
         if offset >= 0 and offset % self.update_every:
             return None
-        if self.nonfinite != "update" and not self._weights_finite(call):
+        guarded = self.nonfinite != "update"
+        if call >= self.start_step:
+            decay, weight, product = self.rule.step(offset // self.update_every, self.decay_product)
+            if 0.0 < weight < 1.0 and _active_kernel() == "fused":  # the common case, one call
+                if not guarded:
+                    fused.lerp_(self._owned_shadows, self._owned_params, weight)
+                else:
+                    bad = fused.guarded_lerp_(self._owned_shadows, self._owned_params, self._params, weight)
+                    if bad is not None:
+                        self._nonfinite(call, bad)
+                        return None
+            else:
+                if guarded and not self._weights_finite(call):
+                    return None
+                kernels.lerp_(self._owned_shadows, self._owned_params, weight)
+            self.num_updates += 1
+            self.decay_product = product
+            self.last_decay = decay
+            return decay
+        if guarded and not self._weights_finite(call):
             return None
-        if call < self.start_step:
-            kernels.copy_(self._owned_shadows, self._owned_params)
-            self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
-            return None
-        decay, weight, product = self.rule.step(offset // self.update_every, self.decay_product)
-        kernels.lerp_(self._owned_shadows, self._owned_params, weight)
-        self.num_updates += 1
-        self.decay_product = product
-        self.last_decay = decay
-        return decay
+        kernels.copy_(self._owned_shadows, self._owned_params)
+        self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
+        return None
 
     def _weights_finite(self, call):
         # Every rank checks every weight (not only the ones it averages), so that sharded ranks,
@@ -193,6 +208,11 @@ class ExponentialMovingAverage:
         bad = kernels.first_nonfinite(self._params)
         if bad is None:
             return True
+        self._nonfinite(call, bad, stacklevel=4)
+        return False
+
+    def _nonfinite(self, call, bad, stacklevel=3):
+        """The guard's answer to the weight `bad` holding NaN or Inf: raise, or count and warn."""
         name = self.names[bad]
         if self.nonfinite == "raise":
             raise NonFiniteError(f"update() at call {call}: parameter {name!r} holds NaN or Inf")
@@ -203,9 +223,8 @@ class ExponentialMovingAverage:
                 f"EMA update at call {call} skipped: parameter {name!r} holds NaN or Inf "
                 f"({count} update(s) skipped so far; warnings repeat at 10, 100 and every 1000)",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=stacklevel + 1,
             )
-        return False
 
     @property
     def is_applied(self):
@@ -222,17 +241,39 @@ class ExponentialMovingAverage:
         """
         token = None
         if self._backup is None and need_restore:
-            self._backup = [p.detach().clone() for p in self._params]
+            self._backup = self._swap_out()
             self._backup_token = token = object()
         self._averages_into(self._params)
         if not need_restore:
+            if self._backup is not None and self._spares is not None:
+                # The weights stay on the spare buffers for good, and the raw ones are dropped.
+                self._spares = self._holders = None
             self._backup = self._backup_token = None
         return _Applied(self, token)
+
+    def _swap_out(self):
+        """Set the raw weights aside for restore() without copying them: each parameter's buffer
+        goes to a holder and the parameter is pointed at a spare buffer of its size, which the
+        averages are then copied into. The parameter objects stay the same, so the optimizer,
+        hooks, state_dict() and export see the averages; restore() points them back.
+
+        The spares are kept from one apply() to the next (no allocation, no page faults). Without
+        Tensor._share_buffer_to (not in this Paddle), the raw weights are copied instead."""
+        if not hasattr(self._params[0], "_share_buffer_to"):
+            return [p.detach().clone() for p in self._params]
+        if self._spares is None:
+            # paddle.Tensor() costs ~20 us: the holders are made once, with the spares.
+            self._spares = [paddle.empty_like(p) for p in self._params]
+            self._holders = [paddle.Tensor() for _ in self._params]
+        for param, spare, holder in zip(self._params, self._spares, self._holders):
+            param._share_buffer_to(holder)
+            spare._share_buffer_to(param)
+        return self._holders
 
     def _averages_into(self, targets):
         """targets[i] <- average i for every averaged parameter; collective when sharded."""
         if self._sharding is None:
-            kernels.copy_(targets, self._shadows)
+            _copy(targets, self._shadows)
         else:
             dtypes = [shadow_dtype(p.dtype) for p in self._params]
             self._sharding.broadcast_into(targets, self._shadows, dtypes, self._params[0].place)
@@ -254,7 +295,11 @@ class ExponentialMovingAverage:
                 "restore() without a matching apply(): the model holds its raw weights "
                 "(or apply(need_restore=False) dropped them)"
             )
-        kernels.copy_(self._params, self._backup)
+        if self._spares is not None and hasattr(self._params[0], "_share_buffer_to"):
+            for param, holder in zip(self._params, self._backup):
+                holder._share_buffer_to(param)
+        else:
+            _copy(self._params, self._backup)
         self._backup = self._backup_token = None
 
     def average(self, name):
@@ -375,6 +420,29 @@ class StochasticWeightAveraging(ExponentialMovingAverage):
             start_step=start_step,
             **options,
         )
+
+
+# kernels.active_kernel() reads $PADDLE_EMA_KERNEL through os.environ.get, 1-3 us of a small
+# model's update; its answer is kept for as long as set_kernel()'s mode and the variable's raw
+# value stay the same (both are checked on every call, for ~0.1 us).
+_kernel_cache = {"key": None, "kernel": None}
+
+
+def _active_kernel():
+    key = (kernels._forced, fused.environment(kernels.KERNEL_ENV))
+    cache = _kernel_cache
+    if cache["kernel"] is None or key != cache["key"]:
+        kernel = kernels.active_kernel()  # raises for a bad mode: nothing cached then
+        cache["key"], cache["kernel"] = key, kernel
+    return cache["kernel"]
+
+
+def _copy(targets, sources):
+    """kernels.copy_, multi-threaded by the extension for same-dtype CPU pairs when it is in use."""
+    if _active_kernel() == "fused":
+        fused.copy_(targets, sources)
+    else:
+        kernels.copy_(targets, sources)
 
 
 def _flatten(mapping, prefix=""):

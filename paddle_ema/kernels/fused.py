@@ -15,14 +15,15 @@ it cannot, one warning says why and `lerp_` must not be called.
 
 import os
 import threading
+import time
 import warnings
 
-import paddle
 
 from ..errors import ConfigError
 from . import build, reference
 
-__all__ = ["available", "failure", "lerp_", "first_nonfinite", "stream_add_", "num_threads", "THREADS_ENV"]
+__all__ = ["available", "failure", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "stream_add_", "num_threads",
+           "THREADS_ENV"]
 
 THREADS_ENV = "PADDLE_EMA_NUM_THREADS"
 
@@ -60,13 +61,52 @@ def failure():
     return _state["failure"]
 
 
+def _environment_reader():
+    """A function name -> the raw value of that environment variable, or None, as cheap as a dict
+    lookup: os.environ.get costs 1-3 us for an unset name (a KeyError raised and caught inside
+    Mapping.get), about a tenth of a whole small update. CPython keeps the process environment
+    in os.environ._data under os.environ.encodekey(name); elsewhere, os.environ.get."""
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    if not isinstance(data, dict) or encode is None:
+        return os.environ.get
+    keys = {}
+
+    def read(name):
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = encode(name)
+        value = data.get(key)
+        return None if value is None else os.environ.decodevalue(value)
+
+    return read
+
+
+environment = _environment_reader()
+
+# num_threads() runs on every update: it keeps its answer for the same $PADDLE_EMA_NUM_THREADS
+# text and re-reads the CPU affinity (a system call) at most every _AFFINITY_TTL_S seconds, so a
+# changed variable takes effect at once and a changed affinity (taskset) within a second.
+_AFFINITY_TTL_S = 1.0
+_threads_cache = {"text": None, "threads": None, "until": 0.0}
+
+
 def num_threads():
     """CPU threads of one update: $PADDLE_EMA_NUM_THREADS, else every CPU this process may use.
 
     Not OpenMP's default: Paddle sets OMP_NUM_THREADS=1 at import when it is unset, and the
     update, bound by memory bandwidth, needs several cores to reach it on most servers.
     """
-    text = os.environ.get(THREADS_ENV)
+    text = environment(THREADS_ENV)
+    cache = _threads_cache
+    if text == cache["text"] and cache["threads"] is not None:
+        if text is not None or time.monotonic() < cache["until"]:
+            return cache["threads"]
+    threads = _threads_from(text)
+    cache.update(text=text, threads=threads, until=time.monotonic() + _AFFINITY_TTL_S)
+    return threads
+
+
+def _threads_from(text):
     if text is None or not text.strip():
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
@@ -84,19 +124,27 @@ def _module():
     return _state["module"]
 
 
-@paddle.no_grad()
+# The functions below call no Paddle op themselves (the extension writes through data pointers;
+# the reference functions they fall back on have their own no_grad), so they go without
+# paddle.no_grad(), whose context costs microseconds a call.
+
+
+def _sequence(items):
+    """A list or tuple as it is (what the extension takes), anything else as a new list."""
+    return items if isinstance(items, (list, tuple)) else list(items)
+
+
 def lerp_(averages, values, weight):
     if len(averages) != len(values):
         raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
     if not averages:
         return
-    averages, values = list(averages), list(values)
+    averages, values = _sequence(averages), _sequence(values)
     skipped = _module().lerp_(averages, values, float(weight), num_threads())
     if skipped:  # strided views, other dtypes or devices: Paddle's own ops
         reference.lerp_([averages[i] for i in skipped], [values[i] for i in skipped], weight)
 
 
-@paddle.no_grad()
 def first_nonfinite(tensors):
     """Index of the first tensor holding NaN or Inf, or None: one multi-threaded read of all of them."""
     if not tensors:
@@ -111,7 +159,45 @@ def first_nonfinite(tensors):
     return min(found) if found else None
 
 
-@paddle.no_grad()
+def guarded_lerp_(averages, values, scan, weight):
+    """`lerp_` only when no tensor of `scan` holds NaN or Inf, in one call: returns the index in
+    `scan` of the first that does (the averages untouched), or None (updated).
+
+    `scan` holds the weights whose finiteness decides (every weight, `values` among them). One
+    pass reads all of `scan`, a second updates; see GuardedLerpTensors in ema_ops.cc. When some
+    tensor of `scan` is not one the extension reads (another device, strided), the scan and the
+    update run as two separate calls, with Paddle's ops for what the extension leaves out."""
+    if len(averages) != len(values):
+        raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
+    averages, values, scan = _sequence(averages), _sequence(values), _sequence(scan)
+    threads = num_threads()
+    first, unchecked, skipped = _module().guarded_lerp_(averages, values, scan, float(weight), threads)
+    if unchecked:
+        bad = first_nonfinite(scan)
+        if bad is not None:
+            return bad
+        lerp_(averages, values, weight)
+        return None
+    if first >= 0:
+        return first
+    if skipped:
+        reference.lerp_([averages[i] for i in skipped], [values[i] for i in skipped], weight)
+    return None
+
+
+def copy_(targets, sources):
+    """targets[i] <- sources[i]: same-dtype CPU pairs in one multi-threaded call, the rest (casts,
+    other devices, strided views) with Paddle's copy."""
+    targets, sources = list(targets), list(sources)
+    if len(targets) != len(sources):
+        raise ValueError(f"copy_ needs one source per target, got {len(targets)} targets and {len(sources)} sources")
+    if not targets:
+        return
+    skipped = _module().copy_(targets, sources, num_threads())
+    if skipped:
+        reference.copy_([targets[i] for i in skipped], [sources[i] for i in skipped])
+
+
 def stream_add_(a, x):
     """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor."""
     _module().stream_add_(a, x, num_threads())

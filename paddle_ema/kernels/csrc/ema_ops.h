@@ -12,6 +12,12 @@ std::vector<int64_t> LerpTensors(const std::vector<const paddle::Tensor*>& avera
                                  const std::vector<const paddle::Tensor*>& values, double weight, int threads);
 int64_t ScanNonfinite(const std::vector<const paddle::Tensor*>& values, int threads,
                       std::vector<int64_t>* unchecked);
+int64_t GuardedLerpTensors(const std::vector<const paddle::Tensor*>& averages,
+                           const std::vector<const paddle::Tensor*>& values,
+                           const std::vector<const paddle::Tensor*>& scan, double weight, int threads,
+                           std::vector<int64_t>* unchecked, std::vector<int64_t>* skipped);
+std::vector<int64_t> CopyTensors(const std::vector<const paddle::Tensor*>& targets,
+                                 const std::vector<const paddle::Tensor*>& sources, int threads);
 void StreamAdd(const paddle::Tensor& a, const paddle::Tensor& x, int threads);
 
 #ifdef PADDLE_EMA_WITH_CUDA

@@ -57,6 +57,23 @@ py::tuple FirstNonfinite(const py::handle& values, int threads) {
   return py::make_tuple(first, unchecked);
 }
 
+// The guarded update: (index of the first non-finite tensor of `scan` or -1, indices of `scan`
+// not readable here (then nothing was done), indices of pairs left to the fallback).
+py::tuple GuardedLerp(const py::handle& averages, const py::handle& values, const py::handle& scan, double weight,
+                      int threads) {
+  std::vector<int64_t> unchecked, skipped;
+  const auto scanned = TensorsOf(Fast(scan, "scan"), "scan");
+  const int64_t first =
+      GuardedLerpTensors(TensorsOf(Fast(averages, "averages"), "averages"), TensorsOf(Fast(values, "values"), "values"),
+                         scanned, weight, threads, &unchecked, &skipped);
+  return py::make_tuple(first, unchecked, skipped);
+}
+
+std::vector<int64_t> Copy(const py::handle& targets, const py::handle& sources, int threads) {
+  return CopyTensors(TensorsOf(Fast(targets, "targets"), "targets"), TensorsOf(Fast(sources, "sources"), "sources"),
+                     threads);
+}
+
 void StreamAddPy(const py::handle& a, const py::handle& x, int threads) {
   if (!paddle::pybind::PyCheckTensor(a.ptr()) || !paddle::pybind::PyCheckTensor(x.ptr())) {
     throw py::type_error("stream_add_ takes two paddle.Tensor");
@@ -72,6 +89,11 @@ PYBIND11_MODULE(PADDLE_EXTENSION_NAME, m) {
         "averages[i] += weight * (values[i] - averages[i]) in place; returns the indices of pairs not updated");
   m.def("first_nonfinite", &FirstNonfinite, py::arg("values"), py::arg("threads"),
         "(index of the first tensor holding NaN or Inf, or -1; indices of tensors not checked)");
+  m.def("guarded_lerp_", &GuardedLerp, py::arg("averages"), py::arg("values"), py::arg("scan"), py::arg("weight"),
+        py::arg("threads"),
+        "lerp_ only if no tensor of scan holds NaN or Inf: (first non-finite index or -1, unchecked, skipped)");
+  m.def("copy_", &Copy, py::arg("targets"), py::arg("sources"), py::arg("threads"),
+        "targets[i] <- sources[i] for same-dtype contiguous CPU pairs; returns the indices of pairs not copied");
   m.def("stream_add_", &StreamAddPy, py::arg("a"), py::arg("x"), py::arg("threads"),
         "a += x over two contiguous float32 CPU tensors: the benchmarks' memory floor");
 }

@@ -1,0 +1,166 @@
+"""The guard fused with the update (fused.guarded_lerp_): same decisions and bit-identical shadows
+as the separate scan + update, and as the unguarded update on finite runs."""
+
+import warnings
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_ema import ExponentialMovingAverage, NonFiniteError
+from paddle_ema.kernels import fused, reference
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="the fused extension cannot be built here")
+
+# Large enough that the scan and the update run multi-threaded in several chunks each.
+SHAPES = [[300, 700], [5], [1000, 130], [3, 3, 64, 64], [17], [1]]
+
+
+def _tensors(seed, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    return [paddle.to_tensor(rng.standard_normal(s).astype("float32")).astype(dtype) for s in SHAPES]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_guarded_update_equals_unguarded_bit_for_bit_when_finite(dtype):
+    values = _tensors(1, dtype)
+    start = [v.astype("float32") * 0.5 for v in values]
+    guarded = [s.clone() for s in start]
+    plain = [s.clone() for s in start]
+    assert fused.guarded_lerp_(guarded, values, values, 0.0137) is None
+    fused.lerp_(plain, values, 0.0137)
+    by_reference = [s.clone() for s in start]
+    reference.lerp_(by_reference, values, 0.0137)
+    for g, p, r in zip(guarded, plain, by_reference):
+        assert np.array_equal(g.numpy().view(np.uint32), p.numpy().view(np.uint32))
+        np.testing.assert_array_max_ulp(g.numpy(), r.numpy(), maxulp=0 if dtype == "float32" else 1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("where", [(0, 0), (0, 209_999), (2, 64_999), (3, 36_863), (5, 0)])
+def test_any_nonfinite_value_leaves_every_average_untouched(bad, where):
+    values = _tensors(2)
+    tensor, flat = where
+    poisoned = values[tensor].numpy().reshape(-1).copy()
+    poisoned[flat] = bad
+    values[tensor] = paddle.to_tensor(poisoned.reshape(SHAPES[tensor]))
+    averages = _tensors(3)
+    before = [a.numpy().copy() for a in averages]
+    assert fused.guarded_lerp_(averages, values, values, 0.5) == tensor
+    for a, b in zip(averages, before):
+        assert np.array_equal(a.numpy().view(np.uint32), b.view(np.uint32))
+
+
+def test_first_bad_index_is_the_lowest_and_scan_may_cover_more_than_the_values():
+    scan = _tensors(4)
+    for i in (4, 1):
+        arr = scan[i].numpy().copy()
+        arr.reshape(-1)[-1] = np.nan
+        scan[i] = paddle.to_tensor(arr)
+    averages = [s.clone() for s in _tensors(5)[:2]]
+    before = [a.numpy().copy() for a in averages]
+    # Values are a subset (a sharded rank's own weights); the finiteness of all of scan decides.
+    assert fused.guarded_lerp_(averages, _tensors(6)[:2], scan, 0.25) == 1
+    assert all(np.array_equal(a.numpy(), b) for a, b in zip(averages, before))
+
+
+def test_strided_scan_tensor_takes_the_separate_path_with_the_same_answer():
+    values = _tensors(7)
+    base = paddle.to_tensor(np.full((40, 40), 1.0, np.float32))
+    strided = base[:, ::2]
+    if strided.is_contiguous():
+        pytest.skip("this Paddle makes slices contiguous copies")
+    arr = base.numpy()
+    arr[3, 4] = np.inf
+    base.set_value(arr)
+    averages = [v.clone() * 0 for v in values]
+    assert fused.guarded_lerp_(averages, values, values + [base[:, ::2]], 0.5) == len(values)
+    assert all(float(a.abs().max()) == 0.0 for a in averages)
+
+
+def _model():
+    paddle.seed(0)
+    return paddle.nn.Sequential(paddle.nn.Linear(200, 400), paddle.nn.ReLU(), paddle.nn.Linear(400, 300))
+
+
+def _run(nonfinite, poisoned=()):
+    model = _model()
+    ema = ExponentialMovingAverage(model, 0.99, nonfinite=nonfinite)
+    rng = np.random.default_rng(0)
+    results = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for call in range(8):
+            with paddle.no_grad():
+                for p in model.parameters():
+                    p.set_value(p + paddle.to_tensor(rng.standard_normal(p.shape).astype("float32") * 0.01))
+                saved = None
+                if call in poisoned:
+                    saved = model[2].weight.numpy().copy()
+                    bad = saved.copy()
+                    bad[7, 11] = np.nan
+                    model[2].weight.set_value(bad)
+            results.append(ema.update())
+            if saved is not None:
+                with paddle.no_grad():
+                    model[2].weight.set_value(saved)
+    return ema, results
+
+
+def test_ema_shadows_bit_identical_with_guard_on_and_off_on_a_finite_run():
+    on, decays_on = _run("skip")
+    off, decays_off = _run("update")
+    raised, decays_raise = _run("raise")
+    assert decays_on == decays_off == decays_raise
+    for name in on.names:
+        a = on.average(name).numpy().view(np.uint32)
+        assert np.array_equal(a, off.average(name).numpy().view(np.uint32)), name
+        assert np.array_equal(a, raised.average(name).numpy().view(np.uint32)), name
+
+
+def test_ema_skip_and_raise_policies_through_the_fused_guard():
+    skipped, decays = _run("skip", poisoned={2, 5})
+    assert decays[2] is None and decays[5] is None and skipped.num_nonfinite_skipped == 2
+    assert skipped.num_updates == 6
+    assert all(np.isfinite(skipped.average(n).numpy()).all() for n in skipped.names)
+    with pytest.raises(NonFiniteError, match="update\\(\\) at call 2: parameter '2.weight' holds NaN or Inf"):
+        _run("raise", poisoned={2})
+    unchecked, _ = _run("update", poisoned={2})
+    assert np.isnan(unchecked.average("2.weight").numpy()[7, 11])
+
+
+def test_kernel_choice_follows_set_kernel_and_the_variable_at_once(monkeypatch):
+    from paddle_ema import kernels
+
+    calls = []
+    original = fused.guarded_lerp_
+    monkeypatch.setattr(fused, "guarded_lerp_", lambda *a: calls.append(1) or original(*a))
+    model = _model()
+    ema = ExponentialMovingAverage(model, 0.9)
+    ema.update()
+    assert len(calls) == 1
+    kernels.set_kernel("reference")
+    try:
+        ema.update()
+        assert len(calls) == 1  # the reference path, from the very next call
+    finally:
+        kernels.set_kernel(None)
+    ema.update()
+    assert len(calls) == 2
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "reference")
+    ema.update()
+    assert len(calls) == 2
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "fused")
+    ema.update()
+    assert len(calls) == 3
+
+
+def test_thread_count_follows_the_variable_at_once(monkeypatch):
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", "1")
+    assert fused.num_threads() == 1
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", "5")
+    assert fused.num_threads() == 5
+    monkeypatch.delenv("PADDLE_EMA_NUM_THREADS")
+    import os
+
+    assert fused.num_threads() == len(os.sched_getaffinity(0))
