@@ -10,6 +10,11 @@ both program kinds (PIR and legacy). Code written for the old class runs after c
     ...
     with ema.apply(exe):              # parameters hold the EMA weights inside the block
         exe.run(test_program, ...)
+    exe.run(ema.apply_program)        # or the old class's public programs, run directly
+    exe.run(ema.restore_program)      # the raw weights back, bit-exact
+
+Runs whose parameters held NaN or Inf are skipped and counted in the program (nonfinite='skip');
+apply() warns when the count grew, and num_nonfinite_skipped() reads it.
 
 Numbers. Shadows start at zero and are bias-corrected by the exact product of the decays applied
 (`EMARule(bias_correction=True)`): the stored shadow is already the corrected average, and apply()
@@ -89,7 +94,8 @@ class ExponentialMovingAverage:
             running statistics, frozen layers). Default False.
         exclude: parameter names to leave out: substrings, 're:<regex>' strings or re.Pattern.
         nonfinite: 'skip' (default): a run whose parameters hold NaN or Inf averages nothing and
-            is counted in the persistable `@EMA_NONFINITE_SKIPPED@`; 'update' averages regardless.
+            is counted in the persistable `@EMA_NONFINITE_SKIPPED@` (apply() warns when it grew;
+            num_nonfinite_skipped() reads it); 'update' averages regardless.
 
     Build it inside the main program after `optimizer.minimize(loss)`, then call `update()` once.
     All state (shadows, update counter, decay product) is persistable: `paddle.static.save` and
@@ -335,7 +341,9 @@ class ExponentialMovingAverage:
 
     def _average_references(self):
         """(the decay product, the shadows) as values of the program being built."""
-        shadows = [program_ops.reference(self.shadow_name(n), s.shape, s.dtype) for n, s in zip(self.names, self._shadows)]
+        shadows = [
+            program_ops.reference(self.shadow_name(n), s.shape, s.dtype) for n, s in zip(self.names, self._shadows)
+        ]
         return program_ops.reference(self._product.name, [1], SCALAR_DTYPE), shadows
 
     def _append_apply_ops(self, targets, references):
