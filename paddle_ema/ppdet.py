@@ -280,10 +280,16 @@ class SimpleModelEMA:
     def update(self, model, decay=None):
         if decay is None:
             decay = self.decay
-        current = model.state_dict()
-        names = [name for name, value in self.model.state_dict().items() if paddle.is_floating_point(value)]
-        mine = self.model.state_dict()
-        kernels.ppdet_update_([mine[n] for n in names], [current[n].detach() for n in names], decay, 1.0 - decay)
+        current, mine = model.state_dict(), self.model.state_dict()
+        names = [name for name, value in mine.items() if paddle.is_floating_point(value)]
+        # Half-precision entries first, out of place with PaddleDetection's ops: where Paddle lacks
+        # a kernel (float16 add on the CPU) this raises, as PaddleDetection's does, before any
+        # entry has changed.
+        half = [n for n in names if mine[n].dtype not in (paddle.float32, paddle.float64)]
+        new_half = {n: mine[n] * decay + (1.0 - decay) * current[n].detach() for n in half}
+        full = [n for n in names if n not in new_half]
+        kernels.ppdet_update_([mine[n] for n in full], [current[n].detach() for n in full], decay, 1.0 - decay)
+        kernels.copy_([mine[n] for n in half], [new_half[n] for n in half])
 
     def resume(self, state_dict, step=0):
         """Load the floating entries of `state_dict` into the copy; set `step`."""
