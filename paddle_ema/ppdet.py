@@ -1,46 +1,51 @@
-"""`ModelEMA`: PaddleDetection's EMA class (ppdet/optimizer/ema.py), as a drop-in with its numbers.
+"""PaddleDetection's EMA classes (ppdet/optimizer/ema.py), bit for bit: `ModelEMA`, `SimpleModelEMA`.
 
     ema = ModelEMA(model, decay=0.9998, ema_decay_type='threshold', cycle_epoch=-1,
                    ema_black_list=None, ema_filter_no_grad=False)
-    ema.update()                   # after optimizer.step()
-    model.set_state_dict(ema.apply())   # or paddle.save(ema.apply(), 'x.pdparams')
+    ema.update()                        # after optimizer.step()
+    model.set_dict(ema.apply())         # or paddle.save(ema.apply(), 'x.pdparams')
 
-What it computes (PaddleDetection's behaviour, kept on purpose, quirks included):
+Same constructor, methods and numbers as PaddleDetection's class (tested bitwise against a numpy
+float32 model of its arithmetic that is itself tested against Paddle's ops, tests/ppdet_oracle.py):
 - one float32 zero shadow per `model.state_dict()` entry, BatchNorm statistics included;
-- update t (t = updates so far) uses the schedule `ema_decay_type` of paddle_ema.schedules
-  ('threshold': min(decay, (1+t)/(10+t)); 'exponential': decay*(1-exp(-(t+1)/2000)); 'normal':
-  constant) and moves each shadow by the package's lerp kernel with weight 1 - d, which is
-  shadow = d*shadow + (1-d)*value.astype(float32);
-- `apply()` returns a new dict: with t = 0 the (zero) shadows unchanged; otherwise each shadow
-  divided by 1 - d_last**t and cast to the weight's dtype. d_last is the decay of the LAST update,
-  so for a varying decay this is not the exact zero-init correction 1 - prod(d_i) that
-  ExponentialMovingAverage(bias_correction=True) uses; 'exponential' gets neither the division
-  nor the cast (its shadows stay float32 and biased toward zero early on);
-- black-listed names (substring match on state-dict keys) are returned as the live tensor;
-  `ema_filter_no_grad` black-lists stop_gradient parameters other than BatchNorm2D/SyncBatchNorm
-  `_mean`/`_variance`;
+- update t (t = updates so far) takes decay d from `ema_decay_type` ('threshold':
+  min(decay, (1+t)/(10+t)); 'exponential': decay*(1-exp(-(t+1)/2000)); 'normal': constant) and
+  computes shadow = d*shadow + (1-d)*value.astype(float32) rounded as Paddle's eager ops round it:
+  (float32(d)*shadow + 0) + (float32(1-d)*value + 0), each product and the sum rounded to
+  float32 on its own (`kernels.ppdet_update_`: one fused multi-threaded call, or the same Paddle
+  ops). Where PaddleDetection allocates new shadows, these are updated in place;
+- `apply()` runs PaddleDetection's own ops: with t = 0 the (zero) shadows; otherwise
+  shadow / (1 - d_last**t) (Paddle's divide by float32(1 - d_last**t)) cast to the weight's dtype,
+  d_last the decay of the LAST update; 'exponential' gets neither the division nor the cast;
+- black-listed names (substring match on state-dict keys) are returned as the live tensor, and
+  apply() sets stop_gradient = True on them as PaddleDetection's does, which freezes a trainable
+  black-listed parameter (a one-time warning names each one; freeze_black_list=False keeps them
+  trainable); `ema_filter_no_grad` black-lists stop_gradient parameters other than
+  BatchNorm2D/SyncBatchNorm `_mean`/`_variance`;
 - every `apply()` after the first update counts one 'epoch'; when it reaches `cycle_epoch` (> 0)
   the shadows go back to zeros and t to 0;
-- `resume(state_dict, step)` loads shadows as given (cast to float32) and sets t = step. Fed the
-  output of apply() (bias-corrected weights, as PaddleDetection's trainer does), the next apply()
-  divides again: that is the trainer's double correction. paddle_ema's tools resume from
-  `ema_state()` instead, which is exact.
+- `resume(state_dict, step)` takes the entries as given (cast to float32 for shadows) and sets
+  t = step. Fed the output of apply() (bias-corrected weights, as PaddleDetection's trainer does),
+  the next apply() divides again: that is the trainer's double correction, kept. `ema_state()` /
+  `load_ema_state()` resume exactly instead.
 
-Where it differs from PaddleDetection, deliberately (none changes a number):
-- `apply()` does not set `stop_gradient = True` on the live black-listed parameters it returns
-  (PaddleDetection's does, which silently freezes a trainable black-listed parameter);
+Differences from PaddleDetection's class, none of which changes a number of a run that works there
+(docs/migration.md has the table):
 - an unknown `ema_decay_type` is a ConfigError (PaddleDetection treats any other string as
   'normal'); 'constant' and 'power' (package schedules) are accepted too;
 - after `resume(..., step>0)` without an update, apply() corrects with the decay of update
   step-1 (PaddleDetection raises AttributeError there);
-- returned tensors are copies: the shadows are updated in place, PaddleDetection's out of place.
+- returned tensors are copies (the shadows are updated in place), so a returned dict does not
+  change under later updates, as PaddleDetection's does not either;
+- `nonfinite='skip'` / `'raise'` (not the default) guard the update against NaN/Inf weights.
 
-Versus `ExponentialMovingAverage`: that class starts from the weights (no zero init, no
-correction unless bias_correction=True, which then divides by the exact product of the decays),
-averages trainable parameters only by default, swaps weights in place instead of returning a
-dict, and has state_dict()/set_state_dict() for exact resume.
+`SimpleModelEMA(model, decay)` is PaddleDetection's timm-style EMA of a deep copy `.model`:
+update(model, decay) does `v = v*decay + (1-decay)*x` on every floating state entry in the entry's
+own dtype (float16 entries in float16, as Paddle's scale/add kernels compute them).
 """
 
+import copy
+import warnings
 import weakref
 
 import paddle
@@ -48,10 +53,10 @@ from paddle import nn
 
 from . import kernels
 from .averaging import EMARule
-from .errors import ConfigError, IncompatibleStateError
+from .errors import ConfigError, IncompatibleStateError, NonFiniteError
 from .schedules import SCHEDULES, make_schedule
 
-__all__ = ["ModelEMA", "bn_running_state_names"]
+__all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names"]
 
 # PaddleDetection hard-codes this time constant of the 'exponential' warm-up.
 EXPONENTIAL_TAU = 2000.0
@@ -74,18 +79,35 @@ def _make_schedule(ema_decay_type, decay):
     return make_schedule(ema_decay_type, decay)
 
 
+NONFINITE_POLICIES = ("update", "skip", "raise")
+
+
 class ModelEMA:
-    """PaddleDetection's ModelEMA: same constructor, methods and numbers (see the module docstring)."""
+    """PaddleDetection's ModelEMA: same constructor, methods and numbers (see the module docstring).
+
+    Keywords beyond PaddleDetection's:
+        freeze_black_list: apply() sets stop_gradient=True on the black-listed tensors it returns
+            (the model's own), as PaddleDetection's does. Default True; False keeps them trainable.
+        nonfinite: 'update' (default, PaddleDetection's behaviour): no check. 'skip': an update
+            whose averaged values hold NaN or Inf changes nothing (t does not advance), is counted
+            in `num_nonfinite_skipped` and warned about; 'raise': NonFiniteError.
+    """
 
     def __init__(self, model, decay=0.9998, ema_decay_type="threshold", cycle_epoch=-1, ema_black_list=None,
-                 ema_filter_no_grad=False):
+                 ema_filter_no_grad=False, *, freeze_black_list=True, nonfinite="update"):
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.decay = decay
         self.ema_decay_type = ema_decay_type
         self.cycle_epoch = cycle_epoch
+        self.freeze_black_list = bool(freeze_black_list)
+        self.nonfinite = nonfinite
+        self.num_nonfinite_skipped = 0
         self.rule = EMARule(_make_schedule(ema_decay_type, decay))
         self.step = 0
         self.epoch = 0
         self._decay = None
+        self._freeze_warned = False
         model_state = model.state_dict()
         self.ema_black_list = {
             name for name in model_state for key in (ema_black_list or ()) if key in name
@@ -124,10 +146,32 @@ class ModelEMA:
     def update(self, model=None):
         """Fold the model's current state into the shadows (after optimizer.step())."""
         values = model.state_dict() if model is not None else self._live_state()
-        decay, weight, _ = self.rule.step(self.step, 1.0)
+        values = [values[name] for name in self.averaged]
+        if self.nonfinite != "update" and not self._values_finite(values):
+            return
+        decay = self.rule.schedule(self.step)
         self._decay = decay
-        kernels.lerp_(self._shadows(), [values[name] for name in self.averaged], weight)
+        # PaddleDetection's (1 - decay), in float64: not 1 - float32(decay).
+        kernels.ppdet_update_(self._shadows(), values, decay, 1 - decay)
         self.step += 1
+
+    def _values_finite(self, values):
+        bad = kernels.first_nonfinite(values)
+        if bad is None:
+            return True
+        name = self.averaged[bad]
+        if self.nonfinite == "raise":
+            raise NonFiniteError(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf")
+        self.num_nonfinite_skipped += 1
+        count = self.num_nonfinite_skipped
+        if count in (1, 10, 100) or count % 1000 == 0:  # a diverged run would warn every step
+            warnings.warn(
+                f"ModelEMA update skipped: {name!r} holds NaN or Inf ({count} update(s) skipped so far; "
+                "warnings repeat at 10, 100 and every 1000)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return False
 
     @paddle.no_grad()
     def apply(self):
@@ -135,20 +179,38 @@ class ModelEMA:
         if self.step == 0:
             return {name: self._copy(tensor) for name, tensor in self.state_dict.items()}
         model_state = self._live_state()
-        correction = 1.0 - self._decay**self.step
+        correction = 1 - self._decay**self.step
         result = {}
         for name, tensor in self.state_dict.items():
             if name in self.ema_black_list:
+                if self.freeze_black_list:
+                    self._freeze(name, tensor)
                 result[name] = tensor
             elif self.ema_decay_type == "exponential":
                 result[name] = self._copy(tensor)
             else:
+                # PaddleDetection's own two ops, so the numbers follow whatever Paddle computes.
                 result[name] = (tensor / correction).astype(model_state[name].dtype)
                 result[name].stop_gradient = True
         self.epoch += 1
         if self.cycle_epoch > 0 and self.epoch == self.cycle_epoch:
             self.reset()
         return result
+
+    def _freeze(self, name, tensor):
+        """PaddleDetection's apply() sets stop_gradient on the black-listed tensors it returns,
+        the model's own: a trainable one stops training from then on. Said once."""
+        if not tensor.stop_gradient and not self._freeze_warned:
+            trainable = [n for n in sorted(self.ema_black_list) if not self.state_dict[n].stop_gradient]
+            self._freeze_warned = True
+            warnings.warn(
+                f"ModelEMA.apply() sets stop_gradient=True on the trainable black-listed parameter(s) "
+                f"{trainable}, as PaddleDetection's ModelEMA does: they stop training from now on. "
+                "Pass freeze_black_list=False to keep them trainable.",
+                UserWarning,
+                stacklevel=4,
+            )
+        tensor.stop_gradient = True
 
     @staticmethod
     def _copy(tensor):
@@ -163,8 +225,9 @@ class ModelEMA:
             if name not in self.state_dict:
                 continue
             value = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
-            if name not in averaged:
-                self.state_dict[name] = value
+            if name not in averaged:  # PaddleDetection keeps the given tensor, in the entry's dtype
+                mine = self.state_dict[name].dtype
+                self.state_dict[name] = value if value.dtype == mine else value.astype(mine)
                 continue
             if list(value.shape) != list(self.state_dict[name].shape):
                 raise IncompatibleStateError(
@@ -199,3 +262,39 @@ class ModelEMA:
         kernels.copy_(self._shadows(), [state["shadow"][name] for name in self.averaged])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self._decay = state["last_decay"]
+
+
+class SimpleModelEMA:
+    """PaddleDetection's SimpleModelEMA (timm's ModelEma): an EMA of a deep copy of the model.
+
+    `model` is the copy; update(model, decay) moves every floating entry of its state dict to
+    v*decay + (1-decay)*x in the entry's dtype, rounded as Paddle's scale and add ops round it
+    (kernels.ppdet_update_); other entries are left as they are. No zero init, no correction.
+    """
+
+    def __init__(self, model=None, decay=0.9996):
+        self.model = copy.deepcopy(model)
+        self.decay = decay
+
+    @paddle.no_grad()
+    def update(self, model, decay=None):
+        if decay is None:
+            decay = self.decay
+        current, mine = model.state_dict(), self.model.state_dict()
+        names = [name for name, value in mine.items() if paddle.is_floating_point(value)]
+        # Half-precision entries first, out of place with PaddleDetection's ops: where Paddle lacks
+        # a kernel (float16 add on the CPU) this raises, as PaddleDetection's does, before any
+        # entry has changed.
+        half = [n for n in names if mine[n].dtype not in (paddle.float32, paddle.float64)]
+        new_half = {n: mine[n] * decay + (1.0 - decay) * current[n].detach() for n in half}
+        full = [n for n in names if n not in new_half]
+        kernels.ppdet_update_([mine[n] for n in full], [current[n].detach() for n in full], decay, 1.0 - decay)
+        kernels.copy_([mine[n] for n in half], [new_half[n] for n in half])
+
+    def resume(self, state_dict, step=0):
+        """Load the floating entries of `state_dict` into the copy; set `step`."""
+        state = {}
+        for name, value in self.model.state_dict().items():
+            state[name] = state_dict[name].detach() if paddle.is_floating_point(value) else value
+        self.model.set_state_dict(state)
+        self.step = step

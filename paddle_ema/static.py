@@ -10,6 +10,11 @@ both program kinds (PIR and legacy). Code written for the old class runs after c
     ...
     with ema.apply(exe):              # parameters hold the EMA weights inside the block
         exe.run(test_program, ...)
+    exe.run(ema.apply_program)        # or the old class's public programs, run directly
+    exe.run(ema.restore_program)      # the raw weights back, bit-exact
+
+Runs whose parameters held NaN or Inf are skipped and counted in the program (nonfinite='skip');
+apply() warns when the count grew, and num_nonfinite_skipped() reads it.
 
 Numbers. Shadows start at zero and are bias-corrected by the exact product of the decays applied
 (`EMARule(bias_correction=True)`): the stored shadow is already the corrected average, and apply()
@@ -34,6 +39,7 @@ CPU.
 """
 
 import contextlib
+import warnings
 
 import numpy as np
 import paddle
@@ -88,7 +94,8 @@ class ExponentialMovingAverage:
             running statistics, frozen layers). Default False.
         exclude: parameter names to leave out: substrings, 're:<regex>' strings or re.Pattern.
         nonfinite: 'skip' (default): a run whose parameters hold NaN or Inf averages nothing and
-            is counted in the persistable `@EMA_NONFINITE_SKIPPED@`; 'update' averages regardless.
+            is counted in the persistable `@EMA_NONFINITE_SKIPPED@` (apply() warns when it grew;
+            num_nonfinite_skipped() reads it); 'update' averages regardless.
 
     Build it inside the main program after `optimizer.minimize(loss)`, then call `update()` once.
     All state (shadows, update counter, decay product) is persistable: `paddle.static.save` and
@@ -164,6 +171,7 @@ class ExponentialMovingAverage:
         self._updated = False
         self._backup_made = False
         self._open_applies = 0
+        self._skipped_warned = 0
         self._build_swap_programs()
 
     @property
@@ -281,31 +289,107 @@ class ExponentialMovingAverage:
         return self._fused_update() and program_ops.fused_all_finite_takes(self._params)
 
     def _build_swap_programs(self):
-        """The programs apply() and restore() run: back up, swap averages in, swap raw weights back."""
+        """The programs apply() and restore() run: back up, swap averages in, swap raw weights back;
+        and the old class's public pair: `apply_program` (back up + swap in) and `restore_program`."""
         self._backup_program = paddle.static.Program()
         self._apply_program = paddle.static.Program()
         self._restore_program = paddle.static.Program()
+        self._apply_and_backup_program = paddle.static.Program()
         with paddle.static.program_guard(self._backup_program, paddle.static.Program()):
-            for name, param in zip(self.names, self._params):
-                program_ops.store(program_ops.reference(name, param.shape, param.dtype), self._backup_name(name))
+            self._append_backup_ops(self._parameter_references())
         with paddle.static.program_guard(self._apply_program, paddle.static.Program()):
-            product = program_ops.reference(self._product.name, [1], SCALAR_DTYPE)
-            averaged = paddle.reshape(product < 1.0, [])
-            for name, param, shadow in zip(self.names, self._params, self._shadows):
-                target = program_ops.reference(name, param.shape, param.dtype)
-                average = program_ops.reference(self.shadow_name(name), shadow.shape, shadow.dtype)
-                # Chosen in the shadow's dtype (CPU kernels lack half-precision where/add);
-                # half -> float32 -> half is exact, so the kept weights stay bit-exact.
-                raw = target if target.dtype == average.dtype else paddle.cast(target, average.dtype)
-                # Before the first update there is no average yet: keep the weights.
-                chosen = paddle.where(averaged, average, raw)
-                if chosen.dtype != target.dtype:
-                    chosen = paddle.cast(chosen, target.dtype)
-                paddle.assign(chosen, output=target)
+            self._append_apply_ops(self._parameter_references(), self._average_references())
+        with paddle.static.program_guard(self._apply_and_backup_program, paddle.static.Program()):
+            # One reference per parameter: a PIR program may not declare a name twice.
+            # All of them before any op (a PIR program reads its data values first).
+            # it copies into the backups as assign outputs, not by store(): a PIR program that
+            # re-creates a variable another cached program reads leaves that one a stale tensor.
+            targets, references = self._parameter_references(), self._average_references()
+            backups = [program_ops.reference(self._backup_name(n), p.shape, p.dtype)
+                       for n, p in zip(self.names, self._params)]
+            for target, backup in zip(targets, backups):
+                paddle.assign(target, output=backup)
+            self._append_apply_ops(targets, references)
         with paddle.static.program_guard(self._restore_program, paddle.static.Program()):
             for name, param in zip(self.names, self._params):
                 target = program_ops.reference(name, param.shape, param.dtype)
                 paddle.assign(program_ops.reference(self._backup_name(name), param.shape, param.dtype), output=target)
+        # Paddle's class had these two as public attributes; scripts run them with exe.run().
+        self.restore_program = self._restore_program
+
+    @property
+    def apply_program(self):
+        """The old class's program: run it and the parameters hold the EMA weights (their raw values
+        saved first; `restore_program` puts them back). It writes the saved copies in place, so
+        they are made to exist in the current scope here, when a script fetches the program."""
+        scope = paddle.static.global_scope()
+        for name, param in zip(self.names, self._params):
+            var = scope.find_var(self._backup_name(name))
+            if var is None or not var.get_tensor()._is_initialized():
+                dtype = np.float16 if param.dtype == paddle.float16 else np.float32
+                if param.dtype == paddle.float64:
+                    dtype = np.float64
+                scope.var(self._backup_name(name)).get_tensor().set(np.zeros(param.shape, dtype), paddle.CPUPlace())
+        return self._apply_and_backup_program
+
+    def _parameter_references(self):
+        return [program_ops.reference(name, param.shape, param.dtype) for name, param in zip(self.names, self._params)]
+
+    def _append_backup_ops(self, targets):
+        for name, target in zip(self.names, targets):
+            program_ops.store(target, self._backup_name(name))
+
+    def _average_references(self):
+        """(the decay product, the shadows) as values of the program being built."""
+        shadows = [
+            program_ops.reference(self.shadow_name(n), s.shape, s.dtype) for n, s in zip(self.names, self._shadows)
+        ]
+        return program_ops.reference(self._product.name, [1], SCALAR_DTYPE), shadows
+
+    def _append_apply_ops(self, targets, references):
+        product, shadows = references
+        averaged = paddle.reshape(product < 1.0, [])
+        for target, average in zip(targets, shadows):
+            # Chosen in the shadow's dtype (CPU kernels lack half-precision where/add);
+            # half -> float32 -> half is exact, so the kept weights stay bit-exact.
+            raw = target if target.dtype == average.dtype else paddle.cast(target, average.dtype)
+            # Before the first update there is no average yet: keep the weights.
+            chosen = paddle.where(averaged, average, raw)
+            if chosen.dtype != target.dtype:
+                chosen = paddle.cast(chosen, target.dtype)
+            paddle.assign(chosen, output=target)
+
+    def _backup_in_scope(self):
+        """A backup exists in the current scope (a run of `apply_program` made one)."""
+        var = paddle.static.global_scope().find_var(self._backup_name(self.names[0]))
+        try:
+            return var is not None and var.get_tensor()._is_initialized()
+        except (RuntimeError, AttributeError):
+            return False
+
+    def num_nonfinite_skipped(self, scope=None):
+        """Runs of the main program whose update the non-finite guard skipped (read from `scope`,
+        default the current global scope); 0 before the startup program ran."""
+        scope = scope or paddle.static.global_scope()
+        var = scope.find_var(self._skipped.name)
+        if var is None:
+            return 0
+        try:
+            return int(np.array(var.get_tensor()).reshape(-1)[0])
+        except (RuntimeError, ValueError, IndexError):  # declared but not initialised yet
+            return 0
+
+    def _warn_skipped(self):
+        """Warn (at apply(), where the averages get used) when more runs were skipped since the last warning."""
+        count = self.num_nonfinite_skipped()
+        if count > self._skipped_warned:
+            self._skipped_warned = count
+            warnings.warn(
+                f"the static EMA skipped {count} update run(s) so far because parameters held NaN or Inf "
+                f"(counted in {self._skipped.name!r}); the averages leave those runs out",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     @contextlib.contextmanager
     def apply(self, executor, need_restore=True):
@@ -318,6 +402,7 @@ class ExponentialMovingAverage:
             executor.run(self._backup_program)
             self._backup_made = True
         executor.run(self._apply_program)
+        self._warn_skipped()
         self._open_applies += bool(need_restore)
         try:
             yield self
@@ -329,7 +414,7 @@ class ExponentialMovingAverage:
 
     def restore(self, executor):
         """Put back the raw weights saved by the last apply() (bit-exact)."""
-        if not self._backup_made:
+        if not self._backup_made and not self._backup_in_scope():
             raise EMAStateError("restore() before any apply(): there are no saved raw weights to put back")
         executor.run(self._restore_program)
 

@@ -111,7 +111,10 @@ def test_update_with_explicit_model_uses_its_state():
 def test_black_list_and_filter_no_grad():
     paddle.seed(0)
     model, rng = Net(), np.random.default_rng(2)
-    ema = ModelEMA(model, decay=0.9, ema_decay_type="threshold", ema_black_list=["fc."], ema_filter_no_grad=True)
+    # freeze_black_list=False: this test keeps fc trainable (the default freezes it, as
+    # PaddleDetection does; tests/test_ppdet_bitwise.py tests that).
+    ema = ModelEMA(model, decay=0.9, ema_decay_type="threshold", ema_black_list=["fc."], ema_filter_no_grad=True,
+                   freeze_black_list=False)
     assert ema.ema_black_list == {"fc.weight", "fc.bias", "frozen"}  # BN _mean/_variance stay averaged
     ref = Reference(list(model.state_dict()), 0.9, "threshold", black=ema.ema_black_list)
     for _ in range(5):
@@ -121,7 +124,7 @@ def test_black_list_and_filter_no_grad():
     applied = ema.apply()
     assert_matches(applied, ref.apply(values), model)
     assert applied["fc.weight"] is model.fc.weight  # the live tensor
-    assert not model.fc.weight.stop_gradient  # and, unlike PaddleDetection, not frozen by apply()
+    assert not model.fc.weight.stop_gradient  # and, with freeze_black_list=False, not frozen by apply()
 
 
 def test_cycle_epoch_resets_after_that_many_applies():

@@ -91,3 +91,19 @@ def lerp_(averages, values, weight):
         fused.lerp_(averages, values, weight)
     else:
         reference.lerp_(averages, values, weight)
+
+
+def ppdet_update_(averages, values, decay, weight):
+    """averages[i] <- (decay * averages[i] + 0) + (weight * values[i] + 0), in place, rounded as
+    Paddle's `scale` and `add` ops round PaddleDetection's `decay * v + (1 - decay) * x`: each
+    factor to the average's dtype, each product and the sum on its own. `weight` is passed, not
+    derived: PaddleDetection's is 1 - decay in float64, which is not 1 - float32(decay). No
+    shortcut for a weight of 0 or 1: the arithmetic is done as written."""
+    decay, weight = float(decay), float(weight)
+    if active_kernel() == "fused":
+        fused.ppdet_update_(averages, values, decay, weight)
+    else:
+        reference.ppdet_update_(averages, values, decay, weight)
+
+
+__all__ += ["ppdet_update_"]

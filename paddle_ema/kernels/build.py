@@ -32,7 +32,7 @@ __all__ = ["BuildError", "cache_dir", "library_path", "load_extension"]
 
 LIBRARY_NAME = "paddle_ema_ops"
 SOURCE_DIR = Path(__file__).with_name("csrc")
-CPU_SOURCES = ("ema_ops.cc", "ema_python.cc")
+CPU_SOURCES = ("ema_ops.cc", "ema_python.cc", "ema_ppdet.cc")
 CUDA_SOURCES = ("ema_ops.cu",)
 HEADERS = ("ema_ops.h", "ema_segments.h", "ema_cuda_kernel.cuh")
 # -ffp-contract=off: the update must be a + w * (x - a) rounded step by step, as paddle.lerp_

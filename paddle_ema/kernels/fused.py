@@ -201,3 +201,21 @@ def copy_(targets, sources):
 def stream_add_(a, x):
     """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor."""
     _module().stream_add_(a, x, num_threads())
+
+
+@paddle.no_grad()
+def ppdet_update_(averages, values, decay, weight):
+    """PaddleDetection's EMA step in place, a <- (decay*a + 0) + (weight*x + 0), in one call of the
+    extension (ema_ppdet.cc); pairs it does not take (other dtypes or devices, strided views) get
+    the same numbers from Paddle's own ops."""
+    if len(averages) != len(values):
+        raise ValueError(f"ppdet_update_ needs one value per average, got {len(averages)} and {len(values)}")
+    if not averages:
+        return
+    averages, values = list(averages), list(values)
+    skipped = _module().ppdet_update_(averages, values, float(decay), float(weight), num_threads())
+    if skipped:
+        reference.ppdet_update_([averages[i] for i in skipped], [values[i] for i in skipped], decay, weight)
+
+
+__all__ += ["ppdet_update_"]

@@ -46,3 +46,14 @@ def first_nonfinite(tensors):
 
 def all_finite(tensors):
     return first_nonfinite(tensors) is None
+
+
+@paddle.no_grad()
+def ppdet_update_(averages, values, decay, weight):
+    """a <- decay * a + weight * x in place with exactly the ops PaddleDetection's EMA runs: `scale`
+    (the factor rounded to a's dtype, then + 0.0, which makes -0 products +0) twice and `add`."""
+    for average, value in zip(averages, values, strict=True):
+        average.scale_(decay).add_(_as(value, average).scale(weight))
+
+
+__all__ += ["ppdet_update_"]

@@ -19,6 +19,10 @@ int64_t GuardedLerpTensors(const std::vector<const paddle::Tensor*>& averages,
 std::vector<int64_t> CopyTensors(const std::vector<const paddle::Tensor*>& targets,
                                  const std::vector<const paddle::Tensor*>& sources, int threads);
 void StreamAdd(const paddle::Tensor& a, const paddle::Tensor& x, int threads);
+// PaddleDetection's EMA step, a <- (d*a + 0) + (w*x + 0) (ema_ppdet.cc).
+std::vector<int64_t> PpdetUpdateTensors(const std::vector<const paddle::Tensor*>& averages,
+                                        const std::vector<const paddle::Tensor*>& values, double decay,
+                                        double weight, int threads);
 
 #ifdef PADDLE_EMA_WITH_CUDA
 // Updates all segments (all on the device of `example`) in one launch on `example`'s stream.

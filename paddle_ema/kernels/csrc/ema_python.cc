@@ -81,6 +81,12 @@ void StreamAddPy(const py::handle& a, const py::handle& x, int threads) {
   StreamAdd(paddle::pybind::CastPyArg2Tensor(a.ptr(), 0), paddle::pybind::CastPyArg2Tensor(x.ptr(), 1), threads);
 }
 
+std::vector<int64_t> PpdetUpdate(const py::handle& averages, const py::handle& values, double decay, double weight,
+                                 int threads) {
+  return PpdetUpdateTensors(TensorsOf(Fast(averages, "averages"), "averages"),
+                            TensorsOf(Fast(values, "values"), "values"), decay, weight, threads);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(PADDLE_EXTENSION_NAME, m) {
@@ -96,4 +102,8 @@ PYBIND11_MODULE(PADDLE_EXTENSION_NAME, m) {
         "targets[i] <- sources[i] for same-dtype contiguous CPU pairs; returns the indices of pairs not copied");
   m.def("stream_add_", &StreamAddPy, py::arg("a"), py::arg("x"), py::arg("threads"),
         "a += x over two contiguous float32 CPU tensors: the benchmarks' memory floor");
+  m.def("ppdet_update_", &PpdetUpdate, py::arg("averages"), py::arg("values"), py::arg("decay"), py::arg("weight"),
+        py::arg("threads"),
+        "averages[i] <- (decay*averages[i] + 0) + (weight*values[i] + 0) in place, rounded as Paddle's scale and "
+        "add ops; returns the indices of pairs not updated");
 }
