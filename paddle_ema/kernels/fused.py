@@ -203,7 +203,6 @@ def stream_add_(a, x):
     _module().stream_add_(a, x, num_threads())
 
 
-@paddle.no_grad()
 def ppdet_update_(averages, values, decay, weight):
     """PaddleDetection's EMA step in place, a <- (decay*a + 0) + (weight*x + 0), in one call of the
     extension (ema_ppdet.cc); pairs it does not take (other dtypes or devices, strided views) get
