@@ -5,7 +5,7 @@ build (`paddlepaddle-gpu`) are different packages, and a hard requirement on one
 the other. The `[cpu]` extra installs the CPU build for the quick start.
 """
 
-MIN_PADDLE = (3, 0)
+MIN_PADDLE = (2, 6)
 
 _HOW_TO_INSTALL = (
     "install one build of PaddlePaddle 3.x first: `pip install 'paddle_ema[cpu]'` "
