@@ -5,7 +5,7 @@ from setuptools import find_packages, setup
 # The training tools (paddle-ema-train ..., tools/*.py): YAML configs, the bundled digits data
 # (scikit-learn), progress bars, curves and VisualDL scalars. The EMA library needs none of them.
 TOOLS = ["pyyaml", "visualdl", "scikit-learn", "tqdm", "matplotlib"]
-TEST = ["pytest>=7", "pytest-timeout", "hypothesis>=6", "setuptools>=64", "wheel"]  # wheel: tests/test_wheel.py
+TEST = ["pytest>=7", "pytest-timeout", "hypothesis>=6"]
 
 setup(
     name="paddle_ema",
