@@ -196,8 +196,8 @@ def test_no_compiler_says_nothing_of_compiling(unbuilt, monkeypatch, capsys):
 def test_fallback_warning_points_at_the_callers_line(unbuilt, monkeypatch):
     monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
     model = paddle.nn.Linear(3, 2)
-    ema = ExponentialMovingAverage(model, decay=0.9)
     with pytest.warns(RuntimeWarning, match="fused EMA kernel is unavailable") as record:
+        ema = ExponentialMovingAverage(model, decay=0.9)  # warns here once it calls kernels.prepare()
         ema.update()
     (warning,) = [w for w in record if issubclass(w.category, RuntimeWarning)]
     assert warning.filename == __file__
