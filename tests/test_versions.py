@@ -76,7 +76,8 @@ def test_apply_writes_nearest_even_half_weights():
     shadow = ema.average("weight").numpy()
     with ema.apply():
         with np.errstate(over="ignore"):
-            np.testing.assert_array_equal(layer.weight.numpy().view(np.uint16), shadow.astype(np.float16).view(np.uint16))
+            want = shadow.astype(np.float16)
+        np.testing.assert_array_equal(layer.weight.numpy().view(np.uint16), want.view(np.uint16))
 
 
 def test_import_pulls_in_none_of_the_tools_dependencies():
