@@ -68,10 +68,12 @@ def copy_(targets, sources):
 @paddle.no_grad()
 def first_nonfinite(tensors):
     """Index of the first tensor holding NaN or Inf, or None (one host sync for the whole list)."""
-    if not tensors:
+    # Empty tensors are finite; Paddle 2.6's all() refuses them.
+    checked = [i for i, t in enumerate(tensors) if t.size > 0]
+    if not checked:
         return None
-    finite = paddle.stack([paddle.isfinite(t).all() for t in tensors]).numpy()
-    return None if finite.all() else int(finite.argmin())
+    finite = paddle.stack([paddle.isfinite(tensors[i]).all() for i in checked]).numpy()
+    return None if finite.all() else checked[int(finite.argmin())]
 
 
 def all_finite(tensors):
