@@ -85,3 +85,19 @@ def test_wheel_installs_trains_from_anywhere_and_shares_the_kernel_cache(tmp_pat
     assert [p.name for p in cache.glob("*.so")] == [library.name]
     for step, seconds in timings.items():
         print(f"{step}: {seconds:.1f} s")
+
+
+def test_config_resolves_by_path_or_by_shipped_name(tmp_path, monkeypatch):
+    from paddle_ema.config.packaged import packaged_config_dir, resolve_config
+
+    shipped = packaged_config_dir()
+    assert shipped is not None and (shipped / "lenet_digits.yml").is_file()
+    monkeypatch.chdir(tmp_path)  # another folder: README's relative paths do not exist here
+    for arg in ("lenet_digits", "lenet_digits.yml", "configs/lenet_digits.yml"):
+        assert resolve_config(arg) == str(shipped / "lenet_digits.yml")
+    assert resolve_config("datasets/mnist") == str(shipped / "datasets" / "mnist.yml")
+    mine = tmp_path / "lenet_digits.yml"
+    mine.write_text("epoch: 1\n")
+    assert resolve_config("lenet_digits.yml") == "lenet_digits.yml"  # an existing path wins
+    for unknown in ("no_such_config", "../lenet_digits", "", "configs"):
+        assert resolve_config(unknown) == unknown  # left for the loader's own error
