@@ -7,9 +7,12 @@ library. The module takes about 25-35 s on 2 cores, almost all of it that one co
 """
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -72,9 +75,20 @@ def built_cache(tmp_path_factory):
 @pytest.fixture
 def fused_ready(built_cache):
     kernels.set_kernel("fused")
-    assert fused.available(), fused.failure()
-    yield
-    kernels.set_kernel(None)
+    try:  # a failed check must not leave 'fused' forced for the tests that follow
+        assert fused.available(), fused.failure()
+        yield
+    finally:
+        kernels.set_kernel(None)
+
+
+def _require_run_custom_op():
+    """These tests run the static operators in dygraph, through an API Paddle 2.6 lacks; on 2.6
+    the operators run inside legacy programs only (the static EMA's tests)."""
+    from paddle import _C_ops
+
+    if not hasattr(_C_ops, "_run_custom_op"):
+        pytest.skip(f"paddle._C_ops._run_custom_op is missing on Paddle {paddle.__version__} (needs >= 3.0)")
 
 
 # --- the build cache ---------------------------------------------------------------------------
@@ -88,6 +102,7 @@ def test_concurrent_builds_both_succeed_and_compile_once(built_cache):
     assert sum(stderr.count(COMPILING) for _, _, stderr in results) == 1
     assert len(list(cache.glob("*.so"))) == 1
     assert not [p for p in cache.iterdir() if p.is_dir()], "a build directory was left behind"
+    assert not list(cache.glob("*.lock")), "a lock file was left behind"
 
 
 def test_second_process_loads_without_rebuilding(built_cache):
@@ -177,6 +192,151 @@ def test_reference_mode_never_builds(unbuilt, monkeypatch):
     kernels.lerp_(averages, values, 0.25)
     assert kernels.active_kernel() == "reference"
     np.testing.assert_array_equal(averages[1].numpy(), np.full([5], 0.25))
+
+
+def test_no_compiler_says_nothing_of_compiling(unbuilt, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
+        assert kernels.prepare() == "reference"
+    assert COMPILING not in capsys.readouterr().err
+    assert not list((unbuilt / "cache").glob("*.lock")) if (unbuilt / "cache").exists() else True
+
+
+def test_fallback_warning_points_at_the_callers_line(unbuilt, monkeypatch):
+    monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
+    model = paddle.nn.Linear(3, 2)
+    with pytest.warns(RuntimeWarning, match="fused EMA kernel is unavailable") as record:
+        ema = ExponentialMovingAverage(model, decay=0.9)  # warns here once it calls kernels.prepare()
+        ema.update()
+    (warning,) = [w for w in record if issubclass(w.category, RuntimeWarning)]
+    assert warning.filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per process: a second update warns no more
+        ema.update()
+
+
+def test_forced_fused_raises_without_a_fallback_warning(unbuilt, monkeypatch):
+    monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "fused")
+    averages, values = _constant_case()
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        with pytest.raises(ConfigError, match="cannot be built: no C\\+\\+ compiler"):
+            kernels.lerp_(averages, values, 0.25)
+    assert not [w for w in record if issubclass(w.category, RuntimeWarning)]
+
+
+def test_failed_build_is_remembered_until_a_rebuild_is_asked(unbuilt, monkeypatch):
+    calls = []
+
+    def failing_compile(target):
+        calls.append(target)
+        raise build.BuildError("compiling ema_ops.cc failed:\nema_ops.cc:1: error: made up")
+
+    monkeypatch.setattr(build, "_compile", failing_compile)
+    monkeypatch.delenv(build.REBUILD_ENV, raising=False)
+    with pytest.warns(RuntimeWarning, match="made up"):
+        assert kernels.prepare() == "reference"
+    assert len(calls) == 1 and build.failure_path().exists()
+    assert not list((unbuilt / "cache").glob("*.lock"))
+    # A new process (fresh state) neither compiles again nor hides why.
+    monkeypatch.setattr(fused, "_state", {"loaded": False, "failure": None})
+    with pytest.warns(RuntimeWarning, match="made up(.|\\n)*remembered from an earlier build(.|\\n)*--rebuild"):
+        assert kernels.prepare() == "reference"
+    assert len(calls) == 1
+    # Asking for a rebuild tries again.
+    monkeypatch.setattr(fused, "_state", {"loaded": False, "failure": None})
+    monkeypatch.setenv(build.REBUILD_ENV, "1")
+    with pytest.warns(RuntimeWarning, match="made up"):
+        kernels.prepare()
+    assert len(calls) == 2
+
+
+def test_build_key_does_not_depend_on_where_paddle_is_installed(monkeypatch, tmp_path):
+    key = build.build_key()
+    real = Path(paddle.__file__).parent / "libs"
+    elsewhere = tmp_path / "site-packages" / "paddle" / "libs"
+    elsewhere.mkdir(parents=True)
+    for entry in real.iterdir():
+        (elsewhere / entry.name).symlink_to(entry)
+    monkeypatch.setattr(build, "_paddle_libs", lambda: elsewhere)
+    assert build.build_key() == key
+    assert not [flag for flag in build._link_flags() if str(real) in flag or str(elsewhere) in flag]
+
+
+def test_library_finds_paddles_openmp_by_name(built_cache):
+    """The link records libiomp5 by name only; the path comes from the Paddle loaded at run time.
+    (Paddle's own build helper still adds a RUNPATH to its install; the libraries it names are
+    loaded by `import paddle` first, so the loader takes them by soname wherever they are.)"""
+    readelf = shutil.which("readelf")
+    if readelf is None:
+        pytest.skip("readelf (binutils) is not installed")
+    if not (Path(paddle.__file__).parent / "libs" / "libiomp5.so").exists():
+        pytest.skip("this Paddle wheel ships no libiomp5; the library links GNU libgomp")
+    cache, _ = built_cache
+    (library,) = cache.glob("*.so")
+    dynamic = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True, check=True).stdout
+    assert "Shared library: [libiomp5.so]" in dynamic
+    assert not [flag for flag in build._link_flags() if os.sep in flag]
+
+
+def test_stale_builds_are_cleaned(tmp_path):
+    keep = tmp_path / "paddle_ema_ops-paddle9.9.9-py311-cpu-0000000000000000.so"
+    names = {
+        "same-flavour-older-source": "paddle_ema_ops-paddle9.9.9-py311-cpu-1111111111111111.so",
+        "its-failure-note": "paddle_ema_ops-paddle9.9.9-py311-cpu-1111111111111111.failed",
+        "legacy-name": "paddle_ema_ops-paddle9.9.9-cpu-2222222222222222.so",
+        "other-python": "paddle_ema_ops-paddle9.9.9-py312-cpu-3333333333333333.so",
+        "other-paddle": "paddle_ema_ops-paddle3.0.0-py311-cpu-4444444444444444.so",
+        "fresh-lock": "paddle_ema_ops-paddle3.0.0-py311-cpu-4444444444444444.lock",
+        "old-lock": "paddle_ema_ops-paddle3.0.0-py311-cpu-5555555555555555.lock",
+        "unrelated": "notes.txt",
+    }
+    for name in list(names.values()) + [keep.name]:
+        (tmp_path / name).write_text("x")
+    old_build = tmp_path / "paddle_ema_ops-build-abc"
+    fresh_build = tmp_path / "paddle_ema_ops-build-def"
+    old_build.mkdir()
+    fresh_build.mkdir()
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for path in (old_build, tmp_path / names["old-lock"]):
+        os.utime(path, (two_days_ago, two_days_ago))
+    removed = build.clean_stale(keep)
+    gone = {"same-flavour-older-source", "its-failure-note", "legacy-name", "old-lock"}
+    assert {p.name for p in removed} == {names[k] for k in gone} | {old_build.name}
+    for label, name in names.items():
+        assert (tmp_path / name).exists() == (label not in gone), label
+    assert keep.exists() and fresh_build.exists() and not old_build.exists()
+
+
+def _kernels_command(cache, **env):
+    run_env = dict(os.environ, PYTHONPATH=str(ROOT), PADDLE_EMA_CACHE_DIR=str(cache))
+    run_env.pop("PADDLE_EMA_KERNEL", None)
+    run_env.update(env)
+    return subprocess.run([sys.executable, "-m", "paddle_ema.kernels"], env=run_env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_kernels_command_reports_the_cached_build(built_cache):
+    cache, _ = built_cache
+    (library,) = cache.glob("*.so")
+    result = _kernels_command(cache)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
+    assert lines["cache"].strip() == str(cache)
+    assert lines["library"].strip() == str(library)
+    assert lines["build key"].strip() == library.stem.rsplit("-", 1)[1]
+    assert lines["kernel"].strip() == "fused (loaded from the cache)"
+    assert COMPILING not in result.stderr
+
+
+def test_kernels_command_says_why_it_falls_back(tmp_path):
+    result = _kernels_command(tmp_path / "cache", CXX=str(tmp_path / "no-such-compiler"))
+    assert result.returncode == 1, result.stderr
+    assert "kernel:     reference, because the fused kernel is unavailable: no C++ compiler found" in result.stdout
+    forced = _kernels_command(tmp_path / "cache", CXX=str(tmp_path / "no-such-compiler"), PADDLE_EMA_KERNEL="fused")
+    assert forced.returncode == 2
+    assert "error: PADDLE_EMA_KERNEL=fused but the fused kernel cannot be built" in forced.stderr
 
 
 def test_kernel_mode_switch(monkeypatch):
@@ -310,6 +470,7 @@ def test_static_operator_gives_the_dygraph_numbers(fused_ready):
     initial, values = _pairs("bfloat16", SMALL_SHAPES[:40] + LARGE_SHAPES[:1], seed=5)
     declared = [paddle.to_tensor(a) for a in initial]
     by_fused = [paddle.to_tensor(a) for a in initial]
+    _require_run_custom_op()
     outputs = _C_ops._run_custom_op("paddle_ema_lerp_by_tensor", declared, values, paddle.to_tensor([0.01]), 2)
     fused.lerp_(by_fused, values, 0.01)
     for d, f, out in zip(declared, by_fused, outputs):
@@ -409,6 +570,7 @@ def test_first_nonfinite_finds_the_first_bad_tensor(fused_ready, dtype):
 def _all_finite(tensors, threads=None):
     from paddle import _C_ops
 
+    _require_run_custom_op()
     (finite,) = _C_ops._run_custom_op(
         "paddle_ema_all_finite", list(tensors), fused.num_threads() if threads is None else threads
     )
@@ -453,6 +615,7 @@ def test_all_finite_op_refuses_what_it_cannot_check(fused_ready):
 def _lerp_by_tensor(averages, values, weight, dtype="float32"):
     from paddle import _C_ops
 
+    _require_run_custom_op()
     _C_ops._run_custom_op(
         "paddle_ema_lerp_by_tensor", averages, values, paddle.to_tensor([weight], dtype), fused.num_threads()
     )
@@ -511,5 +674,6 @@ def test_lerp_by_tensor_refuses_what_it_cannot_update(fused_ready):
 
     for weight in (paddle.to_tensor([0.5, 0.5]), paddle.to_tensor([1], "int64")):
         with pytest.raises(OSError, match="one-element float32 or float64 CPU tensor"):
+            _require_run_custom_op()
             _C_ops._run_custom_op("paddle_ema_lerp_by_tensor", average, [paddle.zeros([4])], weight, 1)
     np.testing.assert_array_equal(average[0].numpy(), np.zeros(4, "float32"))

@@ -63,8 +63,10 @@ def _parser(description, config_required=True):
 
 
 def _config(args):
+    from ..config.packaged import resolve_config
     from . import read_config
 
+    args.config = resolve_config(args.config)  # a path, or the name of a shipped config
     return read_config(args.config, args.opt)
 
 

@@ -17,17 +17,25 @@ speed, and `reference` (reference.py), Paddle's built-in ops tensor by tensor. W
     PADDLE_EMA_KERNEL=reference  reference, never compiles anything
 
 `set_kernel(mode)` does the same from Python and wins over the variable; `set_kernel(None)`
-returns to the variable. `copy_` (apply/restore, not per step) always uses the reference ops.
+returns to the variable. `copy_` (apply/restore, not per step) always uses the reference ops,
+which round float32 -> float16/bfloat16 to nearest-even themselves on the CPU (`cast`), since
+Paddle 3.0 and 3.1 truncate there: the same bits on every Paddle version.
+
+`prepare()` builds or loads the extension now (the EMA constructors call it, so that a first
+build happens before training, with one line saying so); `python -m paddle_ema.kernels` does it
+ahead of time and says where the cache is and which kernel runs.
 """
 
 import os
+import sys
+import warnings
 
 from ..errors import ConfigError
 from . import fused, reference
-from .reference import copy_
+from .reference import cast, copy_
 
-__all__ = ["lerp_", "copy_", "all_finite", "first_nonfinite", "set_kernel", "kernel_mode", "active_kernel",
-           "KERNEL_MODES", "KERNEL_ENV"]
+__all__ = ["lerp_", "copy_", "cast", "all_finite", "first_nonfinite", "set_kernel", "kernel_mode", "active_kernel",
+           "prepare", "KERNEL_MODES", "KERNEL_ENV"]
 
 KERNEL_ENV = "PADDLE_EMA_KERNEL"
 KERNEL_MODES = ("auto", "fused", "reference")
@@ -54,6 +62,15 @@ def kernel_mode():
     return _check_mode(value, f"${KERNEL_ENV}")
 
 
+def _warn_fallback(message):
+    """One RuntimeWarning attributed to the first frame outside paddle_ema: the user's call."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, RuntimeWarning, stacklevel=level)
+
+
 def active_kernel():
     """'fused' or 'reference': what lerp_ runs now (building the extension if the mode allows it)."""
     mode = kernel_mode()
@@ -66,7 +83,20 @@ def active_kernel():
             f"the fused EMA kernel was requested ({KERNEL_ENV}=fused or set_kernel('fused')) but it "
             f"cannot be built: {fused.failure()}. Use 'auto' or 'reference' to run without it."
         )
+    if not fused._state.get("warned"):
+        fused._state["warned"] = True
+        _warn_fallback(
+            f"paddle_ema: the fused EMA kernel is unavailable, so EMA updates use Paddle's built-in "
+            f"ops (same numbers, slower). Reason: {fused.failure()}"
+        )
     return "reference"
+
+
+def prepare():
+    """Builds or loads the fused extension now, as the mode in force allows, and returns
+    `active_kernel()`. A first build prints one line before compiling; a failure warns once
+    ('auto') or raises ConfigError ('fused'). Cheap after the first call."""
+    return active_kernel()
 
 
 def first_nonfinite(tensors):

@@ -28,18 +28,29 @@ from pathlib import Path
 
 import paddle
 
-__all__ = ["BuildError", "cache_dir", "library_path", "load_extension"]
+__all__ = ["BuildError", "cache_dir", "library_path", "build_key", "failure_path", "load_extension", "forget_builds",
+           "clean_stale", "REBUILD_ENV"]
 
 LIBRARY_NAME = "paddle_ema_ops"
 SOURCE_DIR = Path(__file__).with_name("csrc")
 CPU_SOURCES = ("ema_ops.cc", "ema_python.cc", "ema_ppdet.cc")
 CUDA_SOURCES = ("ema_ops.cu",)
-HEADERS = ("ema_ops.h", "ema_segments.h", "ema_cuda_kernel.cuh")
+HEADERS = ("ema_compat.h", "ema_ops.h", "ema_segments.h", "ema_cuda_kernel.cuh")
 # -ffp-contract=off: the update must be a + w * (x - a) rounded step by step, as paddle.lerp_
 # computes it, never fused into an FMA that rounds differently.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 CUDA_FLAGS = ["-O3", "--fmad=false"]
 BUILD_TIMEOUT_S = 900
+# Set to 1 to try again a build that failed before (the failure is remembered otherwise).
+REBUILD_ENV = "PADDLE_EMA_REBUILD"
+
+
+def _paddle_libs():
+    return Path(paddle.__file__).parent / "libs"
+
+
+def _uses_paddle_openmp():
+    return (_paddle_libs() / "libiomp5.so").exists()
 
 
 def _link_flags():
@@ -48,11 +59,27 @@ def _link_flags():
     Sharing Paddle's runtime means sharing its (already spinning) worker threads: with a second
     runtime, two thread pools fight over the cores and the update stalls for a scheduler tick
     whenever Paddle's threads are busy-waiting, which is always right after a training step.
+    The library records only the runtime's name (no rpath): `_preload_openmp` finds it at load
+    time in whichever Paddle is installed, so one cached build serves every environment with
+    the same Paddle version.
     """
-    libs = Path(paddle.__file__).parent / "libs"
-    if (libs / "libiomp5.so").exists():
-        return [f"-L{libs}", "-Wl,--no-as-needed", "-l:libiomp5.so", "-Wl,--as-needed", f"-Wl,-rpath,{libs}"]
+    if _uses_paddle_openmp():
+        return ["-Wl,--no-as-needed", "-l:libiomp5.so", "-Wl,--as-needed"]
     return ["-fopenmp"]
+
+
+def _link_search_flags():
+    """Where the linker finds libiomp5.so at build time; not part of the build key."""
+    return [f"-L{_paddle_libs()}"] if _uses_paddle_openmp() else []
+
+
+def _preload_openmp():
+    """Loads Paddle's libiomp5 by path, so the library's `NEEDED libiomp5.so` resolves to it
+    (the dynamic linker matches an already loaded soname) wherever Paddle is installed."""
+    if _uses_paddle_openmp():
+        import ctypes
+
+        ctypes.CDLL(str(_paddle_libs() / "libiomp5.so"), mode=ctypes.RTLD_GLOBAL)
 
 
 class BuildError(RuntimeError):
@@ -83,6 +110,7 @@ def _sources(cuda):
 
 
 def _build_key(cuda):
+    """A hash of everything that changes the binary, and nothing that does not (no install paths)."""
     digest = hashlib.sha256()
     for path in _sources(cuda) + [SOURCE_DIR / name for name in HEADERS]:
         digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -92,11 +120,26 @@ def _build_key(cuda):
     return digest.hexdigest()[:16]
 
 
+def build_key():
+    """The key of the library this process would load (see `_build_key`)."""
+    return _build_key(with_cuda())
+
+
+def _flavour(cuda):
+    """The part of a library's name shared by all its builds for this Paddle and Python."""
+    return f"{LIBRARY_NAME}-paddle{paddle.__version__}-py{sys.version_info[0]}{sys.version_info[1]}-" \
+           f"{'cuda' if cuda else 'cpu'}"
+
+
 def library_path():
     """The cached library for this Paddle and these sources (it may not exist yet)."""
     cuda = with_cuda()
-    name = f"{LIBRARY_NAME}-paddle{paddle.__version__}-{'cuda' if cuda else 'cpu'}-{_build_key(cuda)}.so"
-    return cache_dir() / name
+    return cache_dir() / f"{_flavour(cuda)}-{_build_key(cuda)}.so"
+
+
+def failure_path(target=None):
+    """Where a failed build of `target` (default: this process's library) is remembered."""
+    return (target or library_path()).with_suffix(".failed")
 
 
 def _compiler():
@@ -151,6 +194,12 @@ def _compile(target):
             "no C++ compiler found (looked for $CXX, Python's configured CXX, then c++); "
             "install g++ or clang++ to get the fused kernel"
         )
+    print(
+        f"paddle_ema: compiling the fused EMA kernel once for Paddle {paddle.__version__} "
+        f"(about 15-60 s) into {target.parent} ...",
+        file=sys.stderr,
+        flush=True,
+    )
     work = Path(tempfile.mkdtemp(prefix=f"{LIBRARY_NAME}-build-", dir=target.parent))
     try:
         out = work / "out"
@@ -161,7 +210,7 @@ def _compile(target):
                 sources=[str(path) for path in _sources(cuda)],
                 cxx=CXX_FLAGS + (["-DPADDLE_EMA_WITH_CUDA"] if cuda else []),
                 nvcc=CUDA_FLAGS + ["-DPADDLE_EMA_WITH_CUDA"],
-                link=_link_flags(),
+                link=_link_search_flags() + _link_flags(),
                 out=str(out),
             )
         )
@@ -185,6 +234,104 @@ def _compile(target):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _remember_failure(target, reason):
+    try:
+        failure_path(target).write_text(reason + "\n", encoding="utf-8")
+    except OSError:
+        pass  # not remembered: the next process tries again, no worse than before
+
+
+def _remembered_failure(target):
+    """The reason an earlier process gave for failing to build `target`, or None."""
+    if os.environ.get(REBUILD_ENV, "").strip() not in ("", "0"):
+        return None
+    try:
+        reason = failure_path(target).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    return (
+        f"{reason}\n(remembered from an earlier build for Paddle {paddle.__version__}: {failure_path(target)}; "
+        f"set {REBUILD_ENV}=1 or run `python -m paddle_ema.kernels --rebuild` to try again)"
+    )
+
+
+def forget_builds():
+    """Removes this Paddle's cached library and remembered failure, so the next load builds anew."""
+    target = library_path()
+    for path in (target, failure_path(target)):
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+STALE_TEMP_S = 24 * 3600
+
+
+def clean_stale(keep):
+    """Removes what no process will load again: builds of this Paddle, Python and device from
+    other sources (an older paddle_ema), their failure notes, and build folders or lock files
+    left by processes that were killed a day ago or more. Builds for other Paddle or Python
+    versions stay: another environment may be using them. Errors are ignored (a racing process
+    may remove the same files)."""
+    import time
+
+    folder, prefix = keep.parent, keep.name.rsplit("-", 1)[0] + "-"
+    name_, version, _, device, _ = keep.stem.split("-")
+    legacy = f"{name_}-{version}-{device}-"  # paddle_ema 0.1's names, which had no Python version
+    now = time.time()
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return []
+    removed = []
+    for path in entries:
+        name = path.name
+        try:
+            if (name.startswith(prefix) or name.startswith(legacy)) and path.suffix in (".so", ".failed") \
+                    and path.stem != keep.stem:
+                path.unlink()
+            elif name.startswith(f"{LIBRARY_NAME}-build-") and now - path.stat().st_mtime > STALE_TEMP_S:
+                shutil.rmtree(path)
+            elif name.startswith(LIBRARY_NAME) and path.suffix == ".lock" and now - path.stat().st_mtime > STALE_TEMP_S:
+                path.unlink()
+            else:
+                continue
+            removed.append(path)
+        except OSError:
+            pass
+    return removed
+
+
+def _build(target):
+    """Compiles `target` unless another process did meanwhile; remembers a failure. The lock file
+    goes once the build is decided: a process still waiting on it checks again what exists."""
+    lock = target.with_suffix(".lock")
+    try:
+        with _FileLock(lock):
+            if target.exists():  # another process built it while we waited
+                return
+            remembered = _remembered_failure(target)
+            if remembered is not None:
+                raise BuildError(remembered)
+            try:
+                _compile(target)
+            except BuildError as exc:
+                if _compiler() is not None:  # installing a compiler is its own retry
+                    _remember_failure(target, str(exc))
+                raise
+            try:
+                failure_path(target).unlink()
+            except FileNotFoundError:
+                pass
+            clean_stale(target)
+    finally:
+        try:
+            lock.unlink()
+        except OSError:
+            pass
+
+
 def load_extension():
     """The library's Python module, compiled first if this Paddle and these sources have none cached.
 
@@ -196,22 +343,18 @@ def load_extension():
 
     target = library_path()
     if not target.exists():
+        remembered = _remembered_failure(target)
+        if remembered is not None:
+            raise BuildError(remembered)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with _FileLock(target.with_suffix(".lock")):
-                if not target.exists():  # another process may have built it while we waited
-                    print(
-                        f"paddle_ema: compiling the fused EMA kernel once for Paddle {paddle.__version__} "
-                        f"(about 15-60 s) into {target.parent} ...",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-                    _compile(target)
+            _build(target)
         except OSError as exc:  # an unwritable cache directory, a full disk...
             raise BuildError(f"cannot build into {target.parent}: {exc}") from None
     try:
+        _preload_openmp()
         load_op_meta_info_and_register_op(str(target))
-        # The module's name is the one compiled in (PADDLE_EXTENSION_NAME), whatever the file's.
+        # The module's name is the one compiled in (PADDLE_EXTENSION_NAME, see ema_compat.h).
         spec = importlib.util.spec_from_file_location(LIBRARY_NAME, target)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)

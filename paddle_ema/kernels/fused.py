@@ -10,13 +10,12 @@ gets the same numbers either way. Static programs use the library's operators in
 (program_ops.fused_lerp_, paddle_ema_lerp_by_tensor), which take the weight as a tensor.
 
 The extension is built on first use (see build.py). `available()` says whether it could be; when
-it cannot, one warning says why and `lerp_` must not be called.
+it cannot, `failure()` says why and `lerp_` must not be called.
 """
 
 import os
 import threading
 import time
-import warnings
 
 
 from ..errors import ConfigError
@@ -39,13 +38,7 @@ def _load():
             _state["module"] = build.load_extension()
             _state["loaded"] = True
         except build.BuildError as exc:
-            _state["failure"] = str(exc)
-            warnings.warn(
-                f"paddle_ema: the fused EMA kernel is unavailable, so EMA updates use Paddle's built-in "
-                f"ops (same numbers, slower). Reason: {exc}",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            _state["failure"] = str(exc)  # kernels.active_kernel says it, once, in the mode in force
 
 
 def available():

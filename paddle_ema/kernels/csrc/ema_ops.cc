@@ -47,6 +47,7 @@
 #include <immintrin.h>
 #endif
 
+#include "ema_compat.h"
 #include "ema_ops.h"
 
 namespace {
@@ -301,7 +302,7 @@ void ParallelOverElements(const std::vector<Segment>& segments, int threads, Bod
 Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value) {
   using paddle::DataType;
   if (average.numel() != value.numel() || !average.is_dense_tensor() || !value.is_dense_tensor() ||
-      !average.is_contiguous() || !value.is_contiguous() || !(average.place() == value.place()) ||
+      !EmaIsContiguous(average) || !EmaIsContiguous(value) || !(average.place() == value.place()) ||
       !(average.is_cpu() || average.is_gpu())) {
     return Kind::kUnsupported;
   }
@@ -420,7 +421,7 @@ void ScanSegments(const std::vector<const paddle::Tensor*>& values, std::vector<
   for (size_t i = 0; i < values.size(); ++i) {
     const paddle::Tensor& v = *values[i];
     Kind kind = Kind::kUnsupported;
-    if (v.is_dense_tensor() && v.is_cpu() && v.is_contiguous()) {
+    if (v.is_dense_tensor() && v.is_cpu() && EmaIsContiguous(v)) {
       const DataType d = v.dtype();
       kind = d == DataType::FLOAT32    ? Kind::kFloat
              : d == DataType::FLOAT16  ? Kind::kFloatHalf
@@ -524,8 +525,8 @@ std::vector<int64_t> CopyTensors(const std::vector<const paddle::Tensor*>& targe
   for (size_t i = 0; i < targets.size(); ++i) {
     const paddle::Tensor& t = *targets[i];
     const paddle::Tensor& s = *sources[i];
-    if (!t.is_dense_tensor() || !s.is_dense_tensor() || !t.is_cpu() || !s.is_cpu() || !t.is_contiguous() ||
-        !s.is_contiguous() || t.dtype() != s.dtype() || t.numel() != s.numel()) {
+    if (!t.is_dense_tensor() || !s.is_dense_tensor() || !t.is_cpu() || !s.is_cpu() || !EmaIsContiguous(t) ||
+        !EmaIsContiguous(s) || t.dtype() != s.dtype() || t.numel() != s.numel()) {
       skipped.push_back(static_cast<int64_t>(i));
       continue;
     }
@@ -546,8 +547,8 @@ std::vector<int64_t> CopyTensors(const std::vector<const paddle::Tensor*>& targe
 
 void StreamAdd(const paddle::Tensor& a, const paddle::Tensor& x, int threads) {
   PD_CHECK(a.is_cpu() && x.is_cpu() && a.dtype() == paddle::DataType::FLOAT32 &&
-               x.dtype() == paddle::DataType::FLOAT32 && a.numel() == x.numel() && a.is_contiguous() &&
-               x.is_contiguous(),
+               x.dtype() == paddle::DataType::FLOAT32 && a.numel() == x.numel() && EmaIsContiguous(a) &&
+               EmaIsContiguous(x),
            "stream_add_: two contiguous float32 CPU tensors of one size");
   std::vector<Segment> segments{{const_cast<void*>(a.data()), x.data(), a.numel(), Kind::kFloat}};
   ParallelOverElements(segments, threads, [](const Segment& s, int64_t b, int64_t e) {

@@ -27,6 +27,7 @@
 #include <cstring>
 #include <vector>
 
+#include "ema_compat.h"
 #include "ema_ops.h"
 #include "paddle/extension.h"
 
@@ -127,7 +128,7 @@ void StepHalf(float* a, const uint16_t* x, int64_t n, float d, float w) {
 Kind PairKind(const paddle::Tensor& average, const paddle::Tensor& value) {
   using paddle::DataType;
   if (average.numel() != value.numel() || !average.is_dense_tensor() || !value.is_dense_tensor() ||
-      !average.is_cpu() || !value.is_cpu() || !average.is_contiguous() || !value.is_contiguous()) {
+      !average.is_cpu() || !value.is_cpu() || !EmaIsContiguous(average) || !EmaIsContiguous(value)) {
     return Kind::kUnsupported;
   }
   const DataType a = average.dtype(), x = value.dtype();

@@ -14,6 +14,7 @@
 #include <string>
 #include <vector>
 
+#include "ema_compat.h"
 #include "ema_ops.h"
 #include "paddle/extension.h"
 #include "paddle/utils/pybind.h"
