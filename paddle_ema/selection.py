@@ -13,9 +13,11 @@ must not silently average everything.
 
 import re
 
+from . import _compat
 from .errors import SelectionError
 
-__all__ = ["unwrap", "select_parameters", "compile_patterns", "is_floating"]
+__all__ = ["unwrap", "select_parameters", "compile_patterns", "is_floating", "batchnorm_statistic_names",
+           "black_listed_keys"]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -28,8 +30,45 @@ def unwrap(model):
         type(model).__name__ in ("DataParallel", "DistributedModel", "GroupShardedStage2", "GroupShardedStage3")
         and hasattr(model, "_layers")
     ):
-        model = model._layers
+        model = _compat.unwrap_layers(model)
     return model
+
+
+def batchnorm_statistic_names(model, classes=None):
+    """Names (as in `model.named_parameters()` / `state_dict()`, wrapper prefixes removed) of the
+    running statistics `_mean`/`_variance` of the model's BatchNorm layers.
+
+    `classes` narrows which layers count (PaddleDetection's `ema_filter_no_grad` knows only
+    BatchNorm2D and SyncBatchNorm); by default every BatchNorm kind does.
+    """
+    classes = _compat.batchnorm_classes() if classes is None else tuple(classes)
+    layer = unwrap(model)
+    names = set()
+    for prefix, sub in layer.named_sublayers(include_self=True):
+        if isinstance(sub, classes):
+            mean, variance = _compat.batchnorm_statistics(sub)
+            for param in (mean, variance):
+                if param is not None:
+                    names.add(_qualified(prefix, param, sub))
+    return names
+
+
+def _qualified(prefix, param, layer):
+    local = next(name for name, p in layer.named_parameters(include_sublayers=False) if p is param)
+    return f"{prefix}.{local}" if prefix else local
+
+
+def black_listed_keys(model, black_list=(), filter_no_grad=False, batchnorm_classes=None):
+    """State-dict keys that PaddleDetection-style averages leave live: keys containing any of the
+    `black_list` substrings and, with `filter_no_grad`, stop_gradient parameters other than
+    BatchNorm statistics (of `batchnorm_classes`, every BatchNorm kind by default)."""
+    keys = unwrap(model).state_dict().keys()
+    listed = {key for key in keys for sub in (black_list or ()) if sub in key}
+    if filter_no_grad:
+        statistics = batchnorm_statistic_names(model, batchnorm_classes)
+        listed.update(name for name, param in unwrap(model).named_parameters()
+                      if param.stop_gradient and name not in statistics)
+    return listed
 
 
 def is_floating(tensor):

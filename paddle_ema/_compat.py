@@ -1,0 +1,204 @@
+"""Every reach into Paddle's private API, behind one named function each.
+
+Paddle has no public spelling for some things an EMA library needs: in-place ops and custom
+operators in PIR programs, a program's optimizer role, the place a program is built for, a
+tensor's copy to another place, BatchNorm's statistics. One Paddle release can rename any of
+them; when one breaks, this file is the only place to mend, and tests/test_compat.py has a test
+per shim. Nothing else in paddle_ema names an underscored Paddle attribute
+(tests/test_architecture.py fails if it does).
+
+Each docstring says on which Paddle versions the shim was checked (by tests/test_compat.py).
+"""
+
+import paddle
+
+__all__ = [
+    "inplace_add_",
+    "run_custom_op",
+    "legacy_layer_helper",
+    "expected_place",
+    "is_cpu_place",
+    "create_pir_persistable",
+    "set_pir_persistable_value",
+    "prepend_legacy_op",
+    "legacy_optimizer_role",
+    "lr_scheduler_variable_name",
+    "to_place",
+    "copy_to_place",
+    "same_place",
+    "batchnorm_classes",
+    "batchnorm_statistics",
+    "unwrap_layers",
+    "conv_geometry",
+    "find_cuda_home",
+]
+
+
+def inplace_add_(x, y):
+    """x += y in place as a PIR program op (`paddle.add_` is dygraph-only there).
+
+    Checked on Paddle 3.0.0 and 3.3.1.
+    """
+    from paddle import _C_ops
+
+    return _C_ops.add_(x, y)
+
+
+def run_custom_op(name, *args):
+    """Append the registered custom operator `name` to the current PIR program (or run it in
+    dygraph) with positional inputs and attributes; returns its outputs.
+
+    Checked on Paddle 3.0.0 and 3.3.1.
+    """
+    from paddle import _C_ops
+
+    return _C_ops._run_custom_op(name, *args)
+
+
+def legacy_layer_helper(op_type):
+    """Paddle's LayerHelper for appending `op_type` ops to a legacy (ProgramDesc) program.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    try:
+        from paddle.base.layer_helper import LayerHelper
+    except ImportError:  # Paddle 2.5 and older spelled the package `fluid`
+        from paddle.fluid.layer_helper import LayerHelper
+    return LayerHelper(op_type)
+
+
+def expected_place():
+    """The place static programs are being built for: the one `paddle.set_device` chose.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    framework = paddle.framework
+    getter = getattr(framework, "_current_expected_place_", None) or framework._current_expected_place
+    return getter()
+
+
+def is_cpu_place(place):
+    """True when `place` is the CPU. Paddle 3.0 returns a typed `CPUPlace` from some calls, which
+    has no `is_cpu_place()`; the generic `Place` of later versions has it.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    if isinstance(place, paddle.CPUPlace):
+        return True
+    check = getattr(place, "is_cpu_place", None)
+    return bool(check()) if check is not None else False
+
+
+def create_pir_persistable(dtype, shape, name, initializer):
+    """A persistable value of the current PIR program, initialised by the startup program.
+
+    Checked on Paddle 3.0.0 and 3.3.1 (PIR does not exist on 2.6).
+    """
+    from paddle.pir.core import create_persistable_value
+
+    return create_persistable_value(dtype, list(shape), name=name, initializer=initializer)
+
+
+def set_pir_persistable_value(value, name):
+    """Write `value` into the persistable scope variable `name` when the PIR program runs.
+
+    Checked on Paddle 3.0.0 and 3.3.1.
+    """
+    from paddle._pir_ops import set_persistable_value
+
+    return set_persistable_value(value, name)
+
+
+def prepend_legacy_op(block, **op):
+    """Insert an op at the start of a legacy program block (`type=`, `inputs=`, `outputs=`, `attrs=`).
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return block._prepend_op(**op)
+
+
+def legacy_optimizer_role(program):
+    """A context in which ops appended to a legacy `program` carry the optimizer role, so that
+    `clone(for_test=True)` drops them with the optimizer's ops.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return program._optimized_guard([])
+
+
+def lr_scheduler_variable_name(program):
+    """The name of the learning-rate variable a static `program` feeds from its LR scheduler, or None.
+
+    Checked on Paddle 3.0.0 and 3.3.1.
+    """
+    scheduler = getattr(program, "lr_scheduler", None)
+    return None if scheduler is None else getattr(scheduler, "_var_name", None)
+
+
+def to_place(device):
+    """A Paddle Place from a device string such as 'cpu' or 'gpu:0'.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return paddle.device._convert_to_place(device)
+
+
+def copy_to_place(tensor, place):
+    """A copy of `tensor` on `place` (synchronous).
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return tensor._copy_to(place, False)
+
+
+def same_place(a, b):
+    """True when Places `a` and `b` are the same device.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return a._equals(b)
+
+
+def batchnorm_classes():
+    """The layer classes that keep BatchNorm running statistics (`_mean`, `_variance`): Paddle's
+    common base of BatchNorm1D/2D/3D and SyncBatchNorm, and the older `paddle.nn.BatchNorm`.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    from paddle.nn.layer.norm import _BatchNormBase
+
+    return (_BatchNormBase, paddle.nn.BatchNorm)
+
+
+def batchnorm_statistics(layer):
+    """(running mean, running variance) parameters of a BatchNorm layer.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return layer._mean, layer._variance
+
+
+def unwrap_layers(model):
+    """The Layer that a wrapper such as `paddle.DataParallel` keeps, or None when `model` keeps none.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return getattr(model, "_layers", None)
+
+
+def conv_geometry(conv):
+    """(out_channels, kernel_size, padding) of a `paddle.nn.Conv2D`.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return conv._out_channels, conv._kernel_size, conv._padding
+
+
+def find_cuda_home():
+    """The CUDA toolkit folder Paddle's extension builder would use, or None.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    from paddle.utils.cpp_extension.extension_utils import find_cuda_home as find
+
+    return find()

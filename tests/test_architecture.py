@@ -1,0 +1,122 @@
+"""The package's structure: private Paddle names only in the compatibility layer, and no import cycles.
+
+Both are read from the source with `ast`, imports inside functions included, so a lazy import
+cannot hide a cycle and a private Paddle attribute cannot slip in unnoticed.
+"""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "paddle_ema"
+COMPAT = PACKAGE / "_compat.py"
+
+# Private Paddle names the package needs; each must be reached only through paddle_ema._compat.
+KNOWN_PADDLE_PRIVATE = {
+    "_C_ops", "_run_custom_op", "_current_expected_place_", "_current_expected_place", "_pir_ops",
+    "_prepend_op", "_optimized_guard", "_var_name", "_convert_to_place", "_copy_to", "_equals",
+    "_BatchNormBase", "_layers", "_sub_layers", "_legacy_C_ops", "_global_flags", "_set_value",
+}
+
+
+def modules():
+    return sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def module_name(path):
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def defined_private_names(trees):
+    """Underscore names that paddle_ema itself defines (functions, classes, attributes, variables)."""
+    names = set()
+    for tree in trees:
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+            elif isinstance(node, ast.arg):
+                names.add(node.arg)
+    return {n for n in names if n.startswith("_")}
+
+
+def private_reaches(path, tree, ours):
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "paddle":
+            if any(part.startswith("_") for part in node.module.split(".")):
+                found.append((node.lineno, node.module))
+            found.extend((node.lineno, a.name) for a in node.names if a.name.startswith("_"))
+        elif isinstance(node, ast.Import):
+            found.extend((node.lineno, a.name) for a in node.names
+                         if a.name.split(".")[0] == "paddle" and any(p.startswith("_") for p in a.name.split(".")))
+        elif isinstance(node, ast.Attribute):
+            attr = node.attr
+            if attr.startswith("_") and not attr.startswith("__") and (attr in KNOWN_PADDLE_PRIVATE or attr not in ours):
+                found.append((node.lineno, attr))
+    return [f"{path.relative_to(PACKAGE.parent)}:{line}: {name}" for line, name in found]
+
+
+def test_private_paddle_names_only_in_the_compatibility_layer():
+    trees = {p: ast.parse(p.read_text(encoding="utf-8"), str(p)) for p in modules()}
+    ours = defined_private_names(trees.values()) - KNOWN_PADDLE_PRIVATE
+    offences = [line for p, tree in trees.items() if p != COMPAT for line in private_reaches(p, tree, ours)]
+    assert not offences, "private Paddle names outside paddle_ema/_compat.py:\n" + "\n".join(offences)
+
+
+def test_the_compatibility_layer_documents_each_shim():
+    tree = ast.parse(COMPAT.read_text(encoding="utf-8"))
+    shims = [n for n in tree.body if isinstance(n, ast.FunctionDef) and not n.name.startswith("_")]
+    assert shims
+    undocumented = [n.name for n in shims if "Checked on Paddle" not in (ast.get_docstring(n) or "")]
+    assert not undocumented, f"shims without 'Checked on Paddle ...' in their docstring: {undocumented}"
+
+
+def imports_of(path, tree, known):
+    """The paddle_ema modules `path` imports, anywhere in the file."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    edges = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                root = ".".join(base + ([node.module] if node.module else []))
+            else:
+                root = node.module or ""
+            targets = [f"{root}.{a.name}" if f"{root}.{a.name}" in known else root for a in node.names]
+        else:
+            continue
+        edges.update(t for t in targets if t in known and t != name)
+    return edges
+
+
+def test_no_import_cycles():
+    paths = modules()
+    known = {module_name(p) for p in paths}
+    graph = {module_name(p): imports_of(p, ast.parse(p.read_text(encoding="utf-8")), known) for p in paths}
+    # Every submodule implicitly runs the package's __init__; importing it back is not a cycle.
+    graph = {m: {t for t in ts if not m.startswith(t + ".") and t != "paddle_ema"} for m, ts in graph.items()}
+    cycles, state = [], {}
+
+    def visit(node, stack):
+        state[node] = "open"
+        stack.append(node)
+        for target in sorted(graph[node]):
+            if state.get(target) == "open":
+                cycles.append(" -> ".join(stack[stack.index(target):] + [target]))
+            elif target not in state:
+                visit(target, stack)
+        stack.pop()
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert not cycles, "import cycles inside paddle_ema:\n" + "\n".join(cycles)

@@ -1,0 +1,200 @@
+"""One test per shim of paddle_ema._compat, on the Paddle installed: each does what it says."""
+
+import numpy as np
+import paddle
+import pytest
+
+from paddle_ema import _compat
+
+PADDLE3 = int(paddle.__version__.split(".")[0]) >= 3
+
+
+def test_every_shim_has_a_test():
+    tested = {name[len("test_"):] for name in globals() if name.startswith("test_")}
+    assert set(_compat.__all__) <= tested, sorted(set(_compat.__all__) - tested)
+
+
+def _run_static(build, fetch_count=1, pir=True):
+    """Build a program with `build()` (returns values to fetch) and run it on the CPU."""
+    paddle.enable_static()
+    try:
+        main, startup = paddle.static.Program(), paddle.static.Program()
+        with paddle.static.program_guard(main, startup):
+            fetch = build()
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        return exe.run(main, fetch_list=list(fetch)), main
+    finally:
+        paddle.disable_static()
+
+
+@pytest.mark.skipif(not PADDLE3, reason="PIR programs need Paddle 3")
+def test_inplace_add_():
+    x = paddle.to_tensor([1.0, 2.0])
+    _compat.inplace_add_(x, paddle.to_tensor([0.5, 0.25]))
+    assert x.numpy().tolist() == [1.5, 2.25]
+
+
+@pytest.mark.skipif(not PADDLE3, reason="custom ops through _C_ops need Paddle 3")
+def test_run_custom_op():
+    from paddle_ema.kernels import build
+
+    try:
+        build.load_extension()
+    except build.BuildError as exc:
+        pytest.fail(f"the extension must build to test this shim: {exc}")
+    values = [paddle.to_tensor([1.0, 2.0]), paddle.to_tensor([np.inf])]
+    (finite,) = _compat.run_custom_op("paddle_ema_all_finite", values, 1)
+    assert finite.numpy().tolist() == [False]
+
+
+def test_legacy_layer_helper():
+    helper = _compat.legacy_layer_helper("scale")
+    assert helper.layer_type == "scale"
+
+
+def test_expected_place():
+    paddle.set_device("cpu")
+    assert _compat.is_cpu_place(_compat.expected_place())
+
+
+def test_is_cpu_place():
+    assert _compat.is_cpu_place(paddle.CPUPlace())
+    assert _compat.is_cpu_place(paddle.to_tensor([1.0]).place)
+    assert not _compat.is_cpu_place(object())
+
+
+@pytest.mark.skipif(not PADDLE3 or not paddle.framework.in_pir_mode.__module__, reason="PIR needs Paddle 3")
+def test_create_pir_persistable():
+    def build():
+        init = paddle.nn.initializer.Constant(3.0)
+        return [_compat.create_pir_persistable("float32", [2], "compat_test_var", init)]
+
+    (value,), _ = _run_static(build)
+    assert value.tolist() == [3.0, 3.0]
+
+
+@pytest.mark.skipif(not PADDLE3, reason="PIR needs Paddle 3")
+def test_set_pir_persistable_value():
+    def build():
+        init = paddle.nn.initializer.Constant(0.0)
+        var = _compat.create_pir_persistable("float32", [2], "compat_target", init)
+        copy = paddle.assign(paddle.full([2], 7.0))
+        copy.persistable = True
+        _compat.set_pir_persistable_value(copy, "compat_target")
+        return [var]
+
+    scope = paddle.static.Scope()
+    with paddle.static.scope_guard(scope):
+        _run_static(build)
+        assert np.array(scope.find_var("compat_target").get_tensor()).tolist() == [7.0, 7.0]
+
+
+def _legacy(fn):
+    """Run `fn` with legacy programs on a Paddle that has PIR (2.6 has only legacy programs)."""
+    if not PADDLE3:
+        return fn()
+    with paddle.pir_utils.OldIrGuard():
+        return fn()
+
+
+def test_prepend_legacy_op():
+    def body():
+        paddle.enable_static()
+        try:
+            main = paddle.static.Program()
+            with paddle.static.program_guard(main, paddle.static.Program()):
+                x = paddle.static.data("x", [1], "float32")
+                paddle.scale(x, 2.0)
+                block = main.global_block()
+                _compat.prepend_legacy_op(block, type="increment", inputs={"X": [x]}, outputs={"Out": [x]},
+                                          attrs={"step": 1.0})
+                return [op.type for op in block.ops]
+        finally:
+            paddle.disable_static()
+
+    assert _legacy(body)[0] == "increment"
+
+
+def test_legacy_optimizer_role():
+    def body():
+        paddle.enable_static()
+        try:
+            main = paddle.static.Program()
+            with paddle.static.program_guard(main, paddle.static.Program()):
+                x = paddle.static.data("x", [1], "float32")
+                with _compat.legacy_optimizer_role(main):
+                    paddle.scale(x, 2.0)
+                paddle.scale(x, 3.0)
+                return [(op.type, op.attr("scale"), op.attr("op_role")) for op in main.global_block().ops]
+        finally:
+            paddle.disable_static()
+
+    # OpRole.Optimize is 2 (paddle/fluid/framework/op_proto_maker.h); the op outside the guard is a forward op (0).
+    assert _legacy(body) == [("scale", 2.0, 2), ("scale", 3.0, 0)]
+
+
+def test_lr_scheduler_variable_name():
+    def body():
+        paddle.enable_static()
+        try:
+            main = paddle.static.Program()
+            with paddle.static.program_guard(main, paddle.static.Program()):
+                x = paddle.static.data("x", [2, 3], "float32")
+                loss = paddle.mean(paddle.static.nn.fc(x, 1))
+                plain = _compat.lr_scheduler_variable_name(main)
+                scheduler = paddle.optimizer.lr.StepDecay(0.1, step_size=2)
+                paddle.optimizer.SGD(learning_rate=scheduler).minimize(loss)
+                return plain, _compat.lr_scheduler_variable_name(main)
+        finally:
+            paddle.disable_static()
+
+    plain, name = _legacy(body)
+    assert plain is None and isinstance(name, str) and name
+
+
+def test_to_place():
+    assert _compat.is_cpu_place(_compat.to_place("cpu"))
+
+
+def test_copy_to_place():
+    x = paddle.to_tensor([1.0, -2.0])
+    copy = _compat.copy_to_place(x, paddle.CPUPlace())
+    copy[0] = 5.0
+    assert x.numpy().tolist() == [1.0, -2.0] and copy.numpy().tolist() == [5.0, -2.0]
+
+
+def test_same_place():
+    assert _compat.same_place(paddle.to_tensor([1.0]).place, paddle.CPUPlace())
+
+
+def test_batchnorm_classes():
+    classes = _compat.batchnorm_classes()
+    for layer in (paddle.nn.BatchNorm1D(3), paddle.nn.BatchNorm2D(3), paddle.nn.BatchNorm3D(3),
+                  paddle.nn.SyncBatchNorm(3), paddle.nn.BatchNorm(3)):
+        assert isinstance(layer, classes)
+    assert not isinstance(paddle.nn.LayerNorm(3), classes)
+
+
+def test_batchnorm_statistics():
+    layer = paddle.nn.BatchNorm2D(2)
+    mean, variance = _compat.batchnorm_statistics(layer)
+    names = dict(layer.named_parameters())
+    assert mean is names["_mean"] and variance is names["_variance"]
+    assert mean.numpy().tolist() == [0.0, 0.0] and variance.numpy().tolist() == [1.0, 1.0]
+
+
+def test_unwrap_layers():
+    inner = paddle.nn.Linear(2, 2)
+    assert _compat.unwrap_layers(paddle.DataParallel(inner)) is inner
+    assert _compat.unwrap_layers(inner) is None
+
+
+def test_conv_geometry():
+    out_channels, kernel_size, padding = _compat.conv_geometry(paddle.nn.Conv2D(3, 5, 3, padding=1))
+    assert out_channels == 5 and list(kernel_size) == [3, 3] and padding in (1, [1, 1], [1, 1, 1, 1])
+
+
+def test_find_cuda_home():
+    home = _compat.find_cuda_home()
+    assert home is None or isinstance(home, str)
