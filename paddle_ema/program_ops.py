@@ -11,6 +11,7 @@ and nowhere else.
 
 import paddle
 
+from . import _compat
 from .errors import ConfigError
 
 __all__ = [
@@ -73,9 +74,7 @@ def fused_lerp_takes(average, value):
 def runs_on_cpu():
     """True when the program being built will run on the CPU: Paddle's expected place, the
     one paddle.set_device chose (`_current_expected_place` says nothing in PIR mode)."""
-    from paddle.framework import _current_expected_place_
-
-    return _current_expected_place_().is_cpu_place()
+    return _compat.is_cpu_place(_compat.expected_place())
 
 
 def fused_lerp_(averages, values, weight):
