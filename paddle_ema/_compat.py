@@ -31,6 +31,13 @@ __all__ = [
     "unwrap_layers",
     "conv_geometry",
     "find_cuda_home",
+    "can_share_buffers",
+    "share_buffer",
+    "scope_tensor_initialized",
+    "batchnorm_momentum",
+    "set_batchnorm_momentum",
+    "batchnorm_uses_global_stats",
+    "batchnorm_data_format",
 ]
 
 
@@ -202,3 +209,60 @@ def find_cuda_home():
     from paddle.utils.cpp_extension.extension_utils import find_cuda_home as find
 
     return find()
+
+
+def can_share_buffers(tensor):
+    """True when this Paddle can point one tensor at another's memory (`share_buffer`).
+
+    Checked on Paddle 3.0.0 and 3.3.1.
+    """
+    return hasattr(tensor, "_share_buffer_to")
+
+
+def share_buffer(source, target):
+    """Make `target` use `source`'s memory (no copy); `target` keeps its identity (a parameter
+    stays the same object for the optimizer and hooks).
+
+    Checked on Paddle 3.0.0 and 3.3.1.
+    """
+    source._share_buffer_to(target)
+
+
+def scope_tensor_initialized(variable):
+    """True when a static scope variable holds an allocated tensor.
+
+    Checked on Paddle 3.0.0 and 3.3.1.
+    """
+    return bool(variable.get_tensor()._is_initialized())
+
+
+def batchnorm_momentum(layer):
+    """A BatchNorm layer's momentum, or None for a layer that keeps none.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return getattr(layer, "_momentum", None)
+
+
+def set_batchnorm_momentum(layer, momentum):
+    """Set the momentum the next training forward of a BatchNorm layer uses.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    layer._momentum = momentum
+
+
+def batchnorm_uses_global_stats(layer):
+    """True when a BatchNorm layer normalises with its running statistics even in training.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return bool(getattr(layer, "_use_global_stats", None))
+
+
+def batchnorm_data_format(layer):
+    """'NCHW'-style data format string of a BatchNorm layer (channels first unless it says NHWC/NLC).
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return getattr(layer, "_data_format", None) or getattr(layer, "_data_layout", None) or "NCHW"

@@ -12,8 +12,8 @@ which is left as it was.
 
 import numpy as np
 import paddle
-from paddle.nn.layer.norm import _BatchNormBase
 
+from . import _compat
 from .selection import unwrap
 
 __all__ = ["batchnorm_layers", "bn_statistics", "set_bn_statistics", "update_bn"]
@@ -24,25 +24,25 @@ def batchnorm_layers(model):
     return [
         (name, layer)
         for name, layer in unwrap(model).named_sublayers(include_self=True)
-        if isinstance(layer, (_BatchNormBase, paddle.nn.BatchNorm))
+        if isinstance(layer, _compat.batchnorm_classes())
     ]
 
 
 def bn_statistics(model):
     """{layer name: (mean, variance)} copies of the running statistics, for set_bn_statistics()."""
-    return {name: (layer._mean.numpy().copy(), layer._variance.numpy().copy()) for name, layer in batchnorm_layers(model)}
+    return {name: tuple(s.numpy().copy() for s in _compat.batchnorm_statistics(layer))
+            for name, layer in batchnorm_layers(model)}
 
 
 def set_bn_statistics(model, statistics):
     for name, layer in batchnorm_layers(model):
         if name in statistics:
-            mean, variance = statistics[name]
-            layer._mean.set_value(np.asarray(mean).astype(layer._mean.numpy().dtype))
-            layer._variance.set_value(np.asarray(variance).astype(layer._variance.numpy().dtype))
+            for target, value in zip(_compat.batchnorm_statistics(layer), statistics[name]):
+                target.set_value(np.asarray(value).astype(target.numpy().dtype))
 
 
 def _channel_axis(layer):
-    data_format = getattr(layer, "_data_format", None) or getattr(layer, "_data_layout", "NCHW")
+    data_format = _compat.batchnorm_data_format(layer)
     return 1 if data_format.startswith("NC") else -1
 
 
@@ -118,22 +118,23 @@ def update_bn(model, loader, num_batches=None):
     counts = {}
     hooks, momenta = [], {}
     for name, layer in layers:
-        if getattr(layer, "_use_global_stats", None) or not hasattr(layer, "_momentum"):
+        if _compat.batchnorm_uses_global_stats(layer) or _compat.batchnorm_momentum(layer) is None:
             hooks.append(layer.register_forward_pre_hook(
                 lambda layer, inputs, name=name: moments[name].add(
                     *_batch_moments_on_device(inputs[0], _channel_axis(layer)))))
             continue
-        momenta[name] = layer._momentum
-        layer._momentum = 0.0  # running <- 0 * running + 1 * batch: the batch's own moments
+        momenta[name] = _compat.batchnorm_momentum(layer)
+        _compat.set_batchnorm_momentum(layer, 0.0)  # running <- 0 * running + 1 * batch: the batch's own moments
 
         def count(layer, inputs, name=name):
             x = inputs[0]
             counts[name] = _per_channel_count(x, _channel_axis(layer))
-            layer._mean.set_value(paddle.zeros_like(layer._mean))  # 0 * NaN would stay NaN
-            layer._variance.set_value(paddle.zeros_like(layer._variance))
+            for statistic in _compat.batchnorm_statistics(layer):
+                statistic.set_value(paddle.zeros_like(statistic))  # 0 * NaN would stay NaN
 
         def collect(layer, inputs, output, name=name):
-            moments[name].add(counts[name], layer._mean.numpy(), layer._variance.numpy())
+            mean, variance = _compat.batchnorm_statistics(layer)
+            moments[name].add(counts[name], mean.numpy(), variance.numpy())
 
         hooks.append(layer.register_forward_pre_hook(count))
         hooks.append(layer.register_forward_post_hook(collect))
@@ -149,16 +150,16 @@ def update_bn(model, loader, num_batches=None):
             hook.remove()
         for name, layer in layers:
             if name in momenta:
-                layer._momentum = momenta[name]
+                _compat.set_batchnorm_momentum(layer, momenta[name])
         if not was_training:
             model.eval()
     for name, layer in layers:
         m = moments[name]
+        mean, variance = _compat.batchnorm_statistics(layer)
         if m.count:
-            layer._mean.set_value(m.mean.astype(layer._mean.numpy().dtype))
-            layer._variance.set_value((m.m2 / m.count).astype(layer._variance.numpy().dtype))
+            mean.set_value(m.mean.astype(mean.numpy().dtype))
+            variance.set_value((m.m2 / m.count).astype(variance.numpy().dtype))
         else:
-            mean, variance = previous[name]
-            layer._mean.set_value(mean)
-            layer._variance.set_value(variance)
+            mean.set_value(previous[name][0])
+            variance.set_value(previous[name][1])
     return previous

@@ -7,7 +7,7 @@ from collections import OrderedDict
 import numpy as np
 import paddle
 
-from . import kernels
+from . import _compat, kernels
 from .kernels import fused
 from .averaging import EMARule, shadow_dtype
 from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
@@ -133,7 +133,7 @@ class ExponentialMovingAverage:
         if device is None:
             return None
         try:
-            return paddle.device._convert_to_place(device) if isinstance(device, str) else device
+            return _compat.to_place(device) if isinstance(device, str) else device
         except (ValueError, RuntimeError) as exc:
             raise ConfigError(f"device must be None, 'cpu', 'gpu' or 'gpu:N', got {device!r} ({exc})") from None
 
@@ -145,7 +145,7 @@ class ExponentialMovingAverage:
     def _snapshot(self, param):
         shadow = param.detach().clone().astype(shadow_dtype(param.dtype))
         if self.device is not None:
-            shadow = shadow._copy_to(self.device, False)
+            shadow = _compat.copy_to_place(shadow, self.device)
         shadow.stop_gradient = True
         return shadow
 
@@ -258,16 +258,16 @@ class ExponentialMovingAverage:
         hooks, state_dict() and export see the averages; restore() points them back.
 
         The spares are kept from one apply() to the next (no allocation, no page faults). Without
-        Tensor._share_buffer_to (not in this Paddle), the raw weights are copied instead."""
-        if not hasattr(self._params[0], "_share_buffer_to"):
+        buffer sharing (_compat.share_buffer; not in this Paddle), the raw weights are copied instead."""
+        if not _compat.can_share_buffers(self._params[0]):
             return [p.detach().clone() for p in self._params]
         if self._spares is None:
             # paddle.Tensor() costs ~20 us: the holders are made once, with the spares.
             self._spares = [paddle.empty_like(p) for p in self._params]
             self._holders = [paddle.Tensor() for _ in self._params]
         for param, spare, holder in zip(self._params, self._spares, self._holders):
-            param._share_buffer_to(holder)
-            spare._share_buffer_to(param)
+            _compat.share_buffer(param, holder)
+            _compat.share_buffer(spare, param)
         return self._holders
 
     def _averages_into(self, targets):
@@ -295,9 +295,9 @@ class ExponentialMovingAverage:
                 "restore() without a matching apply(): the model holds its raw weights "
                 "(or apply(need_restore=False) dropped them)"
             )
-        if self._spares is not None and hasattr(self._params[0], "_share_buffer_to"):
+        if self._spares is not None and _compat.can_share_buffers(self._params[0]):
             for param, holder in zip(self._params, self._backup):
-                holder._share_buffer_to(param)
+                _compat.share_buffer(holder, param)
         else:
             _copy(self._params, self._backup)
         self._backup = self._backup_token = None

@@ -46,9 +46,7 @@ def lerp_(average, value, weight):
     """
     step = paddle.scale(paddle.subtract(value, average), scale=weight)
     if in_pir():
-        from paddle import _C_ops
-
-        _C_ops.add_(average, step)
+        _compat.inplace_add_(average, step)
     else:
         block = paddle.static.default_main_program().current_block()
         block.append_op(
@@ -90,16 +88,12 @@ def fused_lerp_(averages, values, weight):
     averages, values = list(averages), list(values)
     threads = fused.num_threads()
     if in_pir():
-        from paddle import _C_ops
-
         # PIR declares the op in place from its inplace map (custom_op.<name>_).
-        _C_ops._run_custom_op(FUSED_LERP_OP, averages, values, weight, threads)
+        _compat.run_custom_op(FUSED_LERP_OP, averages, values, weight, threads)
     else:
-        from paddle.base.layer_helper import LayerHelper
-
         # Legacy programs name a custom op's list arguments "<Name>@VECTOR"; the in-place
         # output is the averages themselves, as Paddle's generated static API writes it.
-        LayerHelper(FUSED_LERP_OP).append_op(
+        _compat.legacy_layer_helper(FUSED_LERP_OP).append_op(
             type=FUSED_LERP_OP,
             inputs={"Averages@VECTOR": averages, "Values@VECTOR": values, "Weight": [weight]},
             outputs={"AveragesOut@VECTOR": averages},
@@ -133,13 +127,9 @@ def fused_all_finite(values):
     values = list(values)
     threads = fused.num_threads()
     if in_pir():
-        from paddle import _C_ops
-
-        (finite,) = _C_ops._run_custom_op(FUSED_ALL_FINITE_OP, values, threads)
+        (finite,) = _compat.run_custom_op(FUSED_ALL_FINITE_OP, values, threads)
         return finite
-    from paddle.base.layer_helper import LayerHelper
-
-    helper = LayerHelper(FUSED_ALL_FINITE_OP)
+    helper = _compat.legacy_layer_helper(FUSED_ALL_FINITE_OP)
     finite = helper.create_variable_for_type_inference("bool")
     helper.append_op(
         type=FUSED_ALL_FINITE_OP,
@@ -158,9 +148,7 @@ def _legacy_variable(x):
 def exp(x):
     """paddle.exp that also takes legacy-program Variables (paddle.exp on Paddle 3.3 does not)."""
     if _legacy_variable(x):
-        from paddle.base.layer_helper import LayerHelper
-
-        helper = LayerHelper("exp")
+        helper = _compat.legacy_layer_helper("exp")
         out = helper.create_variable_for_type_inference(x.dtype)
         helper.append_op(type="exp", inputs={"X": [x]}, outputs={"Out": [out]})
         return out
@@ -173,9 +161,7 @@ def all_finite(values):
     Legacy programs get the operators appended by hand (paddle.isfinite, paddle.all and the
     logical ops on Paddle 3.3 take only PIR values)."""
     if _legacy_variable(values[0]):
-        from paddle.base.layer_helper import LayerHelper
-
-        helper = LayerHelper("all_finite")
+        helper = _compat.legacy_layer_helper("all_finite")
 
         def op(kind, inputs, attrs=None):
             out = helper.create_variable_for_type_inference("bool")
@@ -195,9 +181,7 @@ def create_persistable(name, shape, dtype, value):
     """A persistable variable of the current main program, set to `value` by the startup program."""
     initializer = paddle.nn.initializer.Constant(float(value))
     if in_pir():
-        from paddle.pir.core import create_persistable_value
-
-        var = create_persistable_value(dtype, list(shape), name=name, initializer=initializer)
+        var = _compat.create_pir_persistable(dtype, shape, name, initializer)
     else:
         var = paddle.static.create_global_var(
             shape=list(shape), value=float(value), dtype=dtype, persistable=True, name=name
@@ -226,13 +210,11 @@ def reference(name, shape, dtype):
 def store(value, name):
     """Write a copy of `value` into the persistable scope variable `name`, creating it if needed."""
     if in_pir():
-        from paddle._pir_ops import set_persistable_value
-
         copy = paddle.assign(value)
         # Only a persistable value outlives the run: without this the executor keeps it in a
         # scratch scope and drops it.
         copy.persistable = True
-        set_persistable_value(copy, name)
+        _compat.set_pir_persistable_value(copy, name)
     else:
         block = paddle.static.default_main_program().global_block()
         target = block.create_var(name=name, shape=value.shape, dtype=value.dtype, persistable=True)
@@ -272,8 +254,9 @@ def step_counter(name="@STEP_COUNTER@", begin=1, step=1):
         paddle.increment(counter, float(step))
         paddle.pir.set_insertion_point(here)
     else:
-        program.global_block()._prepend_op(
-            type="increment", inputs={"X": [counter]}, outputs={"Out": [counter]}, attrs={"step": float(step)}
+        _compat.prepend_legacy_op(
+            program.global_block(), type="increment", inputs={"X": [counter]}, outputs={"Out": [counter]},
+            attrs={"step": float(step)}
         )
     return counter
 

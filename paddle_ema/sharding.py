@@ -11,7 +11,7 @@ import heapq
 
 import paddle
 
-from . import kernels
+from . import _compat, kernels
 
 __all__ = ["partition", "Sharding"]
 
@@ -73,8 +73,8 @@ class Sharding:
                 flat = paddle.concat([shadows[i].reshape([-1]) for i in indices])
             else:
                 flat = paddle.empty([sum(numels)], dtype=shadow_dtypes[indices[0]])
-            if not flat.place._equals(place):
-                flat = flat._copy_to(place, False)
+            if not _compat.same_place(flat.place, place):
+                flat = _compat.copy_to_place(flat, place)
             dist.broadcast(flat, src=self.ranks[owner], group=self.group)
             pieces = paddle.split(flat, numels)
             kernels.copy_([targets[i] for i in indices], [p.reshape(targets[i].shape) for i, p in zip(indices, pieces)])

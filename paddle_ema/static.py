@@ -44,7 +44,7 @@ import warnings
 import numpy as np
 import paddle
 
-from . import kernels, program_ops
+from . import _compat, kernels, program_ops
 from .averaging import EMARule, shadow_dtype
 from .checkpoint import staged_prefix
 from .errors import ConfigError, EMAStateError
@@ -221,7 +221,7 @@ class ExponentialMovingAverage:
         self._updated = True
         # Legacy programs: marked as optimizer ops, like the old class's, so that a later
         # clone(for_test=True) drops them with the backward and optimizer ops.
-        role = contextlib.nullcontext() if program_ops.in_pir() else self.program._optimized_guard([])
+        role = contextlib.nullcontext() if program_ops.in_pir() else _compat.legacy_optimizer_role(self.program)
         with role, paddle.static.name_scope("moving_average"):
             self._append_update_ops()
 
@@ -325,7 +325,7 @@ class ExponentialMovingAverage:
         scope = paddle.static.global_scope()
         for name, param in zip(self.names, self._params):
             var = scope.find_var(self._backup_name(name))
-            if var is None or not var.get_tensor()._is_initialized():
+            if var is None or not _compat.scope_tensor_initialized(var):
                 dtype = np.float16 if param.dtype == paddle.float16 else np.float32
                 if param.dtype == paddle.float64:
                     dtype = np.float64
@@ -363,7 +363,7 @@ class ExponentialMovingAverage:
         """A backup exists in the current scope (a run of `apply_program` made one)."""
         var = paddle.static.global_scope().find_var(self._backup_name(self.names[0]))
         try:
-            return var is not None and var.get_tensor()._is_initialized()
+            return var is not None and _compat.scope_tensor_initialized(var)
         except (RuntimeError, AttributeError):
             return False
 

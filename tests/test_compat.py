@@ -198,3 +198,47 @@ def test_conv_geometry():
 def test_find_cuda_home():
     home = _compat.find_cuda_home()
     assert home is None or isinstance(home, str)
+
+
+def test_can_share_buffers():
+    assert _compat.can_share_buffers(paddle.to_tensor([1.0])) == hasattr(paddle.Tensor, "_share_buffer_to")
+
+
+@pytest.mark.skipif(not hasattr(paddle.Tensor, "_share_buffer_to"), reason="this Paddle cannot share buffers")
+def test_share_buffer():
+    source, target = paddle.to_tensor([1.0, 2.0]), paddle.zeros([2])
+    _compat.share_buffer(source, target)
+    source[0] = 9.0  # the same memory: the write shows through the target
+    assert target.numpy().tolist() == [9.0, 2.0]
+
+
+def test_scope_tensor_initialized():
+    scope = paddle.static.Scope()
+    var = scope.var("compat_scope_var")
+    assert not _compat.scope_tensor_initialized(var)
+    var.get_tensor().set(np.ones([2], "float32"), paddle.CPUPlace())
+    assert _compat.scope_tensor_initialized(var)
+
+
+def test_batchnorm_momentum():
+    assert _compat.batchnorm_momentum(paddle.nn.BatchNorm2D(2, momentum=0.7)) == pytest.approx(0.7)
+
+
+def test_set_batchnorm_momentum():
+    layer = paddle.nn.BatchNorm1D(2)
+    _compat.set_batchnorm_momentum(layer, 0.0)  # running <- the batch's own statistics
+    layer.train()
+    x = paddle.to_tensor([[1.0, 4.0], [3.0, 8.0]])
+    layer(x)
+    mean, variance = _compat.batchnorm_statistics(layer)
+    assert mean.numpy().tolist() == [2.0, 6.0]
+
+
+def test_batchnorm_uses_global_stats():
+    assert _compat.batchnorm_uses_global_stats(paddle.nn.BatchNorm2D(2, use_global_stats=True))
+    assert not _compat.batchnorm_uses_global_stats(paddle.nn.BatchNorm2D(2))
+
+
+def test_batchnorm_data_format():
+    assert _compat.batchnorm_data_format(paddle.nn.BatchNorm2D(2)) == "NCHW"
+    assert _compat.batchnorm_data_format(paddle.nn.BatchNorm2D(2, data_format="NHWC")) == "NHWC"

@@ -197,7 +197,7 @@ def test_shipped_configs_validate(name):
     ],
 )
 def test_issue_13_probes_are_one_config_error(overrides, pattern):
-    from paddle_ema.engine.trainer import check_config
+    from paddle_ema.engine.runs import check_config
 
     with pytest.raises(ConfigError, match=pattern) as info:
         check_config(read_config(os.path.join(CONFIGS, "lenet_digits.yml"), overrides), do_eval=False)

@@ -22,7 +22,7 @@ from paddle_ema import PaddleEMAError
 from paddle_ema.config.registry import CATEGORIES, REGISTRY, section_args
 from paddle_ema.config.schema import FIELDS
 from paddle_ema.engine import read_config
-from paddle_ema.engine.trainer import check_config
+from paddle_ema.engine.runs import check_config
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT = REPO / "configs" / "lenet_digits.yml"
@@ -151,7 +151,7 @@ def finished_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("fuzz_out")
     cfg = read_config(str(DEFAULT), ["epoch=1", f"output_dir={folder}", "LeNet.width=4", "LeNet.hidden=8",
                                      "TrainReader.batch_size=128"])
-    from paddle_ema.engine.trainer import build_trainer
+    from paddle_ema.engine.runs import build_trainer
 
     build_trainer(cfg, "fuzz", stream=io.StringIO()).train()
     return folder

@@ -1,7 +1,7 @@
 """Manifests of every wrong shape, and checkpoints that are not what they claim, are refused with one
 clear line by every reader: -r (the trainer), eval.py (-o weights=), export_model.py, average_checkpoints.py."""
 
-import json
+
 import os
 import shutil
 from pathlib import Path
@@ -13,7 +13,7 @@ from paddle_ema import checkpoint
 from paddle_ema.engine import read_config
 from paddle_ema.engine.checkpoint import load_resume_state, load_state_dict
 from paddle_ema.engine.cli import average_main, eval_main, export_main
-from paddle_ema.engine.trainer import build_trainer
+from paddle_ema.engine.runs import build_trainer
 from paddle_ema.errors import CheckpointError, IncompatibleStateError, PaddleEMAError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import pytest
 from paddle_ema.config import FIELDS
 from paddle_ema.engine import read_config
 from paddle_ema.engine.ema_setup import build_ema
-from paddle_ema.engine.trainer import check_config
+from paddle_ema.engine.runs import check_config
 from paddle_ema.errors import NonFiniteError
 
 from pathlib import Path

@@ -160,7 +160,7 @@ def test_ppdet_ema_is_refused_in_static_mode(tmp_path):
 
 def test_paddle_is_back_in_dygraph_mode_after_static_training(tmp_path):
     from paddle_ema.engine import read_config
-    from paddle_ema.engine.trainer import build_trainer
+    from paddle_ema.engine.runs import build_trainer
     from paddle_ema.errors import CheckpointError
 
     config = tiny_config(tmp_path, "inproc.yml", "mode: static\nepoch: 1\n")

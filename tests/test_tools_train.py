@@ -130,7 +130,7 @@ def test_export_matches_checkpoint_predictions(run, tmp_path):
     sys.path.insert(0, REPO)
     from paddle_ema.engine import read_config
     from paddle_ema.engine.evaluation import predict
-    from paddle_ema.engine.trainer import build_datasets, build_model
+    from paddle_ema.engine.builders import build_datasets, build_model
 
     cfg = read_config(str(run["config"]))
     dataset = build_datasets(cfg, ("eval",))["eval"]

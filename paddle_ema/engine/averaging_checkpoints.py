@@ -108,7 +108,7 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
         raise ConfigError("--bn recompute runs the model over the training data: pass its config with -c")
     averaged = average_state_dicts(states, weights, bn or "average", labels=list(paths))
     if bn == "recompute":
-        from .trainer import build_datasets, build_model, set_device
+        from .builders import build_datasets, build_model, set_device
 
         set_device(cfg)
         dataset = build_datasets(cfg, ("train",))["train"]

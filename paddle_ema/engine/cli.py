@@ -83,7 +83,8 @@ def _train(argv):
         raise ConfigError("-r: an empty checkpoint path; give a checkpoint (path without suffix), or -r auto for the "
                           "newest complete checkpoint of this run (./auto for a checkpoint named auto)")
     cfg = _config(args)
-    from .trainer import build_trainer, run_name
+    from .builders import run_name
+    from .runs import build_trainer
 
     name = run_name(args.config)
     vdl = None
@@ -94,7 +95,7 @@ def _train(argv):
 
 
 def _weights(cfg, args):
-    from .trainer import run_name
+    from .builders import run_name
 
     return cfg["weights"] or os.path.join(cfg["output_dir"], run_name(args.config), "model_final.pdparams")
 
@@ -104,7 +105,7 @@ def _eval(argv):
     cfg = _config(args)
     from .checkpoint import load_weights
     from .evaluation import evaluate
-    from .trainer import build_datasets, build_model, set_device
+    from .builders import build_datasets, build_model, set_device
 
     set_device(cfg)
     dataset = build_datasets(cfg, ("eval",))["eval"]
@@ -120,7 +121,7 @@ def _export(argv):
     args = parser.parse_args(argv)
     cfg = _config(args)
     from .export import export_model
-    from .trainer import run_name
+    from .builders import run_name
 
     check_writable(args.output_dir, "--output_dir")
     prefix, max_diff = export_model(cfg, _weights(cfg, args), os.path.join(args.output_dir, run_name(args.config)))
@@ -160,7 +161,7 @@ def _posthoc(argv):
     args = parser.parse_args(argv)
     cfg = _config(args)
     from .posthoc_tool import parse_profiles, posthoc_weights
-    from .trainer import run_name
+    from .builders import run_name
 
     run_dir = os.path.join(cfg["output_dir"], run_name(args.config))
     snapshots = args.snapshots or os.path.join(run_dir, "posthoc")

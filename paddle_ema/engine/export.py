@@ -7,7 +7,7 @@ from ..checkpoint import staged_prefix
 from ..errors import PaddleEMAError
 from .checkpoint import load_weights
 from .evaluation import predict
-from .trainer import build_datasets, build_model, set_device
+from .builders import build_datasets, build_model, set_device
 
 __all__ = ["export_model", "ExportMismatch"]
 

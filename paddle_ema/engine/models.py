@@ -7,6 +7,7 @@ import paddle
 from paddle import nn
 
 from ..config import register
+from .. import _compat
 from ..config.registry import Limit
 
 _COUNT = Limit(1, 512)  # caps keep a typo (width: 40960) from allocating gigabytes
@@ -47,8 +48,8 @@ class LeNet(nn.Layer):
 
 
 def _first_conv(in_channels, conv, stride):
-    return nn.Conv2D(in_channels, conv._out_channels, conv._kernel_size, stride=stride,
-                     padding=conv._padding, bias_attr=False)
+    out_channels, kernel_size, padding = _compat.conv_geometry(conv)
+    return nn.Conv2D(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias_attr=False)
 
 
 @register("architecture", limits={"num_classes": _CLASSES, "in_channels": _CHANNELS})
@@ -74,7 +75,7 @@ def MobileNetV3Small(num_classes=10, in_channels=3, small_input=True, scale=1.0)
     model = mobilenet_v3_small(pretrained=False, scale=scale, num_classes=num_classes)
     stem = model.conv[0]
     if small_input or in_channels != 3:
-        model.conv._sub_layers["0"] = _first_conv(in_channels, stem, 1 if small_input else 2)
+        model.conv.add_sublayer("0", _first_conv(in_channels, stem, 1 if small_input else 2))
     return model
 
 

@@ -25,7 +25,7 @@ def posthoc_weights(cfg, run_dir, snapshots, sigma_rels, at=None, update_bn=Fals
     from .averaging_checkpoints import recompute_bn_statistics
     from .checkpoint import check_fits, copy_state
     from .evaluation import evaluate
-    from .trainer import build_datasets, build_model, set_device
+    from .builders import build_datasets, build_model, set_device
 
     if not os.path.exists(os.path.join(snapshots, INDEX)):
         raise ConfigError(f"no post-hoc EMA snapshots in {snapshots}: train with -o ema_posthoc=true first")

@@ -29,6 +29,7 @@ import warnings
 import numpy as np
 import paddle
 
+from .. import _compat
 from ..config import create
 from ..errors import ConfigError, IncompatibleStateError
 from ..selection import is_floating, select_parameters
@@ -37,7 +38,8 @@ from ..static import clone_for_test
 from .data import batches
 from .ema_setup import ema_settings, restart_allowed
 from .evaluation import accuracy
-from .trainer import Trainer, build_model, classification_loss
+from .builders import build_model, classification_loss
+from .trainer import Trainer
 
 __all__ = ["StaticTrainer"]
 
@@ -227,7 +229,7 @@ class StaticTrainer(Trainer):
             self.ema = _StaticEMAState(cfg, self.model, self.structured) if cfg["use_ema"] else None
             self.exe = paddle.static.Executor()
             self.exe.run(startup)
-        self.vars = _Scope(self.scope, paddle.framework._current_expected_place())
+        self.vars = _Scope(self.scope, _compat.expected_place())
         self._set_raw(initial)
         self._optimizer_vars = self._find_optimizer_vars()
         if self.ema is not None:
@@ -239,7 +241,7 @@ class StaticTrainer(Trainer):
         every persistable variable but the weights, the EMA's state and the LR (set from the
         schedule at each run). Keys use the structured names: `features.0.weight_velocity_0`."""
         skip = set(self.structured.values()) | (self.ema.variable_names if self.ema is not None else set())
-        skip.add(self.main.lr_scheduler._var_name)
+        skip.add(_compat.lr_scheduler_variable_name(self.main))
         by_length = sorted(self.structured.items(), key=lambda item: -len(item[1]))
         found = {}
         for var in self.main.list_vars():

@@ -15,18 +15,16 @@ that replaces the methods below which touch the model, the optimizer or the eval
 """
 
 import os
-import random
 import warnings
 
-import numpy as np
 import paddle
-import paddle.nn.functional as F
 
 from .. import kernels
 from ..checkpoint import recover
 from ..config import create
 from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, PaddleEMAError
 from .averaging_checkpoints import is_bn_statistic
+from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
 from .checkpoint import (check_fits, check_same_run, copy_state, load_resume_state, newest_resumable, run_identity,
                          save_checkpoint)
 from .data import batches
@@ -42,53 +40,7 @@ RESUME_AUTO = "auto"
 # Exceptions a foreign or damaged training state raises inside Paddle's and the EMA's set_state_dict.
 _FOREIGN_STATE = (KeyError, TypeError, ValueError, AssertionError, AttributeError, IndexError, RuntimeError)
 
-__all__ = ["build_datasets", "build_model", "classification_loss", "Trainer", "build_trainer"]
-
-
-def set_device(cfg):
-    try:
-        paddle.set_device(cfg["device"])
-    except (ValueError, RuntimeError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ConfigError(f"device: {cfg['device']!r} is not available here ({reason})") from None
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed)
-    paddle.seed(seed)
-
-
-def build_datasets(cfg, splits=("train", "eval")):
-    return {split: create("dataset", cfg, split=split) for split in splits}
-
-
-_UNITS = {"num_classes": "classes", "in_channels": "channels", "image_size": "pixels a side"}
-
-
-def build_model(cfg, dataset):
-    """The configured architecture sized for `dataset` (classes, channels, image side); a section
-    that sets one of those to something the data does not have is a ConfigError."""
-    name = cfg["architecture"]
-    section = cfg.get(name) or {}
-    side = int(dataset.images.shape[-1])
-    for key, have, fits in (("num_classes", dataset.num_classes, lambda v, have: v >= have),
-                            ("in_channels", dataset.in_channels, lambda v, have: v == have),
-                            ("image_size", side, lambda v, have: v == have)):
-        if section.get(key) is not None and not fits(section[key], have):
-            need = f">= {have}" if key == "num_classes" else f"{have}"
-            raise ConfigError(f"{name}.{key}: {section[key]!r} does not fit the data: dataset {cfg['dataset']} has "
-                              f"{have} {_UNITS[key]}; set {need} or leave it out (the data's value is used)")
-    return create("architecture", cfg, num_classes=dataset.num_classes, in_channels=dataset.in_channels,
-                  image_size=int(dataset.images.shape[-1]))
-
-
-def classification_loss(logits, labels):
-    return F.cross_entropy(logits, labels)
-
-
-def run_name(config_path):
-    return os.path.splitext(os.path.basename(config_path))[0]
+__all__ = ["Trainer"]
 
 
 class Trainer:
@@ -373,29 +325,3 @@ class Trainer:
             print(f"curves: {path}", flush=True)
         print(f"checkpoints: {self.output_dir}", flush=True)
         return self.history
-
-
-def trainer_class(cfg):
-    if cfg["mode"] == "static":
-        from .static_trainer import StaticTrainer
-
-        return StaticTrainer
-    return Trainer
-
-
-def check_config(cfg, do_eval=True):
-    """Everything a run of `cfg` builds, built without writing a file (Trainer.check_config)."""
-    return trainer_class(cfg).check_config(cfg, do_eval)
-
-
-def build_trainer(cfg, name, **options):
-    """The trainer for cfg['mode']. Both modes share data, config, checkpoints, progress and report."""
-    if cfg["mode"] == "static":
-        import paddle.distributed as dist
-
-        if dist.get_world_size() > 1:  # the Executor trainer has no data parallelism: each rank would train alone
-            raise ConfigError("mode: static runs in one process; under paddle.distributed.launch use mode: dygraph")
-        from .static_trainer import StaticTrainer
-
-        return StaticTrainer(cfg, name, **options)
-    return Trainer(cfg, name, **options)

@@ -99,9 +99,9 @@ def with_cuda():
     """Compile the CUDA kernel too: Paddle is a CUDA build and nvcc is there."""
     if not paddle.is_compiled_with_cuda():
         return False
-    from paddle.utils.cpp_extension.extension_utils import find_cuda_home
+    from .. import _compat
 
-    home = find_cuda_home()
+    home = _compat.find_cuda_home()
     return bool(home) and os.path.exists(os.path.join(home, "bin", "nvcc"))
 
 

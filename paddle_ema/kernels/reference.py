@@ -10,6 +10,8 @@ numbers equal lerp_'s, but about twice as fast on CPU, where lerp_'s broadcastin
 import numpy as np
 import paddle
 
+from .. import _compat
+
 __all__ = ["lerp_", "copy_", "cast", "all_finite", "first_nonfinite"]
 
 _WIDE = (paddle.float32, paddle.float64)
@@ -46,8 +48,8 @@ def _as(source, like):
     """`source` in `like`'s dtype and place, converting only what differs."""
     if source.dtype != like.dtype:
         source = cast(source, like.dtype)
-    if not source.place._equals(like.place):
-        source = source._copy_to(like.place, False)
+    if not _compat.same_place(source.place, like.place):
+        source = _compat.copy_to_place(source, like.place)
     return source
 
 
