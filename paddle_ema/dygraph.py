@@ -127,6 +127,8 @@ class ExponentialMovingAverage:
         self._spares = None  # apply()'s buffers for the averages, kept between applies
         self._holders = None  # and the tensors that hold the raw weights' buffers meanwhile
         self.register()
+        # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
+        kernels.prepare()
 
     @staticmethod
     def _place(device):

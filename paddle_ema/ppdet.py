@@ -122,6 +122,8 @@ class ModelEMA:
         self.state_dict = {}
         for name, tensor in model_state.items():
             self.state_dict[name] = tensor if name in self.ema_black_list else self._zeros(tensor)
+        # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
+        kernels.prepare()
 
     @staticmethod
     def _zeros(tensor):
@@ -275,6 +277,8 @@ class SimpleModelEMA:
     def __init__(self, model=None, decay=0.9996):
         self.model = copy.deepcopy(model)
         self.decay = decay
+        # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
+        kernels.prepare()
 
     @paddle.no_grad()
     def update(self, model, decay=None):

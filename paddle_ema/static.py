@@ -173,6 +173,8 @@ class ExponentialMovingAverage:
         self._open_applies = 0
         self._skipped_warned = 0
         self._build_swap_programs()
+        # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
+        kernels.prepare()
 
     @property
     def schedule(self):

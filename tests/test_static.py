@@ -12,13 +12,15 @@ import contextlib
 import numpy as np
 import paddle
 import pytest
-from paddle.pir_utils import OldIrGuard
 
 import paddle_ema
 from paddle_ema.errors import ConfigError, EMAStateError, SelectionError
 from paddle_ema.static import ExponentialMovingAverage, clone_for_test, step_counter
 
-KINDS = ["pir", "legacy"]
+PADDLE3 = int(paddle.__version__.split(".")[0]) >= 3
+# Paddle 2.6 has legacy programs only (no PIR, and no OldIrGuard: its programs already are legacy).
+OldIrGuard = paddle.pir_utils.OldIrGuard if PADDLE3 else contextlib.nullcontext
+KINDS = ["pir", "legacy"] if PADDLE3 else ["legacy"]
 F32 = dict(rtol=2e-6, atol=1e-7)  # float32 shadows against the float64 model
 
 
@@ -445,8 +447,15 @@ def test_batchnorm_statistics_untouched_by_default(kind):
                 np.testing.assert_allclose(scope_value(n), reference_ema(history[n], [0.9] * 6), **F32)
 
 
+# Open (issue 15): a static program narrows the float32 average with Paddle's own cast op, whose
+# CPU kernel truncates instead of rounding to nearest-even before Paddle 3.2; the dygraph EMA
+# rounds in the library (kernels.cast) and matches on every version.
+OLD_CAST = tuple(int(p) for p in paddle.__version__.split(".")[:2]) < (3, 2)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.xfail(OLD_CAST, strict=True, reason="Paddle < 3.2 truncates float32 -> half in static programs")
 def test_half_precision_parameter_gets_float32_shadow(kind, dtype):
     # Values exactly representable in both half formats, so the history is known exactly.
     rng = np.random.default_rng(5)
@@ -478,7 +487,7 @@ def test_half_precision_parameter_gets_float32_shadow(kind, dtype):
 
 # Configuration errors.
 def test_bad_arguments_raise_config_errors():
-    with static_programs("pir"):
+    with static_programs(KINDS[0]):
         regression()
         with pytest.raises(ConfigError, match="thres_steps must be"):
             ExponentialMovingAverage(0.9, thres_steps=5)
