@@ -431,7 +431,10 @@ _kernel_cache = {"key": None, "kernel": None}
 
 
 def _active_kernel():
-    key = (kernels._forced, fused.environment(kernels.KERNEL_ENV))
+    # The choice depends on the mode, the variable and whether the extension is (still) loaded:
+    # a process state reset (a new extension state, as tests make) must not keep a stale "fused".
+    state = fused._state
+    key = (kernels._forced, fused.environment(kernels.KERNEL_ENV), id(state), state["loaded"])
     cache = _kernel_cache
     if cache["kernel"] is None or key != cache["key"]:
         kernel = kernels.active_kernel()  # raises for a bad mode: nothing cached then
