@@ -1,5 +1,7 @@
 """One test per shim of paddle_ema._compat, on the Paddle installed: each does what it says."""
 
+import contextlib
+
 import numpy as np
 import paddle
 import pytest
@@ -90,64 +92,51 @@ def test_set_pir_persistable_value():
         assert np.array(scope.find_var("compat_target").get_tensor()).tolist() == [7.0, 7.0]
 
 
-def _legacy(fn):
-    """Run `fn` with legacy programs on a Paddle that has PIR (2.6 has only legacy programs)."""
-    if not PADDLE3:
-        return fn()
-    with paddle.pir_utils.OldIrGuard():
-        return fn()
-
-
-def test_prepend_legacy_op():
-    def body():
+def _legacy(build):
+    """build(main) inside a fresh legacy program (2.6 has only those; on 3.x under OldIrGuard)."""
+    guard = paddle.pir_utils.OldIrGuard() if PADDLE3 else contextlib.nullcontext()
+    with guard:
         paddle.enable_static()
         try:
             main = paddle.static.Program()
             with paddle.static.program_guard(main, paddle.static.Program()):
-                x = paddle.static.data("x", [1], "float32")
-                paddle.scale(x, 2.0)
-                block = main.global_block()
-                _compat.prepend_legacy_op(block, type="increment", inputs={"X": [x]}, outputs={"Out": [x]},
-                                          attrs={"step": 1.0})
-                return [op.type for op in block.ops]
+                return build(main)
         finally:
             paddle.disable_static()
+
+
+def test_prepend_legacy_op():
+    def body(main):
+        x = paddle.static.data("x", [1], "float32")
+        paddle.scale(x, 2.0)
+        block = main.global_block()
+        _compat.prepend_legacy_op(block, type="increment", inputs={"X": [x]}, outputs={"Out": [x]},
+                                  attrs={"step": 1.0})
+        return [op.type for op in block.ops]
 
     assert _legacy(body)[0] == "increment"
 
 
 def test_legacy_optimizer_role():
-    def body():
-        paddle.enable_static()
-        try:
-            main = paddle.static.Program()
-            with paddle.static.program_guard(main, paddle.static.Program()):
-                x = paddle.static.data("x", [1], "float32")
-                with _compat.legacy_optimizer_role(main):
-                    paddle.scale(x, 2.0)
-                paddle.scale(x, 3.0)
-                return [(op.type, op.attr("scale"), op.attr("op_role")) for op in main.global_block().ops]
-        finally:
-            paddle.disable_static()
+    def body(main):
+        x = paddle.static.data("x", [1], "float32")
+        with _compat.legacy_optimizer_role(main):
+            paddle.scale(x, 2.0)
+        paddle.scale(x, 3.0)
+        return [(op.type, op.attr("scale"), op.attr("op_role")) for op in main.global_block().ops]
 
     # OpRole.Optimize is 2 (paddle/fluid/framework/op_proto_maker.h); the op outside the guard is a forward op (0).
     assert _legacy(body) == [("scale", 2.0, 2), ("scale", 3.0, 0)]
 
 
 def test_lr_scheduler_variable_name():
-    def body():
-        paddle.enable_static()
-        try:
-            main = paddle.static.Program()
-            with paddle.static.program_guard(main, paddle.static.Program()):
-                x = paddle.static.data("x", [2, 3], "float32")
-                loss = paddle.mean(paddle.static.nn.fc(x, 1))
-                plain = _compat.lr_scheduler_variable_name(main)
-                scheduler = paddle.optimizer.lr.StepDecay(0.1, step_size=2)
-                paddle.optimizer.SGD(learning_rate=scheduler).minimize(loss)
-                return plain, _compat.lr_scheduler_variable_name(main)
-        finally:
-            paddle.disable_static()
+    def body(main):
+        x = paddle.static.data("x", [2, 3], "float32")
+        loss = paddle.mean(paddle.static.nn.fc(x, 1))
+        plain = _compat.lr_scheduler_variable_name(main)
+        scheduler = paddle.optimizer.lr.StepDecay(0.1, step_size=2)
+        paddle.optimizer.SGD(learning_rate=scheduler).minimize(loss)
+        return plain, _compat.lr_scheduler_variable_name(main)
 
     plain, name = _legacy(body)
     assert plain is None and isinstance(name, str) and name
