@@ -232,3 +232,22 @@ def test_a_config_error_under_the_launcher_is_one_line_and_exit_status_2(tmp_pat
     log = (tmp_path / "log" / "workerlog.0").read_text()
     assert "error: TrainReader.batch_size 1 cannot be split over 2 processes" in log and "Traceback" not in log
     assert not (tmp_path / "output").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_error_on_a_rank_above_0_waits_so_the_launcher_reports_rank_0s_status(monkeypatch, capsys, rank):
+    # Paddle's launcher exits with the status of the lowest-ranked failed worker and SIGTERMs the rest:
+    # a rank above 0 that exited first would make the launch exit 241 (rank 0 killed), not 2.
+    from paddle_ema.engine import cli
+
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setenv("PADDLE_TRAINER_ID", str(rank))
+    monkeypatch.setenv("PADDLE_TRAINERS_NUM", "2")
+
+    def main(argv):
+        raise ConfigError("TrainReader.batch_size 1 cannot be split over 2 processes")
+
+    assert cli._run(main, []) == 2
+    assert capsys.readouterr().err == "error: TrainReader.batch_size 1 cannot be split over 2 processes\n"
+    assert waits == ([cli.PEER_ERROR_GRACE_S] if rank else [])

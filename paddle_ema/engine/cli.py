@@ -11,6 +11,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 import warnings
 
 from ..errors import ConfigError, PaddleEMAError
@@ -31,6 +32,29 @@ def _one_line(text, limit=2000):
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+# How long a rank other than 0 holds its error exit under paddle.distributed.launch; see _error_exit.
+PEER_ERROR_GRACE_S = 20.0
+
+
+def _error_exit(line):
+    """Print the one error line and return the exit status 2, letting rank 0 report first under a launcher.
+
+    Paddle's launcher stops every worker (SIGTERM) once one fails, and exits with the status of the
+    lowest-ranked worker that did not exit 0. A config error is found by every rank; if rank 1 got
+    there first, rank 0 would die of the SIGTERM and the launch would exit 241 (-15), not 2. So a rank
+    above 0 prints its line, then waits (killed by the launcher once rank 0 has failed, or exiting
+    after PEER_ERROR_GRACE_S when the error was its own).
+    """
+    print(line, file=sys.stderr, flush=True)
+    try:
+        rank, world = int(os.environ.get("PADDLE_TRAINER_ID", "0")), int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    except ValueError:
+        rank, world = 0, 1
+    if rank > 0 and world > 1:
+        time.sleep(PEER_ERROR_GRACE_S)
+    return 2
+
+
 def _run(main, argv):
     _quiet()
     if hasattr(signal, "SIGXFSZ"):
@@ -40,14 +64,11 @@ def _run(main, argv):
     try:
         main(argv)
     except PaddleEMAError as exc:
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
-        return 2
+        return _error_exit(f"error: {_one_line(exc)}")
     except OSError as exc:
-        print(f"error: {_one_line(describe_os_error(exc))}", file=sys.stderr)
-        return 2
+        return _error_exit(f"error: {_one_line(describe_os_error(exc))}")
     except MemoryError:
-        print("error: out of memory (a config or file asks for more than this machine has)", file=sys.stderr)
-        return 2
+        return _error_exit("error: out of memory (a config or file asks for more than this machine has)")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
