@@ -175,9 +175,25 @@ class ModelEMA:
             )
         return False
 
-    @paddle.no_grad()
+    @property
+    def last_decay(self):
+        """The decay of the last update (None before the first)."""
+        return self._decay
+
     def apply(self):
-        """The averaged state dict, bias-corrected PaddleDetection's way; counts one epoch."""
+        """The averaged state dict, bias-corrected PaddleDetection's way; counts one epoch (after
+        the first update), restarting the average after `cycle_epoch` of them."""
+        result = self.averaged_state()
+        if self.step == 0:
+            return result
+        self.epoch += 1
+        if self.cycle_epoch > 0 and self.epoch == self.cycle_epoch:
+            self.reset()
+        return result
+
+    @paddle.no_grad()
+    def averaged_state(self):
+        """apply()'s state dict without counting an epoch (to evaluate without a snapshot)."""
         if self.step == 0:
             return {name: self._copy(tensor) for name, tensor in self.state_dict.items()}
         model_state = self._live_state()
@@ -194,9 +210,6 @@ class ModelEMA:
                 # PaddleDetection's own two ops, so the numbers follow whatever Paddle computes.
                 result[name] = (tensor / correction).astype(model_state[name].dtype)
                 result[name].stop_gradient = True
-        self.epoch += 1
-        if self.cycle_epoch > 0 and self.epoch == self.cycle_epoch:
-            self.reset()
         return result
 
     def _freeze(self, name, tensor):

@@ -29,8 +29,9 @@ import paddle
 
 from .. import kernels
 from ..errors import ConfigError
+from ..selection import batchnorm_statistic_names
 from .data import ArrayDataset
-from .evaluation import predict
+from .evaluation import num_correct, predict
 
 __all__ = ["Parallel", "SilentProgress", "DUMP_ENV", "dump_snapshot"]
 
@@ -81,7 +82,7 @@ class Parallel:
 
     @paddle.no_grad()
     def sync_running_stats(self, model):
-        """Average the running statistics of normalisation layers (BatchNorm's _mean, _variance) over ranks.
+        """Average the running statistics of the BatchNorm layers (selection.batchnorm_statistic_names) over ranks.
 
         Only those: frozen weights are equal on every rank already, and a sum of N equal values
         divided by N is not always the value again in floating point (N = 3), so they are left alone.
@@ -90,9 +91,8 @@ class Parallel:
             return
         import paddle.distributed as dist
 
-        tensors = [stat for layer in model.sublayers(include_self=True)
-                   for stat in (getattr(layer, "_mean", None), getattr(layer, "_variance", None))
-                   if isinstance(stat, paddle.Tensor) and paddle.is_floating_point(stat)]
+        statistics = batchnorm_statistic_names(model)
+        tensors = [p for name, p in model.named_parameters() if name in statistics and paddle.is_floating_point(p)]
         by_dtype = {}
         for tensor in tensors:
             by_dtype.setdefault(str(tensor.dtype), []).append(tensor)
@@ -111,7 +111,7 @@ class Parallel:
         if stop > start:
             part = ArrayDataset(dataset.images[start:stop], dataset.labels[start:stop], dataset.num_classes,
                                 dataset.scale, dataset.mean, dataset.std)
-            correct = int((predict(model, part, batch_size).argmax(axis=1) == part.labels).sum())
+            correct = num_correct(predict(model, part, batch_size), part.labels)
         if was_training:
             model.train()
         counts = [correct, stop - start]

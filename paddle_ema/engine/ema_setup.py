@@ -27,6 +27,8 @@ from .. import kernels
 from ..dygraph import ExponentialMovingAverage
 from ..errors import ConfigError, NonFiniteError
 from ..ppdet import ModelEMA, bn_running_state_names
+from ..step_policy import StepPolicy
+from .averages import weights_loaded
 from .checkpoint import copy_state
 
 __all__ = ["build_ema", "ema_settings", "relative_distance", "restart_allowed"]
@@ -95,14 +97,20 @@ def ema_settings(cfg, model):
 
 
 class _PaddleEMA:
+    """paddle_ema.ExponentialMovingAverage as the trainer's EvaluatedAverage (engine/averages.py)."""
+
     def __init__(self, cfg, model):
         self.ema = ExponentialMovingAverage(model, **ema_settings(cfg, model), shard=cfg["ema_shard"])
         self.model = model
-        self.cycle_epoch = cfg["cycle_epoch"]
+        self.policy = StepPolicy(restart_every=max(cfg["cycle_epoch"], 0))  # -1 (never) is 0
         self.snapshots = 0
 
-    def update(self):
+    def update(self, step=None):
+        # The EMA counts its own calls (restored on resume), which are the trainer's steps.
         self.ema.update()
+
+    def swapped(self):
+        return self.ema.apply()
 
     @property
     def last_decay(self):
@@ -119,10 +127,10 @@ class _PaddleEMA:
     @paddle.no_grad()
     def snapshot(self):
         """The model's state dict with EMA weights (copies); counts a snapshot for cycle_epoch."""
-        with self.ema.apply():
+        with self.swapped():
             weights = copy_state(self.model.state_dict())
         self.snapshots += 1
-        if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
+        if self.policy.restarts_after(self.snapshots):
             live = [(k, v) for k, v in self.model.state_dict().items() if paddle.is_floating_point(v)]
             if restart_allowed(self.ema.nonfinite, live, f"snapshot {self.snapshots}"):
                 skipped = self.ema.num_nonfinite_skipped  # a restart starts a new average, not a new run
@@ -142,20 +150,29 @@ class _PaddleEMA:
 
 
 class _PPDetEMA:
+    """paddle_ema.ppdet.ModelEMA as the trainer's EvaluatedAverage (engine/averages.py)."""
+
     def __init__(self, cfg, model):
         # `nonfinite` is ModelEMA's guard (its default 'update' is PaddleDetection's behaviour).
         self.ema = ModelEMA(model, cfg["ema_decay"], cfg["ema_decay_type"], cfg["cycle_epoch"],
                             cfg["ema_black_list"], cfg["ema_filter_no_grad"], nonfinite=cfg["ema_nonfinite"])
+        self.model = model
 
-    def update(self):
-        self.ema.update()
+    def update(self, step=None):
+        self.ema.update()  # ModelEMA counts its own steps, as in PaddleDetection
 
     @property
     def last_decay(self):
-        return self.ema._decay
+        return self.ema.last_decay
 
     def snapshot(self):
+        # ModelEMA.apply() returns the averaged state dict (and, PaddleDetection's way, counts an
+        # epoch for cycle_epoch); it does not touch the model.
         return copy_state(self.ema.apply())
+
+    def swapped(self):
+        # The averaged weights without apply()'s epoch count: evaluating is not a snapshot.
+        return weights_loaded(self.model, self.ema.averaged_state())
 
     def state_dict(self):
         return {"impl": "ppdet", "ema": self.ema.ema_state()}
@@ -168,7 +185,7 @@ class _PPDetEMA:
 
 
 def build_ema(cfg, model):
-    """None when use_ema is off; else an object with update(), last_decay, snapshot(), state_dict()."""
+    """None when use_ema is off; else the config's EMA as an EvaluatedAverage (engine/averages.py)."""
     if not cfg["use_ema"]:
         return None
     if cfg["ema_impl"] == "ppdet":

@@ -35,9 +35,9 @@ from ..errors import ConfigError, IncompatibleStateError
 from ..selection import is_floating, select_parameters
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
-from .data import batches
+from ..step_policy import StepPolicy
 from .ema_setup import ema_settings, restart_allowed
-from .evaluation import accuracy
+from .evaluation import accuracy, predict_with
 from .builders import build_model, classification_loss
 from .trainer import Trainer
 
@@ -85,7 +85,7 @@ def _tensors(arrays):
 
 
 class _StaticEMAState:
-    """paddle_ema.static's EMA behind the interface the Trainer uses (ema_setup's adapters')."""
+    """paddle_ema.static's EMA as the trainer's EvaluatedAverage (engine/averages.py)."""
 
     def __init__(self, cfg, model, structured):
         settings = ema_settings(cfg, model)
@@ -102,7 +102,8 @@ class _StaticEMAState:
                              nonfinite=settings["nonfinite"])
         self.ema.update()
         self.bias_correction = settings["bias_correction"]
-        self.cycle_epoch = cfg["cycle_epoch"]
+        # The program averages every update_every-th run; cycle_epoch restarts (-1, never, is 0).
+        self.policy = StepPolicy(update_every=settings["update_every"], restart_every=max(cfg["cycle_epoch"], 0))
         self.structured = structured  # structured name -> program name
         program_to_structured = {v: k for k, v in structured.items()}
         self.names = self.ema.state_names()
@@ -110,10 +111,20 @@ class _StaticEMAState:
         self.nonfinite = settings["nonfinite"]
         self.snapshots = 0
 
-    def bind(self, trainer):
-        """Attach to the trainer's scope and executor (which exist once the programs are built)."""
-        self.vars, self.exe = trainer.vars, trainer.exe
-        self._static, self._read_weights = trainer._static, trainer._raw_arrays
+    def bind(self, variables, executor, static_guard, read_weights):
+        """Attach to what exists once the programs are built: the scope's variables (a _Scope),
+        the executor, the context that enters static mode and the scope, and a function returning
+        the raw weights as {structured name: array}."""
+        self.vars, self.exe = variables, executor
+        self._static, self._read_weights = static_guard, read_weights
+
+    def update(self, step=None):
+        """Nothing to do: the EMA's update ops run inside the main program's own run."""
+
+    @contextlib.contextmanager
+    def swapped(self):
+        with self._static(), self.ema.apply(self.exe):
+            yield
 
     @property
     def variable_names(self):
@@ -132,14 +143,14 @@ class _StaticEMAState:
     @property
     def last_decay(self):
         """The schedule's decay of the last averaging run (the program uses float32(ema_decay))."""
-        calls = self._calls()
-        return None if calls == 0 else float(self.ema.schedule((calls - 1) // self.ema.update_every))
+        t = self.policy.last_step(self._calls())
+        return None if t is None else float(self.ema.schedule(t))
 
     def snapshot(self):
-        with self._static(), self.ema.apply(self.exe):
+        with self.swapped():
             weights = self._read_weights()
         self.snapshots += 1
-        if self.cycle_epoch > 0 and self.snapshots % self.cycle_epoch == 0:
+        if self.policy.restarts_after(self.snapshots):
             live = [(name, self.vars.read(self.structured[name])) for name in self.shadows]
             if restart_allowed(self.nonfinite, live, f"snapshot {self.snapshots}"):
                 self.register()
@@ -147,13 +158,12 @@ class _StaticEMAState:
 
     def state_dict(self):
         calls = self._calls()
-        every = self.ema.update_every
         return {
             "impl": STATE_IMPL,
             "ema": {
                 "shadow": _tensors({n: self.vars.read(s) for n, s in self.shadows.items()}),
                 "num_calls": calls,
-                "num_updates": (calls + every - 1) // every,
+                "num_updates": self.policy.num_updates(calls),
                 "decay_product": float(self.vars.read(self.names["product"])[0]),
                 "last_decay": self.last_decay,
                 "num_nonfinite_skipped": int(self.vars.read(self.names["skipped"])[0]),
@@ -233,7 +243,7 @@ class StaticTrainer(Trainer):
         self._set_raw(initial)
         self._optimizer_vars = self._find_optimizer_vars()
         if self.ema is not None:
-            self.ema.bind(self)
+            self.ema.bind(self.vars, self.exe, self._static, self._raw_arrays)
             self.ema.register()
 
     def _find_optimizer_vars(self):
@@ -288,17 +298,23 @@ class StaticTrainer(Trainer):
     # -- evaluation and steps ----------------------------------------------------------------------
     def _accuracy(self):
         dataset = self.data["eval"]
-        outputs = []
-        with self._static():
-            for indices in batches(len(dataset), self.cfg["EvalReader"]["batch_size"]):
-                images, _ = dataset.batch(indices)
-                outputs.append(self.exe.run(self.test_program, feed={"image": images},
-                                            fetch_list=[self.test_logits])[0])
-        return accuracy(np.concatenate(outputs), dataset.labels)
 
-    def _ema_accuracy(self, raw, weights):
-        with self._static(), self.ema.ema.apply(self.exe):
+        def forward(images):
+            return self.exe.run(self.test_program, feed={"image": images}, fetch_list=[self.test_logits])[0]
+
+        with self._static():
+            logits = predict_with(forward, dataset, self.cfg["EvalReader"]["batch_size"])
+        return accuracy(logits, dataset.labels)
+
+    def _accuracy_of(self, weights):
+        # The static twin of engine/averages.weights_loaded: the scope holds `weights` while the
+        # test program runs, and its raw weights (bit-exact) again after.
+        raw = self._raw_arrays()
+        self._set_raw(weights)
+        try:
             return self._accuracy()
+        finally:
+            self._set_raw(raw)
 
     def _step(self, images, labels, loss_scale=1.0):
         # One process (build_trainer refuses the launcher for mode: static): the whole batch, scale 1.

@@ -23,6 +23,7 @@ from .. import kernels
 from ..checkpoint import recover
 from ..config import create
 from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, PaddleEMAError
+from .averages import weights_loaded
 from .averaging_checkpoints import is_bn_statistic
 from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
 from .checkpoint import (check_fits, check_same_run, copy_state, load_resume_state, newest_resumable, run_identity,
@@ -131,7 +132,7 @@ class Trainer:
             "best": self.best,
             "scalars": self.log.state_dict(),
             "run": run_identity(self.cfg),
-            "swa": None if self.swa is None else self.swa.swa.state_dict(),
+            "swa": None if self.swa is None else self.swa.state_dict(),
             "posthoc": None if self.posthoc is None else self.posthoc.state_dict(),
         }
 
@@ -144,7 +145,7 @@ class Trainer:
             if not isinstance(state.get("ema"), dict):
                 raise ConfigError(f"-r {path}: the checkpoint was trained without EMA; use_ema is on here")
             self._restore(path, "EMA", lambda: self.ema.set_state_dict(state["ema"]))
-        for name, average in (("swa", self.swa and self.swa.swa), ("posthoc", self.posthoc)):
+        for name, average in (("swa", self.swa), ("posthoc", self.posthoc)):
             if average is not None:
                 if state.get(name) is None:
                     raise ConfigError(f"-r {path}: the checkpoint has no {name} state; it was trained without it")
@@ -200,26 +201,52 @@ class Trainer:
     def _raw_state(self):
         return copy_state(self.model.state_dict())
 
+    def _averages(self):
+        """The averages this run keeps (engine/averages.py's protocol), in update order."""
+        return [a for a in (self.ema, self.swa, self.posthoc) if a is not None]
+
     def _snapshot(self, epoch, final):
+        """A snapshot epoch: take the weights, evaluate them (--eval), keep the best, save."""
+        raw, weights, swa = self._snapshot_weights()
+        row = self._evaluate(epoch, raw, weights, swa) if self.do_eval else None
+        improved = self._keep_best(row)
+        dump_snapshot(self.parallel, epoch, weights, raw, self.ema)
+        self._save(epoch, final, raw, weights, swa, improved)
+        if improved:
+            key = self._best_key
+            self.progress.write(f"best model so far (epoch {epoch + 1}, {key} {row[key]:.4f}) saved")
+        return weights
+
+    def _snapshot_weights(self):
+        """(raw, EMA or raw, SWA or None) state dicts, BatchNorm-recalibrated where the config asks."""
         raw = self._raw_state()
         weights = raw if self.ema is None else self.ema.snapshot()  # collective when sharded
         if self.ema is not None and self.cfg["ema_update_bn"]:
             weights = self._recalibrated(weights)
         swa = None
         if self.swa is not None and self.swa.started:
-            swa = self.swa.snapshot(self.model)
+            swa = self.swa.snapshot()
             if self.cfg["swa_update_bn"]:
                 swa = self._recalibrated(swa, "swa_update_bn")
+        return raw, weights, swa
+
+    @property
+    def _best_key(self):
+        return "ema_acc" if self.ema is not None else "raw_acc"
+
+    def _keep_best(self, row):
+        """Record an evaluation row; True when it is the best so far (by EMA accuracy with an EMA)."""
+        if row is None:
+            return False
+        self.history.append(row)
+        improved = self.best is None or row[self._best_key] > self.best[self._best_key]
+        if improved:
+            self.best = row  # the same on every rank: accuracies are summed over ranks
+        return improved
+
+    def _save(self, epoch, final, raw, weights, swa, improved):
+        """The epoch's checkpoint (and best_model first when it improved); rank 0 writes."""
         stem = os.path.join(self.output_dir, "model_final" if final else str(epoch))
-        row, improved = None, False
-        key = "ema_acc" if self.ema is not None else "raw_acc"
-        if self.do_eval:
-            row = self._evaluate(epoch, raw, weights, swa)
-            self.history.append(row)
-            improved = self.best is None or row[key] > self.best[key]
-            if improved:
-                self.best = row  # the same on every rank: accuracies are summed over ranks
-        dump_snapshot(self.parallel, epoch, weights, raw, self.ema)
         state = self._train_state(epoch)  # collective when sharded: every rank gathers, rank 0 writes
         info = {"global_step": self.global_step, "epoch": epoch}
         if self.parallel.is_main:
@@ -231,22 +258,19 @@ class Trainer:
                                 raw if self.ema is not None else None, info=info)
             save_checkpoint(stem, weights, raw if self.ema is not None else None, state,
                             extra=None if swa is None else {SWA_SUFFIX: swa}, info=info)
-        if improved:
-            self.progress.write(f"best model so far (epoch {epoch + 1}, {key} {row[key]:.4f}) saved")
-        return weights
 
     def _evaluate(self, epoch, raw, weights, swa=None):
         row = {"epoch": epoch, "raw_acc": self._accuracy()}
         self.log.add("raw_acc", self.global_step, row["raw_acc"])
         line = f"epoch {epoch + 1}: raw acc {row['raw_acc']:.4f}"
         if self.ema is not None:
-            row["ema_acc"] = self._ema_accuracy(raw, weights)
+            row["ema_acc"] = self._accuracy_of(weights)
             row["distance"] = relative_distance(weights, raw)
             self.log.add("ema_acc", self.global_step, row["ema_acc"])
             self.log.add("distance", self.global_step, row["distance"])
             line += f", EMA acc {row['ema_acc']:.4f}, |ema-raw|/|raw| {row['distance']:.4g}"
         if swa is not None:
-            row["swa_acc"] = self._ema_accuracy(raw, swa)
+            row["swa_acc"] = self._accuracy_of(swa)
             self.log.add("swa_acc", self.global_step, row["swa_acc"])
             line += f", SWA acc {row['swa_acc']:.4f}"
         self.progress.write(line)
@@ -256,12 +280,10 @@ class Trainer:
         """Eval accuracy of the current (raw) weights, over the whole eval set (gathered across ranks)."""
         return self.parallel.evaluate(self.model, self.data["eval"], self.cfg["EvalReader"]["batch_size"])
 
-    def _ema_accuracy(self, raw, weights):
-        self.model.set_state_dict(weights)
-        try:
+    def _accuracy_of(self, weights):
+        """`_accuracy()` of `weights` (a state dict), the model's own weights kept."""
+        with weights_loaded(self.model, weights):
             return self._accuracy()
-        finally:
-            self.model.set_state_dict(raw)
 
     # -- training ----------------------------------------------------------------------------
     def train(self):
@@ -306,12 +328,8 @@ class Trainer:
         self.lr.step()
         self.global_step += 1
         self.parallel.sync_running_stats(self.model)
-        if self.ema is not None:
-            self.ema.update()
-        if self.swa is not None:
-            self.swa.update(self.global_step - 1)
-        if self.posthoc is not None:
-            self.posthoc.update()
+        for average in self._averages():
+            average.update(self.global_step - 1)
         return float(loss)
 
     def finish(self):

@@ -196,7 +196,7 @@ def _compile(target):
         )
     print(
         f"paddle_ema: compiling the fused EMA kernel once for Paddle {paddle.__version__} "
-        f"(about 15-60 s) into {target.parent} ...",
+        f"(once per Paddle version and source) into {target.parent} ...",
         file=sys.stderr,
         flush=True,
     )

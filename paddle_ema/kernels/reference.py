@@ -3,8 +3,8 @@
 It is also the fallback when the fused extension cannot be built. `lerp_` writes the update as
 subtract, in-place scale and in-place add: the same a + w * (x - a), rounded step by step exactly
 as `paddle.lerp_` does (w rounded to the average's dtype), so a constant stays constant and the
-numbers equal lerp_'s, but about twice as fast on CPU, where lerp_'s broadcasting kernel is slow
-(ResNet-50's 161 tensors: ~27 ms against ~59 ms on the 2-core reference machine).
+numbers equal lerp_'s, but faster on CPU, where lerp_'s broadcasting kernel is slow (measured in
+docs/performance.md, "Why the kernels are written as they are").
 """
 
 import numpy as np

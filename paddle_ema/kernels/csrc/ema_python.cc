@@ -2,9 +2,9 @@
 // PYBIND11_MODULE): kernels/fused.py imports it from the same library as the operators.
 //
 // Why not custom operators: Paddle's custom-operator call converts and checks every tensor of a
-// list argument (about 0.24 us each), so an update of 1,000 (average, value) pairs spent 0.5 ms
-// before the first byte moved. Here each list element is only type-checked and read in place
-// (a reference to the Tensor inside the Python object, no copy): about 6 ns per tensor. The
+// list argument, which dominates an update of many small tensors (docs/performance.md, "Why the
+// kernels are written as they are"). Here each list element is only type-checked and read in place
+// (a reference to the Tensor inside the Python object, no copy). The
 // tensors are read as they are, strides included, so a strided view is reported back for the
 // fallback rather than updated through a hidden contiguous copy.
 //
