@@ -11,21 +11,16 @@ from . import _compat, kernels
 from .kernels import fused
 from .averaging import EMARule, shadow_dtype
 from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
-from .schedules import PowerFunction, make_schedule
+from .schedules import PowerFunction, Schedule, make_schedule
 from .selection import select_parameters
 from .sharding import Sharding
+from .step_policy import AVERAGE, COPY, SKIP, StepPolicy, check_int
 
 __all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 
 STATE_VERSION = 1
 DEFAULT_DECAY = 0.9998
 NONFINITE_POLICIES = ("skip", "raise", "update")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class _Applied:
@@ -105,8 +100,7 @@ class ExponentialMovingAverage:
         if isinstance(schedule, str) and decay is None:
             decay = DEFAULT_DECAY
         self.rule = EMARule(make_schedule(schedule, decay, **dict(schedule_options or {})), bias_correction)
-        self.update_every = _check_int("update_every", update_every, 1)
-        self.start_step = _check_int("start_step", start_step, 0)
+        self.policy = StepPolicy(start_step=start_step, update_every=update_every)
         if nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -140,8 +134,19 @@ class ExponentialMovingAverage:
             raise ConfigError(f"device must be None, 'cpu', 'gpu' or 'gpu:N', got {device!r} ({exc})") from None
 
     @property
-    def schedule(self):
+    def schedule(self) -> Schedule:
+        """The decay schedule."""
         return self.rule.schedule
+
+    @property
+    def update_every(self) -> int:
+        """Average on every k-th call (the step policy's)."""
+        return self.policy.update_every
+
+    @property
+    def start_step(self) -> int:
+        """Calls before this index copy the weights (the step policy's)."""
+        return self.policy.start_step
 
     @paddle.no_grad()
     def _snapshot(self, param):
@@ -174,14 +179,14 @@ class ExponentialMovingAverage:
             raise EMAStateError(
                 "update() while EMA weights are applied would average the average; call restore() first"
             )
-        call = self.num_calls if step is None else _check_int("step", step, 0)
+        call = self.num_calls if step is None else check_int("step", step, 0)
         self.num_calls = call + 1
-        offset = call - self.start_step
-        if offset >= 0 and offset % self.update_every:
+        kind, t = self.policy.action(call)
+        if kind == SKIP:
             return None
         guarded = self.nonfinite != "update"
-        if call >= self.start_step:
-            decay, weight, product = self.rule.step(offset // self.update_every, self.decay_product)
+        if kind == AVERAGE:
+            decay, weight, product = self.rule.step(t, self.decay_product)
             if 0.0 < weight < 1.0 and _active_kernel() == "fused":  # the common case, one call
                 if not guarded:
                     fused.lerp_(self._owned_shadows, self._owned_params, weight)
@@ -198,6 +203,7 @@ class ExponentialMovingAverage:
             self.decay_product = product
             self.last_decay = decay
             return decay
+        assert kind == COPY
         if guarded and not self._weights_finite(call):
             return None
         kernels.copy_(self._owned_shadows, self._owned_params)

@@ -16,9 +16,12 @@ both program kinds (PIR and legacy). Code written for the old class runs after c
 Runs whose parameters held NaN or Inf are skipped and counted in the program (nonfinite='skip');
 apply() warns when the count grew, and num_nonfinite_skipped() reads it.
 
-Numbers. Shadows start at zero and are bias-corrected by the exact product of the decays applied
-(`EMARule(bias_correction=True)`): the stored shadow is already the corrected average, and apply()
-is a cast-copy of the shadows into the parameters. With a constant decay this is Paddle 2.6's
+Numbers. By default (bias_correction=True) shadows start at zero and are bias-corrected by the
+exact product of the decays applied (`EMARule(bias_correction=True)`): the stored shadow is already
+the corrected average, and apply() is a cast-copy of the shadows into the parameters.
+bias_correction=False keeps the plain average a <- a + (1 - d) * (x - a) of the shadows as they
+start (zero after the startup program, or whatever was written into them, e.g. the weights, as
+`state_names()` allows); apply() copies it the same way. Both keep the same persistable variables. With a constant decay this is Paddle 2.6's
 EMA_t / (1 - decay^t); with thres_steps (a varying decay) it is the correctly debiased average
 where Paddle 2.6 divided by 1 - decay_t^t. Before the first update apply() leaves the weights as
 they are (Paddle 2.6 wrote the zero shadows into them).
@@ -49,8 +52,9 @@ from .averaging import EMARule, shadow_dtype
 from .checkpoint import staged_prefix
 from .errors import ConfigError, EMAStateError
 from .program_ops import clone_for_test, step_counter
-from .schedules import make_schedule
+from .schedules import Schedule, make_schedule
 from .selection import select_parameters
+from .step_policy import StepPolicy
 
 __all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
 
@@ -90,6 +94,9 @@ class ExponentialMovingAverage:
         schedule_options: the named schedule's own options, e.g. {'tau': 2000}.
         update_every: average on every k-th run of the main program (the step variable, or the
             own counter, divisible by k); t counts averaging updates. Default 1.
+        bias_correction: True (default): zero start and the exact correction by 1 - prod(d_i),
+            as described above. False: the plain, uncorrected average, from the shadows' start
+            (zeros; write the weights into them after the startup program to start from those).
         include_stop_gradient: also average parameters with stop_gradient=True (BatchNorm's
             running statistics, frozen layers). Default False.
         exclude: parameter names to leave out: substrings, 're:<regex>' strings or re.Pattern.
@@ -111,6 +118,7 @@ class ExponentialMovingAverage:
         schedule=None,
         schedule_options=None,
         update_every=1,
+        bias_correction=True,
         include_stop_gradient=False,
         exclude=None,
         nonfinite="skip",
@@ -127,14 +135,13 @@ class ExponentialMovingAverage:
             )
         if name is not None and not isinstance(name, str):
             raise ConfigError(f"name must be a string or None, got {name!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, (int, np.integer)) or update_every < 1:
-            raise ConfigError(f"update_every must be an integer >= 1, got {update_every!r}")
+        self.policy = StepPolicy(update_every=update_every)
         if schedule is None:
             schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
         options = dict(schedule_options or {})
         self.rule = EMARule(
             make_schedule(schedule, None if not isinstance(schedule, str) else decay, **options),
-            bias_correction=True,
+            bias_correction=bool(bias_correction),
         )
         if np.float32(self.schedule.decay) >= 1.0:
             raise ConfigError(
@@ -144,7 +151,6 @@ class ExponentialMovingAverage:
         if nonfinite not in ("skip", "update"):
             raise ConfigError(f"nonfinite must be 'skip' or 'update' in a static program, got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self.update_every = int(update_every)
         self._step_variable = thres_steps if _is_program_variable(thres_steps) else None
         self._prefix = name or ""
 
@@ -172,13 +178,25 @@ class ExponentialMovingAverage:
         self._backup_made = False
         self._open_applies = 0
         self._skipped_warned = 0
+        self._start_program = None  # start_from_weights()'s, built on its first call
         self._build_swap_programs()
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
 
     @property
-    def schedule(self):
+    def schedule(self) -> Schedule:
+        """The decay schedule."""
         return self.rule.schedule
+
+    @property
+    def update_every(self) -> int:
+        """Average on every k-th run of the main program (the step policy's)."""
+        return self.policy.update_every
+
+    @property
+    def bias_correction(self) -> bool:
+        """Whether the shadows start from zero and are corrected by 1 - prod(d_i)."""
+        return self.rule.bias_correction
 
     def _var(self, suffix):
         return f"{self._prefix}{suffix}"
@@ -228,14 +246,8 @@ class ExponentialMovingAverage:
             self._append_update_ops()
 
     def _append_update_ops(self):
-        step = self._counter if self._step_variable is None else self._step_variable
-        every = self.update_every
-        averages = None
-        if every > 1:
-            step = paddle.cast(step, "int64")
-            averages = step % every == 0
-            step = step // every
-        t = paddle.cast(step, SCALAR_DTYPE)
+        call = self._counter if self._step_variable is None else self._step_variable
+        averages, t = self.policy.tensor_step(call, SCALAR_DTYPE)
         decay = self.schedule.tensor(t)
         weight, product = self.rule.weight(decay, self._product)
         finite = None
@@ -279,6 +291,29 @@ class ExponentialMovingAverage:
             program_ops.lerp_(shadow, value, weight_for(shadow.dtype))
         paddle.assign(product, output=self._product)
         paddle.increment(self._counter, 1.0)
+
+    def start_from_weights(self, executor: paddle.static.Executor) -> None:
+        """(Re)start the average from the parameters' current values, like the dygraph EMA's
+        register(): shadows <- weights (cast to the shadows' dtype), update counter 0, decay
+        product 1. Run it after the startup program (and after loading weights) so that a
+        bias_correction=False average starts from the weights instead of zeros.
+
+        Args:
+            executor: the executor whose scope holds the program's variables.
+        """
+        if self._start_program is None:
+            program = paddle.static.Program()
+            with paddle.static.program_guard(program, paddle.static.Program()):
+                params = self._parameter_references()
+                product, shadows = self._average_references()
+                counter = program_ops.reference(self._counter.name, [1], "int64")
+                for param, shadow in zip(params, shadows):
+                    paddle.assign(param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype),
+                                  output=shadow)
+                paddle.assign(paddle.full([1], 1.0, SCALAR_DTYPE), output=product)
+                paddle.assign(paddle.full([1], 0, "int64"), output=counter)
+            self._start_program = program
+        executor.run(self._start_program)
 
     def _fused_update(self):
         """Update with the fused extension's op: it is the active kernel and the program runs on
