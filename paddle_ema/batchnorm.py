@@ -14,18 +14,10 @@ import numpy as np
 import paddle
 
 from . import _compat
-from .selection import unwrap
+# batchnorm_layers lives in selection.py, with the one BatchNorm-statistic test; re-exported here.
+from .selection import batchnorm_layers, unwrap
 
 __all__ = ["batchnorm_layers", "bn_statistics", "set_bn_statistics", "update_bn"]
-
-
-def batchnorm_layers(model):
-    """[(name, layer)] for every BatchNorm layer (BatchNorm1D/2D/3D, SyncBatchNorm, legacy BatchNorm)."""
-    return [
-        (name, layer)
-        for name, layer in unwrap(model).named_sublayers(include_self=True)
-        if isinstance(layer, _compat.batchnorm_classes())
-    ]
 
 
 def bn_statistics(model):

@@ -27,6 +27,7 @@ from .checkpoint import atomic_save, atomic_write_text, safe_load
 from .dygraph import ExponentialMovingAverage
 from .errors import ConfigError, IncompatibleStateError
 from .schedules import PowerFunction
+from .step_policy import check_int
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "profile_coefficients", "PostHocEMA", "synthesize"]
 
@@ -93,8 +94,7 @@ class PostHocEMA:
                  snapshot_dtype="float32", write=True, **options):
         if snapshot_dtype not in ("float32", "float16"):
             raise ConfigError(f"snapshot_dtype must be 'float32' or 'float16', got {snapshot_dtype!r}")
-        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
-            raise ConfigError(f"snapshot_every must be an integer >= 1, got {snapshot_every!r}")
+        snapshot_every = check_int("snapshot_every", snapshot_every, 1)
         if not sigma_rels:
             raise ConfigError("sigma_rels needs at least one relative width")
         self.sigma_rels = [float(s) for s in sigma_rels]

@@ -33,6 +33,8 @@ Differences from PaddleDetection's class, none of which changes a number of a ru
 (docs/migration.md has the table):
 - an unknown `ema_decay_type` is a ConfigError (PaddleDetection treats any other string as
   'normal'); 'constant' and 'power' (package schedules) are accepted too;
+- a `cycle_epoch` that is not an integer is a ConfigError (PaddleDetection compares it with its
+  epoch count, so a fractional one never restarts there);
 - after `resume(..., step>0)` without an update, apply() corrects with the decay of update
   step-1 (PaddleDetection raises AttributeError there);
 - returned tensors are copies (the shadows are updated in place), so a returned dict does not
@@ -47,6 +49,7 @@ own dtype (float16 entries in float16, as Paddle's scale/add kernels compute the
 import copy
 import warnings
 import weakref
+from typing import Any, Dict, List, Optional, Set
 
 import paddle
 from paddle import nn
@@ -54,29 +57,30 @@ from paddle import nn
 from . import kernels
 from .averaging import EMARule
 from .errors import ConfigError, IncompatibleStateError, NonFiniteError
-from .schedules import SCHEDULES, make_schedule
+from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
+from .selection import batchnorm_statistic_names, black_listed_keys
+from .step_policy import AVERAGE, StepPolicy, is_integer
 
 __all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names"]
 
-# PaddleDetection hard-codes this time constant of the 'exponential' warm-up.
-EXPONENTIAL_TAU = 2000.0
+# PaddleDetection hard-codes this time constant of the 'exponential' warm-up (schedules.py has it).
+EXPONENTIAL_TAU = PPDET_EXPONENTIAL_TAU
 
 
-def bn_running_state_names(model):
-    """State-dict names of BatchNorm2D/SyncBatchNorm running statistics."""
-    names = set()
-    for prefix, layer in model.named_sublayers():
-        if isinstance(layer, (nn.BatchNorm2D, nn.SyncBatchNorm)):
-            names.update((f"{prefix}._mean", f"{prefix}._variance"))
-    return names
+# The BatchNorm kinds whose statistics PaddleDetection's ema_filter_no_grad keeps averaged.
+PPDET_BATCHNORM_CLASSES = (nn.BatchNorm2D, nn.SyncBatchNorm)
 
 
-def _make_schedule(ema_decay_type, decay):
-    if ema_decay_type == "exponential":
-        return make_schedule("exponential", decay, tau=EXPONENTIAL_TAU)
-    if ema_decay_type not in SCHEDULES:
-        raise ConfigError(f"ema_decay_type {ema_decay_type!r} is not allowed; allowed: {', '.join(sorted(SCHEDULES))}")
-    return make_schedule(ema_decay_type, decay)
+def bn_running_state_names(model: nn.Layer) -> Set[str]:
+    """State-dict names of BatchNorm2D/SyncBatchNorm running statistics (PaddleDetection's notion).
+
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped.
+
+    Returns:
+        `selection.batchnorm_statistic_names(model, PPDET_BATCHNORM_CLASSES)`.
+    """
+    return batchnorm_statistic_names(model, PPDET_BATCHNORM_CLASSES)
 
 
 NONFINITE_POLICIES = ("update", "skip", "raise")
@@ -99,24 +103,22 @@ class ModelEMA:
             raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.decay = decay
         self.ema_decay_type = ema_decay_type
+        if not is_integer(cycle_epoch):
+            raise ConfigError(f"cycle_epoch must be an integer (<= 0: never restart), got {cycle_epoch!r}")
         self.cycle_epoch = cycle_epoch
+        # PaddleDetection's quirks as settings of the one step policy: every update averages,
+        # t = updates so far, and the average restarts after every cycle_epoch-th apply().
+        self.policy = StepPolicy(restart_every=max(int(cycle_epoch), 0))
         self.freeze_black_list = bool(freeze_black_list)
         self.nonfinite = nonfinite
         self.num_nonfinite_skipped = 0
-        self.rule = EMARule(_make_schedule(ema_decay_type, decay))
+        self.rule = EMARule(schedule_for_decay_type(ema_decay_type, decay))
         self.step = 0
         self.epoch = 0
         self._decay = None
         self._freeze_warned = False
         model_state = model.state_dict()
-        self.ema_black_list = {
-            name for name in model_state for key in (ema_black_list or ()) if key in name
-        }
-        if ema_filter_no_grad:
-            running = bn_running_state_names(model)
-            self.ema_black_list.update(
-                name for name, param in model.named_parameters() if param.stop_gradient and name not in running
-            )
+        self.ema_black_list = black_listed_keys(model, ema_black_list, ema_filter_no_grad, PPDET_BATCHNORM_CLASSES)
         self.averaged = [name for name in model_state if name not in self.ema_black_list]
         self._model_state = {name: weakref.ref(tensor) for name, tensor in model_state.items()}
         self.state_dict = {}
@@ -151,7 +153,9 @@ class ModelEMA:
         values = [values[name] for name in self.averaged]
         if self.nonfinite != "update" and not self._values_finite(values):
             return
-        decay = self.rule.schedule(self.step)
+        kind, t = self.policy.action(self.step)
+        assert kind == AVERAGE  # no start step, no update_every: every update averages
+        decay = self.rule.schedule(t)
         self._decay = decay
         # PaddleDetection's (1 - decay), in float64: not 1 - float32(decay).
         kernels.ppdet_update_(self._shadows(), values, decay, 1 - decay)
@@ -194,8 +198,8 @@ class ModelEMA:
                 # PaddleDetection's own two ops, so the numbers follow whatever Paddle computes.
                 result[name] = (tensor / correction).astype(model_state[name].dtype)
                 result[name].stop_gradient = True
-        self.epoch += 1
-        if self.cycle_epoch > 0 and self.epoch == self.cycle_epoch:
+        self.epoch += 1  # apply()s since the last restart: reset() sets it back to 0
+        if self.policy.restarts_after(self.epoch):
             self.reset()
         return result
 

@@ -25,6 +25,8 @@ __all__ = [
     "SCHEDULES",
     "register_schedule",
     "make_schedule",
+    "schedule_for_decay_type",
+    "PPDET_EXPONENTIAL_TAU",
 ]
 
 
@@ -224,3 +226,38 @@ def make_schedule(schedule="threshold", decay=None, **options):
     if decay is not None:
         options["decay"] = decay
     return cls(**options)
+
+
+# PaddleDetection hard-codes this time constant of its 'exponential' warm-up.
+PPDET_EXPONENTIAL_TAU = 2000.0
+
+
+def schedule_for_decay_type(
+    ema_decay_type: str,
+    decay: float,
+    *,
+    tau: float = PPDET_EXPONENTIAL_TAU,
+    inv_gamma: float = 1.0,
+    power: float = 2.0 / 3.0,
+    min_decay: float = 0.0,
+) -> Schedule:
+    """The schedule a PaddleDetection-style `ema_decay_type` names: the one place that maps it.
+
+    Args:
+        ema_decay_type: 'threshold', 'exponential', 'normal' (PaddleDetection's three) or any
+            registered schedule name ('constant', 'power', ...).
+        decay: the schedule's decay (upper bound).
+        tau: the 'exponential' warm-up's time constant (PaddleDetection's 2000 by default).
+        inv_gamma: the 'power' schedule's inv_gamma.
+        power: the 'power' schedule's power.
+        min_decay: the 'power' schedule's min_decay.
+
+    Returns:
+        The Schedule. Each option goes only to the schedule that takes it; an unknown
+        `ema_decay_type` is a ConfigError (PaddleDetection treats it as 'normal').
+    """
+    if not isinstance(ema_decay_type, str) or ema_decay_type not in SCHEDULES:
+        raise ConfigError(f"ema_decay_type {ema_decay_type!r} is not allowed; allowed: {', '.join(sorted(SCHEDULES))}")
+    given = {"tau": tau, "inv_gamma": inv_gamma, "power": power, "min_decay": min_decay}
+    taken = {f.name for f in fields(SCHEDULES[ema_decay_type])}
+    return make_schedule(ema_decay_type, decay, **{k: v for k, v in given.items() if k in taken})
