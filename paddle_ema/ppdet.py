@@ -89,16 +89,28 @@ NONFINITE_POLICIES = ("update", "skip", "raise")
 class ModelEMA:
     """PaddleDetection's ModelEMA: same constructor, methods and numbers (see the module docstring).
 
-    Keywords beyond PaddleDetection's:
-        freeze_black_list: apply() sets stop_gradient=True on the black-listed tensors it returns
-            (the model's own), as PaddleDetection's does. Default True; False keeps them trainable.
-        nonfinite: 'update' (default, PaddleDetection's behaviour): no check. 'skip': an update
-            whose averaged values hold NaN or Inf changes nothing (t does not advance), is counted
-            in `num_nonfinite_skipped` and warned about; 'raise': NonFiniteError.
+    Args:
+        model: the `paddle.nn.Layer` whose state dict is averaged.
+        decay: the schedule's decay.
+        ema_decay_type: 'threshold', 'exponential' (tau 2000), 'normal' (constant), or another
+            registered schedule name (`schedules.schedule_for_decay_type`).
+        cycle_epoch: restart the average after every that many apply() calls; <= 0 never
+            (the step policy's restart_every).
+        ema_black_list: substrings of state-dict keys left live (not averaged).
+        ema_filter_no_grad: also leave live the stop_gradient parameters other than
+            BatchNorm2D/SyncBatchNorm statistics.
+        freeze_black_list: (beyond PaddleDetection's) apply() sets stop_gradient=True on the
+            black-listed tensors it returns (the model's own), as PaddleDetection's does.
+            Default True; False keeps them trainable.
+        nonfinite: (beyond PaddleDetection's) 'update' (default, PaddleDetection's behaviour): no
+            check. 'skip': an update whose averaged values hold NaN or Inf changes nothing (t does
+            not advance), is counted in `num_nonfinite_skipped` and warned about; 'raise':
+            NonFiniteError.
     """
 
-    def __init__(self, model, decay=0.9998, ema_decay_type="threshold", cycle_epoch=-1, ema_black_list=None,
-                 ema_filter_no_grad=False, *, freeze_black_list=True, nonfinite="update"):
+    def __init__(self, model: nn.Layer, decay: float = 0.9998, ema_decay_type: str = "threshold",
+                 cycle_epoch: int = -1, ema_black_list: Optional[List[str]] = None, ema_filter_no_grad: bool = False,
+                 *, freeze_black_list: bool = True, nonfinite: str = "update"):
         if nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.decay = decay
@@ -134,7 +146,8 @@ class ModelEMA:
     def _shadows(self):
         return [self.state_dict[name] for name in self.averaged]
 
-    def reset(self):
+    def reset(self) -> None:
+        """Restart the average: zero shadows, t = 0, epoch = 0."""
         self.step = 0
         self.epoch = 0
         for name in self.averaged:
@@ -147,8 +160,12 @@ class ModelEMA:
             raise RuntimeError(f"ModelEMA: the model's tensors {gone[:3]} were garbage-collected; pass update(model)")
         return state
 
-    def update(self, model=None):
-        """Fold the model's current state into the shadows (after optimizer.step())."""
+    def update(self, model: Optional[nn.Layer] = None) -> None:
+        """Fold the model's current state into the shadows (after optimizer.step()).
+
+        Args:
+            model: the model to read; None reads the one given to the constructor.
+        """
         values = model.state_dict() if model is not None else self._live_state()
         values = [values[name] for name in self.averaged]
         if self.nonfinite != "update" and not self._values_finite(values):
@@ -180,8 +197,12 @@ class ModelEMA:
         return False
 
     @paddle.no_grad()
-    def apply(self):
-        """The averaged state dict, bias-corrected PaddleDetection's way; counts one epoch."""
+    def apply(self) -> Dict[str, paddle.Tensor]:
+        """The averaged state dict, bias-corrected PaddleDetection's way; counts one epoch.
+
+        Returns:
+            {state-dict key: tensor}: copies of the averages, the live tensors for black-listed keys.
+        """
         if self.step == 0:
             return {name: self._copy(tensor) for name, tensor in self.state_dict.items()}
         model_state = self._live_state()
@@ -224,8 +245,13 @@ class ModelEMA:
         copy.stop_gradient = True
         return copy
 
-    def resume(self, state_dict, step=0):
-        """Take shadows from `state_dict` (entries this EMA has; others ignored) and set t = step."""
+    def resume(self, state_dict: Dict[str, Any], step: int = 0) -> None:
+        """Take shadows from `state_dict` and set t = step, as PaddleDetection's resume does.
+
+        Args:
+            state_dict: {key: tensor or array}; keys this EMA does not have are ignored.
+            step: the updates made so far.
+        """
         averaged = set(self.averaged)
         for name, value in state_dict.items():
             if name not in self.state_dict:
@@ -244,8 +270,12 @@ class ModelEMA:
         self.step = step
         self._decay = self.rule.schedule(step - 1) if step > 0 else None
 
-    def ema_state(self):
-        """Everything needed to resume exactly (the raw shadows, t, epoch and last decay)."""
+    def ema_state(self) -> Dict[str, Any]:
+        """Everything needed to resume exactly.
+
+        Returns:
+            The raw shadows, t, epoch, last decay and the settings.
+        """
         return {
             "format": "paddle_ema.ModelEMA",
             "shadow": {name: self.state_dict[name] for name in self.averaged},
@@ -255,8 +285,12 @@ class ModelEMA:
             "settings": {"decay": self.decay, "ema_decay_type": self.ema_decay_type, "cycle_epoch": self.cycle_epoch},
         }
 
-    def load_ema_state(self, state):
-        """Resume exactly from ema_state(): no second bias correction."""
+    def load_ema_state(self, state: Dict[str, Any]) -> None:
+        """Resume exactly from ema_state(): no second bias correction.
+
+        Args:
+            state: an ema_state() of a ModelEMA with the same settings.
+        """
         if not isinstance(state, dict) or state.get("format") != "paddle_ema.ModelEMA":
             raise IncompatibleStateError("not a ModelEMA.ema_state() dict")
         mine = self.ema_state()["settings"]
@@ -276,16 +310,26 @@ class SimpleModelEMA:
     `model` is the copy; update(model, decay) moves every floating entry of its state dict to
     v*decay + (1-decay)*x in the entry's dtype, rounded as Paddle's scale and add ops round it
     (kernels.ppdet_update_); other entries are left as they are. No zero init, no correction.
+
+    Args:
+        model: the model to copy.
+        decay: the default decay of update().
     """
 
-    def __init__(self, model=None, decay=0.9996):
+    def __init__(self, model: Optional[nn.Layer] = None, decay: float = 0.9996):
         self.model = copy.deepcopy(model)
         self.decay = decay
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
 
     @paddle.no_grad()
-    def update(self, model, decay=None):
+    def update(self, model: nn.Layer, decay: Optional[float] = None) -> None:
+        """Move the copy's floating entries towards `model`'s.
+
+        Args:
+            model: the trained model.
+            decay: this update's decay; None for the constructor's.
+        """
         if decay is None:
             decay = self.decay
         current, mine = model.state_dict(), self.model.state_dict()
@@ -299,8 +343,13 @@ class SimpleModelEMA:
         kernels.ppdet_update_([mine[n] for n in full], [current[n].detach() for n in full], decay, 1.0 - decay)
         kernels.copy_([mine[n] for n in half], [new_half[n] for n in half])
 
-    def resume(self, state_dict, step=0):
-        """Load the floating entries of `state_dict` into the copy; set `step`."""
+    def resume(self, state_dict: Dict[str, Any], step: int = 0) -> None:
+        """Load the floating entries of `state_dict` into the copy; set `step`.
+
+        Args:
+            state_dict: a state dict of the model.
+            step: the updates made so far.
+        """
         state = {}
         for name, value in self.model.state_dict().items():
             state[name] = state_dict[name].detach() if paddle.is_floating_point(value) else value

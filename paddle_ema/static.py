@@ -43,6 +43,7 @@ CPU.
 
 import contextlib
 import warnings
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import paddle
@@ -111,17 +112,17 @@ class ExponentialMovingAverage:
 
     def __init__(
         self,
-        decay=DEFAULT_DECAY,
-        thres_steps=None,
-        name=None,
+        decay: float = DEFAULT_DECAY,
+        thres_steps: Any = None,
+        name: Optional[str] = None,
         *,
-        schedule=None,
-        schedule_options=None,
-        update_every=1,
-        bias_correction=True,
-        include_stop_gradient=False,
-        exclude=None,
-        nonfinite="skip",
+        schedule: Any = None,
+        schedule_options: Optional[Dict[str, Any]] = None,
+        update_every: int = 1,
+        bias_correction: bool = True,
+        include_stop_gradient: bool = False,
+        exclude: Any = None,
+        nonfinite: str = "skip",
     ):
         if paddle.in_dynamic_mode():
             raise ConfigError(
@@ -201,15 +202,25 @@ class ExponentialMovingAverage:
     def _var(self, suffix):
         return f"{self._prefix}{suffix}"
 
-    def shadow_name(self, param_name):
-        """Name of the persistable variable that holds the average of `param_name`."""
+    def shadow_name(self, param_name: str) -> str:
+        """The scope name of one parameter's average.
+
+        Args:
+            param_name: the parameter's name in the program.
+
+        Returns:
+            The name of the persistable variable that holds its average.
+        """
         return self._var(f"{param_name}@EMA")
 
-    def state_names(self):
-        """Scope names of the persistable state, for code that saves or sets it by hand:
-        {'shadows': {parameter name: shadow name}, 'counter': the int64 count of update runs,
-        'product': the float64 product of the decays applied (1 before any update),
-        'skipped': the int64 count of runs skipped for non-finite parameters}."""
+    def state_names(self) -> Dict[str, Any]:
+        """Scope names of the persistable state, for code that saves or sets it by hand.
+
+        Returns:
+            {'shadows': {parameter name: shadow name}, 'counter': the int64 count of update runs,
+            'product': the float64 product of the decays applied (1 before any update),
+            'skipped': the int64 count of runs skipped for non-finite parameters}.
+        """
         return {
             "shadows": {n: self.shadow_name(n) for n in self.names},
             "counter": self._counter.name,
@@ -230,7 +241,7 @@ class ExponentialMovingAverage:
                 f"the program already has EMA variables {taken[:3]}: give each EMA of one program its own name="
             )
 
-    def update(self):
+    def update(self) -> None:
         """Append the EMA update ops to the main program (once); each run of it then averages."""
         if self._updated:
             raise EMAStateError("update() already appended the EMA update ops to the program; call it once")
@@ -355,7 +366,7 @@ class ExponentialMovingAverage:
         self.restore_program = self._restore_program
 
     @property
-    def apply_program(self):
+    def apply_program(self) -> paddle.static.Program:
         """The old class's program: run it and the parameters hold the EMA weights (their raw values
         saved first; `restore_program` puts them back). It writes the saved copies in place, so
         they are made to exist in the current scope here, when a script fetches the program."""
@@ -404,9 +415,15 @@ class ExponentialMovingAverage:
         except (RuntimeError, AttributeError):
             return False
 
-    def num_nonfinite_skipped(self, scope=None):
-        """Runs of the main program whose update the non-finite guard skipped (read from `scope`,
-        default the current global scope); 0 before the startup program ran."""
+    def num_nonfinite_skipped(self, scope: Any = None) -> int:
+        """Runs of the main program whose update the non-finite guard skipped.
+
+        Args:
+            scope: the scope to read; default the current global scope.
+
+        Returns:
+            The count; 0 before the startup program ran.
+        """
         scope = scope or paddle.static.global_scope()
         var = scope.find_var(self._skipped.name)
         if var is None:
@@ -429,11 +446,18 @@ class ExponentialMovingAverage:
             )
 
     @contextlib.contextmanager
-    def apply(self, executor, need_restore=True):
+    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> Iterator["ExponentialMovingAverage"]:
         """Put the EMA weights into the parameters; on leaving the block the raw weights come back.
 
-        With need_restore=False the EMA weights stay (for export); `restore(executor)` still
-        brings the raw ones back. An apply() nested in an open apply() keeps the first backup.
+        An apply() nested in an open apply() keeps the first backup.
+
+        Args:
+            executor: the executor whose scope holds the program's variables.
+            need_restore: False keeps the EMA weights after the block (for export);
+                `restore(executor)` still brings the raw ones back.
+
+        Returns:
+            A context manager (yielding this EMA).
         """
         if self._open_applies == 0:
             executor.run(self._backup_program)
@@ -449,18 +473,29 @@ class ExponentialMovingAverage:
                 if self._open_applies == 0:
                     self.restore(executor)
 
-    def restore(self, executor):
-        """Put back the raw weights saved by the last apply() (bit-exact)."""
+    def restore(self, executor: paddle.static.Executor) -> None:
+        """Put back the raw weights saved by the last apply() (bit-exact).
+
+        Args:
+            executor: the executor apply() ran with.
+        """
         if not self._backup_made and not self._backup_in_scope():
             raise EMAStateError("restore() before any apply(): there are no saved raw weights to put back")
         executor.run(self._restore_program)
 
-    def save_inference_model(self, path_prefix, feed_vars, fetch_vars, executor, **kwargs):
+    def save_inference_model(self, path_prefix: str, feed_vars: Any, fetch_vars: Any,
+                             executor: paddle.static.Executor, **kwargs: Any) -> None:
         """`paddle.static.save_inference_model` with the EMA weights in the saved parameters.
 
-        Pass `program=test_program` (see `clone_for_test`) as for Paddle's function; the training
-        weights are back in the scope afterwards. The files are written crash-safe
+        The training weights are back in the scope afterwards. The files are written crash-safe
         (paddle_ema.checkpoint.staged_prefix).
+
+        Args:
+            path_prefix: as for Paddle's function.
+            feed_vars: as for Paddle's function.
+            fetch_vars: as for Paddle's function.
+            executor: the executor whose scope holds the program's variables.
+            **kwargs: as for Paddle's function; pass `program=test_program` (see `clone_for_test`).
         """
         with self.apply(executor), staged_prefix(path_prefix) as staged:
             paddle.static.save_inference_model(staged, feed_vars, fetch_vars, executor, **kwargs)
