@@ -81,15 +81,16 @@ def batchnorm_statistic_names(model: Any, classes: Optional[Iterable[type]] = No
     return names
 
 
-def is_batchnorm_statistic(key: str, model: Any = None, classes: Optional[Iterable[type]] = None) -> bool:
-    """The package's one answer to "is this state-dict key / parameter name a BatchNorm running statistic".
+def is_batchnorm_statistic(key: Any, model: Any = None, classes: Optional[Iterable[type]] = None) -> bool:
+    """The package's one answer to "is this state-dict key / parameter a BatchNorm running statistic".
 
     Args:
-        key: a state-dict key or parameter name (wrapper prefixes removed).
-        model: the model the key belongs to. With it the answer is exact (`key` is in
-            `batchnorm_statistic_names(model, classes)`); without it (state dicts read from files)
-            the answer comes from the name alone: its last component is `_mean` or `_variance`,
-            the names Paddle's BatchNorm layers give their statistics.
+        key: a state-dict key or parameter name (wrapper prefixes removed), or a parameter itself.
+        model: the model the key belongs to. With it the answer is exact (a name is in
+            `batchnorm_statistic_names(model, classes)`, a parameter is one of those layers'
+            statistics); without it (state dicts read from files) a name is judged alone: its last
+            component is `_mean` or `_variance`, the names Paddle's BatchNorm layers give their
+            statistics. A parameter needs the model.
         classes: with `model`, the BatchNorm classes that count (default: every kind).
 
     Returns:
@@ -97,11 +98,16 @@ def is_batchnorm_statistic(key: str, model: Any = None, classes: Optional[Iterab
 
     For many keys of one model, compute `batchnorm_statistic_names(model)` once instead.
     """
-    if model is not None:
+    if model is None:
+        if classes is not None:
+            raise SelectionError("is_batchnorm_statistic: classes= needs the model= whose layers it narrows")
+        if not isinstance(key, str):
+            raise SelectionError("is_batchnorm_statistic: a parameter (not a name) needs the model= it belongs to")
+        return key.rsplit(".", 1)[-1] in BATCHNORM_STATISTIC_SUFFIXES
+    if isinstance(key, str):
         return key in batchnorm_statistic_names(model, classes)
-    if classes is not None:
-        raise SelectionError("is_batchnorm_statistic: classes= needs the model= whose layers it narrows")
-    return key.rsplit(".", 1)[-1] in BATCHNORM_STATISTIC_SUFFIXES
+    return any(key is statistic for _, layer in batchnorm_layers(model, classes)
+               for statistic in _compat.batchnorm_statistics(layer))
 
 
 def _qualified(prefix, param, layer):

@@ -56,6 +56,13 @@ def test_is_batchnorm_statistic_with_and_without_the_model():
     assert is_batchnorm_statistic("_mean") and not is_batchnorm_statistic("head.my_mean")
     with pytest.raises(SelectionError, match="classes= needs the model="):
         is_batchnorm_statistic("bn2._mean", classes=(nn.BatchNorm2D,))
+    # A parameter itself, by identity with the layers' statistics.
+    params = dict(model.named_parameters())
+    assert exact <= set(params)
+    assert {n for n, p in params.items() if is_batchnorm_statistic(p, model)} == exact
+    assert not is_batchnorm_statistic(params["bn2.weight"], model)
+    with pytest.raises(SelectionError, match="needs the model="):
+        is_batchnorm_statistic(params["bn2._mean"])
 
 
 def test_the_front_ends_share_the_one_answer():
