@@ -18,13 +18,13 @@ apply() warns when the count grew, and num_nonfinite_skipped() reads it.
 
 Numbers. By default (bias_correction=True) shadows start at zero and are bias-corrected by the
 exact product of the decays applied (`EMARule(bias_correction=True)`): the stored shadow is already
-the corrected average, and apply() is a cast-copy of the shadows into the parameters.
-bias_correction=False keeps the plain average a <- a + (1 - d) * (x - a) of the shadows as they
-start (zero after the startup program, or whatever was written into them, e.g. the weights, as
-`state_names()` allows); apply() copies it the same way. Both keep the same persistable variables. With a constant decay this is Paddle 2.6's
-EMA_t / (1 - decay^t); with thres_steps (a varying decay) it is the correctly debiased average
-where Paddle 2.6 divided by 1 - decay_t^t. Before the first update apply() leaves the weights as
-they are (Paddle 2.6 wrote the zero shadows into them).
+the corrected average, and apply() is a cast-copy of the shadows into the parameters. With a
+constant decay this is Paddle 2.6's EMA_t / (1 - decay^t); with thres_steps (a varying decay) it is
+the correctly debiased average where Paddle 2.6 divided by 1 - decay_t^t. Before the first update
+apply() leaves the weights as they are (Paddle 2.6 wrote the zero shadows into them).
+bias_correction=False keeps the plain average a <- a + (1 - d) * (x - a) of the shadows from their
+start: zeros after the startup program, or the weights after `start_from_weights(exe)` (the
+dygraph EMA's default start). apply() copies it the same way; both keep the same variables.
 
 The step scalars (step, decay, weight, product) are computed in float64 ops, as the dygraph EMA
 computes them in float64 on the host, so 1 - product keeps its digits near 1. The schedule's
@@ -96,8 +96,8 @@ class ExponentialMovingAverage:
         update_every: average on every k-th run of the main program (the step variable, or the
             own counter, divisible by k); t counts averaging updates. Default 1.
         bias_correction: True (default): zero start and the exact correction by 1 - prod(d_i),
-            as described above. False: the plain, uncorrected average, from the shadows' start
-            (zeros; write the weights into them after the startup program to start from those).
+            as described above. False: the plain, uncorrected average from the shadows' start
+            (zeros; call `start_from_weights(exe)` after the startup program to start from the weights).
         include_stop_gradient: also average parameters with stop_gradient=True (BatchNorm's
             running statistics, frozen layers). Default False.
         exclude: parameter names to leave out: substrings, 're:<regex>' strings or re.Pattern.
@@ -446,7 +446,8 @@ class ExponentialMovingAverage:
             )
 
     @contextlib.contextmanager
-    def apply(self, executor: paddle.static.Executor, need_restore: bool = True) -> Iterator["ExponentialMovingAverage"]:
+    def apply(self, executor: paddle.static.Executor,
+              need_restore: bool = True) -> Iterator["ExponentialMovingAverage"]:
         """Put the EMA weights into the parameters; on leaving the block the raw weights come back.
 
         An apply() nested in an open apply() keeps the first backup.
