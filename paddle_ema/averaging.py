@@ -22,41 +22,76 @@ both modes, starting from P = 1: it is the share of the initial value still in t
 The formulas are plain arithmetic, so the static EMA evaluates them on tensors too.
 """
 
+from typing import Any, Dict, Tuple
+
 from .errors import ConfigError
 
 __all__ = ["EMARule", "shadow_dtype"]
 
 
-def shadow_dtype(dtype):
-    """The dtype an average of `dtype` weights is kept in: float32 for float16/bfloat16 (a
-    half-precision average rounds each small (1 - d) * (x - a) step away and stops moving),
-    else the weights' own."""
+def shadow_dtype(dtype: Any) -> Any:
+    """The dtype an average of `dtype` weights is kept in.
+
+    Args:
+        dtype: the weights' Paddle dtype.
+
+    Returns:
+        float32 for float16/bfloat16 (a half-precision average rounds each small
+        (1 - d) * (x - a) step away and stops moving), else `dtype` itself.
+    """
     import paddle
 
     return paddle.float32 if dtype in (paddle.float16, paddle.bfloat16) else dtype
 
 
 class EMARule:
-    """Exponential moving average with a decay schedule, optionally zero-initialised and bias-corrected."""
+    """Exponential moving average with a decay schedule, optionally zero-initialised and bias-corrected.
 
-    def __init__(self, schedule, bias_correction=False):
+    Args:
+        schedule: the decay schedule (a `paddle_ema.schedules.Schedule`).
+        bias_correction: zero start with the correction by 1 - P_t (w_t = (1 - d_t) / (1 - P_t));
+            False: start from the weights, w_t = 1 - d_t.
+    """
+
+    def __init__(self, schedule: Any, bias_correction: bool = False):
         if bias_correction and schedule.decay >= 1.0:
             raise ConfigError("bias_correction needs decay < 1: with decay 1 nothing is ever averaged")
         self.schedule = schedule
         self.bias_correction = bool(bias_correction)
 
-    def weight(self, decay, product):
-        """(w, new product) for one update with decay `decay`; float or tensor arithmetic alike."""
+    def weight(self, decay: Any, product: Any) -> Tuple[Any, Any]:
+        """The interpolation weight of one update; float or tensor arithmetic alike.
+
+        Args:
+            decay: this update's decay d_t.
+            product: P_{t-1}, the product of the decays applied before (1 at the start).
+
+        Returns:
+            (w_t, P_t).
+        """
         new_product = product * decay
         if self.bias_correction:
             return (1.0 - decay) / (1.0 - new_product), new_product
         return 1.0 - decay, new_product
 
-    def step(self, t, product):
-        """(decay, w, new product) for the t-th update, decay from the schedule in float64."""
+    def step(self, t: int, product: float) -> Tuple[float, float, float]:
+        """The t-th update on the host, its decay from the schedule in float64.
+
+        Args:
+            t: the averaging step (0 for the first update).
+            product: P_{t-1}.
+
+        Returns:
+            (d_t, w_t, P_t).
+        """
         decay = self.schedule(t)
         w, new_product = self.weight(decay, product)
         return decay, w, new_product
 
-    def options(self):
+    def options(self) -> Dict[str, Any]:
+        """The settings that change the numbers, for state dicts.
+
+        Returns:
+            {'schedule': the schedule's options, 'bias_correction': bool}.
+        """
         return {"schedule": self.schedule.options(), "bias_correction": self.bias_correction}

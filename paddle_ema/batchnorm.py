@@ -10,31 +10,39 @@ float64 with Chan's parallel formulas, so the result does not depend on BatchNor
 which is left as it was.
 """
 
+from typing import Any, Dict, Optional, Tuple
+
 import numpy as np
 import paddle
 
 from . import _compat
-from .selection import unwrap
+# batchnorm_layers lives in selection.py, with the one BatchNorm-statistic test; re-exported here.
+from .selection import batchnorm_layers, unwrap
 
 __all__ = ["batchnorm_layers", "bn_statistics", "set_bn_statistics", "update_bn"]
 
 
-def batchnorm_layers(model):
-    """[(name, layer)] for every BatchNorm layer (BatchNorm1D/2D/3D, SyncBatchNorm, legacy BatchNorm)."""
-    return [
-        (name, layer)
-        for name, layer in unwrap(model).named_sublayers(include_self=True)
-        if isinstance(layer, _compat.batchnorm_classes())
-    ]
+def bn_statistics(model: paddle.nn.Layer) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Copies of the BatchNorm running statistics, for set_bn_statistics().
 
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped.
 
-def bn_statistics(model):
-    """{layer name: (mean, variance)} copies of the running statistics, for set_bn_statistics()."""
+    Returns:
+        {layer name: (mean, variance)} as numpy arrays.
+    """
     return {name: tuple(s.numpy().copy() for s in _compat.batchnorm_statistics(layer))
             for name, layer in batchnorm_layers(model)}
 
 
-def set_bn_statistics(model, statistics):
+def set_bn_statistics(model: paddle.nn.Layer, statistics: Dict[str, Tuple[Any, Any]]) -> None:
+    """Write running statistics back into the model's BatchNorm layers (each in its own dtype).
+
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped.
+        statistics: {layer name: (mean, variance)}, as bn_statistics() or update_bn() return
+            them; layers not named are left as they are.
+    """
     for name, layer in batchnorm_layers(model):
         if name in statistics:
             for target, value in zip(_compat.batchnorm_statistics(layer), statistics[name]):
@@ -93,8 +101,16 @@ def _order(model, loader):
 
 
 @paddle.no_grad()
-def update_bn(model, loader, num_batches=None):
-    """Recompute BatchNorm statistics with a pass over `loader`; returns the statistics replaced.
+def update_bn(model: Any, loader: Any, num_batches: Optional[int] = None) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:
+    """Recompute BatchNorm statistics with a pass over `loader`.
+
+    Args:
+        model: the `paddle.nn.Layer` (bare or wrapped); PyTorch's order, the loader first, works too.
+        loader: an iterable of batches, each `x` or a tuple/list whose first element is `x`.
+        num_batches: at most this many batches; None for the whole loader.
+
+    Returns:
+        The statistics replaced, {layer name: (mean, variance)}, for set_bn_statistics().
 
     Each batch is `x` or a tuple/list whose first element is `x`; the model runs in training mode
     (as during training, each BatchNorm normalises with its batch) and is put back in the mode it

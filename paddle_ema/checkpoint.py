@@ -35,6 +35,7 @@ import time
 import paddle
 
 from .errors import CheckpointError
+from .step_policy import is_integer
 
 __all__ = [
     "atomic_save",
@@ -247,7 +248,7 @@ def _schema_problem(manifest):
         if not isinstance(entry, dict):
             return f"files[{shown!r}] is a JSON {type(entry).__name__}, not an object"
         size, sha = entry.get("bytes"), entry.get("sha256")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        if not is_integer(size, 0):
             return f"files[{shown!r}].bytes is not an integer >= 0"
         if not isinstance(sha, str) or not _SHA256.match(sha):
             return f"files[{shown!r}].sha256 is not 64 hexadecimal digits"

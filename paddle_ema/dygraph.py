@@ -3,6 +3,7 @@
 import difflib
 import warnings
 from collections import OrderedDict
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import paddle
@@ -11,21 +12,16 @@ from . import _compat, kernels
 from .kernels import fused
 from .averaging import EMARule, shadow_dtype
 from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
-from .schedules import PowerFunction, make_schedule
+from .schedules import PowerFunction, Schedule, make_schedule
 from .selection import select_parameters
 from .sharding import Sharding
+from .step_policy import AVERAGE, COPY, SKIP, StepPolicy, check_int
 
 __all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 
 STATE_VERSION = 1
 DEFAULT_DECAY = 0.9998
 NONFINITE_POLICIES = ("skip", "raise", "update")
-
-
-def _check_int(name, value, minimum):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 class _Applied:
@@ -79,34 +75,34 @@ class ExponentialMovingAverage:
 
     The step t of the schedule counts averaging updates from 0. `update(step=n)` takes the call
     index from an external counter instead (TensorFlow's num_updates); t is then
-    (n - start_step) // update_every, so the decay follows the external counter.
+    (n - start_step) // update_every, so the decay follows the external counter. Which call
+    copies, skips or averages is `self.policy`'s answer (`paddle_ema.step_policy.StepPolicy`).
     """
 
     def __init__(
         self,
-        model,
-        decay=None,
-        thres_steps=True,
+        model: paddle.nn.Layer,
+        decay: Optional[float] = None,
+        thres_steps: bool = True,
         *,
-        schedule=None,
-        schedule_options=None,
-        bias_correction=False,
-        update_every=1,
-        start_step=0,
-        include_stop_gradient=False,
-        exclude=None,
-        device=None,
-        shard=False,
-        group=None,
-        nonfinite="skip",
+        schedule: Any = None,
+        schedule_options: Optional[Dict[str, Any]] = None,
+        bias_correction: bool = False,
+        update_every: int = 1,
+        start_step: int = 0,
+        include_stop_gradient: bool = False,
+        exclude: Any = None,
+        device: Any = None,
+        shard: bool = False,
+        group: Any = None,
+        nonfinite: str = "skip",
     ):
         if schedule is None:
             schedule = "threshold" if thres_steps else "constant"
         if isinstance(schedule, str) and decay is None:
             decay = DEFAULT_DECAY
         self.rule = EMARule(make_schedule(schedule, decay, **dict(schedule_options or {})), bias_correction)
-        self.update_every = _check_int("update_every", update_every, 1)
-        self.start_step = _check_int("start_step", start_step, 0)
+        self.policy = StepPolicy(start_step=start_step, update_every=update_every)
         if nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.nonfinite = nonfinite
@@ -140,8 +136,19 @@ class ExponentialMovingAverage:
             raise ConfigError(f"device must be None, 'cpu', 'gpu' or 'gpu:N', got {device!r} ({exc})") from None
 
     @property
-    def schedule(self):
+    def schedule(self) -> Schedule:
+        """The decay schedule."""
         return self.rule.schedule
+
+    @property
+    def update_every(self) -> int:
+        """Average on every k-th call (the step policy's)."""
+        return self.policy.update_every
+
+    @property
+    def start_step(self) -> int:
+        """Calls before this index copy the weights (the step policy's)."""
+        return self.policy.start_step
 
     @paddle.no_grad()
     def _snapshot(self, param):
@@ -151,7 +158,7 @@ class ExponentialMovingAverage:
         shadow.stop_gradient = True
         return shadow
 
-    def register(self):
+    def register(self) -> None:
         """(Re)snapshot the shadow from the current weights and reset the counters."""
         if self._backup is not None:
             raise EMAStateError("register() while EMA weights are applied would average them; call restore() first")
@@ -165,23 +172,28 @@ class ExponentialMovingAverage:
         self.decay_product = 1.0
         self.last_decay = None
 
-    def update(self, step=None):
-        """Fold the current weights into the average; returns the decay used, or None when skipped.
+    def update(self, step: Optional[int] = None) -> Optional[float]:
+        """Fold the current weights into the average. Call it after `optimizer.step()`.
 
-        Call it after `optimizer.step()`. `step` is an external call counter (0-based).
+        Args:
+            step: an external call counter (0-based); None counts the calls of update().
+
+        Returns:
+            The decay used, or None when the call copied the weights, was skipped by
+            update_every, or skipped for non-finite weights.
         """
         if self._backup is not None:
             raise EMAStateError(
                 "update() while EMA weights are applied would average the average; call restore() first"
             )
-        call = self.num_calls if step is None else _check_int("step", step, 0)
+        call = self.num_calls if step is None else check_int("step", step, 0)
         self.num_calls = call + 1
-        offset = call - self.start_step
-        if offset >= 0 and offset % self.update_every:
+        kind, t = self.policy.action(call)
+        if kind == SKIP:
             return None
         guarded = self.nonfinite != "update"
-        if call >= self.start_step:
-            decay, weight, product = self.rule.step(offset // self.update_every, self.decay_product)
+        if kind == AVERAGE:
+            decay, weight, product = self.rule.step(t, self.decay_product)
             if 0.0 < weight < 1.0 and _active_kernel() == "fused":  # the common case, one call
                 if not guarded:
                     fused.lerp_(self._owned_shadows, self._owned_params, weight)
@@ -198,6 +210,7 @@ class ExponentialMovingAverage:
             self.decay_product = product
             self.last_decay = decay
             return decay
+        assert kind == COPY
         if guarded and not self._weights_finite(call):
             return None
         kernels.copy_(self._owned_shadows, self._owned_params)
@@ -229,17 +242,22 @@ class ExponentialMovingAverage:
             )
 
     @property
-    def is_applied(self):
+    def is_applied(self) -> bool:
         """True while the model holds EMA weights that restore() can swap back."""
         return self._backup is not None
 
     @paddle.no_grad()
-    def apply(self, need_restore=True):
-        """Swap the EMA weights into the model. Returns a context manager that restores on exit.
+    def apply(self, need_restore: bool = True) -> "_Applied":
+        """Swap the EMA weights into the model.
 
         `ema.apply(); ...; ema.restore()` and `with ema.apply(): ...` both work. A second apply()
-        before restore() keeps the raw weights saved by the first. With need_restore=False the
-        EMA weights stay in the model and the raw ones are dropped (for export).
+        before restore() keeps the raw weights saved by the first.
+
+        Args:
+            need_restore: False keeps the EMA weights in the model and drops the raw ones (for export).
+
+        Returns:
+            A context manager that restores the raw weights on exit (the swap has already happened).
         """
         token = None
         if self._backup is None and need_restore:
@@ -264,7 +282,7 @@ class ExponentialMovingAverage:
         if not _compat.can_share_buffers(self._params[0]):
             return [p.detach().clone() for p in self._params]
         if self._spares is None:
-            # paddle.Tensor() costs ~20 us: the holders are made once, with the spares.
+            # paddle.Tensor() is slow to make: the holders are made once, with the spares.
             self._spares = [paddle.empty_like(p) for p in self._params]
             self._holders = [paddle.Tensor() for _ in self._params]
         for param, spare, holder in zip(self._params, self._spares, self._holders):
@@ -281,16 +299,17 @@ class ExponentialMovingAverage:
             self._sharding.broadcast_into(targets, self._shadows, dtypes, self._params[0].place)
 
     @property
-    def is_sharded(self):
+    def is_sharded(self) -> bool:
+        """True when each rank keeps only its shard of the averages (shard=True)."""
         return self._sharding is not None
 
     @property
-    def owned_names(self):
+    def owned_names(self) -> List[str]:
         """Names of the averages this process keeps: all of them, or this rank's shard when sharded."""
         return [self.names[i] for i in self._owned]
 
     @paddle.no_grad()
-    def restore(self):
+    def restore(self) -> None:
         """Swap the raw weights saved by apply() back into the model."""
         if self._backup is None:
             raise EMAStateError(
@@ -304,8 +323,15 @@ class ExponentialMovingAverage:
             _copy(self._params, self._backup)
         self._backup = self._backup_token = None
 
-    def average(self, name):
-        """The shadow (float32 for half-precision weights) of the parameter `name`."""
+    def average(self, name: str) -> paddle.Tensor:
+        """The average of one parameter.
+
+        Args:
+            name: the parameter's name (as in `names`).
+
+        Returns:
+            Its shadow, by reference (float32 for half-precision weights).
+        """
         if name not in self._index:
             close = difflib.get_close_matches(name, self.names, n=3)
             hint = f"; did you mean {close}?" if close else f"; averaged names: {self.names[:6]}..."
@@ -319,8 +345,12 @@ class ExponentialMovingAverage:
             )
         return shadow
 
-    def settings(self):
-        """The settings that change the numbers: a resumed EMA must have the same."""
+    def settings(self) -> Dict[str, Any]:
+        """The settings that change the numbers: a resumed EMA must have the same.
+
+        Returns:
+            {'schedule': ..., 'bias_correction': ..., 'update_every': ..., 'start_step': ...}.
+        """
         return {
             **self.rule.options(),
             "update_every": self.update_every,
@@ -328,11 +358,15 @@ class ExponentialMovingAverage:
         }
 
     @paddle.no_grad()
-    def state_dict(self):
-        """Everything needed to resume exactly. Shadows are returned by reference, like Layer.state_dict().
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume exactly.
 
         A sharded EMA gathers every average on every rank (a collective call) into new tensors,
         so its state is the same as an unsharded one's and loads with any number of ranks.
+
+        Returns:
+            The state: shadows (by reference, like Layer.state_dict()), counters, decay product,
+            last decay and settings.
         """
         shadows = self._shadows
         if self._sharding is not None:
@@ -350,8 +384,12 @@ class ExponentialMovingAverage:
             "settings": self.settings(),
         }
 
-    def set_state_dict(self, state_dict):
-        """Load a state from state_dict(); an incompatible one raises IncompatibleStateError listing what differs."""
+    def set_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a state from state_dict(); an incompatible one raises IncompatibleStateError listing what differs.
+
+        Args:
+            state_dict: a state_dict() of an EMA with the same parameters and settings.
+        """
         self._check_state(state_dict)
         sources = []
         for index in self._owned:
@@ -408,10 +446,15 @@ class StochasticWeightAveraging(ExponentialMovingAverage):
         swa = StochasticWeightAveraging(model, start_step=75 * steps_per_epoch, update_every=steps_per_epoch)
 
     Before start_step the average copies the weights; the first averaging update restarts it.
-    Options as for ExponentialMovingAverage, without the decay settings.
+
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped in `paddle.DataParallel`.
+        update_every: average on every k-th call from start_step on.
+        start_step: before this call index the average copies the weights.
+        **options: as for ExponentialMovingAverage, without the decay settings.
     """
 
-    def __init__(self, model, *, update_every=1, start_step=0, **options):
+    def __init__(self, model: paddle.nn.Layer, *, update_every: int = 1, start_step: int = 0, **options: Any):
         decay_settings = sorted({"decay", "thres_steps", "schedule", "schedule_options", "bias_correction"} & set(options))
         if decay_settings:
             raise ConfigError(f"StochasticWeightAveraging gives every averaged step equal weight; it takes no {decay_settings}")
@@ -424,9 +467,9 @@ class StochasticWeightAveraging(ExponentialMovingAverage):
         )
 
 
-# kernels.active_kernel() reads $PADDLE_EMA_KERNEL through os.environ.get, 1-3 us of a small
-# model's update; its answer is kept for as long as set_kernel()'s mode and the variable's raw
-# value stay the same (both are checked on every call, for ~0.1 us).
+# kernels.active_kernel() reads $PADDLE_EMA_KERNEL through os.environ.get, a noticeable share of
+# a small model's update; its answer is kept for as long as set_kernel()'s mode and the
+# variable's raw value stay the same (both are checked on every call, far more cheaply).
 _kernel_cache = {"key": None, "kernel": None}
 
 

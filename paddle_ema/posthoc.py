@@ -20,6 +20,7 @@ so the coefficients solve a small linear system A x = b, A between snapshots, b 
 import json
 import math
 from pathlib import Path
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -27,6 +28,7 @@ from .checkpoint import atomic_save, atomic_write_text, safe_load
 from .dygraph import ExponentialMovingAverage
 from .errors import ConfigError, IncompatibleStateError
 from .schedules import PowerFunction
+from .step_policy import check_int
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "profile_coefficients", "PostHocEMA", "synthesize"]
 
@@ -34,15 +36,29 @@ INDEX = "posthoc_index.json"
 MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)  # gamma = 0, equal weights
 
 
-def gamma_to_sigma_rel(gamma):
+def gamma_to_sigma_rel(gamma: float) -> float:
+    """The relative width of the power-function profile with exponent `gamma`.
+
+    Args:
+        gamma: the exponent, >= 0.
+
+    Returns:
+        sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))).
+    """
     if not gamma >= 0:
         raise ConfigError(f"gamma must be >= 0, got {gamma!r}")
     return math.sqrt((gamma + 1.0) / ((gamma + 2.0) ** 2 * (gamma + 3.0)))
 
 
-def sigma_rel_to_gamma(sigma_rel):
-    """The gamma >= 0 whose profile has this relative width: the largest real root of
-    gamma**3 + 7 gamma**2 + (16 - 1/s**2) gamma + (12 - 1/s**2) = 0."""
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """The gamma >= 0 whose profile has this relative width.
+
+    Args:
+        sigma_rel: the relative width, in (0, sqrt(1/12)].
+
+    Returns:
+        The largest real root of gamma**3 + 7 gamma**2 + (16 - 1/s**2) gamma + (12 - 1/s**2) = 0.
+    """
     if not 0.0 < sigma_rel <= MAX_SIGMA_REL:
         raise ConfigError(f"sigma_rel must be in (0, {MAX_SIGMA_REL:.4f}] (gamma >= 0), got {sigma_rel!r}")
     inv = 1.0 / sigma_rel**2
@@ -58,10 +74,16 @@ def _log_inner(t_a, g_a, t_b, g_b):
     )
 
 
-def profile_coefficients(snapshots, t, gamma):
-    """Coefficients x_i with sum_i x_i * snapshot_i closest to the gamma-profile average at step t.
+def profile_coefficients(snapshots: Sequence[Tuple[float, float]], t: float, gamma: float) -> np.ndarray:
+    """The combination of snapshots closest (least squares) to the gamma-profile average at step t.
 
-    `snapshots`: [(t_i, gamma_i)] for the stored averages (t_i = updates averaged, >= 1).
+    Args:
+        snapshots: [(t_i, gamma_i)] of the stored averages (t_i = updates averaged, >= 1).
+        t: the step to synthesise at.
+        gamma: the wanted profile's exponent.
+
+    Returns:
+        The coefficients x_i, one per snapshot: the average is sum_i x_i * snapshot_i.
     """
     if not snapshots:
         raise ConfigError("post-hoc EMA needs at least one snapshot")
@@ -83,18 +105,17 @@ class PostHocEMA:
         snapshot_dir: folder for the snapshots and their index.
         sigma_rels: relative widths of the tracked profiles (the paper uses 0.05 and 0.10).
         snapshot_every: save every K averaging updates.
-        snapshot_dtype: 'float32' or 'float16' (half the disk; about 1e-3 relative rounding).
-        **options: passed to each ExponentialMovingAverage (update_every, start_step, exclude, ...).
-
-    Only rank 0 should be given `write=True` under data parallelism.
+        snapshot_dtype: 'float32' or 'float16' (half the disk, at float16's rounding).
+        write: write the snapshot files; under data parallelism only rank 0 should.
+        **options: passed to each ExponentialMovingAverage (update_every, start_step, exclude, ...);
+            their step policy decides which calls average.
     """
 
-    def __init__(self, model, snapshot_dir, sigma_rels=(0.05, 0.10), snapshot_every=1000,
-                 snapshot_dtype="float32", write=True, **options):
+    def __init__(self, model: Any, snapshot_dir: Union[str, Path], sigma_rels: Iterable[float] = (0.05, 0.10),
+                 snapshot_every: int = 1000, snapshot_dtype: str = "float32", write: bool = True, **options: Any):
         if snapshot_dtype not in ("float32", "float16"):
             raise ConfigError(f"snapshot_dtype must be 'float32' or 'float16', got {snapshot_dtype!r}")
-        if isinstance(snapshot_every, bool) or not isinstance(snapshot_every, int) or snapshot_every < 1:
-            raise ConfigError(f"snapshot_every must be an integer >= 1, got {snapshot_every!r}")
+        snapshot_every = check_int("snapshot_every", snapshot_every, 1)
         if not sigma_rels:
             raise ConfigError("sigma_rels needs at least one relative width")
         self.sigma_rels = [float(s) for s in sigma_rels]
@@ -107,13 +128,18 @@ class PostHocEMA:
         if write:
             self.snapshot_dir.mkdir(parents=True, exist_ok=True)
 
-    def update(self, step=None):
+    def update(self, step: Optional[int] = None) -> None:
+        """Update every tracked EMA; save a snapshot after every `snapshot_every`-th averaging update.
+
+        Args:
+            step: an external call counter (0-based), as for ExponentialMovingAverage.update().
+        """
         decays = [ema.update(step=step) for ema in self.emas]
         t = self.emas[0].num_updates
         if decays[0] is not None and t % self.snapshot_every == 0:  # only on calls that averaged
             self.snapshot()
 
-    def snapshot(self):
+    def snapshot(self) -> None:
         """Save the current average of every profile (collective when the EMAs are sharded)."""
         t = self.emas[0].num_updates
         entries = []
@@ -130,10 +156,20 @@ class PostHocEMA:
             known = [e for e in known if e["file"] not in {n["file"] for n in entries}] + entries
             atomic_write_text(json.dumps({"snapshots": known}, indent=1), index_path)
 
-    def state_dict(self):
+    def state_dict(self) -> Dict[str, Any]:
+        """Everything needed to resume.
+
+        Returns:
+            {'emas': each EMA's state_dict(), 'sigma_rels': the tracked widths}.
+        """
         return {"emas": [ema.state_dict() for ema in self.emas], "sigma_rels": self.sigma_rels}
 
-    def set_state_dict(self, state):
+    def set_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume from state_dict(); other widths raise IncompatibleStateError.
+
+        Args:
+            state: a state_dict() of a PostHocEMA with the same sigma_rels.
+        """
         if [float(s) for s in state.get("sigma_rels", [])] != self.sigma_rels:
             raise IncompatibleStateError(
                 f"post-hoc EMA state has sigma_rels {state.get('sigma_rels')}, this one {self.sigma_rels}"
@@ -142,12 +178,18 @@ class PostHocEMA:
             ema.set_state_dict(ema_state)
 
 
-def synthesize(snapshot_dir, sigma_rel=None, gamma=None, at=None):
+def synthesize(snapshot_dir: Union[str, Path], sigma_rel: Optional[float] = None, gamma: Optional[float] = None,
+               at: Optional[int] = None) -> Tuple[Dict[str, np.ndarray], Dict[str, Any]]:
     """The average of a power-function profile, from the snapshots in `snapshot_dir`.
 
-    Give `sigma_rel` or `gamma`; `at` is the step (updates averaged) to synthesise at, by default
-    the last snapshot's. Returns ({name: float32 numpy array}, info) where info lists the
-    snapshots used and their coefficients.
+    Args:
+        snapshot_dir: the folder PostHocEMA wrote.
+        sigma_rel: the wanted relative width; give it or `gamma`.
+        gamma: the wanted exponent; give it or `sigma_rel`.
+        at: the step (updates averaged) to synthesise at; by default the last snapshot's.
+
+    Returns:
+        ({name: float32 numpy array}, info), info listing the snapshots used and their coefficients.
     """
     if (sigma_rel is None) == (gamma is None):
         raise ConfigError("give exactly one of sigma_rel and gamma")

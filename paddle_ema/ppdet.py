@@ -33,6 +33,8 @@ Differences from PaddleDetection's class, none of which changes a number of a ru
 (docs/migration.md has the table):
 - an unknown `ema_decay_type` is a ConfigError (PaddleDetection treats any other string as
   'normal'); 'constant' and 'power' (package schedules) are accepted too;
+- a `cycle_epoch` that is not an integer is a ConfigError (PaddleDetection compares it with its
+  epoch count, so a fractional one never restarts there);
 - after `resume(..., step>0)` without an update, apply() corrects with the decay of update
   step-1 (PaddleDetection raises AttributeError there);
 - returned tensors are copies (the shadows are updated in place), so a returned dict does not
@@ -47,6 +49,7 @@ own dtype (float16 entries in float16, as Paddle's scale/add kernels compute the
 import copy
 import warnings
 import weakref
+from typing import Any, Dict, List, Optional, Set
 
 import paddle
 from paddle import nn
@@ -54,29 +57,30 @@ from paddle import nn
 from . import kernels
 from .averaging import EMARule
 from .errors import ConfigError, IncompatibleStateError, NonFiniteError
-from .schedules import SCHEDULES, make_schedule
+from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
+from .selection import batchnorm_statistic_names, black_listed_keys
+from .step_policy import AVERAGE, StepPolicy, is_integer
 
 __all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names"]
 
-# PaddleDetection hard-codes this time constant of the 'exponential' warm-up.
-EXPONENTIAL_TAU = 2000.0
+# PaddleDetection hard-codes this time constant of the 'exponential' warm-up (schedules.py has it).
+EXPONENTIAL_TAU = PPDET_EXPONENTIAL_TAU
 
 
-def bn_running_state_names(model):
-    """State-dict names of BatchNorm2D/SyncBatchNorm running statistics."""
-    names = set()
-    for prefix, layer in model.named_sublayers():
-        if isinstance(layer, (nn.BatchNorm2D, nn.SyncBatchNorm)):
-            names.update((f"{prefix}._mean", f"{prefix}._variance"))
-    return names
+# The BatchNorm kinds whose statistics PaddleDetection's ema_filter_no_grad keeps averaged.
+PPDET_BATCHNORM_CLASSES = (nn.BatchNorm2D, nn.SyncBatchNorm)
 
 
-def _make_schedule(ema_decay_type, decay):
-    if ema_decay_type == "exponential":
-        return make_schedule("exponential", decay, tau=EXPONENTIAL_TAU)
-    if ema_decay_type not in SCHEDULES:
-        raise ConfigError(f"ema_decay_type {ema_decay_type!r} is not allowed; allowed: {', '.join(sorted(SCHEDULES))}")
-    return make_schedule(ema_decay_type, decay)
+def bn_running_state_names(model: nn.Layer) -> Set[str]:
+    """State-dict names of BatchNorm2D/SyncBatchNorm running statistics (PaddleDetection's notion).
+
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped.
+
+    Returns:
+        `selection.batchnorm_statistic_names(model, PPDET_BATCHNORM_CLASSES)`.
+    """
+    return batchnorm_statistic_names(model, PPDET_BATCHNORM_CLASSES)
 
 
 NONFINITE_POLICIES = ("update", "skip", "raise")
@@ -85,38 +89,48 @@ NONFINITE_POLICIES = ("update", "skip", "raise")
 class ModelEMA:
     """PaddleDetection's ModelEMA: same constructor, methods and numbers (see the module docstring).
 
-    Keywords beyond PaddleDetection's:
-        freeze_black_list: apply() sets stop_gradient=True on the black-listed tensors it returns
-            (the model's own), as PaddleDetection's does. Default True; False keeps them trainable.
-        nonfinite: 'update' (default, PaddleDetection's behaviour): no check. 'skip': an update
-            whose averaged values hold NaN or Inf changes nothing (t does not advance), is counted
-            in `num_nonfinite_skipped` and warned about; 'raise': NonFiniteError.
+    Args:
+        model: the `paddle.nn.Layer` whose state dict is averaged.
+        decay: the schedule's decay.
+        ema_decay_type: 'threshold', 'exponential' (tau 2000), 'normal' (constant), or another
+            registered schedule name (`schedules.schedule_for_decay_type`).
+        cycle_epoch: restart the average after every that many apply() calls; <= 0 never
+            (the step policy's restart_every).
+        ema_black_list: substrings of state-dict keys left live (not averaged).
+        ema_filter_no_grad: also leave live the stop_gradient parameters other than
+            BatchNorm2D/SyncBatchNorm statistics.
+        freeze_black_list: (beyond PaddleDetection's) apply() sets stop_gradient=True on the
+            black-listed tensors it returns (the model's own), as PaddleDetection's does.
+            Default True; False keeps them trainable.
+        nonfinite: (beyond PaddleDetection's) 'update' (default, PaddleDetection's behaviour): no
+            check. 'skip': an update whose averaged values hold NaN or Inf changes nothing (t does
+            not advance), is counted in `num_nonfinite_skipped` and warned about; 'raise':
+            NonFiniteError.
     """
 
-    def __init__(self, model, decay=0.9998, ema_decay_type="threshold", cycle_epoch=-1, ema_black_list=None,
-                 ema_filter_no_grad=False, *, freeze_black_list=True, nonfinite="update"):
+    def __init__(self, model: nn.Layer, decay: float = 0.9998, ema_decay_type: str = "threshold",
+                 cycle_epoch: int = -1, ema_black_list: Optional[List[str]] = None, ema_filter_no_grad: bool = False,
+                 *, freeze_black_list: bool = True, nonfinite: str = "update"):
         if nonfinite not in NONFINITE_POLICIES:
             raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
         self.decay = decay
         self.ema_decay_type = ema_decay_type
+        if not is_integer(cycle_epoch):
+            raise ConfigError(f"cycle_epoch must be an integer (<= 0: never restart), got {cycle_epoch!r}")
         self.cycle_epoch = cycle_epoch
+        # PaddleDetection's quirks as settings of the one step policy: every update averages,
+        # t = updates so far, and the average restarts after every cycle_epoch-th apply().
+        self.policy = StepPolicy(restart_every=max(int(cycle_epoch), 0))
         self.freeze_black_list = bool(freeze_black_list)
         self.nonfinite = nonfinite
         self.num_nonfinite_skipped = 0
-        self.rule = EMARule(_make_schedule(ema_decay_type, decay))
+        self.rule = EMARule(schedule_for_decay_type(ema_decay_type, decay))
         self.step = 0
         self.epoch = 0
         self._decay = None
         self._freeze_warned = False
         model_state = model.state_dict()
-        self.ema_black_list = {
-            name for name in model_state for key in (ema_black_list or ()) if key in name
-        }
-        if ema_filter_no_grad:
-            running = bn_running_state_names(model)
-            self.ema_black_list.update(
-                name for name, param in model.named_parameters() if param.stop_gradient and name not in running
-            )
+        self.ema_black_list = black_listed_keys(model, ema_black_list, ema_filter_no_grad, PPDET_BATCHNORM_CLASSES)
         self.averaged = [name for name in model_state if name not in self.ema_black_list]
         self._model_state = {name: weakref.ref(tensor) for name, tensor in model_state.items()}
         self.state_dict = {}
@@ -132,7 +146,8 @@ class ModelEMA:
     def _shadows(self):
         return [self.state_dict[name] for name in self.averaged]
 
-    def reset(self):
+    def reset(self) -> None:
+        """Restart the average: zero shadows, t = 0, epoch = 0."""
         self.step = 0
         self.epoch = 0
         for name in self.averaged:
@@ -145,13 +160,19 @@ class ModelEMA:
             raise RuntimeError(f"ModelEMA: the model's tensors {gone[:3]} were garbage-collected; pass update(model)")
         return state
 
-    def update(self, model=None):
-        """Fold the model's current state into the shadows (after optimizer.step())."""
+    def update(self, model: Optional[nn.Layer] = None) -> None:
+        """Fold the model's current state into the shadows (after optimizer.step()).
+
+        Args:
+            model: the model to read; None reads the one given to the constructor.
+        """
         values = model.state_dict() if model is not None else self._live_state()
         values = [values[name] for name in self.averaged]
         if self.nonfinite != "update" and not self._values_finite(values):
             return
-        decay = self.rule.schedule(self.step)
+        kind, t = self.policy.action(self.step)
+        assert kind == AVERAGE  # no start step, no update_every: every update averages
+        decay = self.rule.schedule(t)
         self._decay = decay
         # PaddleDetection's (1 - decay), in float64: not 1 - float32(decay).
         kernels.ppdet_update_(self._shadows(), values, decay, 1 - decay)
@@ -176,23 +197,27 @@ class ModelEMA:
         return False
 
     @property
-    def last_decay(self):
+    def last_decay(self) -> Optional[float]:
         """The decay of the last update (None before the first)."""
         return self._decay
 
-    def apply(self):
+    def apply(self) -> Dict[str, paddle.Tensor]:
         """The averaged state dict, bias-corrected PaddleDetection's way; counts one epoch (after
-        the first update), restarting the average after `cycle_epoch` of them."""
+        the first update), restarting the average after `cycle_epoch` of them.
+
+        Returns:
+            {state-dict key: tensor}: copies of the averages, the live tensors for black-listed keys.
+        """
         result = self.averaged_state()
         if self.step == 0:
             return result
-        self.epoch += 1
-        if self.cycle_epoch > 0 and self.epoch == self.cycle_epoch:
+        self.epoch += 1  # apply()s since the last restart: reset() sets it back to 0
+        if self.policy.restarts_after(self.epoch):
             self.reset()
         return result
 
     @paddle.no_grad()
-    def averaged_state(self):
+    def averaged_state(self) -> Dict[str, paddle.Tensor]:
         """apply()'s state dict without counting an epoch (to evaluate without a snapshot)."""
         if self.step == 0:
             return {name: self._copy(tensor) for name, tensor in self.state_dict.items()}
@@ -233,8 +258,13 @@ class ModelEMA:
         copy.stop_gradient = True
         return copy
 
-    def resume(self, state_dict, step=0):
-        """Take shadows from `state_dict` (entries this EMA has; others ignored) and set t = step."""
+    def resume(self, state_dict: Dict[str, Any], step: int = 0) -> None:
+        """Take shadows from `state_dict` and set t = step, as PaddleDetection's resume does.
+
+        Args:
+            state_dict: {key: tensor or array}; keys this EMA does not have are ignored.
+            step: the updates made so far.
+        """
         averaged = set(self.averaged)
         for name, value in state_dict.items():
             if name not in self.state_dict:
@@ -253,8 +283,12 @@ class ModelEMA:
         self.step = step
         self._decay = self.rule.schedule(step - 1) if step > 0 else None
 
-    def ema_state(self):
-        """Everything needed to resume exactly (the raw shadows, t, epoch and last decay)."""
+    def ema_state(self) -> Dict[str, Any]:
+        """Everything needed to resume exactly.
+
+        Returns:
+            The raw shadows, t, epoch, last decay and the settings.
+        """
         return {
             "format": "paddle_ema.ModelEMA",
             "shadow": {name: self.state_dict[name] for name in self.averaged},
@@ -264,8 +298,12 @@ class ModelEMA:
             "settings": {"decay": self.decay, "ema_decay_type": self.ema_decay_type, "cycle_epoch": self.cycle_epoch},
         }
 
-    def load_ema_state(self, state):
-        """Resume exactly from ema_state(): no second bias correction."""
+    def load_ema_state(self, state: Dict[str, Any]) -> None:
+        """Resume exactly from ema_state(): no second bias correction.
+
+        Args:
+            state: an ema_state() of a ModelEMA with the same settings.
+        """
         if not isinstance(state, dict) or state.get("format") != "paddle_ema.ModelEMA":
             raise IncompatibleStateError("not a ModelEMA.ema_state() dict")
         mine = self.ema_state()["settings"]
@@ -285,16 +323,26 @@ class SimpleModelEMA:
     `model` is the copy; update(model, decay) moves every floating entry of its state dict to
     v*decay + (1-decay)*x in the entry's dtype, rounded as Paddle's scale and add ops round it
     (kernels.ppdet_update_); other entries are left as they are. No zero init, no correction.
+
+    Args:
+        model: the model to copy.
+        decay: the default decay of update().
     """
 
-    def __init__(self, model=None, decay=0.9996):
+    def __init__(self, model: Optional[nn.Layer] = None, decay: float = 0.9996):
         self.model = copy.deepcopy(model)
         self.decay = decay
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
 
     @paddle.no_grad()
-    def update(self, model, decay=None):
+    def update(self, model: nn.Layer, decay: Optional[float] = None) -> None:
+        """Move the copy's floating entries towards `model`'s.
+
+        Args:
+            model: the trained model.
+            decay: this update's decay; None for the constructor's.
+        """
         if decay is None:
             decay = self.decay
         current, mine = model.state_dict(), self.model.state_dict()
@@ -308,8 +356,13 @@ class SimpleModelEMA:
         kernels.ppdet_update_([mine[n] for n in full], [current[n].detach() for n in full], decay, 1.0 - decay)
         kernels.copy_([mine[n] for n in half], [new_half[n] for n in half])
 
-    def resume(self, state_dict, step=0):
-        """Load the floating entries of `state_dict` into the copy; set `step`."""
+    def resume(self, state_dict: Dict[str, Any], step: int = 0) -> None:
+        """Load the floating entries of `state_dict` into the copy; set `step`.
+
+        Args:
+            state_dict: a state dict of the model.
+            step: the updates made so far.
+        """
         state = {}
         for name, value in self.model.state_dict().items():
             state[name] = state_dict[name].detach() if paddle.is_floating_point(value) else value

@@ -12,7 +12,7 @@ and nowhere else.
 import paddle
 
 from . import _compat
-from .errors import ConfigError
+from .step_policy import check_int
 
 __all__ = [
     "in_pir",
@@ -241,8 +241,7 @@ def step_counter(name="@STEP_COUNTER@", begin=1, step=1):
     the same value. Calling it again with the same name returns the same counter. The counter is
     persistable, so `paddle.static.save`/`load` carry it.
     """
-    if isinstance(begin, bool) or not isinstance(begin, int) or isinstance(step, bool) or not isinstance(step, int):
-        raise ConfigError(f"step_counter: begin and step must be integers, got begin={begin!r}, step={step!r}")
+    begin, step = check_int("step_counter: begin", begin), check_int("step_counter: step", step)
     program = paddle.static.default_main_program()
     existing = persistable_variables(program).get(name)
     if existing is not None:

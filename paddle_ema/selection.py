@@ -12,18 +12,29 @@ must not silently average everything.
 """
 
 import re
+from typing import Any, Callable, Iterable, List, Optional, Set, Tuple
 
 from . import _compat
 from .errors import SelectionError
 
-__all__ = ["unwrap", "select_parameters", "compile_patterns", "is_floating", "batchnorm_statistic_names",
-           "black_listed_keys"]
+__all__ = ["unwrap", "select_parameters", "compile_patterns", "is_floating", "batchnorm_layers",
+           "batchnorm_statistic_names", "is_batchnorm_statistic", "black_listed_keys", "BATCHNORM_STATISTIC_SUFFIXES"]
 
 _FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
+# The names Paddle's BatchNorm layers give their running statistics.
+BATCHNORM_STATISTIC_SUFFIXES = ("_mean", "_variance")
 
-def unwrap(model):
-    """The bare Layer inside `paddle.DataParallel` (and other wrappers that keep it as `_layers`)."""
+
+def unwrap(model: Any) -> Any:
+    """The bare Layer inside `paddle.DataParallel` (and other wrappers that keep it as `_layers`).
+
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped.
+
+    Returns:
+        The innermost Layer.
+    """
     import paddle
 
     while isinstance(model, paddle.DataParallel) or (
@@ -34,23 +45,69 @@ def unwrap(model):
     return model
 
 
-def batchnorm_statistic_names(model, classes=None):
+def batchnorm_layers(model: Any, classes: Optional[Iterable[type]] = None) -> List[Tuple[str, Any]]:
+    """The model's BatchNorm layers.
+
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped (`paddle.DataParallel`, ...).
+        classes: the layer classes that count; by default every BatchNorm kind (BatchNorm1D/2D/3D,
+            SyncBatchNorm, the older paddle.nn.BatchNorm).
+
+    Returns:
+        [(name, layer)] in the model's order, names without wrapper prefixes ('' for the model itself).
+    """
+    classes = _compat.batchnorm_classes() if classes is None else tuple(classes)
+    return [(name, layer) for name, layer in unwrap(model).named_sublayers(include_self=True)
+            if isinstance(layer, classes)]
+
+
+def batchnorm_statistic_names(model: Any, classes: Optional[Iterable[type]] = None) -> Set[str]:
     """Names (as in `model.named_parameters()` / `state_dict()`, wrapper prefixes removed) of the
     running statistics `_mean`/`_variance` of the model's BatchNorm layers.
 
-    `classes` narrows which layers count (PaddleDetection's `ema_filter_no_grad` knows only
-    BatchNorm2D and SyncBatchNorm); by default every BatchNorm kind does.
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped.
+        classes: narrows which layers count (PaddleDetection's `ema_filter_no_grad` knows only
+            BatchNorm2D and SyncBatchNorm); by default every BatchNorm kind does.
+
+    Returns:
+        The set of those names.
     """
-    classes = _compat.batchnorm_classes() if classes is None else tuple(classes)
-    layer = unwrap(model)
     names = set()
-    for prefix, sub in layer.named_sublayers(include_self=True):
-        if isinstance(sub, classes):
-            mean, variance = _compat.batchnorm_statistics(sub)
-            for param in (mean, variance):
-                if param is not None:
-                    names.add(_qualified(prefix, param, sub))
+    for prefix, layer in batchnorm_layers(model, classes):
+        for param in _compat.batchnorm_statistics(layer):
+            if param is not None:
+                names.add(_qualified(prefix, param, layer))
     return names
+
+
+def is_batchnorm_statistic(key: Any, model: Any = None, classes: Optional[Iterable[type]] = None) -> bool:
+    """The package's one answer to "is this state-dict key / parameter a BatchNorm running statistic".
+
+    Args:
+        key: a state-dict key or parameter name (wrapper prefixes removed), or a parameter itself.
+        model: the model the key belongs to. With it the answer is exact (a name is in
+            `batchnorm_statistic_names(model, classes)`, a parameter is one of those layers'
+            statistics); without it (state dicts read from files) a name is judged alone: its last
+            component is `_mean` or `_variance`, the names Paddle's BatchNorm layers give their
+            statistics. A parameter needs the model.
+        classes: with `model`, the BatchNorm classes that count (default: every kind).
+
+    Returns:
+        True for a running mean or variance.
+
+    For many keys of one model, compute `batchnorm_statistic_names(model)` once instead.
+    """
+    if model is None:
+        if classes is not None:
+            raise SelectionError("is_batchnorm_statistic: classes= needs the model= whose layers it narrows")
+        if not isinstance(key, str):
+            raise SelectionError("is_batchnorm_statistic: a parameter (not a name) needs the model= it belongs to")
+        return key.rsplit(".", 1)[-1] in BATCHNORM_STATISTIC_SUFFIXES
+    if isinstance(key, str):
+        return key in batchnorm_statistic_names(model, classes)
+    return any(key is statistic for _, layer in batchnorm_layers(model, classes)
+               for statistic in _compat.batchnorm_statistics(layer))
 
 
 def _qualified(prefix, param, layer):
@@ -58,10 +115,20 @@ def _qualified(prefix, param, layer):
     return f"{prefix}.{local}" if prefix else local
 
 
-def black_listed_keys(model, black_list=(), filter_no_grad=False, batchnorm_classes=None):
-    """State-dict keys that PaddleDetection-style averages leave live: keys containing any of the
-    `black_list` substrings and, with `filter_no_grad`, stop_gradient parameters other than
-    BatchNorm statistics (of `batchnorm_classes`, every BatchNorm kind by default)."""
+def black_listed_keys(model: Any, black_list: Optional[Iterable[str]] = (), filter_no_grad: bool = False,
+                      batchnorm_classes: Optional[Iterable[type]] = None) -> Set[str]:
+    """State-dict keys that PaddleDetection-style averages leave live.
+
+    Args:
+        model: a `paddle.nn.Layer`, bare or wrapped.
+        black_list: substrings; every key containing one is listed (PaddleDetection's ema_black_list).
+        filter_no_grad: also list stop_gradient parameters other than BatchNorm statistics.
+        batchnorm_classes: the BatchNorm classes whose statistics filter_no_grad keeps
+            (every BatchNorm kind by default).
+
+    Returns:
+        The set of listed keys.
+    """
     keys = unwrap(model).state_dict().keys()
     listed = {key for key in keys for sub in (black_list or ()) if sub in key}
     if filter_no_grad:
@@ -71,12 +138,27 @@ def black_listed_keys(model, black_list=(), filter_no_grad=False, batchnorm_clas
     return listed
 
 
-def is_floating(tensor):
+def is_floating(tensor: Any) -> bool:
+    """Whether `tensor` (a Tensor, parameter or program variable) has a floating dtype.
+
+    Args:
+        tensor: anything with a `dtype`.
+
+    Returns:
+        True for float16, bfloat16, float32 and float64.
+    """
     return any(str(tensor.dtype).endswith(name) for name in _FLOAT_DTYPES)
 
 
-def compile_patterns(patterns):
-    """[(original, predicate)] for exclusion patterns; validates their types and regexes."""
+def compile_patterns(patterns: Any) -> List[Tuple[str, Callable[[str], Any]]]:
+    """Exclusion patterns as predicates; validates their types and regexes (SelectionError).
+
+    Args:
+        patterns: None, one pattern or a list: substrings, 're:<regex>' strings, re.Pattern objects.
+
+    Returns:
+        [(the pattern's text, predicate on a name)].
+    """
     if patterns is None:
         return []
     if isinstance(patterns, (str, re.Pattern)):
@@ -100,8 +182,19 @@ def compile_patterns(patterns):
     return compiled
 
 
-def select_parameters(model, include_stop_gradient=False, exclude=None):
-    """[(name, parameter)] of the averaged parameters, in the model's order, names without wrapper prefixes."""
+def select_parameters(model: Any, include_stop_gradient: bool = False, exclude: Any = None) -> List[Tuple[str, Any]]:
+    """The parameters an average covers: the one parameter selection of every front-end.
+
+    Args:
+        model: a `paddle.nn.Layer` (bare or wrapped), or anything with `named_parameters()`.
+        include_stop_gradient: also take stop_gradient parameters (BatchNorm statistics, frozen layers).
+        exclude: exclusion patterns (see `compile_patterns`); one that matches no candidate raises
+            SelectionError.
+
+    Returns:
+        [(name, parameter)] of the floating parameters chosen, in the model's order, names
+        without wrapper prefixes.
+    """
     layer = unwrap(model)
     candidates = [
         (name, param)

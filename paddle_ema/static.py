@@ -16,12 +16,15 @@ both program kinds (PIR and legacy). Code written for the old class runs after c
 Runs whose parameters held NaN or Inf are skipped and counted in the program (nonfinite='skip');
 apply() warns when the count grew, and num_nonfinite_skipped() reads it.
 
-Numbers. Shadows start at zero and are bias-corrected by the exact product of the decays applied
-(`EMARule(bias_correction=True)`): the stored shadow is already the corrected average, and apply()
-is a cast-copy of the shadows into the parameters. With a constant decay this is Paddle 2.6's
-EMA_t / (1 - decay^t); with thres_steps (a varying decay) it is the correctly debiased average
-where Paddle 2.6 divided by 1 - decay_t^t. Before the first update apply() leaves the weights as
-they are (Paddle 2.6 wrote the zero shadows into them).
+Numbers. By default (bias_correction=True) shadows start at zero and are bias-corrected by the
+exact product of the decays applied (`EMARule(bias_correction=True)`): the stored shadow is already
+the corrected average, and apply() is a cast-copy of the shadows into the parameters. With a
+constant decay this is Paddle 2.6's EMA_t / (1 - decay^t); with thres_steps (a varying decay) it is
+the correctly debiased average where Paddle 2.6 divided by 1 - decay_t^t. Before the first update
+apply() leaves the weights as they are (Paddle 2.6 wrote the zero shadows into them).
+bias_correction=False keeps the plain average a <- a + (1 - d) * (x - a) of the shadows from their
+start: zeros after the startup program, or the weights after `start_from_weights(exe)` (the
+dygraph EMA's default start). apply() copies it the same way; both keep the same variables.
 
 The step scalars (step, decay, weight, product) are computed in float64 ops, as the dygraph EMA
 computes them in float64 on the host, so 1 - product keeps its digits near 1. The schedule's
@@ -40,6 +43,7 @@ CPU.
 
 import contextlib
 import warnings
+from typing import Any, Dict, Iterator, Optional
 
 import numpy as np
 import paddle
@@ -49,8 +53,9 @@ from .averaging import EMARule, shadow_dtype
 from .checkpoint import staged_prefix
 from .errors import ConfigError, EMAStateError
 from .program_ops import clone_for_test, step_counter
-from .schedules import make_schedule
+from .schedules import Schedule, make_schedule
 from .selection import select_parameters
+from .step_policy import StepPolicy
 
 __all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
 
@@ -90,6 +95,9 @@ class ExponentialMovingAverage:
         schedule_options: the named schedule's own options, e.g. {'tau': 2000}.
         update_every: average on every k-th run of the main program (the step variable, or the
             own counter, divisible by k); t counts averaging updates. Default 1.
+        bias_correction: True (default): zero start and the exact correction by 1 - prod(d_i),
+            as described above. False: the plain, uncorrected average from the shadows' start
+            (zeros; call `start_from_weights(exe)` after the startup program to start from the weights).
         include_stop_gradient: also average parameters with stop_gradient=True (BatchNorm's
             running statistics, frozen layers). Default False.
         exclude: parameter names to leave out: substrings, 're:<regex>' strings or re.Pattern.
@@ -104,16 +112,17 @@ class ExponentialMovingAverage:
 
     def __init__(
         self,
-        decay=DEFAULT_DECAY,
-        thres_steps=None,
-        name=None,
+        decay: float = DEFAULT_DECAY,
+        thres_steps: Any = None,
+        name: Optional[str] = None,
         *,
-        schedule=None,
-        schedule_options=None,
-        update_every=1,
-        include_stop_gradient=False,
-        exclude=None,
-        nonfinite="skip",
+        schedule: Any = None,
+        schedule_options: Optional[Dict[str, Any]] = None,
+        update_every: int = 1,
+        bias_correction: bool = True,
+        include_stop_gradient: bool = False,
+        exclude: Any = None,
+        nonfinite: str = "skip",
     ):
         if paddle.in_dynamic_mode():
             raise ConfigError(
@@ -127,14 +136,13 @@ class ExponentialMovingAverage:
             )
         if name is not None and not isinstance(name, str):
             raise ConfigError(f"name must be a string or None, got {name!r}")
-        if isinstance(update_every, bool) or not isinstance(update_every, (int, np.integer)) or update_every < 1:
-            raise ConfigError(f"update_every must be an integer >= 1, got {update_every!r}")
+        self.policy = StepPolicy(update_every=update_every)
         if schedule is None:
             schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
         options = dict(schedule_options or {})
         self.rule = EMARule(
             make_schedule(schedule, None if not isinstance(schedule, str) else decay, **options),
-            bias_correction=True,
+            bias_correction=bool(bias_correction),
         )
         if np.float32(self.schedule.decay) >= 1.0:
             raise ConfigError(
@@ -144,7 +152,6 @@ class ExponentialMovingAverage:
         if nonfinite not in ("skip", "update"):
             raise ConfigError(f"nonfinite must be 'skip' or 'update' in a static program, got {nonfinite!r}")
         self.nonfinite = nonfinite
-        self.update_every = int(update_every)
         self._step_variable = thres_steps if _is_program_variable(thres_steps) else None
         self._prefix = name or ""
 
@@ -172,26 +179,48 @@ class ExponentialMovingAverage:
         self._backup_made = False
         self._open_applies = 0
         self._skipped_warned = 0
+        self._start_program = None  # start_from_weights()'s, built on its first call
         self._build_swap_programs()
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
 
     @property
-    def schedule(self):
+    def schedule(self) -> Schedule:
+        """The decay schedule."""
         return self.rule.schedule
+
+    @property
+    def update_every(self) -> int:
+        """Average on every k-th run of the main program (the step policy's)."""
+        return self.policy.update_every
+
+    @property
+    def bias_correction(self) -> bool:
+        """Whether the shadows start from zero and are corrected by 1 - prod(d_i)."""
+        return self.rule.bias_correction
 
     def _var(self, suffix):
         return f"{self._prefix}{suffix}"
 
-    def shadow_name(self, param_name):
-        """Name of the persistable variable that holds the average of `param_name`."""
+    def shadow_name(self, param_name: str) -> str:
+        """The scope name of one parameter's average.
+
+        Args:
+            param_name: the parameter's name in the program.
+
+        Returns:
+            The name of the persistable variable that holds its average.
+        """
         return self._var(f"{param_name}@EMA")
 
-    def state_names(self):
-        """Scope names of the persistable state, for code that saves or sets it by hand:
-        {'shadows': {parameter name: shadow name}, 'counter': the int64 count of update runs,
-        'product': the float64 product of the decays applied (1 before any update),
-        'skipped': the int64 count of runs skipped for non-finite parameters}."""
+    def state_names(self) -> Dict[str, Any]:
+        """Scope names of the persistable state, for code that saves or sets it by hand.
+
+        Returns:
+            {'shadows': {parameter name: shadow name}, 'counter': the int64 count of update runs,
+            'product': the float64 product of the decays applied (1 before any update),
+            'skipped': the int64 count of runs skipped for non-finite parameters}.
+        """
         return {
             "shadows": {n: self.shadow_name(n) for n in self.names},
             "counter": self._counter.name,
@@ -212,7 +241,7 @@ class ExponentialMovingAverage:
                 f"the program already has EMA variables {taken[:3]}: give each EMA of one program its own name="
             )
 
-    def update(self):
+    def update(self) -> None:
         """Append the EMA update ops to the main program (once); each run of it then averages."""
         if self._updated:
             raise EMAStateError("update() already appended the EMA update ops to the program; call it once")
@@ -228,14 +257,8 @@ class ExponentialMovingAverage:
             self._append_update_ops()
 
     def _append_update_ops(self):
-        step = self._counter if self._step_variable is None else self._step_variable
-        every = self.update_every
-        averages = None
-        if every > 1:
-            step = paddle.cast(step, "int64")
-            averages = step % every == 0
-            step = step // every
-        t = paddle.cast(step, SCALAR_DTYPE)
+        call = self._counter if self._step_variable is None else self._step_variable
+        averages, t = self.policy.tensor_step(call, SCALAR_DTYPE)
         decay = self.schedule.tensor(t)
         weight, product = self.rule.weight(decay, self._product)
         finite = None
@@ -280,6 +303,29 @@ class ExponentialMovingAverage:
         paddle.assign(product, output=self._product)
         paddle.increment(self._counter, 1.0)
 
+    def start_from_weights(self, executor: paddle.static.Executor) -> None:
+        """(Re)start the average from the parameters' current values, like the dygraph EMA's
+        register(): shadows <- weights (cast to the shadows' dtype), update counter 0, decay
+        product 1. Run it after the startup program (and after loading weights) so that a
+        bias_correction=False average starts from the weights instead of zeros.
+
+        Args:
+            executor: the executor whose scope holds the program's variables.
+        """
+        if self._start_program is None:
+            program = paddle.static.Program()
+            with paddle.static.program_guard(program, paddle.static.Program()):
+                params = self._parameter_references()
+                product, shadows = self._average_references()
+                counter = program_ops.reference(self._counter.name, [1], "int64")
+                for param, shadow in zip(params, shadows):
+                    paddle.assign(param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype),
+                                  output=shadow)
+                paddle.assign(paddle.full([1], 1.0, SCALAR_DTYPE), output=product)
+                paddle.assign(paddle.full([1], 0, "int64"), output=counter)
+            self._start_program = program
+        executor.run(self._start_program)
+
     def _fused_update(self):
         """Update with the fused extension's op: it is the active kernel and the program runs on
         the CPU (the op has no GPU kernel for static programs)."""
@@ -320,7 +366,7 @@ class ExponentialMovingAverage:
         self.restore_program = self._restore_program
 
     @property
-    def apply_program(self):
+    def apply_program(self) -> paddle.static.Program:
         """The old class's program: run it and the parameters hold the EMA weights (their raw values
         saved first; `restore_program` puts them back). It writes the saved copies in place, so
         they are made to exist in the current scope here, when a script fetches the program."""
@@ -369,9 +415,15 @@ class ExponentialMovingAverage:
         except (RuntimeError, AttributeError):
             return False
 
-    def num_nonfinite_skipped(self, scope=None):
-        """Runs of the main program whose update the non-finite guard skipped (read from `scope`,
-        default the current global scope); 0 before the startup program ran."""
+    def num_nonfinite_skipped(self, scope: Any = None) -> int:
+        """Runs of the main program whose update the non-finite guard skipped.
+
+        Args:
+            scope: the scope to read; default the current global scope.
+
+        Returns:
+            The count; 0 before the startup program ran.
+        """
         scope = scope or paddle.static.global_scope()
         var = scope.find_var(self._skipped.name)
         if var is None:
@@ -394,11 +446,19 @@ class ExponentialMovingAverage:
             )
 
     @contextlib.contextmanager
-    def apply(self, executor, need_restore=True):
+    def apply(self, executor: paddle.static.Executor,
+              need_restore: bool = True) -> Iterator["ExponentialMovingAverage"]:
         """Put the EMA weights into the parameters; on leaving the block the raw weights come back.
 
-        With need_restore=False the EMA weights stay (for export); `restore(executor)` still
-        brings the raw ones back. An apply() nested in an open apply() keeps the first backup.
+        An apply() nested in an open apply() keeps the first backup.
+
+        Args:
+            executor: the executor whose scope holds the program's variables.
+            need_restore: False keeps the EMA weights after the block (for export);
+                `restore(executor)` still brings the raw ones back.
+
+        Returns:
+            A context manager (yielding this EMA).
         """
         if self._open_applies == 0:
             executor.run(self._backup_program)
@@ -414,18 +474,29 @@ class ExponentialMovingAverage:
                 if self._open_applies == 0:
                     self.restore(executor)
 
-    def restore(self, executor):
-        """Put back the raw weights saved by the last apply() (bit-exact)."""
+    def restore(self, executor: paddle.static.Executor) -> None:
+        """Put back the raw weights saved by the last apply() (bit-exact).
+
+        Args:
+            executor: the executor apply() ran with.
+        """
         if not self._backup_made and not self._backup_in_scope():
             raise EMAStateError("restore() before any apply(): there are no saved raw weights to put back")
         executor.run(self._restore_program)
 
-    def save_inference_model(self, path_prefix, feed_vars, fetch_vars, executor, **kwargs):
+    def save_inference_model(self, path_prefix: str, feed_vars: Any, fetch_vars: Any,
+                             executor: paddle.static.Executor, **kwargs: Any) -> None:
         """`paddle.static.save_inference_model` with the EMA weights in the saved parameters.
 
-        Pass `program=test_program` (see `clone_for_test`) as for Paddle's function; the training
-        weights are back in the scope afterwards. The files are written crash-safe
+        The training weights are back in the scope afterwards. The files are written crash-safe
         (paddle_ema.checkpoint.staged_prefix).
+
+        Args:
+            path_prefix: as for Paddle's function.
+            feed_vars: as for Paddle's function.
+            fetch_vars: as for Paddle's function.
+            executor: the executor whose scope holds the program's variables.
+            **kwargs: as for Paddle's function; pass `program=test_program` (see `clone_for_test`).
         """
         with self.apply(executor), staged_prefix(path_prefix) as staged:
             paddle.static.save_inference_model(staged, feed_vars, fetch_vars, executor, **kwargs)

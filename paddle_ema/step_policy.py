@@ -20,21 +20,46 @@ snapshots (evaluations); 0 never restarts.
 """
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from .errors import ConfigError
 
-__all__ = ["StepPolicy", "Action", "check_int", "COPY", "SKIP", "AVERAGE"]
+__all__ = ["StepPolicy", "Action", "check_int", "is_integer", "COPY", "SKIP", "AVERAGE"]
 
 COPY, SKIP, AVERAGE = "copy", "skip", "average"
 
 
-def check_int(name: str, value, minimum: int) -> int:
-    """`value` as an int when it is an integer (not a bool) >= `minimum`; else a ConfigError naming it."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ConfigError(f"{name} must be an integer >= {minimum}, got {value!r}")
+def is_integer(value: Any, minimum: Optional[int] = None) -> bool:
+    """The package's one integer test: a Python or numpy integer (a bool is not one), >= `minimum`.
+
+    Args:
+        value: the value to test.
+        minimum: the least value allowed; None for any integer.
+
+    Returns:
+        True when `value` passes.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        return False
+    return minimum is None or value >= minimum
+
+
+def check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
+    """`value` as an int, or a one-line ConfigError naming the setting.
+
+    Args:
+        name: the setting's name, as the message shows it.
+        value: the value given.
+        minimum: the least value allowed; None for any integer.
+
+    Returns:
+        int(value).
+    """
+    if not is_integer(value, minimum):
+        bound = "" if minimum is None else f" >= {minimum}"
+        raise ConfigError(f"{name} must be an integer{bound}, got {value!r}")
     return int(value)
 
 
@@ -60,12 +85,19 @@ class StepPolicy:
     restart_every: int = 0
 
     def __post_init__(self):
-        check_int("start_step", self.start_step, 0)
-        check_int("update_every", self.update_every, 1)
-        check_int("restart_every", self.restart_every, 0)
+        # Stored as Python ints (a numpy integer would leak into settings and JSON).
+        for name, minimum in (("update_every", 1), ("start_step", 0), ("restart_every", 0)):
+            object.__setattr__(self, name, check_int(name, getattr(self, name), minimum))
 
     def action(self, call: int) -> Action:
-        """What call `call` (0-based) does."""
+        """What one call does.
+
+        Args:
+            call: the call's index, 0-based.
+
+        Returns:
+            Action('copy'), Action('skip') or Action('average', t).
+        """
         offset = call - self.start_step
         if offset < 0:
             return Action(COPY)
@@ -74,28 +106,58 @@ class StepPolicy:
         return Action(AVERAGE, offset // self.update_every)
 
     def num_updates(self, calls: int) -> int:
-        """How many of the first `calls` calls averaged."""
+        """How many of the first `calls` calls averaged.
+
+        Args:
+            calls: the number of calls made.
+
+        Returns:
+            The count of averaging calls among them.
+        """
         averaging = calls - self.start_step
         return 0 if averaging <= 0 else (averaging + self.update_every - 1) // self.update_every
 
     def last_step(self, calls: int) -> Optional[int]:
-        """The t of the last averaging call among the first `calls` calls, or None."""
+        """The t of the last averaging call among the first `calls` calls.
+
+        Args:
+            calls: the number of calls made.
+
+        Returns:
+            That t, or None when none of them averaged.
+        """
         updates = self.num_updates(calls)
         return None if updates == 0 else updates - 1
 
     def restarts_after(self, snapshots: int) -> bool:
-        """True when the average restarts after the `snapshots`-th snapshot (1-based count)."""
+        """Whether the average restarts after a snapshot.
+
+        Args:
+            snapshots: the snapshots taken so far, this one included (1-based).
+
+        Returns:
+            True when `restart_every` > 0 and `snapshots` is a multiple of it.
+        """
         return self.restart_every > 0 and snapshots > 0 and snapshots % self.restart_every == 0
 
-    def tensor_step(self, call):
-        """(averages, t) for an integer call tensor of a program: `averages` a bool tensor (None when
-        every call averages) and `t` the averaging step as float32. Program calls start at 0 and
-        static programs have no copy phase, so start_step must be 0 here."""
+    def tensor_step(self, call: Any, dtype: str = "float32") -> Tuple[Any, Any]:
+        """`action` for a call counter of a static program (or a dygraph tensor), as Paddle ops.
+
+        Program calls start at 0 and static programs have no copy phase, so start_step must be 0.
+
+        Args:
+            call: an integer (or integer-valued float) tensor or program value, the call index.
+            dtype: the dtype of the returned t.
+
+        Returns:
+            (averages, t): `averages` a bool tensor, True where the call averages (None when every
+            call does); `t` the averaging step in `dtype`.
+        """
         import paddle
 
         if self.start_step:
             raise ConfigError("start_step is not supported in static programs; use 0")
         if self.update_every == 1:
-            return None, paddle.cast(call, "float32")
+            return None, paddle.cast(call, dtype)
         call = paddle.cast(call, "int64")
-        return call % self.update_every == 0, paddle.cast(call // self.update_every, "float32")
+        return call % self.update_every == 0, paddle.cast(call // self.update_every, dtype)

@@ -197,3 +197,9 @@ def test_ema_state_resumes_exactly():
 def test_unknown_decay_type_is_rejected():
     with pytest.raises(ConfigError, match="'expo' is not allowed; allowed: .*exponential"):
         ModelEMA(Net(), ema_decay_type="expo")
+
+
+@pytest.mark.parametrize("cycle_epoch", [2.0, "3", None])
+def test_cycle_epoch_must_be_an_integer(cycle_epoch):
+    with pytest.raises(ConfigError, match="cycle_epoch must be an integer"):
+        ModelEMA(paddle.nn.Linear(2, 2), cycle_epoch=cycle_epoch)

@@ -86,3 +86,20 @@ def test_registry_is_extensible_from_user_code():
             register_schedule("threshold")(StepDown)
     finally:
         SCHEDULES.pop("test_step_down", None)
+
+
+def test_schedule_for_decay_type_maps_paddledetection_names():
+    from paddle_ema.schedules import schedule_for_decay_type
+
+    # PaddleDetection's three: 'exponential' with its hard-coded tau = 2000, 'normal' a constant.
+    exponential = schedule_for_decay_type("exponential", 0.9998)
+    assert exponential(0) == 0.9998 * (1.0 - math.exp(-1.0 / 2000.0))
+    assert schedule_for_decay_type("exponential", 0.5, tau=1.0)(1) == 0.5 * (1.0 - math.exp(-2.0))
+    assert schedule_for_decay_type("normal", 0.99)(10**6) == 0.99
+    assert schedule_for_decay_type("threshold", 0.9998)(8) == 0.5
+    # Options go only to the schedule that takes them (a config carries all of them).
+    assert schedule_for_decay_type("threshold", 0.9, tau=5.0, power=1.0) == Threshold(0.9)
+    assert schedule_for_decay_type("power", 0.9, inv_gamma=1.0, power=1.0, tau=5.0)(10**6) == 0.9
+    assert schedule_for_decay_type("power", 0.9999, min_decay=0.3)(0) == 0.3
+    with pytest.raises(ConfigError, match=r"ema_decay_type 'expo' is not allowed; allowed: .*exponential"):
+        schedule_for_decay_type("expo", 0.99)

@@ -37,3 +37,41 @@ def test_black_listed_keys():
     assert black_listed_keys(model, filter_no_grad=True) == {"frozen.weight"}
     narrow = black_listed_keys(model, filter_no_grad=True, batchnorm_classes=(nn.BatchNorm2D, nn.SyncBatchNorm))
     assert narrow == {"frozen.weight", "bn1._mean", "bn1._variance", "old._mean", "old._variance"}
+
+
+def test_is_batchnorm_statistic_with_and_without_the_model():
+    import pytest
+
+    from paddle_ema.errors import SelectionError
+    from paddle_ema.selection import is_batchnorm_statistic
+
+    model = Net()
+    keys = list(model.state_dict())
+    exact = {k for k in keys if is_batchnorm_statistic(k, model)}
+    assert exact == {f"{b}.{s}" for b in ("bn2", "bn1", "old") for s in ("_mean", "_variance")}
+    assert {k for k in keys if is_batchnorm_statistic(k, model, (nn.BatchNorm2D,))} == {"bn2._mean", "bn2._variance"}
+    # From the name alone (state dicts read from files): the same answer for Paddle's own names,
+    # and a lookalike such as `head.my_mean` is not one.
+    assert {k for k in keys if is_batchnorm_statistic(k)} == exact
+    assert is_batchnorm_statistic("_mean") and not is_batchnorm_statistic("head.my_mean")
+    with pytest.raises(SelectionError, match="classes= needs the model="):
+        is_batchnorm_statistic("bn2._mean", classes=(nn.BatchNorm2D,))
+    # A parameter itself, by identity with the layers' statistics.
+    params = dict(model.named_parameters())
+    assert exact <= set(params)
+    assert {n for n, p in params.items() if is_batchnorm_statistic(p, model)} == exact
+    assert not is_batchnorm_statistic(params["bn2.weight"], model)
+    with pytest.raises(SelectionError, match="needs the model="):
+        is_batchnorm_statistic(params["bn2._mean"])
+
+
+def test_the_front_ends_share_the_one_answer():
+    from paddle_ema import batchnorm, ppdet, selection
+
+    model = Net()
+    assert batchnorm.batchnorm_layers is selection.batchnorm_layers
+    assert [name for name, _ in batchnorm.batchnorm_layers(model)] == ["bn2", "bn1", "old"]
+    assert ppdet.bn_running_state_names(model) == {"bn2._mean", "bn2._variance"}
+    ema = ppdet.ModelEMA(model, ema_black_list=["head"], ema_filter_no_grad=True)
+    assert ema.ema_black_list == {"head.weight", "head.bias", "frozen.weight", "bn1._mean", "bn1._variance",
+                                  "old._mean", "old._variance"}

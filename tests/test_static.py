@@ -265,6 +265,62 @@ def test_schedule_and_update_every_match_numpy_model(kind):
             np.testing.assert_allclose(scope_value(ema.shadow_name(name)), expected, **F32)
 
 
+def plain_ema(history, decays, start):
+    """EMA without bias correction from `start`, s_t = d_t s_{t-1} + (1 - d_t) x_t, in float64."""
+    average = np.asarray(start, dtype=np.float64)
+    for weights, decay in zip(history, decays, strict=True):
+        average = decay * average + (1.0 - decay) * weights.astype(np.float64)
+    return average
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("start", ["zeros", "weights"])
+def test_bias_correction_false_applies_the_plain_average(kind, start):
+    steps = 12
+    with static_programs(kind) as (main, startup):
+        regression()
+        ema = ExponentialMovingAverage(0.9, bias_correction=False)
+        assert ema.bias_correction is False
+        ema.update()
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        initial = {n: scope_value(n) for n in ema.names}
+        if start == "weights":
+            ema.start_from_weights(exe)
+            for name in ema.names:
+                np.testing.assert_array_equal(scope_value(ema.shadow_name(name)), initial[name])
+        history = train(exe, main, batches(steps), ema.names)
+        decays = [in_program(0.9)] * steps  # prod 0.28: corrected and plain averages differ clearly
+        with ema.apply(exe):
+            applied = {n: scope_value(n) for n in ema.names}
+        for name in ema.names:
+            origin = initial[name] if start == "weights" else np.zeros_like(initial[name])
+            expected = plain_ema(history[name], decays, origin)
+            np.testing.assert_allclose(applied[name], expected, **F32)
+            # The corrected average differs by far more than the tolerance: the flag is not ignored.
+            assert np.abs(reference_ema(history[name], decays) - expected).max() > 1e-3
+            np.testing.assert_array_equal(scope_value(name), history[name][-1])  # restored
+        np.testing.assert_allclose(scope_value("@EMA_DECAY_PRODUCT@").item(), np.prod(decays), rtol=1e-12)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_start_from_weights_restarts_a_corrected_average(kind):
+    with static_programs(kind) as (main, startup):
+        regression()
+        ema = ExponentialMovingAverage(0.9)
+        ema.update()
+        exe = paddle.static.Executor(paddle.CPUPlace())
+        exe.run(startup)
+        train(exe, main, batches(5), [])
+        ema.start_from_weights(exe)
+        assert scope_value("@EMA_UPDATE_COUNTER@").item() == 0
+        assert scope_value("@EMA_DECAY_PRODUCT@").item() == 1.0
+        history = train(exe, main, batches(4, seed=3), ema.names)
+        for name in ema.names:  # as a fresh EMA: the first update takes the weights whole
+            np.testing.assert_allclose(scope_value(ema.shadow_name(name)),
+                                       reference_ema(history[name], [in_program(0.9)] * 4), **F32)
+
+
 # 3. The same training in dygraph with paddle_ema.ExponentialMovingAverage gives the same averages.
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("thres_steps", [None, True])

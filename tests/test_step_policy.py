@@ -69,3 +69,33 @@ def test_tensor_step_agrees_with_action():
         assert bool(averages[c]) == (kind == AVERAGE)
         if kind == AVERAGE:
             assert float(t[c]) == step
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 6), st.integers(1, 4), st.lists(st.integers(0, 3), min_size=1, max_size=12))
+def test_dygraph_ema_follows_the_policy(start_step, update_every, jumps):
+    """Each update(step=c) of the dygraph EMA copies, skips or averages with the decay of the
+    policy's t, also when an external step jumps (the walk above gives the policy's answers)."""
+    import paddle
+
+    from paddle_ema import ExponentialMovingAverage
+
+    paddle.seed(0)
+    layer = paddle.nn.Linear(2, 2)
+    ema = ExponentialMovingAverage(layer, decay=0.9, start_step=start_step, update_every=update_every,
+                                   nonfinite="update")
+    assert ema.policy == StepPolicy(start_step=start_step, update_every=update_every)
+    calls, call = [], -1
+    for jump in jumps:
+        call += 1 + jump
+        calls.append(call)
+    walk = simulate(start_step, update_every, calls[-1] + 1)
+    for c in calls:
+        kind, t = walk[c]
+        decay = ema.update(step=c)
+        if kind == AVERAGE:
+            assert decay == min(0.9, (1.0 + t) / (10.0 + t))
+        else:
+            assert decay is None
+        if kind == COPY:
+            assert ema.num_updates == 0
