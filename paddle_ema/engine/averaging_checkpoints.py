@@ -20,17 +20,13 @@ import paddle
 from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
 from ..errors import ConfigError, IncompatibleStateError
+from ..selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
 from .checkpoint import copy_state, load_state_dict, save_weights_file
 from .data import batches
 
 __all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]
 
 BN_MODES = ("average", "recompute", "first")
-_BN_SUFFIXES = ("._mean", "._variance")
-
-
-def is_bn_statistic(name):
-    return name.endswith(_BN_SUFFIXES) or name in ("_mean", "_variance")
 
 
 def _check_weights(weights, count):
@@ -67,7 +63,7 @@ def average_state_dicts(states, weights=None, bn="average", labels=None):
                 if not np.array_equal(state[name].numpy(), value.numpy()):
                     raise IncompatibleStateError(f"{name} is an integer entry and differs in {label}")
             averaged[name] = value.clone()
-        elif is_bn_statistic(name) and bn != "average":
+        elif is_batchnorm_statistic(name) and bn != "average":
             averaged[name] = value.clone()
         else:
             dtype = "float64" if value.dtype == paddle.float64 else "float32"
@@ -100,7 +96,7 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint {path} does not exist")
     states = [load_state_dict(path, "checkpoint to average") for path in paths]
-    has_bn = any(is_bn_statistic(name) for name in states[0])
+    has_bn = any(is_batchnorm_statistic(name) for name in states[0])
     if has_bn and bn is None:
         raise ConfigError("the checkpoints hold BatchNorm statistics (*._mean, *._variance): choose how to handle "
                           "them with --bn average|recompute|first")

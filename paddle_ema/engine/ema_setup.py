@@ -27,6 +27,7 @@ from .. import kernels
 from ..dygraph import ExponentialMovingAverage
 from ..errors import ConfigError, NonFiniteError
 from ..ppdet import ModelEMA, bn_running_state_names
+from ..schedules import schedule_for_decay_type
 from ..step_policy import StepPolicy
 from .averages import weights_loaded
 from .checkpoint import copy_state
@@ -68,13 +69,11 @@ def _first_nonfinite(pairs):
     return None
 
 def _schedule(cfg):
-    kind = cfg["ema_decay_type"]
-    if kind == "exponential":
-        return "exponential", {"tau": cfg["ema_tau"]}
-    if kind == "power":
-        return "power", {"inv_gamma": cfg["ema_inv_gamma"], "power": cfg["ema_power"],
-                         "min_decay": cfg["ema_min_decay"]}
-    return kind, {}
+    """(schedule name, its options) for `ema_decay_type` and the ema_* keys it reads."""
+    schedule = schedule_for_decay_type(cfg["ema_decay_type"], cfg["ema_decay"], tau=cfg["ema_tau"],
+                                       inv_gamma=cfg["ema_inv_gamma"], power=cfg["ema_power"],
+                                       min_decay=cfg["ema_min_decay"])
+    return schedule.name, {k: v for k, v in schedule.options().items() if k not in ("name", "decay")}
 
 
 def ema_settings(cfg, model):

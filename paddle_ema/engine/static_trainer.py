@@ -13,10 +13,9 @@ touch the model, the optimizer and the evaluation.
   program's variable names, so tools/eval.py and tools/export_model.py load them unchanged.
   `.pdopt` holds the optimizer's accumulators under `<structured name>_<accumulator>`, the LR
   schedule, and the static EMA's full persistable state.
-- The EMA keys map like engine/ema_setup.py's (`ema_settings`). `ema_bias_correction: false`
-  (the default) starts the average from the weights: shadows <- weights and decay product 0, for
-  which the static EMA's debiased weight (1 - d) / (1 - P_new) is exactly 1 - d. `true` keeps
-  its zero start with the exact correction (product 1). The static EMA has no start step, shadow
+- The EMA keys map like engine/ema_setup.py's (`ema_settings`), `ema_bias_correction` included
+  (the static EMA's own `bias_correction`); the average starts from the weights
+  (`start_from_weights`), as the dygraph EMA's does. The static EMA has no start step, shadow
   device or PaddleDetection variant: those settings are refused.
 
 Paddle's global mode stays dygraph outside the trainer's own program and executor calls.
@@ -99,9 +98,8 @@ class _StaticEMAState:
         self.ema = StaticEMA(settings["decay"], schedule=settings["schedule"],
                              schedule_options=settings["schedule_options"], update_every=settings["update_every"],
                              include_stop_gradient=include, exclude=left_out or None,
-                             nonfinite=settings["nonfinite"])
+                             nonfinite=settings["nonfinite"], bias_correction=settings["bias_correction"])
         self.ema.update()
-        self.bias_correction = settings["bias_correction"]
         # The program averages every update_every-th run; cycle_epoch restarts (-1, never, is 0).
         self.policy = StepPolicy(update_every=settings["update_every"], restart_every=max(cfg["cycle_epoch"], 0))
         self.structured = structured  # structured name -> program name
@@ -132,10 +130,8 @@ class _StaticEMAState:
 
     def register(self):
         """Start the average from the current weights, like the dygraph EMA's register()."""
-        for name, shadow in self.shadows.items():
-            self.vars.write(shadow, self.vars.read(self.structured[name]))
-        self.vars.write(self.names["counter"], [0])
-        self.vars.write(self.names["product"], [1.0 if self.bias_correction else 0.0])
+        with self._static():
+            self.ema.start_from_weights(self.exe)
 
     def _calls(self):
         return int(self.vars.read(self.names["counter"])[0])

@@ -23,8 +23,8 @@ from .. import kernels
 from ..checkpoint import recover
 from ..config import create
 from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, PaddleEMAError
+from ..selection import batchnorm_statistic_names
 from .averages import weights_loaded
-from .averaging_checkpoints import is_bn_statistic
 from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
 from .checkpoint import (check_fits, check_same_run, copy_state, load_resume_state, newest_resumable, run_identity,
                          save_checkpoint)
@@ -179,7 +179,8 @@ class Trainer:
         otherwise a warning says so and the weights keep their averaged statistics (never saved NaN)."""
         recalibrated = with_recalibrated_bn(self.model, weights, self.data["train"],
                                             self.cfg["EvalReader"]["batch_size"], self.cfg["update_bn_batches"])
-        names = [k for k, v in recalibrated.items() if is_bn_statistic(k) and paddle.is_floating_point(v)]
+        statistics = batchnorm_statistic_names(self.model)
+        names = [k for k, v in recalibrated.items() if k in statistics and paddle.is_floating_point(v)]
         bad = kernels.first_nonfinite([recalibrated[k] for k in names]) if names else None
         if bad is None:
             return recalibrated
