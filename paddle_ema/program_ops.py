@@ -21,6 +21,8 @@ __all__ = [
     "fused_all_finite",
     "fused_lerp_takes",
     "fused_all_finite_takes",
+    "fused_cast",
+    "fused_cast_takes",
     "runs_on_cpu",
     "exp",
     "create_persistable",
@@ -138,6 +140,39 @@ def fused_all_finite(values):
         attrs={"threads": threads},
     )
     return finite
+
+
+# The custom operators of kernels/csrc/ema_ops.cc that narrow float32 to a half-precision dtype
+# rounding to nearest-even on every Paddle version (Paddle's CPU cast truncates before 3.2).
+FUSED_CAST_OPS = {"float16": "paddle_ema_cast_to_float16", "bfloat16": "paddle_ema_cast_to_bfloat16"}
+
+
+def fused_cast_takes(value, dtype):
+    """True when `fused_cast` can narrow `value` to `dtype`: float32 to float16 or bfloat16."""
+    return value.dtype == paddle.float32 and any(dtype == getattr(paddle, name) for name in FUSED_CAST_OPS)
+
+
+def fused_cast(value, dtype):
+    """`paddle.cast(value, dtype)` for a float32 `value` and a float16/bfloat16 `dtype`, rounded to
+    nearest, ties to even, the bits of kernels.cast (the dygraph EMA's) on every Paddle version.
+
+    Same conditions as `fused_lerp_` (CPU programs, extension loaded); check `fused_cast_takes`
+    first. The thread count is fixed when the op is built.
+    """
+    from .kernels import fused
+
+    if not fused_cast_takes(value, dtype):
+        raise ConfigError(f"fused_cast narrows float32 to float16 or bfloat16, got {value.dtype} to {dtype}")
+    (name,) = [n for n in FUSED_CAST_OPS if dtype == getattr(paddle, n)]
+    op = FUSED_CAST_OPS[name]
+    threads = fused.num_threads()
+    if in_pir():
+        (out,) = _compat.run_custom_op(op, value, threads)
+        return out
+    helper = _compat.legacy_layer_helper(op)
+    out = helper.create_variable_for_type_inference(name)
+    helper.append_op(type=op, inputs={"X": [value]}, outputs={"Out": [out]}, attrs={"threads": threads})
+    return out
 
 
 def _legacy_variable(x):

@@ -404,7 +404,10 @@ class ExponentialMovingAverage:
             # Before the first update there is no average yet: keep the weights.
             chosen = paddle.where(averaged, average, raw)
             if chosen.dtype != target.dtype:
-                chosen = paddle.cast(chosen, target.dtype)
+                # Rounded to nearest-even by the extension where it runs (Paddle's CPU cast
+                # truncates before 3.2), the dygraph EMA's bits on every version.
+                fused = self._fused_update() and program_ops.fused_cast_takes(chosen, target.dtype)
+                chosen = program_ops.fused_cast(chosen, target.dtype) if fused else paddle.cast(chosen, target.dtype)
             paddle.assign(chosen, output=target)
 
     def _backup_in_scope(self):

@@ -31,6 +31,11 @@
 //       it (bias correction, a skipped step). Like kernels.lerp_: weight 0 leaves the averages
 //       untouched (also where values hold NaN) and weight 1 copies the values exactly.
 //   paddle_ema_all_finite(values) -> finite: ScanNonfinite's read as one bool [1].
+//   paddle_ema_cast_to_float16(x), paddle_ema_cast_to_bfloat16(x) -> out: float32 -> half
+//       rounded to nearest, ties to even, on every Paddle version (Paddle's own CPU cast rounds
+//       toward zero before 3.2, bfloat16 on 2.6 too), the bits of kernels.reference.cast: for
+//       float16 numpy's astype (NaN payloads kept, overflow to inf, subnormal halves), for
+//       bfloat16 the top 16 bits rounded, every NaN 0x7fff (what Paddle 3.x writes).
 
 #include <omp.h>
 
@@ -474,6 +479,58 @@ int64_t FirstNonfiniteSegment(const std::vector<Segment>& segments, int threads)
   return found == INT64_MAX ? -1 : found;
 }
 
+// float32 -> IEEE half, round to nearest, ties to even, in integer arithmetic (the result
+// does not depend on the FPU's rounding mode or flush-to-zero). Bit for bit numpy's
+// npy_floatbits_to_halfbits, NaN payloads included, as Paddle 3.2+'s CPU cast.
+inline uint16_t FloatToHalf(uint32_t f) {
+  const uint16_t sign = static_cast<uint16_t>((f >> 16) & 0x8000u);
+  const uint32_t a = f & 0x7fffffffu;
+  if (a >= 0x7f800000u) {  // inf, or NaN with the top of its payload (still a NaN)
+    if (a == 0x7f800000u) return sign | 0x7c00u;
+    const uint16_t nan = static_cast<uint16_t>(0x7c00u | ((a >> 13) & 0x3ffu));
+    return sign | (nan == 0x7c00u ? 0x7c01u : nan);
+  }
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520: ties to even past 65504 = inf
+  if (a >= 0x38800000u) {                       // a normal half: drop 13 bits, rounded
+    const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
+    return sign | static_cast<uint16_t>((rounded - (static_cast<uint32_t>(127 - 15) << 23)) >> 13);
+  }
+  if (a < 0x33000000u) return sign;  // below half the smallest subnormal (2^-25): zero
+  // A subnormal half, counted in units of 2^-24: the 24-bit significand shifted down, rounded
+  // (a carry into 0x400 is the smallest normal half, encoded the same).
+  const uint32_t shift = 126u - (a >> 23);  // 14 .. 24
+  const uint32_t significand = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t kept = significand >> shift;
+  const uint32_t rest = significand & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  return sign | static_cast<uint16_t>(kept + (rest > half || (rest == half && (kept & 1u))));
+}
+
+// float32 -> bfloat16: the top 16 bits rounded to nearest, ties to even (an overflow carries into
+// inf, subnormals round like the rest); every NaN becomes 0x7fff.
+inline uint16_t FloatToBfloat16(uint32_t f) {
+  if ((f & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  return static_cast<uint16_t>((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
+}
+
+template <bool kBfloat16>
+std::vector<paddle::Tensor> CastToHalf(const paddle::Tensor& x, int threads) {
+  PD_CHECK(x.is_dense_tensor() && x.is_cpu() && x.dtype() == paddle::DataType::FLOAT32 && EmaIsContiguous(x),
+           kBfloat16 ? "paddle_ema_cast_to_bfloat16" : "paddle_ema_cast_to_float16",
+           ": the input must be a dense, contiguous float32 CPU tensor; the static EMA emits Paddle's "
+           "cast for programs that run elsewhere");
+  paddle::Tensor out = paddle::empty(x.shape(), kBfloat16 ? paddle::DataType::BFLOAT16 : paddle::DataType::FLOAT16,
+                                     paddle::CPUPlace());
+  if (x.numel() == 0) return {out};
+  std::vector<Segment> segments{{out.data(), x.data(), x.numel(), Kind::kFloat}};
+  ParallelOverElements(segments, threads, [](const Segment& s, int64_t b, int64_t e) {
+    uint16_t* narrow = static_cast<uint16_t*>(s.average) + b;
+    const uint32_t* wide = static_cast<const uint32_t*>(s.value) + b;
+    for (int64_t i = 0; i < e - b; ++i) narrow[i] = kBfloat16 ? FloatToBfloat16(wide[i]) : FloatToHalf(wide[i]);
+  });
+  return {out};
+}
+
 }  // namespace
 
 // The dygraph update (bound to Python in ema_python.cc): writes the averages through their data
@@ -638,3 +695,30 @@ PD_BUILD_OP(paddle_ema_lerp_by_tensor)
     .Attrs({"threads: int"})
     .SetInplaceMap({{paddle::Vec("Averages"), paddle::Vec("AveragesOut")}})
     .SetKernelFn(PD_KERNEL(LerpByTensor));
+
+std::vector<paddle::Tensor> CastToFloat16(const paddle::Tensor& x, int threads) { return CastToHalf<false>(x, threads); }
+std::vector<paddle::Tensor> CastToBfloat16(const paddle::Tensor& x, int threads) { return CastToHalf<true>(x, threads); }
+
+std::vector<std::vector<int64_t>> CastInferShape(const std::vector<int64_t>& x) { return {x}; }
+std::vector<paddle::DataType> Float16InferDtype(const paddle::DataType& /*x*/) { return {paddle::DataType::FLOAT16}; }
+std::vector<paddle::DataType> Bfloat16InferDtype(const paddle::DataType& /*x*/) {
+  return {paddle::DataType::BFLOAT16};
+}
+
+// The static EMA's apply(): the float32 average narrowed to a half-precision parameter with the
+// same rounding on every Paddle version (program_ops.fused_cast).
+PD_BUILD_OP(paddle_ema_cast_to_float16)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(CastToFloat16))
+    .SetInferShapeFn(PD_INFER_SHAPE(CastInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Float16InferDtype));
+
+PD_BUILD_OP(paddle_ema_cast_to_bfloat16)
+    .Inputs({"X"})
+    .Outputs({"Out"})
+    .Attrs({"threads: int"})
+    .SetKernelFn(PD_KERNEL(CastToBfloat16))
+    .SetInferShapeFn(PD_INFER_SHAPE(CastInferShape))
+    .SetInferDtypeFn(PD_INFER_DTYPE(Bfloat16InferDtype));
