@@ -38,7 +38,10 @@ dtype with one op of the extension, `paddle_ema_lerp_by_tensor`, with the same n
 built-in ops (~3 per parameter) used otherwise, and nonfinite='skip' checks all parameters with
 one more, `paddle_ema_all_finite`, instead of two built-in ops per parameter. The choice and the
 ops' thread count are fixed when update() is called: a program built for the CPU must run on the
-CPU.
+CPU. apply() narrows float32 shadows into float16/bfloat16 parameters with the extension's
+`paddle_ema_cast_to_float16` / `paddle_ema_cast_to_bfloat16` (round to nearest, ties to even),
+so the applied bits are the same on every Paddle version: before 3.2, Paddle's own CPU cast
+truncates.
 """
 
 import contextlib
