@@ -26,7 +26,7 @@ from typing import Any, Dict, Tuple
 
 from .errors import ConfigError
 
-__all__ = ["EMARule", "shadow_dtype"]
+__all__ = ["EMARule", "settings_differences", "shadow_dtype"]
 
 
 def shadow_dtype(dtype: Any) -> Any:
@@ -95,3 +95,30 @@ class EMARule:
             {'schedule': the schedule's options, 'bias_correction': bool}.
         """
         return {"schedule": self.schedule.options(), "bias_correction": self.bias_correction}
+
+
+def settings_differences(saved: Dict[str, Any], ours: Dict[str, Any]) -> list:
+    """The settings a saved average state was made with that differ from this average's: the one
+    check every front-end's set_state_dict runs (dygraph and static EMA, ModelEMA).
+
+    Args:
+        saved: the settings recorded in the state (nested dicts allowed).
+        ours: this average's settings, in the same form.
+
+    Returns:
+        ["setting K: SAVED in the state, OURS here", ...] for each differing key (nested keys
+        dotted), sorted; empty when they agree.
+    """
+    mine, theirs = _flatten(ours), _flatten(saved)
+    return [f"setting {key}: {theirs.get(key)!r} in the state, {mine.get(key)!r} here"
+            for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+
+
+def _flatten(mapping, prefix=""):
+    flat = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

@@ -10,7 +10,7 @@ import paddle
 
 from . import _compat, kernels
 from .kernels import fused
-from .averaging import EMARule, shadow_dtype
+from .averaging import EMARule, settings_differences, shadow_dtype
 from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
 from .schedules import PowerFunction, Schedule, make_schedule
 from .selection import select_parameters
@@ -421,10 +421,7 @@ class ExponentialMovingAverage:
         for name, param in zip(self.names, self._params):
             if name in shadow and list(shadow[name].shape) != list(param.shape):
                 problems.append(f"{name}: shape {list(shadow[name].shape)} in the state, {list(param.shape)} here")
-        ours, theirs = _flatten(self.settings()), _flatten(state["settings"])
-        for key in sorted(set(ours) | set(theirs)):
-            if ours.get(key) != theirs.get(key):
-                problems.append(f"setting {key}: {theirs.get(key)!r} in the state, {ours.get(key)!r} here")
+        problems += settings_differences(state["settings"], self.settings())
         if problems:
             raise IncompatibleStateError("the EMA state does not fit this EMA: " + "; ".join(problems))
 
@@ -491,13 +488,3 @@ def _copy(targets, sources):
         fused.copy_(targets, sources)
     else:
         kernels.copy_(targets, sources)
-
-
-def _flatten(mapping, prefix=""):
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat

@@ -55,7 +55,7 @@ import paddle
 from paddle import nn
 
 from . import kernels
-from .averaging import EMARule
+from .averaging import EMARule, settings_differences
 from .errors import ConfigError, IncompatibleStateError, NonFiniteError
 from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
 from .selection import batchnorm_statistic_names, black_listed_keys
@@ -306,9 +306,9 @@ class ModelEMA:
         """
         if not isinstance(state, dict) or state.get("format") != "paddle_ema.ModelEMA":
             raise IncompatibleStateError("not a ModelEMA.ema_state() dict")
-        mine = self.ema_state()["settings"]
-        if state["settings"] != mine:
-            raise IncompatibleStateError(f"ModelEMA settings differ: {state['settings']} in the state, {mine} here")
+        differences = settings_differences(state.get("settings", {}), self.ema_state()["settings"])
+        if differences:
+            raise IncompatibleStateError("ModelEMA settings differ: " + "; ".join(differences))
         missing = [name for name in self.averaged if name not in state["shadow"]]
         if missing:
             raise IncompatibleStateError(f"ModelEMA state lacks {missing[:5]}")

@@ -12,6 +12,7 @@ and nowhere else.
 import paddle
 
 from . import _compat
+from .errors import ConfigError
 from .step_policy import check_int
 
 __all__ = [
@@ -43,7 +44,7 @@ def lerp_(average, value, weight):
     """average <- average + weight * (value - average), in place: `kernels.lerp_` as program ops.
 
     `weight` is a one-element tensor of the average's dtype. Three elementwise ops, the last one
-    in place: on CPU this is about three times faster than Paddle's lerp kernel plus an assign
+    in place: on CPU this is faster than Paddle's lerp kernel plus an assign (docs/performance.md)
     (PIR programs turn `Tensor.lerp_` into an out-of-place lerp).
     """
     step = paddle.scale(paddle.subtract(value, average), scale=weight)

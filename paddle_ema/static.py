@@ -216,6 +216,15 @@ class ExponentialMovingAverage:
         """
         return self._var(f"{param_name}@EMA")
 
+    def settings(self) -> Dict[str, Any]:
+        """The settings that change the numbers, in the dygraph EMA's form: a state saved by hand
+        (state_names()) should record them, and a resumed EMA must have the same.
+
+        Returns:
+            {'schedule': ..., 'bias_correction': ..., 'update_every': ...}.
+        """
+        return {**self.rule.options(), "update_every": self.update_every}
+
     def state_names(self) -> Dict[str, Any]:
         """Scope names of the persistable state, for code that saves or sets it by hand.
 

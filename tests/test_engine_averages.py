@@ -99,3 +99,27 @@ def test_the_running_statistics_synchronised_over_ranks_are_exactly_the_batchnor
                                  paddle.nn.BatchNorm1D(5))
     parallel.sync_running_stats(model)
     assert reduced == [2 * 3 + 2 * 5]  # BatchNorm2D's and BatchNorm1D's mean and variance, float32, one call
+
+
+def test_the_static_adapter_records_its_settings_and_refuses_a_state_made_with_others(tmp_path):
+    from pathlib import Path
+
+    from paddle_ema.engine import read_config
+    from paddle_ema.engine.runs import check_config
+    from paddle_ema.errors import IncompatibleStateError
+
+    config_file = Path(__file__).resolve().parents[1] / "configs" / "lenet_digits.yml"
+    cfg = read_config(str(config_file), ["epoch=1", f"output_dir={tmp_path}", "LeNet.width=4", "LeNet.hidden=8",
+                                         "mode=static", "ema_decay=0.9"])
+    adapter = check_config(cfg, do_eval=False).ema
+    assert isinstance(adapter, EvaluatedAverage)
+    state = adapter.state_dict()
+    assert state["ema"]["settings"] == {"schedule": {"name": "threshold", "decay": 0.9}, "bias_correction": False,
+                                        "update_every": 1}
+    adapter.set_state_dict(state)  # its own state fits
+    state["ema"]["settings"]["update_every"] = 2
+    with pytest.raises(IncompatibleStateError, match=r"setting update_every: 2 in the state, 1 here"):
+        adapter.set_state_dict(state)
+    del state["ema"]["settings"]  # a checkpoint from before settings were recorded still loads
+    adapter.set_state_dict(state)
+    assert paddle.in_dynamic_mode()

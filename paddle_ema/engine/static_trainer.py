@@ -29,6 +29,7 @@ import numpy as np
 import paddle
 
 from .. import _compat
+from ..averaging import settings_differences
 from ..config import create
 from ..errors import ConfigError, IncompatibleStateError
 from ..selection import is_floating, select_parameters
@@ -163,6 +164,7 @@ class _StaticEMAState:
                 "decay_product": float(self.vars.read(self.names["product"])[0]),
                 "last_decay": self.last_decay,
                 "num_nonfinite_skipped": int(self.vars.read(self.names["skipped"])[0]),
+                "settings": self.ema.settings(),
             },
             "snapshots": self.snapshots,
         }
@@ -171,6 +173,11 @@ class _StaticEMAState:
         if state.get("impl") != STATE_IMPL:
             raise ConfigError(f"the checkpoint's EMA was made by {state.get('impl')!r}; mode: static resumes only "
                               f"its own ({STATE_IMPL!r})")
+        # Checkpoints written before the settings were recorded have none to compare.
+        differences = settings_differences(state["ema"].get("settings", self.ema.settings()), self.ema.settings())
+        if differences:
+            raise IncompatibleStateError("the checkpoint's static EMA does not fit this config: "
+                                         + "; ".join(differences))
         shadow = state["ema"]["shadow"]
         if set(shadow) != set(self.shadows):
             raise IncompatibleStateError(f"the checkpoint averages {sorted(set(shadow) ^ set(self.shadows))[:5]} "
