@@ -13,6 +13,7 @@ Each docstring says on which Paddle versions the shim was checked (by tests/test
 import paddle
 
 __all__ = [
+    "exp",
     "inplace_add_",
     "run_custom_op",
     "legacy_layer_helper",
@@ -72,6 +73,21 @@ def legacy_layer_helper(op_type):
     except ImportError:  # Paddle 2.5 and older spelled the package `fluid`
         from paddle.fluid.layer_helper import LayerHelper
     return LayerHelper(op_type)
+
+
+def exp(x):
+    """paddle.exp that also takes legacy-program Variables: paddle.exp on Paddle 3.3 rejects them,
+    so there the op is appended with Paddle's LayerHelper. Used by the schedules' tensor formulas.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    # An eager Tensor is an instance of paddle.static.Variable too: check the mode first.
+    if not paddle.in_dynamic_mode() and isinstance(x, paddle.static.Variable):
+        helper = legacy_layer_helper("exp")
+        out = helper.create_variable_for_type_inference(x.dtype)
+        helper.append_op(type="exp", inputs={"X": [x]}, outputs={"Out": [out]})
+        return out
+    return paddle.exp(x)
 
 
 def expected_place():

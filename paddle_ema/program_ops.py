@@ -181,16 +181,6 @@ def _legacy_variable(x):
     return not paddle.in_dynamic_mode() and isinstance(x, paddle.static.Variable)
 
 
-def exp(x):
-    """paddle.exp that also takes legacy-program Variables (paddle.exp on Paddle 3.3 does not)."""
-    if _legacy_variable(x):
-        helper = _compat.legacy_layer_helper("exp")
-        out = helper.create_variable_for_type_inference(x.dtype)
-        helper.append_op(type="exp", inputs={"X": [x]}, outputs={"Out": [out]})
-        return out
-    return paddle.exp(x)
-
-
 def all_finite(values):
     """A bool [1] value: True when no element of `values` is NaN or Inf (both program kinds).
 

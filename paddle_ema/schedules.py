@@ -62,9 +62,9 @@ class _TensorMath:
 
     @staticmethod
     def exp(x):
-        from .program_ops import exp  # paddle.exp rejects legacy-program Variables on Paddle 3.3
+        from . import _compat  # imports paddle: deferred like the `import paddle` above
 
-        return exp(x)
+        return _compat.exp(x)  # paddle.exp rejects legacy-program Variables on Paddle 3.3
 
 
 HOST = _HostMath()

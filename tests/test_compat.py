@@ -231,3 +231,17 @@ def test_batchnorm_uses_global_stats():
 def test_batchnorm_data_format():
     assert _compat.batchnorm_data_format(paddle.nn.BatchNorm2D(2)) == "NCHW"
     assert _compat.batchnorm_data_format(paddle.nn.BatchNorm2D(2, data_format="NHWC")) == "NHWC"
+
+
+def test_exp():
+    # dygraph tensors and legacy-program Variables (which paddle.exp rejects on 3.3)
+    values = np.array([-2.0, 0.0, 0.5, 3.0])
+    np.testing.assert_array_equal(_compat.exp(paddle.to_tensor(values)).numpy(), np.exp(values))
+
+    def body(main):
+        x = paddle.static.data("x", [4], "float64")
+        y = _compat.exp(x)
+        (out,) = paddle.static.Executor(paddle.CPUPlace()).run(main, feed={"x": values}, fetch_list=[y])
+        return out
+
+    np.testing.assert_allclose(_legacy(body), np.exp(values), rtol=1e-15)
