@@ -11,7 +11,7 @@ import pytest
 
 from paddle_ema import checkpoint
 from paddle_ema.engine import read_config
-from paddle_ema.engine.checkpoint import load_resume_state, load_state_dict
+from paddle_ema.engine.run_checkpoints import load_resume_state, load_state_dict
 from paddle_ema.engine.cli import average_main, eval_main, export_main
 from paddle_ema.engine.runs import build_trainer
 from paddle_ema.errors import CheckpointError, IncompatibleStateError, PaddleEMAError

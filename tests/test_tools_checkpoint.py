@@ -6,7 +6,7 @@ import numpy as np
 import paddle
 import pytest
 
-from paddle_ema.engine import checkpoint
+from paddle_ema.engine import run_checkpoints as checkpoint
 from paddle_ema.errors import CheckpointError, IncompatibleStateError
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from paddle_ema.checkpoint import MANIFEST_SUFFIX
 from paddle_ema.engine import read_config
-from paddle_ema.engine.checkpoint import load_weights
+from paddle_ema.engine.run_checkpoints import load_weights
 from paddle_ema.engine.distributed import DUMP_ENV, Parallel
 from paddle_ema.engine.evaluation import evaluate
 from paddle_ema.engine.trainer import Trainer, build_datasets, build_model

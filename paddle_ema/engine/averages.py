@@ -15,7 +15,7 @@ from typing import ContextManager, Dict, Iterator, Optional, Protocol, runtime_c
 
 import paddle
 
-from .checkpoint import copy_state
+from .run_checkpoints import copy_state
 
 __all__ = ["TrainerAverage", "EvaluatedAverage", "weights_loaded"]
 

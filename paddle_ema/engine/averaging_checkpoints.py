@@ -21,7 +21,7 @@ from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
 from ..errors import ConfigError, IncompatibleStateError
 from ..selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
-from .checkpoint import copy_state, load_state_dict, save_weights_file
+from .run_checkpoints import copy_state, load_state_dict, save_weights_file
 from .data import batches
 
 __all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]

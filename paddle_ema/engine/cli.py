@@ -124,7 +124,7 @@ def _weights(cfg, args):
 def _eval(argv):
     args = _parser("Accuracy of a checkpoint (-o weights=PATH; default <output>/<name>/model_final).").parse_args(argv)
     cfg = _config(args)
-    from .checkpoint import load_weights
+    from .run_checkpoints import load_weights
     from .evaluation import evaluate
     from .builders import build_datasets, build_model, set_device
 

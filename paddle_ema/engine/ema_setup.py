@@ -30,7 +30,7 @@ from ..ppdet import ModelEMA, bn_running_state_names
 from ..schedules import schedule_for_decay_type
 from ..step_policy import StepPolicy
 from .averages import weights_loaded
-from .checkpoint import copy_state
+from .run_checkpoints import copy_state
 
 __all__ = ["build_ema", "ema_settings", "relative_distance", "restart_allowed"]
 

@@ -5,7 +5,7 @@ import paddle
 
 from ..checkpoint import staged_prefix
 from ..errors import PaddleEMAError
-from .checkpoint import load_weights
+from .run_checkpoints import load_weights
 from .evaluation import predict
 from .builders import build_datasets, build_model, set_device
 

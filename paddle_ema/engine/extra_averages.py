@@ -17,7 +17,7 @@ from ..dygraph import StochasticWeightAveraging
 from ..posthoc import PostHocEMA
 from .averages import weights_loaded
 from .averaging_checkpoints import recompute_bn_statistics
-from .checkpoint import copy_state
+from .run_checkpoints import copy_state
 
 __all__ = ["SWA_SUFFIX", "TrainerPostHoc", "TrainerSWA", "build_swa", "build_posthoc", "with_recalibrated_bn"]
 

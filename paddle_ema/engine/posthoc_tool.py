@@ -23,7 +23,7 @@ def posthoc_weights(cfg, run_dir, snapshots, sigma_rels, at=None, update_bn=Fals
     import paddle
 
     from .averaging_checkpoints import recompute_bn_statistics
-    from .checkpoint import check_fits, copy_state
+    from .run_checkpoints import check_fits, copy_state
     from .evaluation import evaluate
     from .builders import build_datasets, build_model, set_device
 
