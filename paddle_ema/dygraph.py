@@ -151,7 +151,7 @@ class ExponentialMovingAverage:
         return self.policy.start_step
 
     @paddle.no_grad()
-    def _snapshot(self, param):
+    def _new_shadow(self, param):
         shadow = param.detach().clone().astype(shadow_dtype(param.dtype))
         if self.device is not None:
             shadow = _compat.copy_to_place(shadow, self.device)
@@ -163,7 +163,7 @@ class ExponentialMovingAverage:
         if self._backup is not None:
             raise EMAStateError("register() while EMA weights are applied would average them; call restore() first")
         owned = set(self._owned)
-        self._shadows = [self._snapshot(p) if i in owned else None for i, p in enumerate(self._params)]
+        self._shadows = [self._new_shadow(p) if i in owned else None for i, p in enumerate(self._params)]
         self._owned_shadows = [self._shadows[i] for i in self._owned]
         self._owned_params = [self._params[i] for i in self._owned]
         self.num_calls = 0

@@ -27,7 +27,7 @@ __all__ = [
     "runs_on_cpu",
     "exp",
     "create_persistable",
-    "reference",
+    "scope_variable",
     "store",
     "persistable_variables",
     "step_counter",
@@ -216,7 +216,7 @@ def create_persistable(name, shape, dtype, value):
     return var
 
 
-def reference(name, shape, dtype):
+def scope_variable(name, shape, dtype):
     """A value of the current program that reads and writes the existing scope variable `name`.
 
     Used by the apply/restore programs to reach parameters and shadows of the main program.

@@ -329,7 +329,7 @@ class ExponentialMovingAverage:
             with paddle.static.program_guard(program, paddle.static.Program()):
                 params = self._parameter_references()
                 product, shadows = self._average_references()
-                counter = program_ops.reference(self._counter.name, [1], "int64")
+                counter = program_ops.scope_variable(self._counter.name, [1], "int64")
                 for param, shadow in zip(params, shadows):
                     paddle.assign(param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype),
                                   output=shadow)
@@ -365,15 +365,15 @@ class ExponentialMovingAverage:
             # it copies into the backups as assign outputs, not by store(): a PIR program that
             # re-creates a variable another cached program reads leaves that one a stale tensor.
             targets, references = self._parameter_references(), self._average_references()
-            backups = [program_ops.reference(self._backup_name(n), p.shape, p.dtype)
+            backups = [program_ops.scope_variable(self._backup_name(n), p.shape, p.dtype)
                        for n, p in zip(self.names, self._params)]
             for target, backup in zip(targets, backups):
                 paddle.assign(target, output=backup)
             self._append_apply_ops(targets, references)
         with paddle.static.program_guard(self._restore_program, paddle.static.Program()):
             for name, param in zip(self.names, self._params):
-                target = program_ops.reference(name, param.shape, param.dtype)
-                paddle.assign(program_ops.reference(self._backup_name(name), param.shape, param.dtype), output=target)
+                target = program_ops.scope_variable(name, param.shape, param.dtype)
+                paddle.assign(program_ops.scope_variable(self._backup_name(name), param.shape, param.dtype), output=target)
         # Paddle's class had these two as public attributes; scripts run them with exe.run().
         self.restore_program = self._restore_program
 
@@ -393,7 +393,7 @@ class ExponentialMovingAverage:
         return self._apply_and_backup_program
 
     def _parameter_references(self):
-        return [program_ops.reference(name, param.shape, param.dtype) for name, param in zip(self.names, self._params)]
+        return [program_ops.scope_variable(name, param.shape, param.dtype) for name, param in zip(self.names, self._params)]
 
     def _append_backup_ops(self, targets):
         for name, target in zip(self.names, targets):
@@ -402,9 +402,9 @@ class ExponentialMovingAverage:
     def _average_references(self):
         """(the decay product, the shadows) as values of the program being built."""
         shadows = [
-            program_ops.reference(self.shadow_name(n), s.shape, s.dtype) for n, s in zip(self.names, self._shadows)
+            program_ops.scope_variable(self.shadow_name(n), s.shape, s.dtype) for n, s in zip(self.names, self._shadows)
         ]
-        return program_ops.reference(self._product.name, [1], SCALAR_DTYPE), shadows
+        return program_ops.scope_variable(self._product.name, [1], SCALAR_DTYPE), shadows
 
     def _append_apply_ops(self, targets, references):
         product, shadows = references

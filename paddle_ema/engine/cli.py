@@ -160,7 +160,7 @@ def _average(argv):
                              "or take the first checkpoint's; required when the checkpoints hold BatchNorm layers")
     parser.add_argument("--output", required=True, help="the averaged .pdparams file")
     args = parser.parse_args(argv)
-    from .averaging_checkpoints import average_checkpoint_files
+    from .average_files import average_checkpoint_files
 
     cfg = _config(args) if args.config else None
     if os.path.isdir(args.output):

@@ -16,7 +16,7 @@ import paddle
 from ..dygraph import StochasticWeightAveraging
 from ..posthoc import PostHocEMA
 from .averages import weights_loaded
-from .averaging_checkpoints import recompute_bn_statistics
+from .average_files import recompute_bn_statistics
 from .run_checkpoints import copy_state
 
 __all__ = ["SWA_SUFFIX", "TrainerPostHoc", "TrainerSWA", "build_swa", "build_posthoc", "with_recalibrated_bn"]

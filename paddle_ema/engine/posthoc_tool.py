@@ -22,7 +22,7 @@ def posthoc_weights(cfg, run_dir, snapshots, sigma_rels, at=None, update_bn=Fals
     """[(sigma_rel, gamma, path, accuracy or None)] for each profile; writes one .pdparams each."""
     import paddle
 
-    from .averaging_checkpoints import recompute_bn_statistics
+    from .average_files import recompute_bn_statistics
     from .run_checkpoints import check_fits, copy_state
     from .evaluation import evaluate
     from .builders import build_datasets, build_model, set_device
