@@ -25,7 +25,6 @@ __all__ = [
     "fused_cast",
     "fused_cast_takes",
     "runs_on_cpu",
-    "exp",
     "create_persistable",
     "scope_variable",
     "store",

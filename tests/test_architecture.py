@@ -124,3 +124,30 @@ def test_no_import_cycles():
         if module not in state:
             visit(module, [])
     assert not cycles, "import cycles inside paddle_ema:\n" + "\n".join(cycles)
+
+
+def test_every_name_a_module_exports_exists():
+    # Read from the source: each name in a module's literal __all__ is defined or imported there
+    # (a rename that forgets __all__ breaks `from module import *` only at a user's import).
+    missing = {}
+    for path in modules():
+        tree = ast.parse(path.read_text())
+        exported, defined = [], set()
+        for node in tree.body:
+            if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+                literal = isinstance(node.value, (ast.List, ast.Tuple))
+                exported = [elt.value for elt in node.value.elts] if literal else []
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defined.add(node.name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in (node.targets if isinstance(node, ast.Assign) else [node.target]):
+                    for name in ast.walk(target):
+                        if isinstance(name, ast.Name):
+                            defined.add(name.id)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                defined.update((alias.asname or alias.name).split(".")[0] for alias in node.names)
+        lazy = "__getattr__" in defined  # a module that resolves its exports lazily (paddle_ema/__init__)
+        absent = [name for name in exported if name not in defined and not lazy]
+        if absent:
+            missing[module_name(path)] = absent
+    assert not missing, missing
