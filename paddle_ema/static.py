@@ -46,7 +46,7 @@ truncates.
 
 import contextlib
 import warnings
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional
 
 import numpy as np
 import paddle
@@ -57,7 +57,7 @@ from .checkpoint import staged_prefix
 from .errors import ConfigError, EMAStateError
 from .program_ops import clone_for_test, step_counter
 from .schedules import Schedule, make_schedule
-from .selection import select_parameters
+from .selection import is_floating, select_parameters
 from .step_policy import StepPolicy
 
 __all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
@@ -82,6 +82,20 @@ class _ProgramParameters:
         return [(p.name, p) for p in params if getattr(p, "do_model_average", None) is not False]
 
 
+def _chosen_parameters(program, parameters):
+    """[(name, parameter)] of the program's parameters named in `parameters`, in program order."""
+    wanted = [p if isinstance(p, str) else getattr(p, "name", p) for p in parameters]
+    present = {p.name: p for p in program.global_block().all_parameters()}
+    unknown = [n for n in wanted if n not in present]
+    if unknown:
+        raise ConfigError(f"parameters: {unknown[:5]} are not parameters of the main program")
+    not_floating = [n for n in wanted if not is_floating(present[n])]
+    if not_floating:
+        raise ConfigError(f"parameters: {not_floating[:5]} are not floating-point; only those can be averaged")
+    chosen = set(wanted)
+    return [(name, param) for name, param in present.items() if name in chosen]
+
+
 class ExponentialMovingAverage:
     """Exponential moving average of a static program's parameters, for PIR and legacy programs.
 
@@ -104,6 +118,10 @@ class ExponentialMovingAverage:
         include_stop_gradient: also average parameters with stop_gradient=True (BatchNorm's
             running statistics, frozen layers). Default False.
         exclude: parameter names to leave out: substrings, 're:<regex>' strings or re.Pattern.
+        parameters: the parameters to average, chosen by the caller (program parameters or their
+            names; e.g. paddle_ema.selection.select_parameters of a model, mapped to the program's
+            names, as tools/train.py's static trainer does); replaces the choice by
+            include_stop_gradient and exclude. Default None: chosen from the program by those.
         nonfinite: 'skip' (default): a run whose parameters hold NaN or Inf averages nothing and
             is counted in the persistable `@EMA_NONFINITE_SKIPPED@` (apply() warns when it grew;
             num_nonfinite_skipped() reads it); 'update' averages regardless.
@@ -125,6 +143,7 @@ class ExponentialMovingAverage:
         bias_correction: bool = True,
         include_stop_gradient: bool = False,
         exclude: Any = None,
+        parameters: Optional[Iterable[Any]] = None,
         nonfinite: str = "skip",
     ):
         if paddle.in_dynamic_mode():
@@ -159,7 +178,12 @@ class ExponentialMovingAverage:
         self._prefix = name or ""
 
         self.program = paddle.static.default_main_program()
-        named = select_parameters(_ProgramParameters(self.program), include_stop_gradient, exclude)
+        if parameters is None:
+            named = select_parameters(_ProgramParameters(self.program), include_stop_gradient, exclude)
+        elif exclude is not None:
+            raise ConfigError("give the parameters to average either as parameters= or by exclude=, not both")
+        else:
+            named = _chosen_parameters(self.program, parameters)
         if not named:
             raise ConfigError(
                 "the main program has no parameters to average (none is trainable, or all are excluded); "

@@ -603,3 +603,20 @@ def test_nonfinite_parameters_are_skipped_and_counted(kind):
             shadow = scope_value(ema.shadow_name(name))
             assert np.isfinite(shadow).all()
             np.testing.assert_allclose(shadow, reference_ema(kept[name], [in_program(0.9)] * 6), **F32)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_parameters_chosen_by_the_caller_are_averaged_in_program_order(kind):
+    with static_programs(kind) as (main, startup):
+        x = paddle.static.data("x", [-1, 5], "float32")
+        hidden = paddle.nn.BatchNorm1D(4)(fc(x, 4))
+        paddle.optimizer.SGD(learning_rate=0.1).minimize(paddle.mean(hidden**2))
+        params = [p for p in main.global_block().all_parameters()]
+        statistic = next(p for p in params if p.name.startswith("batch_norm") and p.stop_gradient)
+        # A frozen statistic and a weight, given in reverse: both averaged, in the program's order.
+        chosen = ExponentialMovingAverage(0.9, parameters=[statistic.name, params[0]])
+        assert chosen.names == [p.name for p in params if p.name in (statistic.name, params[0].name)]
+        with pytest.raises(ConfigError, match=r"parameters: \['no_such'\] are not parameters of the main program"):
+            ExponentialMovingAverage(0.9, name="bad_", parameters=["no_such"])
+        with pytest.raises(ConfigError, match="either as parameters= or by exclude=, not both"):
+            ExponentialMovingAverage(0.9, name="both_", parameters=[params[0].name], exclude=["fc"])

@@ -22,7 +22,6 @@ Paddle's global mode stays dygraph outside the trainer's own program and executo
 """
 
 import contextlib
-import re
 import warnings
 
 import numpy as np
@@ -32,7 +31,7 @@ from .. import _compat
 from ..averaging import settings_differences
 from ..config import create
 from ..errors import ConfigError, IncompatibleStateError
-from ..selection import is_floating, select_parameters
+from ..selection import select_parameters
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
 from ..step_policy import StepPolicy
@@ -90,16 +89,12 @@ class _StaticEMAState:
     def __init__(self, cfg, model, structured):
         settings = ema_settings(cfg, model)
         include = settings["include_stop_gradient"]
-        # Chosen by structured names (what ema_black_list means); every other candidate of the
-        # program (under PIR the learning rate is a parameter too) is left out by exact name.
-        chosen = {structured[n] for n, _ in select_parameters(model, include, settings["exclude"])}
-        program_parameters = paddle.static.default_main_program().global_block().all_parameters()
-        left_out = [f"re:^{re.escape(p.name)}$" for p in program_parameters
-                    if p.name not in chosen and (include or not p.stop_gradient) and is_floating(p)]
+        # Chosen by structured names (what ema_black_list means), handed over by program name.
+        chosen = [structured[n] for n, _ in select_parameters(model, include, settings["exclude"])]
         self.ema = StaticEMA(settings["decay"], schedule=settings["schedule"],
                              schedule_options=settings["schedule_options"], update_every=settings["update_every"],
-                             include_stop_gradient=include, exclude=left_out or None,
-                             nonfinite=settings["nonfinite"], bias_correction=settings["bias_correction"])
+                             include_stop_gradient=include, parameters=chosen, nonfinite=settings["nonfinite"],
+                             bias_correction=settings["bias_correction"])
         self.ema.update()
         # The program averages every update_every-th run; cycle_epoch restarts (-1, never, is 0).
         self.policy = StepPolicy(update_every=settings["update_every"], restart_every=max(cfg["cycle_epoch"], 0))
