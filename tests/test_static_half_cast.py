@@ -13,24 +13,14 @@ import numpy as np
 import paddle
 import pytest
 from test_static import KINDS, static_programs
+from test_static_fused import _fused_built, op_names  # noqa: F401 (an autouse fixture: the kernel is built)
 
 from paddle_ema import kernels, program_ops
 from paddle_ema.errors import ConfigError
-from paddle_ema.kernels import fused
 from paddle_ema.static import ExponentialMovingAverage
 
 OP = {"float16": "paddle_ema_cast_to_float16", "bfloat16": "paddle_ema_cast_to_bfloat16"}
 
-
-@pytest.fixture(autouse=True)
-def _fused_built():
-    assert fused.available(), fused.failure()
-    yield
-    kernels.set_kernel(None)
-
-
-def op_names(program, kind):
-    return [op.name() if kind == "pir" else op.type for op in program.global_block().ops]
 
 
 def custom(kind, dtype):
