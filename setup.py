@@ -15,8 +15,9 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    # Supported and tested: Python 3.10-3.13, PaddlePaddle 2.6.2-3.3.x (docs/install.md).
-    python_requires=">=3.10",
+    # Supported and measured: Python 3.10-3.13, PaddlePaddle 2.6.2-3.3.x (docs/install.md). The
+    # upper bound too: no Paddle this package accepts was measured on a newer Python.
+    python_requires=">=3.10,<3.14",
     packages=find_packages(include=["paddle_ema", "paddle_ema.*"]) + ["paddle_ema.configs"],
     # The repository's configs/ ships as paddle_ema/configs/, so that the tools find them by name
     # from a plain install (paddle_ema/config/packaged.py); in the repository they stay where
