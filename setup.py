@@ -15,7 +15,9 @@ setup(
     long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    # Supported and tested: Python 3.10-3.13, PaddlePaddle 2.6.2-3.3.x (docs/install.md).
+    # Supported and measured: Python 3.10-3.13 (the classifiers), PaddlePaddle 2.6.2-3.3.x
+    # (docs/install.md). No upper bound: a cap would refuse a newer Python that Paddle gains wheels
+    # for; Paddle's own wheels are what limit it today.
     python_requires=">=3.10",
     packages=find_packages(include=["paddle_ema", "paddle_ema.*"]) + ["paddle_ema.configs"],
     # The repository's configs/ ships as paddle_ema/configs/, so that the tools find them by name

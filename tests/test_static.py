@@ -504,7 +504,7 @@ def test_batchnorm_statistics_untouched_by_default(kind):
 
 
 # Paddle's own CPU cast truncates instead of rounding to nearest-even: float16 before Paddle 3.2,
-# bfloat16 on 2.6 (measured on 2.6.2 and 3.0.0). apply() narrows with the extension's cast
+# bfloat16 on 2.6 (measured on 2.6.2, 3.0.0 and 3.1.1; 3.2.2 rounds). apply() narrows with the extension's cast
 # (program_ops.fused_cast, tests/test_static_half_cast.py) wherever the fused kernel runs, and
 # then matches the dygraph EMA (kernels.cast) on every version; only without it is it a step off.
 _VERSION = tuple(int(p) for p in paddle.__version__.split(".")[:2])
