@@ -195,7 +195,7 @@ def _compile(target):
             "install g++ or clang++ to get the fused kernel"
         )
     print(
-        f"paddle_ema: compiling the fused EMA kernel once for Paddle {paddle.__version__} "
+        f"paddle_ema: compiling the fused EMA kernel for Paddle {paddle.__version__} "
         f"(once per Paddle version and source) into {target.parent} ...",
         file=sys.stderr,
         flush=True,
