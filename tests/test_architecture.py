@@ -179,7 +179,8 @@ def is_property(function):
 def signature_problems(function, where, class_doc=None, inherited_doc=False):
     """What `function` lacks: annotations (self/cls aside), a return annotation (not for __init__),
     `Args:` in its docstring when it takes arguments (a constructor's may be in the class docstring;
-    an override without a docstring inherits its base's, as inspect.getdoc does)."""
+    an override without a docstring inherits its base's, as inspect.getdoc does), and `Returns:`
+    (or `Yields:`) exactly when it returns something (annotated other than None)."""
     a = function.args
     args = a.posonlyargs + a.args + a.kwonlyargs
     static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in function.decorator_list)
@@ -195,8 +196,15 @@ def signature_problems(function, where, class_doc=None, inherited_doc=False):
     doc = ast.get_docstring(function) or ""
     if function.name == "__init__":
         doc += "\n" + (class_doc or "")
-    if args and "Args:" not in doc and not (inherited_doc and not ast.get_docstring(function)):
+    inherits = inherited_doc and not ast.get_docstring(function)
+    if args and "Args:" not in doc and not inherits:
         found.append(f"{where}: docstring has no Args: section")
+    returns_none = isinstance(function.returns, ast.Constant) and function.returns.value is None
+    says_returns = "Returns:" in doc or "Yields:" in doc
+    if function.returns is not None and not returns_none and not says_returns and not inherits:
+        found.append(f"{where}: docstring has no Returns: section")
+    if returns_none and "Returns:" in doc:
+        found.append(f"{where}: returns None but its docstring has a Returns: section")
     return found
 
 
@@ -228,4 +236,4 @@ def test_public_functions_have_type_hints_and_documented_arguments():
                                     for base in bases for m in base.body)
                     problems += signature_problems(method, f"{where}:{method.lineno} {node.name}.{method.name}",
                                                    class_doc or "", inherited)
-    assert not problems, "public functions without type hints or an Args: section:\n" + "\n".join(problems)
+    assert not problems, "public functions without type hints or Args:/Returns: sections:\n" + "\n".join(problems)
