@@ -31,6 +31,7 @@ import re
 import shutil
 import tempfile
 import time
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
 
 import paddle
 
@@ -120,12 +121,24 @@ def _atomic(write, path):
             os.remove(temporary)
 
 
-def atomic_save(obj, path):
-    """paddle.save(obj, path), crash-safe: temporary file, fsync, rename, fsync of the folder."""
+def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
+    """paddle.save(obj, path), crash-safe: temporary file, fsync, rename, fsync of the folder.
+
+    Args:
+        obj: what paddle.save writes (a state dict, a tensor, ...).
+        path: the file to write; its folder is created when missing.
+    """
     _atomic(lambda temporary: paddle.save(obj, temporary), path)
 
 
-def atomic_write_text(text, path):
+def atomic_write_text(text: str, path: Union[str, os.PathLike]) -> None:
+    """Write `text` to `path` in UTF-8, crash-safe like `atomic_save`.
+
+    Args:
+        text: the file's whole content.
+        path: the file to write; its folder is created when missing.
+    """
+
     def write(temporary):
         with open(temporary, "w", encoding="utf-8") as f:
             f.write(text)
@@ -134,11 +147,18 @@ def atomic_write_text(text, path):
 
 
 @contextlib.contextmanager
-def staged_prefix(prefix):
+def staged_prefix(prefix: Union[str, os.PathLike]) -> Iterator[str]:
     """For writers that produce several `<prefix><suffix>` files (paddle.jit.save,
     paddle.static.save_inference_model): the block writes under the yielded staging prefix, in a
     temporary folder beside the target; only if it succeeds does each file move to
-    `<prefix><suffix>`, fsynced, by an atomic rename. On failure nothing at `prefix` changes."""
+    `<prefix><suffix>`, fsynced, by an atomic rename. On failure nothing at `prefix` changes.
+
+    Args:
+        prefix: the final path prefix of the files.
+
+    Yields:
+        The staging prefix to write under (a path in the temporary folder).
+    """
     prefix = os.fspath(prefix)
     folder, base = os.path.split(os.path.abspath(prefix))
     os.makedirs(folder, exist_ok=True)
@@ -166,10 +186,15 @@ def _entry(path):
     return {"bytes": os.path.getsize(path), "sha256": _digest(path)}
 
 
-def save_checkpoint(stem, files, info=None):
+def save_checkpoint(stem: Union[str, os.PathLike], files: Dict[str, Any], info: Optional[Any] = None) -> None:
     """Write `{suffix: obj}` as `<stem><suffix>` files, replacing an older checkpoint at `stem` only
-    once the new one is complete (see the module's docstring). `info` (JSON-able, e.g. the step)
-    is kept in the manifest."""
+    once the new one is complete (see the module's docstring).
+
+    Args:
+        stem: the checkpoint's path without suffix, e.g. `output/model_final`.
+        files: {suffix: object for paddle.save}, e.g. {'.pdparams': state_dict}.
+        info: JSON-able data kept in the manifest (e.g. the step); None keeps none.
+    """
     stem = os.fspath(stem)
     folder = os.path.dirname(os.path.abspath(stem))
     os.makedirs(folder, exist_ok=True)
@@ -287,8 +312,16 @@ def _journal_paths(stem):
     return paths
 
 
-def resolve(stem, suffixes=None):
-    """{suffix: path to read} of the complete checkpoint `stem`; CheckpointError naming what is wrong."""
+def resolve(stem: Union[str, os.PathLike], suffixes: Optional[Sequence[str]] = None) -> Dict[str, str]:
+    """The files to read of the complete checkpoint `stem`; CheckpointError naming what is wrong.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+        suffixes: the files wanted, e.g. ['.pdparams']; None for all the manifest lists.
+
+    Returns:
+        {suffix: path to read}: the final file, or a committed journal's staged file.
+    """
     stem = os.fspath(stem)
     committed = _journal_paths(stem)
     if committed is not None:
@@ -318,12 +351,25 @@ def resolve(stem, suffixes=None):
     return {suffix: manifest_files[suffix] for suffix in wanted}
 
 
-def verify(stem, suffixes=None):
-    """Raise CheckpointError unless the checkpoint `stem` is complete and its files are intact."""
+def verify(stem: Union[str, os.PathLike], suffixes: Optional[Sequence[str]] = None) -> None:
+    """Raise CheckpointError unless the checkpoint `stem` is complete and its files are intact.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+        suffixes: the files to check; None for all the manifest lists.
+    """
     resolve(stem, suffixes)
 
 
-def is_complete(stem):
+def is_complete(stem: Union[str, os.PathLike]) -> bool:
+    """Whether `verify(stem)` passes.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+
+    Returns:
+        True when the checkpoint is complete and intact.
+    """
     try:
         verify(stem)
     except CheckpointError:
@@ -331,8 +377,15 @@ def is_complete(stem):
     return True
 
 
-def checkpoint_info(stem):
-    """The `info` a complete checkpoint's manifest (or committed journal) holds, {} without."""
+def checkpoint_info(stem: Union[str, os.PathLike]) -> Dict[str, Any]:
+    """The `info` a checkpoint's committed journal or manifest holds.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+
+    Returns:
+        The info dict; {} when neither file is readable or holds one.
+    """
     for suffix in (JOURNAL_SUFFIX, MANIFEST_SUFFIX):
         try:
             manifest = _read_manifest(stem + suffix)
@@ -353,9 +406,17 @@ def _order(stem):
     return (step, number, base)
 
 
-def complete_checkpoints(folder, suffix=None):
-    """Stems of the complete checkpoints in `folder` (holding `suffix` when given), oldest first:
-    in the order of the training step recorded in their manifest, then of their epoch number."""
+def complete_checkpoints(folder: Union[str, os.PathLike], suffix: Optional[str] = None) -> List[str]:
+    """The complete checkpoints in `folder`, oldest first: in the order of the training step
+    recorded in their manifest, then of their epoch number.
+
+    Args:
+        folder: the folder to list; a missing one has none.
+        suffix: only checkpoints holding this file (e.g. '.pdopt'); None for all.
+
+    Returns:
+        Their stems (paths without suffix).
+    """
     if not os.path.isdir(folder):
         return []
     stems = set()
@@ -395,10 +456,14 @@ def _pid_alive(pid):
     return True
 
 
-def recover(folder):
+def recover(folder: Union[str, os.PathLike]) -> None:
     """Finish the commits that killed writers left half done in `folder` (a journal whose files are all
     there), drop journals that never completed, then remove dead writers' temporary files. Call it only
-    while no other process writes to `folder` (the trainer holds the run lock)."""
+    while no other process writes to `folder` (the trainer holds the run lock).
+
+    Args:
+        folder: the checkpoint folder; a missing one is left alone.
+    """
     if not os.path.isdir(folder):
         return
     for name in sorted(os.listdir(folder)):
@@ -411,8 +476,15 @@ def recover(folder):
     remove_stale_temporaries(folder)
 
 
-def remove_stale_temporaries(folder):
-    """Remove `.<name>.tmp-<pid>` files and folders in `folder` whose writer (pid) is not alive; returns them."""
+def remove_stale_temporaries(folder: Union[str, os.PathLike]) -> List[str]:
+    """Remove `.<name>.tmp-<pid>` files and folders in `folder` whose writer (pid) is not alive.
+
+    Args:
+        folder: the folder to clean (it must exist).
+
+    Returns:
+        The paths removed.
+    """
     removed = []
     for name in os.listdir(folder):
         match = _TEMPORARY.match(name)
@@ -426,8 +498,16 @@ def remove_stale_temporaries(folder):
     return removed
 
 
-def safe_load(path, what="checkpoint"):
-    """paddle.load with one clear error for a missing, truncated or corrupted file."""
+def safe_load(path: Union[str, os.PathLike], what: str = "checkpoint") -> Any:
+    """paddle.load with one clear CheckpointError for a missing, truncated or corrupted file.
+
+    Args:
+        path: the file to load.
+        what: what the file is, for the error message.
+
+    Returns:
+        What paddle.load returns.
+    """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise CheckpointError(f"{what}: {path} is a folder, not a file")

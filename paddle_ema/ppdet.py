@@ -218,7 +218,11 @@ class ModelEMA:
 
     @paddle.no_grad()
     def averaged_state(self) -> Dict[str, paddle.Tensor]:
-        """apply()'s state dict without counting an epoch (to evaluate without a snapshot)."""
+        """apply()'s state dict without counting an epoch (to evaluate without a snapshot).
+
+        Returns:
+            {name: tensor}, the same values apply() returns.
+        """
         if self.step == 0:
             return {name: self._copy(tensor) for name, tensor in self.state_dict.items()}
         model_state = self._live_state()

@@ -9,6 +9,8 @@ extension is appended, and how an op is put at the start of a block. Those diffe
 and nowhere else.
 """
 
+from typing import Any, Dict, Iterable, Optional, Sequence
+
 import paddle
 
 from . import _compat
@@ -34,17 +36,25 @@ __all__ = [
 ]
 
 
-def in_pir():
-    """True when static programs are built as PIR programs (the Paddle 3.x default)."""
+def in_pir() -> bool:
+    """Whether static programs are built as PIR programs.
+
+    Returns:
+        True for PIR (the Paddle 3.x default), False for legacy ProgramDesc programs.
+    """
     return paddle.framework.in_pir_mode()
 
 
-def lerp_(average, value, weight):
+def lerp_(average: Any, value: Any, weight: Any) -> None:
     """average <- average + weight * (value - average), in place: `kernels.lerp_` as program ops.
 
-    `weight` is a one-element tensor of the average's dtype. Three elementwise ops, the last one
-    in place: on CPU this is faster than Paddle's lerp kernel plus an assign (docs/performance.md)
-    (PIR programs turn `Tensor.lerp_` into an out-of-place lerp).
+    Three elementwise ops, the last one in place: on CPU this is faster than Paddle's lerp kernel
+    plus an assign (docs/performance.md) (PIR programs turn `Tensor.lerp_` into an out-of-place lerp).
+
+    Args:
+        average: the program variable updated in place.
+        value: the program value averaged in, of the average's shape.
+        weight: a one-element tensor of the average's dtype.
     """
     step = paddle.scale(paddle.subtract(value, average), scale=weight)
     if in_pir():
@@ -62,28 +72,44 @@ FUSED_LERP_OP = "paddle_ema_lerp_by_tensor"
 FUSED_LERP_DTYPES = {"float32": ("float32", "float16", "bfloat16"), "float64": ("float64",)}
 
 
-def fused_lerp_takes(average, value):
-    """True when `fused_lerp_` can update `average` from `value` (by their dtypes); a program has no
-    fallback inside the op, so the caller gives other pairs the built-in ops."""
+def fused_lerp_takes(average: Any, value: Any) -> bool:
+    """Whether `fused_lerp_` can update `average` from `value`, by their dtypes; a program has no
+    fallback inside the op, so the caller gives other pairs the built-in ops.
+
+    Args:
+        average: the average's program variable.
+        value: the value's program variable.
+
+    Returns:
+        True for the (average, value) dtype pairs of FUSED_LERP_DTYPES.
+    """
     return any(
         average.dtype == getattr(paddle, a) and value.dtype in tuple(getattr(paddle, v) for v in vs)
         for a, vs in FUSED_LERP_DTYPES.items()
     )
 
 
-def runs_on_cpu():
-    """True when the program being built will run on the CPU: Paddle's expected place, the
-    one paddle.set_device chose (`_current_expected_place` says nothing in PIR mode)."""
+def runs_on_cpu() -> bool:
+    """Whether the program being built will run on the CPU: Paddle's expected place, the
+    one paddle.set_device chose (`_current_expected_place` says nothing in PIR mode).
+
+    Returns:
+        True when the expected place is the CPU.
+    """
     return _compat.is_cpu_place(_compat.expected_place())
 
 
-def fused_lerp_(averages, values, weight):
+def fused_lerp_(averages: Iterable[Any], values: Iterable[Any], weight: Any) -> None:
     """`lerp_` for a whole list in one op: the fused extension's `paddle_ema_lerp_by_tensor`.
 
-    `weight` is a one-element float32 or float64 tensor (the averages' dtype); 0 leaves the
-    averages untouched even where values hold NaN, 1 copies the values. CPU programs only, with
-    the extension loaded (kernels.active_kernel() == 'fused'). The thread count is fixed now,
-    when the op is built, from kernels.fused.num_threads().
+    CPU programs only, with the extension loaded (kernels.active_kernel() == 'fused'). The thread
+    count is fixed now, when the op is built, from kernels.fused.num_threads().
+
+    Args:
+        averages: the program variables updated in place.
+        values: the values averaged in, one per average (dtype pairs as in `fused_lerp_takes`).
+        weight: a one-element float32 or float64 tensor (the averages' dtype); 0 leaves the
+            averages untouched even where values hold NaN, 1 copies the values.
     """
     from .kernels import fused
 
@@ -111,18 +137,31 @@ FUSED_ALL_FINITE_OP = "paddle_ema_all_finite"
 FUSED_ALL_FINITE_DTYPES = tuple(dict.fromkeys(d for ds in FUSED_LERP_DTYPES.values() for d in ds))
 
 
-def fused_all_finite_takes(values):
-    """True when `fused_all_finite` can check every one of `values`."""
+def fused_all_finite_takes(values: Iterable[Any]) -> bool:
+    """Whether `fused_all_finite` can check every one of `values`.
+
+    Args:
+        values: the program values to check.
+
+    Returns:
+        True when each is of a dtype in FUSED_ALL_FINITE_DTYPES.
+    """
     dtypes = tuple(getattr(paddle, name) for name in FUSED_ALL_FINITE_DTYPES)
     return all(value.dtype in dtypes for value in values)
 
 
-def fused_all_finite(values):
-    """`all_finite` in one op: the fused extension's `paddle_ema_all_finite`, a bool [1] value.
+def fused_all_finite(values: Iterable[Any]) -> Any:
+    """`all_finite` in one op: the fused extension's `paddle_ema_all_finite`.
 
     One threaded read of all values instead of a full-size isfinite tensor and a reduction per
-    value. Same conditions as `fused_lerp_` (CPU programs, extension loaded); every value must be
-    of a dtype in FUSED_ALL_FINITE_DTYPES, else the run fails.
+    value. Same conditions as `fused_lerp_` (CPU programs, extension loaded).
+
+    Args:
+        values: the program values to check, each of a dtype in FUSED_ALL_FINITE_DTYPES (else
+            the run fails).
+
+    Returns:
+        A bool [1] program value: True when no element is NaN or Inf.
     """
     from .kernels import fused
 
@@ -147,17 +186,32 @@ def fused_all_finite(values):
 FUSED_CAST_OPS = {"float16": "paddle_ema_cast_to_float16", "bfloat16": "paddle_ema_cast_to_bfloat16"}
 
 
-def fused_cast_takes(value, dtype):
-    """True when `fused_cast` can narrow `value` to `dtype`: float32 to float16 or bfloat16."""
+def fused_cast_takes(value: Any, dtype: Any) -> bool:
+    """Whether `fused_cast` can narrow `value` to `dtype`.
+
+    Args:
+        value: the program value to cast.
+        dtype: the target Paddle dtype.
+
+    Returns:
+        True for float32 to float16 or bfloat16.
+    """
     return value.dtype == paddle.float32 and any(dtype == getattr(paddle, name) for name in FUSED_CAST_OPS)
 
 
-def fused_cast(value, dtype):
+def fused_cast(value: Any, dtype: Any) -> Any:
     """`paddle.cast(value, dtype)` for a float32 `value` and a float16/bfloat16 `dtype`, rounded to
     nearest, ties to even, the bits of kernels.cast (the dygraph EMA's) on every Paddle version.
 
-    Same conditions as `fused_lerp_` (CPU programs, extension loaded); check `fused_cast_takes`
-    first. The thread count is fixed when the op is built.
+    Same conditions as `fused_lerp_` (CPU programs, extension loaded); other pairs raise
+    ConfigError (check `fused_cast_takes` first). The thread count is fixed when the op is built.
+
+    Args:
+        value: a float32 program value.
+        dtype: paddle.float16 or paddle.bfloat16.
+
+    Returns:
+        The cast program value.
     """
     from .kernels import fused
 
@@ -202,8 +256,18 @@ def all_finite(values):
     return paddle.reshape(paddle.all(paddle.stack([paddle.all(paddle.isfinite(v)) for v in values])), [1])
 
 
-def create_persistable(name, shape, dtype, value):
-    """A persistable variable of the current main program, set to `value` by the startup program."""
+def create_persistable(name: str, shape: Sequence[int], dtype: Any, value: float) -> Any:
+    """A persistable variable of the current main program, set to `value` by the startup program.
+
+    Args:
+        name: the variable's name.
+        shape: its shape.
+        dtype: its dtype (a Paddle dtype or its name).
+        value: the constant it starts from.
+
+    Returns:
+        The variable, with stop_gradient set.
+    """
     initializer = paddle.nn.initializer.Constant(float(value))
     if in_pir():
         var = _compat.create_pir_persistable(dtype, shape, name, initializer)
@@ -215,10 +279,18 @@ def create_persistable(name, shape, dtype, value):
     return var
 
 
-def scope_variable(name, shape, dtype):
+def scope_variable(name: str, shape: Sequence[int], dtype: Any) -> Any:
     """A value of the current program that reads and writes the existing scope variable `name`.
 
     Used by the apply/restore programs to reach parameters and shadows of the main program.
+
+    Args:
+        name: the scope variable's name.
+        shape: its shape.
+        dtype: its dtype.
+
+    Returns:
+        The program's variable for it (a legacy program's existing one when it has it).
     """
     if in_pir():
         var = paddle.static.data(name, list(shape), dtype)
@@ -232,8 +304,13 @@ def scope_variable(name, shape, dtype):
     return var
 
 
-def store(value, name):
-    """Write a copy of `value` into the persistable scope variable `name`, creating it if needed."""
+def store(value: Any, name: str) -> None:
+    """Write a copy of `value` into the persistable scope variable `name`, creating it if needed.
+
+    Args:
+        value: the program value to copy.
+        name: the scope variable's name.
+    """
     if in_pir():
         copy = paddle.assign(value)
         # Only a persistable value outlives the run: without this the executor keeps it in a
@@ -246,8 +323,15 @@ def store(value, name):
         paddle.assign(value, output=target)
 
 
-def persistable_variables(program):
-    """{name: variable} of the persistable variables declared in `program`."""
+def persistable_variables(program: Any) -> Dict[str, Any]:
+    """The persistable variables declared in `program`.
+
+    Args:
+        program: a PIR or legacy static program.
+
+    Returns:
+        {name: variable}; values without a name are left out.
+    """
     return {_name(var): var for var in program.list_vars() if var.persistable and _name(var)}
 
 
@@ -258,13 +342,20 @@ def _name(value):
         return None
 
 
-def step_counter(name="@STEP_COUNTER@", begin=1, step=1):
+def step_counter(name: str = "@STEP_COUNTER@", begin: int = 1, step: int = 1) -> Any:
     """An int64 counter that every run of the main program advances by `step`, first value `begin`.
 
     The replacement for `paddle.optimizer.lr.autoincreased_step_counter`, which fails on PIR
     programs in Paddle 3.x. The increment is the first op of the program, so every op of a run sees
-    the same value. Calling it again with the same name returns the same counter. The counter is
-    persistable, so `paddle.static.save`/`load` carry it.
+    the same value. The counter is persistable, so `paddle.static.save`/`load` carry it.
+
+    Args:
+        name: the counter's variable name.
+        begin: its value during the first run.
+        step: what each run adds.
+
+    Returns:
+        The [1] int64 counter variable; the existing one when the program already has `name`.
     """
     begin, step = check_int("step_counter: begin", begin), check_int("step_counter: step", step)
     program = paddle.static.default_main_program()
@@ -285,7 +376,7 @@ def step_counter(name="@STEP_COUNTER@", begin=1, step=1):
     return counter
 
 
-def clone_for_test(program, fetch_vars=None):
+def clone_for_test(program: Any, fetch_vars: Optional[Sequence[Any]] = None) -> Any:
     """An evaluation copy of `program`: dropout off, BatchNorm on its running statistics.
 
     Legacy programs: `program.clone(for_test=True)`. PIR programs have no for_test argument
@@ -296,6 +387,13 @@ def clone_for_test(program, fetch_vars=None):
 
     Clone before `optimizer.minimize()` and before `ema.update()`, as with the legacy call: a clone
     made after carries the backward, optimizer and EMA update ops along.
+
+    Args:
+        program: the PIR or legacy program to copy.
+        fetch_vars: variables of `program` to find in the copy; None for none.
+
+    Returns:
+        The test program, or (test_program, [fetch_vars in the copy]) when `fetch_vars` is given.
     """
     if in_pir():
         value_map = paddle.pir.IrMapping()

@@ -179,7 +179,7 @@ class Constant(Schedule):
         decay: the constant decay.
     """
 
-    def formula(self, t, m):
+    def formula(self, t: Any, m: Any) -> Any:
         return self.decay + 0.0 * t
 
 
@@ -192,7 +192,7 @@ class Threshold(Schedule):
         decay: the cap.
     """
 
-    def formula(self, t, m):
+    def formula(self, t: Any, m: Any) -> Any:
         return m.minimum((1.0 + t) / (10.0 + t), self.decay)
 
 
@@ -212,7 +212,7 @@ class Exponential(Schedule):
         super().__post_init__()
         _check_positive("exponential schedule: tau", self.tau)
 
-    def formula(self, t, m):
+    def formula(self, t: Any, m: Any) -> Any:
         return self.decay * (1.0 - m.exp(-(t + 1.0) / self.tau))
 
 
@@ -240,7 +240,7 @@ class Power(Schedule):
         if self.min_decay > self.decay:
             raise ConfigError(f"power schedule: min_decay ({self.min_decay}) must not exceed decay ({self.decay})")
 
-    def formula(self, t, m):
+    def formula(self, t: Any, m: Any) -> Any:
         return m.clip(1.0 - (1.0 + t / self.inv_gamma) ** (-self.power), self.min_decay, self.decay)
 
 
@@ -266,7 +266,7 @@ class PowerFunction(Schedule):
         if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma >= 0:
             raise ConfigError(f"power_function schedule: gamma must be a number >= 0, got {self.gamma!r}")
 
-    def formula(self, t, m):
+    def formula(self, t: Any, m: Any) -> Any:
         return m.minimum((t / (t + 1.0)) ** (self.gamma + 1.0), self.decay)
 
 

@@ -8,6 +8,7 @@ on every rank from the parameter sizes alone, so no rank has to be told who owns
 """
 
 import heapq
+from typing import Any, List, Optional, Sequence
 
 import paddle
 
@@ -16,10 +17,17 @@ from . import _compat, kernels
 __all__ = ["partition", "Sharding"]
 
 
-def partition(sizes, world_size):
-    """owner[i] for each tensor size: largest tensors first, each to the least-loaded rank.
+def partition(sizes: Sequence[int], world_size: int) -> List[int]:
+    """The owner of each tensor: largest tensors first, each to the least-loaded rank.
 
     Deterministic (ties go to the lower index and the lower rank), so every rank computes the same.
+
+    Args:
+        sizes: the tensors' element counts.
+        world_size: the number of ranks, >= 1.
+
+    Returns:
+        owner[i], the rank (0 .. world_size - 1) that owns tensor i.
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -34,9 +42,14 @@ def partition(sizes, world_size):
 
 
 class Sharding:
-    """Who owns which tensor in a process group, and the broadcast that makes averages whole."""
+    """Who owns which tensor in a process group, and the broadcast that makes averages whole.
 
-    def __init__(self, sizes, group=None):
+    Args:
+        sizes: the tensors' element counts, in the same order on every rank.
+        group: the process group (a `paddle.distributed` group); None for the global one.
+    """
+
+    def __init__(self, sizes: Sequence[int], group: Optional[Any] = None):
         import paddle.distributed as dist
 
         self.group = group
@@ -48,16 +61,30 @@ class Sharding:
         self.owners = partition(list(sizes), self.world_size)
         self.owned = [i for i, owner in enumerate(self.owners) if owner == self.rank]
 
-    def owns(self, index):
+    def owns(self, index: int) -> bool:
+        """Whether this rank owns tensor `index`.
+
+        Args:
+            index: the tensor's position in `sizes`.
+
+        Returns:
+            True when this rank keeps its shadow.
+        """
         return self.owners[index] == self.rank
 
     @paddle.no_grad()
-    def broadcast_into(self, targets, shadows, shadow_dtypes, place):
+    def broadcast_into(self, targets: Sequence[paddle.Tensor], shadows: Sequence[Optional[paddle.Tensor]],
+                       shadow_dtypes: Sequence[Any], place: Any) -> None:
         """targets[i] <- the owner's shadows[i] for every i, on every rank (a collective call).
 
-        `shadows[i]` is read on its owner only; `shadow_dtypes[i]` must be known on every rank.
         One broadcast per (owner, dtype): the owner packs its shadows into one flat buffer on
         `place` (where the collective runs), the others receive into an empty one.
+
+        Args:
+            targets: the tensors to fill, one per tensor, on every rank.
+            shadows: the shadows; `shadows[i]` is read on its owner only (None elsewhere is fine).
+            shadow_dtypes: each shadow's dtype, known on every rank.
+            place: where the collective runs.
         """
         import paddle.distributed as dist
 

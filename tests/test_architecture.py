@@ -151,3 +151,89 @@ def test_every_name_a_module_exports_exists():
         if absent:
             missing[module_name(path)] = absent
     assert not missing, missing
+
+
+def documented_modules():
+    """The modules whose public API carries type hints and Google-style docstrings."""
+    top = [p for p in PACKAGE.glob("*.py") if not p.name.startswith("_")]
+    return sorted(top + list((PACKAGE / "config").glob("*.py")) + list((PACKAGE / "kernels").glob("*.py")))
+
+
+def exported_names(tree):
+    """The module's literal __all__, with `__all__ += [...]` additions; None when it has none."""
+    names = None
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            names = {elt.value for elt in node.value.elts} if isinstance(node.value, (ast.List, ast.Tuple)) else None
+        elif isinstance(node, ast.AugAssign) and getattr(node.target, "id", None) == "__all__" and names is not None:
+            names |= {elt.value for elt in getattr(node.value, "elts", [])}
+    return names
+
+
+def is_property(function):
+    return any((isinstance(d, ast.Name) and d.id in ("property", "cached_property"))
+               or (isinstance(d, ast.Attribute) and d.attr in ("setter", "deleter", "cached_property"))
+               for d in function.decorator_list)
+
+
+def signature_problems(function, where, class_doc=None, inherited_doc=False):
+    """What `function` lacks: annotations (self/cls aside), a return annotation (not for __init__),
+    `Args:` in its docstring when it takes arguments (a constructor's may be in the class docstring;
+    an override without a docstring inherits its base's, as inspect.getdoc does), and `Returns:`
+    (or `Yields:`) exactly when it returns something (annotated other than None)."""
+    a = function.args
+    args = a.posonlyargs + a.args + a.kwonlyargs
+    static = any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in function.decorator_list)
+    if class_doc is not None and not static and args:
+        args = args[1:]  # self or cls
+    args += [x for x in (a.vararg, a.kwarg) if x is not None]
+    found = []
+    bare = [x.arg for x in args if x.annotation is None]
+    if bare:
+        found.append(f"{where}: no type hint on {', '.join(bare)}")
+    if function.returns is None and function.name != "__init__":
+        found.append(f"{where}: no return type hint")
+    doc = ast.get_docstring(function) or ""
+    if function.name == "__init__":
+        doc += "\n" + (class_doc or "")
+    inherits = inherited_doc and not ast.get_docstring(function)
+    if args and "Args:" not in doc and not inherits:
+        found.append(f"{where}: docstring has no Args: section")
+    returns_none = isinstance(function.returns, ast.Constant) and function.returns.value is None
+    says_returns = "Returns:" in doc or "Yields:" in doc
+    if function.returns is not None and not returns_none and not says_returns and not inherits:
+        found.append(f"{where}: docstring has no Returns: section")
+    if returns_none and "Returns:" in doc:
+        found.append(f"{where}: returns None but its docstring has a Returns: section")
+    return found
+
+
+def test_public_functions_have_type_hints_and_documented_arguments():
+    problems = []
+    for path in documented_modules():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        names = exported_names(tree)
+        where = path.relative_to(PACKAGE.parent)
+
+        def public(name):
+            return name in names if names is not None else not name.startswith("_")
+
+        classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and public(node.name):
+                problems += signature_problems(node, f"{where}:{node.lineno} {node.name}")
+            elif isinstance(node, ast.ClassDef) and public(node.name):
+                class_doc = ast.get_docstring(node)
+                if not class_doc:
+                    problems.append(f"{where}:{node.lineno} class {node.name}: no docstring")
+                bases = [classes[b.id] for b in node.bases if isinstance(b, ast.Name) and b.id in classes]
+                for method in node.body:
+                    if not isinstance(method, (ast.FunctionDef, ast.AsyncFunctionDef)) or is_property(method):
+                        continue
+                    if method.name.startswith("_") and method.name != "__init__":
+                        continue
+                    inherited = any(isinstance(m, ast.FunctionDef) and m.name == method.name and ast.get_docstring(m)
+                                    for base in bases for m in base.body)
+                    problems += signature_problems(method, f"{where}:{method.lineno} {node.name}.{method.name}",
+                                                   class_doc or "", inherited)
+    assert not problems, "public functions without type hints or Args:/Returns: sections:\n" + "\n".join(problems)

@@ -10,6 +10,7 @@ Each leaf remembers the file it came from (`Config.origin`), so validation can n
 import copy
 import os
 import re
+from typing import Any, Dict, Optional, Union
 
 import yaml
 
@@ -96,8 +97,16 @@ def _short(value, limit=60):
     return shown.repr(value)
 
 
-def parse_yaml(text, where="<yaml>"):
-    """The YAML value of `text`, bounded (see MAX_*); ConfigFileError naming `where` when it is not valid."""
+def parse_yaml(text: str, where: str = "<yaml>") -> Any:
+    """The YAML value of `text`, bounded (see MAX_*); ConfigFileError naming `where` when it is not valid.
+
+    Args:
+        text: the YAML document.
+        where: the file (or '-o') it came from, for messages.
+
+    Returns:
+        The parsed value (None for an empty document); mapping keys are strings.
+    """
     if len(text) > MAX_FILE_BYTES:
         raise ConfigFileError(f"{where}: {len(text)} characters; at most {MAX_FILE_BYTES} are read", where)
     try:
@@ -119,15 +128,29 @@ BASE_KEY = "_BASE_"
 
 
 class Config(dict):
-    """A plain dict of settings plus `origin`: dotted key -> file (or '-o') that set it, and `path`."""
+    """A plain dict of settings plus `origin`: dotted key -> file (or '-o') that set it, and `path`.
 
-    def __init__(self, data=None, origin=None, path=None):
+    Args:
+        data: the settings; None for none.
+        origin: {dotted key: file or '-o' that set it}; None for none.
+        path: the config file read, for messages; None when there is none.
+    """
+
+    def __init__(self, data: Optional[Dict[str, Any]] = None, origin: Optional[Dict[str, str]] = None,
+                 path: Optional[str] = None):
         super().__init__(data or {})
         self.origin = dict(origin or {})
         self.path = path
 
-    def where(self, dotted):
-        """The file that set `dotted` (or its nearest parent), for messages."""
+    def where(self, dotted: str) -> str:
+        """The file that set `dotted` (or its nearest parent), for messages.
+
+        Args:
+            dotted: a dotted key, e.g. 'TrainReader.batch_size'.
+
+        Returns:
+            That file (or '-o'); the config's path, or '<config>', when none is recorded.
+        """
         key = dotted
         while key:
             if key in self.origin:
@@ -143,8 +166,20 @@ def _record(origin, value, source, prefix):
             _record(origin, sub, source, f"{prefix}.{key}")
 
 
-def deep_merge(base, override, origin=None, source=None, prefix=""):
-    """Merge `override` into `base` in place: dicts recursively, other values replaced. Returns base."""
+def deep_merge(base: Dict[str, Any], override: Dict[str, Any], origin: Optional[Dict[str, str]] = None,
+               source: Optional[str] = None, prefix: str = "") -> Dict[str, Any]:
+    """Merge `override` into `base` in place: dicts recursively, other values replaced (deep copies).
+
+    Args:
+        base: the dict merged into.
+        override: the settings that win.
+        origin: {dotted key: source} to update for every key set; None records nothing.
+        source: the file (or '-o') that `override` came from.
+        prefix: the dotted key of `base` inside the whole config, ending in '.' ('' at the top).
+
+    Returns:
+        `base`.
+    """
     for key, value in override.items():
         dotted = f"{prefix}{key}"
         if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -217,9 +252,16 @@ def _load(path, chain, data, origin):
     return raw
 
 
-def load_config(path):
+def load_config(path: Union[str, os.PathLike]) -> Config:
     """Read `path` and its bases into a Config. A file without any setting (empty, or comments only)
-    is an error: it would silently train every default (EMA off)."""
+    is an error: it would silently train every default (EMA off).
+
+    Args:
+        path: the YAML config file.
+
+    Returns:
+        The merged settings, with each key's origin.
+    """
     path = os.fspath(path)
     if not path:
         raise ConfigFileError("-c: an empty config path; give a YAML file", path)

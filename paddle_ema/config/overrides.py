@@ -4,6 +4,8 @@ Overrides merge into the config one dotted key at a time, so `-o A.B.c=1 A.B.d=2
 (PaddleDetection builds {'A': {'B': {'c': 1}}} per option and the second replaces the first).
 """
 
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
 from .errors import ConfigFileError
 from .loader import Config, _short, deep_merge, parse_yaml
 
@@ -12,8 +14,15 @@ __all__ = ["parse_overrides", "apply_overrides", "OVERRIDE_SOURCE"]
 OVERRIDE_SOURCE = "-o"
 
 
-def parse_overrides(items):
-    """[(['a', 'b'], value)] from ['a.b=value', ...]; a malformed item is a ConfigFileError."""
+def parse_overrides(items: Optional[Iterable[str]]) -> List[Tuple[List[str], Any]]:
+    """Split `-o` items into dotted keys and YAML values; a malformed item is a ConfigFileError.
+
+    Args:
+        items: ['a.b=value', ...]; None for none.
+
+    Returns:
+        [(['a', 'b'], value), ...], in order; an empty value is None.
+    """
     parsed = []
     for item in items or []:
         key, sep, text = item.partition("=")
@@ -33,8 +42,16 @@ def parse_overrides(items):
     return parsed
 
 
-def apply_overrides(config, items):
-    """Merge the `-o` items into `config` (a Config) in order; returns it."""
+def apply_overrides(config: Dict[str, Any], items: Optional[Iterable[str]]) -> Config:
+    """Merge the `-o` items into `config` in order, recording '-o' as their origin.
+
+    Args:
+        config: a Config (merged in place), or a plain dict (copied into a new Config).
+        items: ['a.b=value', ...]; None for none.
+
+    Returns:
+        The Config merged into.
+    """
     if not isinstance(config, Config):
         config = Config(config)
     for path, value in parse_overrides(items):

@@ -10,14 +10,19 @@ or a checkout reads the repository's configs/ itself.
 
 import os
 from pathlib import Path
+from typing import List, Optional
 
 __all__ = ["resolve_config", "packaged_config_dir", "packaged_configs"]
 
 SUFFIXES = (".yml", ".yaml")
 
 
-def packaged_config_dir():
-    """The folder of the shipped configs, or None when neither a wheel's nor a checkout's is there."""
+def packaged_config_dir() -> Optional[Path]:
+    """The folder of the shipped configs.
+
+    Returns:
+        A wheel's paddle_ema/configs/ or a checkout's configs/, or None when neither is there.
+    """
     package = Path(__file__).resolve().parents[1]
     for folder in (package / "configs", package.parent / "configs"):
         if folder.is_dir():
@@ -25,18 +30,28 @@ def packaged_config_dir():
     return None
 
 
-def packaged_configs():
-    """Names of the top-level shipped configs (what `-c NAME` accepts), sorted."""
+def packaged_configs() -> List[str]:
+    """The top-level shipped configs, what `-c NAME` accepts.
+
+    Returns:
+        Their names without suffix, sorted; [] when no config folder is there.
+    """
     folder = packaged_config_dir()
     if folder is None:
         return []
     return sorted(p.stem for p in folder.iterdir() if p.suffix in SUFFIXES and p.is_file())
 
 
-def resolve_config(arg):
-    """`arg` itself when it names an existing path (or is not a plain name), else the packaged
-    config of that name, with or without its suffix; unknown names come back unchanged, so that
-    the loader's error names what the user typed."""
+def resolve_config(arg: Optional[str]) -> Optional[str]:
+    """The config file that `-c arg` names.
+
+    Args:
+        arg: a path, or the name of a packaged config with or without its suffix; None passes through.
+
+    Returns:
+        `arg` itself when it names an existing path (or is not a plain name), else the packaged config's
+        path; unknown names come back unchanged, so that the loader's error names what the user typed.
+    """
     if arg is None or os.path.exists(arg):
         return arg
     folder = packaged_config_dir()

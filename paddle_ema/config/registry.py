@@ -27,6 +27,7 @@ import difflib
 import inspect
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional
 
 from ..errors import ConfigError
 
@@ -36,7 +37,16 @@ __all__ = ["CATEGORIES", "INJECTED", "REGISTRY", "LIMITS", "Limit", "register", 
 @dataclass(frozen=True)
 class Limit:
     """The allowed range of a section argument: [low, high], each end open when told; or `check`,
-    a function returning what is wrong with a value (a string) or None."""
+    a function returning what is wrong with a value (a string) or None.
+
+    Args:
+        low: the lower end.
+        high: the upper end.
+        low_open: exclude `low` itself.
+        high_open: exclude `high` itself.
+        check: a function value -> message or None, used instead of the range.
+        text: how `describe` words the range; '' words it from low and high.
+    """
 
     low: float = -math.inf
     high: float = math.inf
@@ -45,7 +55,15 @@ class Limit:
     check: object = None
     text: str = ""
 
-    def problem(self, value):
+    def problem(self, value: Any) -> Optional[str]:
+        """What is wrong with `value` for this limit.
+
+        Args:
+            value: the section argument's value.
+
+        Returns:
+            A message, or None when it is allowed (or not a number: the type check reports that).
+        """
         if self.check is not None:
             return self.check(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -54,7 +72,12 @@ class Limit:
         high_ok = value < self.high if self.high_open else value <= self.high
         return None if low_ok and high_ok else f"expected {self.describe()}"
 
-    def describe(self):
+    def describe(self) -> str:
+        """The allowed values in words, for messages.
+
+        Returns:
+            `text` when set, else e.g. 'a value >= 0' or 'a value in [0, 1)'.
+        """
         if self.text:
             return self.text
         low = "(" if self.low_open else "["
@@ -79,9 +102,18 @@ INJECTED = {
 REGISTRY = {category: {} for category in CATEGORIES}
 
 
-def register(category, name=None, limits=None):
-    """Decorator registering a class or factory function under `name` (default: its __name__);
-    `limits` {argument: Limit} bound its section's arguments."""
+def register(category: str, name: Optional[str] = None,
+             limits: Optional[Dict[str, Limit]] = None) -> Callable[[Callable], Callable]:
+    """Decorator registering a class or factory function for config sections.
+
+    Args:
+        category: one of CATEGORIES.
+        name: the name configs use; None for the factory's __name__.
+        limits: {argument: Limit} bounding its section's arguments.
+
+    Returns:
+        The decorator; it returns the factory unchanged.
+    """
     if category not in REGISTRY:
         raise ConfigError(f"register(): unknown category {category!r}; allowed: {', '.join(CATEGORIES)}")
 
@@ -106,7 +138,16 @@ def find_category(name):
     return None
 
 
-def lookup(category, name):
+def lookup(category: str, name: str) -> Callable:
+    """The factory registered as `name`; ConfigError naming the closest match when there is none.
+
+    Args:
+        category: one of CATEGORIES.
+        name: the registered name.
+
+    Returns:
+        The class or factory function.
+    """
     entries = REGISTRY[category]
     if name not in entries:
         close = difflib.get_close_matches(str(name), entries, n=1)
@@ -115,8 +156,16 @@ def lookup(category, name):
     return entries[name]
 
 
-def section_args(category, name):
-    """{argument: default or inspect.Parameter.empty} that a config section of `name` may set."""
+def section_args(category: str, name: str) -> Dict[str, Any]:
+    """The arguments a config section of `name` may set (not the trainer's `INJECTED` ones).
+
+    Args:
+        category: one of CATEGORIES.
+        name: the registered name.
+
+    Returns:
+        {argument: default, or inspect.Parameter.empty when it has none}.
+    """
     factory = lookup(category, name)
     signature = inspect.signature(factory)
     return {
@@ -127,8 +176,18 @@ def section_args(category, name):
     }
 
 
-def create(category, config, **injected):
-    """Build the `category` entry that `config` selects, with its section's arguments plus `injected`."""
+def create(category: str, config: Dict[str, Any], **injected: Any) -> Any:
+    """Build the `category` entry that `config` selects, with its section's arguments plus `injected`.
+
+    Args:
+        category: one of CATEGORIES; `config[category]` names the entry.
+        config: the whole config; its section of that name holds the arguments.
+        **injected: the trainer's arguments, passed only where the factory accepts them and the
+            section does not set them.
+
+    Returns:
+        What the factory returns.
+    """
     name = config[category]
     factory = lookup(category, name)
     args = dict(config.get(name) or {})

@@ -12,10 +12,11 @@ import inspect
 import math
 import sys
 from dataclasses import dataclass, field
+from typing import Any, Dict
 
 from .errors import ConfigFileError
 from ..schedules import SCHEDULES
-from .loader import _short
+from .loader import Config, _short
 from .registry import CATEGORIES, LIMITS, REGISTRY, find_category, section_args
 
 # Integers a runtime field may hold at most unless it says otherwise (counts, sizes, steps).
@@ -28,6 +29,20 @@ _EMPTY = inspect.Parameter.empty
 
 @dataclass(frozen=True)
 class Field:
+    """One setting a config may hold: its kind, default and allowed values.
+
+    Args:
+        kind: 'bool', 'int', 'float', 'str', 'list' or 'dict'.
+        default: the value `with_defaults` fills in.
+        nullable: null (None) is allowed too.
+        choices: the allowed strings, or a callable returning them (for registries).
+        low: the smallest allowed number ('int' and 'float').
+        high: the largest allowed number.
+        keys: {key: Field} of a 'dict''s entries.
+        items: the kind of a 'list''s entries, when checked.
+        doc: a note for readers of FIELDS.
+    """
+
     kind: str  # 'bool', 'int', 'float', 'str', 'list', 'dict'
     default: object = None
     nullable: bool = False
@@ -202,8 +217,12 @@ def _check_section(config, category, name, section):
                 raise _error(config, dotted, f"{dotted}: {_short(value)} is not allowed; {problem}")
 
 
-def import_user_modules(config):
-    """Import the modules listed under `imports:` (from the working directory too)."""
+def import_user_modules(config: Config) -> None:
+    """Import the modules listed under `imports:` (from the working directory too).
+
+    Args:
+        config: the loaded Config (its origins name the file in messages).
+    """
     modules = config.get("imports") or []
     _check_value(config, "imports", modules, FIELDS["imports"])
     if "" not in sys.path:
@@ -215,8 +234,15 @@ def import_user_modules(config):
             raise _error(config, "imports", f"imports: cannot import {module!r}: {exc}") from None
 
 
-def validate(config):
-    """Raise ConfigFileError for the first unknown key or bad value; returns the config."""
+def validate(config: Config) -> Config:
+    """Raise ConfigFileError for the first unknown key or bad value, after importing `imports:`.
+
+    Args:
+        config: the loaded Config (its origins name the file in messages).
+
+    Returns:
+        `config`, unchanged.
+    """
     import_user_modules(config)
     valid = dict(FIELDS)
     for category in CATEGORIES:
@@ -232,8 +258,15 @@ def validate(config):
     return config
 
 
-def with_defaults(config):
-    """The config with every runtime field present (defaults filled in, readers included)."""
+def with_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
+    """Fill in every runtime field's default, in place (readers' sub-fields included).
+
+    Args:
+        config: a validated config.
+
+    Returns:
+        `config`, every runtime field present.
+    """
     for key, spec in FIELDS.items():
         if spec.kind == "dict" and spec.keys:
             section = dict(config.get(key) or {})

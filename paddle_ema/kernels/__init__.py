@@ -29,10 +29,14 @@ ahead of time and says where the cache is and which kernel runs.
 import os
 import sys
 import warnings
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import ConfigError
 from . import fused, reference
 from .reference import cast, copy_
+
+if TYPE_CHECKING:  # for the annotations only (the implementations import paddle themselves)
+    import paddle
 
 __all__ = ["lerp_", "copy_", "cast", "all_finite", "first_nonfinite", "set_kernel", "kernel_mode", "active_kernel",
            "prepare", "KERNEL_MODES", "KERNEL_ENV"]
@@ -48,14 +52,22 @@ def _check_mode(mode, where):
     return mode
 
 
-def set_kernel(mode):
-    """Force the implementation of lerp_: 'auto', 'fused', 'reference', or None for $PADDLE_EMA_KERNEL."""
+def set_kernel(mode: Optional[str]) -> None:
+    """Force the implementation of lerp_; it wins over $PADDLE_EMA_KERNEL.
+
+    Args:
+        mode: 'auto', 'fused', 'reference', or None to return to $PADDLE_EMA_KERNEL.
+    """
     global _forced
     _forced = None if mode is None else _check_mode(mode, "set_kernel(mode)")
 
 
-def kernel_mode():
-    """The mode in force: set_kernel's, else $PADDLE_EMA_KERNEL's, else 'auto'."""
+def kernel_mode() -> str:
+    """The mode in force; ConfigError when $PADDLE_EMA_KERNEL holds another word.
+
+    Returns:
+        set_kernel's mode, else $PADDLE_EMA_KERNEL's, else 'auto'.
+    """
     if _forced is not None:
         return _forced
     value = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
@@ -71,8 +83,13 @@ def _warn_fallback(message):
     warnings.warn(message, RuntimeWarning, stacklevel=level)
 
 
-def active_kernel():
-    """'fused' or 'reference': what lerp_ runs now (building the extension if the mode allows it)."""
+def active_kernel() -> str:
+    """What lerp_ runs now, building the extension if the mode allows it. Mode 'fused' without the
+    extension raises ConfigError; 'auto' without it warns once.
+
+    Returns:
+        'fused' or 'reference'.
+    """
     mode = kernel_mode()
     if mode == "reference":
         return "reference"
@@ -92,24 +109,53 @@ def active_kernel():
     return "reference"
 
 
-def prepare():
-    """Builds or loads the fused extension now, as the mode in force allows, and returns
-    `active_kernel()`. A first build prints one line before compiling; a failure warns once
-    ('auto') or raises ConfigError ('fused'). Cheap after the first call."""
+def prepare() -> str:
+    """Builds or loads the fused extension now, as the mode in force allows. A first build prints
+    one line before compiling; a failure warns once ('auto') or raises ConfigError ('fused').
+    Cheap after the first call.
+
+    Returns:
+        `active_kernel()`: 'fused' or 'reference'.
+    """
     return active_kernel()
 
 
-def first_nonfinite(tensors):
+def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
+    """The first tensor holding NaN or Inf, found by the active kernel.
+
+    Args:
+        tensors: the tensors to check.
+
+    Returns:
+        Its index, or None when every tensor is finite.
+    """
     if active_kernel() == "fused":
         return fused.first_nonfinite(tensors)
     return reference.first_nonfinite(tensors)
 
 
-def all_finite(tensors):
+def all_finite(tensors: Sequence["paddle.Tensor"]) -> bool:
+    """Whether no tensor holds NaN or Inf.
+
+    Args:
+        tensors: the tensors to check.
+
+    Returns:
+        True when `first_nonfinite` finds none.
+    """
     return first_nonfinite(tensors) is None
 
 
-def lerp_(averages, values, weight):
+def lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], weight: float) -> None:
+    """averages[i] += weight * (values[i] - averages[i]), in place, with the active kernel.
+
+    A weight of 0 leaves the averages as they are; 1 copies the values (`copy_`).
+
+    Args:
+        averages: the float32/float64 averages, updated in place.
+        values: one per average; cast to its dtype and place when they differ.
+        weight: the update's weight, 1 - decay.
+    """
     weight = float(weight)
     if weight == 0.0:
         return
@@ -123,12 +169,20 @@ def lerp_(averages, values, weight):
         reference.lerp_(averages, values, weight)
 
 
-def ppdet_update_(averages, values, decay, weight):
+def ppdet_update_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], decay: float,
+                  weight: float) -> None:
     """averages[i] <- (decay * averages[i] + 0) + (weight * values[i] + 0), in place, rounded as
     Paddle's `scale` and `add` ops round PaddleDetection's `decay * v + (1 - decay) * x`: each
-    factor to the average's dtype, each product and the sum on its own. `weight` is passed, not
-    derived: PaddleDetection's is 1 - decay in float64, which is not 1 - float32(decay). No
-    shortcut for a weight of 0 or 1: the arithmetic is done as written."""
+    factor to the average's dtype, each product and the sum on its own. No shortcut for a weight
+    of 0 or 1: the arithmetic is done as written.
+
+    Args:
+        averages: the averages, updated in place.
+        values: one per average.
+        decay: the factor of the average.
+        weight: the factor of the value, passed, not derived: PaddleDetection's is 1 - decay in
+            float64, which is not 1 - float32(decay).
+    """
     decay, weight = float(decay), float(weight)
     if active_kernel() == "fused":
         fused.ppdet_update_(averages, values, decay, weight)

@@ -9,6 +9,7 @@ PADDLE_EMA_KERNEL=fused cannot be had.
 import argparse
 import sys
 import warnings
+from typing import List, Optional
 
 import paddle
 
@@ -16,7 +17,15 @@ from ..errors import ConfigError
 from . import KERNEL_ENV, build, fused, kernel_mode
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
+    """Build or load the kernel and report on it (see the module docstring).
+
+    Args:
+        argv: the command-line arguments; None reads sys.argv.
+
+    Returns:
+        The exit status: 0, 1 or 2 as the module docstring says.
+    """
     parser = argparse.ArgumentParser(prog="python -m paddle_ema.kernels", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rebuild", action="store_true",
                         help="forget this Paddle's cached build and any remembered failure, then build again")

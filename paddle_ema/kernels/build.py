@@ -25,6 +25,8 @@ import sysconfig
 import tempfile
 import textwrap
 from pathlib import Path
+from types import ModuleType
+from typing import List, Optional
 
 import paddle
 
@@ -86,8 +88,12 @@ class BuildError(RuntimeError):
     """The extension could not be compiled or loaded; the message says why."""
 
 
-def cache_dir():
-    """Where compiled libraries are kept (see the module docstring for the order)."""
+def cache_dir() -> Path:
+    """Where compiled libraries are kept (see the module docstring for the order).
+
+    Returns:
+        $PADDLE_EMA_CACHE_DIR, else $XDG_CACHE_HOME/paddle_ema, else ~/.cache/paddle_ema.
+    """
     explicit = os.environ.get("PADDLE_EMA_CACHE_DIR")
     if explicit:
         return Path(explicit).expanduser()
@@ -120,8 +126,12 @@ def _build_key(cuda):
     return digest.hexdigest()[:16]
 
 
-def build_key():
-    """The key of the library this process would load (see `_build_key`)."""
+def build_key() -> str:
+    """The key of the library this process would load (see `_build_key`).
+
+    Returns:
+        16 hexadecimal digits of a hash of the sources, flags and versions.
+    """
     return _build_key(with_cuda())
 
 
@@ -131,14 +141,25 @@ def _flavour(cuda):
            f"{'cuda' if cuda else 'cpu'}"
 
 
-def library_path():
-    """The cached library for this Paddle and these sources (it may not exist yet)."""
+def library_path() -> Path:
+    """The cached library for this Paddle and these sources.
+
+    Returns:
+        Its path in `cache_dir()` (the file may not exist yet).
+    """
     cuda = with_cuda()
     return cache_dir() / f"{_flavour(cuda)}-{_build_key(cuda)}.so"
 
 
-def failure_path(target=None):
-    """Where a failed build of `target` (default: this process's library) is remembered."""
+def failure_path(target: Optional[Path] = None) -> Path:
+    """Where a failed build of `target` is remembered.
+
+    Args:
+        target: a library path; None for this process's, `library_path()`.
+
+    Returns:
+        The target's path with the suffix '.failed'.
+    """
     return (target or library_path()).with_suffix(".failed")
 
 
@@ -255,7 +276,7 @@ def _remembered_failure(target):
     )
 
 
-def forget_builds():
+def forget_builds() -> None:
     """Removes this Paddle's cached library and remembered failure, so the next load builds anew."""
     target = library_path()
     for path in (target, failure_path(target)):
@@ -268,12 +289,19 @@ def forget_builds():
 STALE_TEMP_S = 24 * 3600
 
 
-def clean_stale(keep):
+def clean_stale(keep: Path) -> List[Path]:
     """Removes what no process will load again: builds of this Paddle, Python and device from
     other sources (an older paddle_ema), their failure notes, and build folders or lock files
     left by processes that were killed a day ago or more. Builds for other Paddle or Python
     versions stay: another environment may be using them. Errors are ignored (a racing process
-    may remove the same files)."""
+    may remove the same files).
+
+    Args:
+        keep: the library just built; its folder is the one cleaned.
+
+    Returns:
+        The paths removed.
+    """
     import time
 
     folder, prefix = keep.parent, keep.name.rsplit("-", 1)[0] + "-"
@@ -332,10 +360,14 @@ def _build(target):
             pass
 
 
-def load_extension():
-    """The library's Python module, compiled first if this Paddle and these sources have none cached.
+def load_extension() -> ModuleType:
+    """Load the extension, compiled first if this Paddle and these sources have none cached.
 
-    Also registers its operators with Paddle (once per process is the caller's business).
+    Also registers its operators with Paddle (once per process is the caller's business). Raises
+    BuildError saying why when it cannot be built or loaded.
+
+    Returns:
+        The library's Python module (the dygraph functions of ema_python.cc).
     """
     import importlib.util
 

@@ -16,10 +16,13 @@ it cannot, `failure()` says why and `lerp_` must not be called.
 import os
 import threading
 import time
-
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from ..errors import ConfigError
 from . import build, reference
+
+if TYPE_CHECKING:  # for the annotations only: build imports paddle when the extension is loaded
+    import paddle
 
 __all__ = ["available", "failure", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "stream_add_", "num_threads",
            "THREADS_ENV"]
@@ -41,23 +44,31 @@ def _load():
             _state["failure"] = str(exc)  # kernels.active_kernel says it, once, in the mode in force
 
 
-def available():
-    """True when the extension is built and loaded (building it now if needed)."""
+def available() -> bool:
+    """Whether the extension is built and loaded, building it now if needed.
+
+    Returns:
+        True when it is loaded; False when it cannot be (then `failure()` says why).
+    """
     if not _state["loaded"] and _state["failure"] is None:
         _load()
     return _state["loaded"]
 
 
-def failure():
-    """Why the extension is unavailable, or None."""
+def failure() -> Optional[str]:
+    """Why the extension is unavailable.
+
+    Returns:
+        The build or load error's message, or None when it is loaded.
+    """
     _load()
     return _state["failure"]
 
 
 def _environment_reader():
     """A function name -> the raw value of that environment variable, or None, as cheap as a dict
-    lookup: os.environ.get costs 1-3 us for an unset name (a KeyError raised and caught inside
-    Mapping.get), about a tenth of a whole small update. CPython keeps the process environment
+    lookup: os.environ.get is slow for an unset name (a KeyError raised and caught inside
+    Mapping.get), a noticeable share of a whole small update. CPython keeps the process environment
     in os.environ._data under os.environ.encodekey(name); elsewhere, os.environ.get."""
     data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
     if not isinstance(data, dict) or encode is None:
@@ -83,11 +94,15 @@ _AFFINITY_TTL_S = 1.0
 _threads_cache = {"text": None, "threads": None, "until": 0.0}
 
 
-def num_threads():
-    """CPU threads of one update: $PADDLE_EMA_NUM_THREADS, else every CPU this process may use.
+def num_threads() -> int:
+    """CPU threads of one update.
 
     Not OpenMP's default: Paddle sets OMP_NUM_THREADS=1 at import when it is unset, and the
     update, bound by memory bandwidth, needs several cores to reach it on most servers.
+
+    Returns:
+        $PADDLE_EMA_NUM_THREADS (ConfigError unless a whole number >= 1), else every CPU this
+        process may use.
     """
     text = environment(THREADS_ENV)
     cache = _threads_cache
@@ -127,7 +142,16 @@ def _sequence(items):
     return items if isinstance(items, (list, tuple)) else list(items)
 
 
-def lerp_(averages, values, weight):
+def lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], weight: float) -> None:
+    """averages[i] += weight * (values[i] - averages[i]), in place, in one call of the extension.
+
+    Pairs it does not take (other dtypes or devices, strided views) go to `reference.lerp_`.
+
+    Args:
+        averages: the float32/float64 averages, updated in place.
+        values: one per average.
+        weight: the update's weight, 1 - decay.
+    """
     if len(averages) != len(values):
         raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
     if not averages:
@@ -138,8 +162,15 @@ def lerp_(averages, values, weight):
         reference.lerp_([averages[i] for i in skipped], [values[i] for i in skipped], weight)
 
 
-def first_nonfinite(tensors):
-    """Index of the first tensor holding NaN or Inf, or None: one multi-threaded read of all of them."""
+def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
+    """The first tensor holding NaN or Inf: one multi-threaded read of all of them.
+
+    Args:
+        tensors: the tensors to check.
+
+    Returns:
+        Its index, or None when every tensor is finite.
+    """
     if not tensors:
         return None
     tensors = list(tensors)
@@ -152,14 +183,24 @@ def first_nonfinite(tensors):
     return min(found) if found else None
 
 
-def guarded_lerp_(averages, values, scan, weight):
-    """`lerp_` only when no tensor of `scan` holds NaN or Inf, in one call: returns the index in
-    `scan` of the first that does (the averages untouched), or None (updated).
+def guarded_lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"],
+                  scan: Sequence["paddle.Tensor"], weight: float) -> Optional[int]:
+    """`lerp_` only when no tensor of `scan` holds NaN or Inf, in one call.
 
-    `scan` holds the weights whose finiteness decides (every weight, `values` among them). One
-    pass reads all of `scan`, a second updates; see GuardedLerpTensors in ema_ops.cc. When some
+    One pass reads all of `scan`, a second updates; see GuardedLerpTensors in ema_ops.cc. When some
     tensor of `scan` is not one the extension reads (another device, strided), the scan and the
-    update run as two separate calls, with Paddle's ops for what the extension leaves out."""
+    update run as two separate calls, with Paddle's ops for what the extension leaves out.
+
+    Args:
+        averages: the averages, updated in place.
+        values: one per average.
+        scan: the weights whose finiteness decides (every weight, `values` among them).
+        weight: the update's weight, 1 - decay.
+
+    Returns:
+        The index in `scan` of the first non-finite tensor (the averages untouched), or None
+        (the averages updated).
+    """
     if len(averages) != len(values):
         raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
     averages, values, scan = _sequence(averages), _sequence(values), _sequence(scan)
@@ -178,9 +219,14 @@ def guarded_lerp_(averages, values, scan, weight):
     return None
 
 
-def copy_(targets, sources):
+def copy_(targets: Sequence["paddle.Tensor"], sources: Sequence["paddle.Tensor"]) -> None:
     """targets[i] <- sources[i]: same-dtype CPU pairs in one multi-threaded call, the rest (casts,
-    other devices, strided views) with Paddle's copy."""
+    other devices, strided views) with Paddle's copy.
+
+    Args:
+        targets: the tensors written.
+        sources: one per target.
+    """
     targets, sources = list(targets), list(sources)
     if len(targets) != len(sources):
         raise ValueError(f"copy_ needs one source per target, got {len(targets)} targets and {len(sources)} sources")
@@ -191,15 +237,28 @@ def copy_(targets, sources):
         reference.copy_([targets[i] for i in skipped], [sources[i] for i in skipped])
 
 
-def stream_add_(a, x):
-    """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor."""
+def stream_add_(a: "paddle.Tensor", x: "paddle.Tensor") -> None:
+    """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor.
+
+    Args:
+        a: the flat float32 CPU tensor updated in place.
+        x: a float32 CPU tensor of a's size.
+    """
     _module().stream_add_(a, x, num_threads())
 
 
-def ppdet_update_(averages, values, decay, weight):
+def ppdet_update_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], decay: float,
+                  weight: float) -> None:
     """PaddleDetection's EMA step in place, a <- (decay*a + 0) + (weight*x + 0), in one call of the
     extension (ema_ppdet.cc); pairs it does not take (other dtypes or devices, strided views) get
-    the same numbers from Paddle's own ops."""
+    the same numbers from Paddle's own ops.
+
+    Args:
+        averages: the averages, updated in place.
+        values: one per average.
+        decay: the factor of the average.
+        weight: the factor of the value.
+    """
     if len(averages) != len(values):
         raise ValueError(f"ppdet_update_ needs one value per average, got {len(averages)} and {len(values)}")
     if not averages:

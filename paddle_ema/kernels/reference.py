@@ -7,6 +7,8 @@ numbers equal lerp_'s, but faster on CPU, where lerp_'s broadcasting kernel is s
 docs/performance.md, "Why the kernels are written as they are").
 """
 
+from typing import Any, Optional, Sequence
+
 import numpy as np
 import paddle
 
@@ -26,10 +28,18 @@ def _bfloat16_bits(values):
     return np.where(np.isnan(values), np.uint16(0x7FFF), rounded)
 
 
-def cast(source, dtype):
+def cast(source: paddle.Tensor, dtype: Any) -> paddle.Tensor:
     """`source.astype(dtype)`, except that float32/float64 -> float16/bfloat16 on the CPU rounds to
     nearest, ties to even, on every Paddle version: Paddle 3.0 and 3.1 round toward zero there,
-    3.2 and later (and every GPU cast) to nearest-even, so apply() would differ by a step."""
+    3.2 and later (and every GPU cast) to nearest-even, so apply() would differ by a step.
+
+    Args:
+        source: the tensor to cast.
+        dtype: a Paddle dtype or its name, e.g. 'bfloat16'.
+
+    Returns:
+        A tensor of `dtype` on source's place (`source` itself when astype returns it).
+    """
     dtype = paddle.base.framework.convert_np_dtype_to_dtype_(dtype) if isinstance(dtype, str) else dtype
     if source.dtype == dtype or source.dtype not in _WIDE or dtype not in _HALF or not source.place.is_cpu_place():
         return source.astype(dtype)
@@ -54,7 +64,14 @@ def _as(source, like):
 
 
 @paddle.no_grad()
-def lerp_(averages, values, weight):
+def lerp_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], weight: float) -> None:
+    """averages[i] <- averages[i] + weight * (values[i] - averages[i]), in place, one tensor at a time.
+
+    Args:
+        averages: the float32/float64 averages, updated in place.
+        values: one per average; cast to its dtype and moved to its place when they differ.
+        weight: the update's weight, 1 - decay.
+    """
     # Not Tensor.lerp_: with a Python float weight it also leaks ~100 bytes a call on Paddle 3.3.1
     # (21 MiB over 200,000 calls), and with a 0-d tensor weight it is still 2x slower than this.
     for average, value in zip(averages, values, strict=True):
@@ -62,14 +79,27 @@ def lerp_(averages, values, weight):
 
 
 @paddle.no_grad()
-def copy_(targets, sources):
+def copy_(targets: Sequence[paddle.Tensor], sources: Sequence[paddle.Tensor]) -> None:
+    """targets[i] <- sources[i], in place, cast to the target's dtype (as `cast`) and place.
+
+    Args:
+        targets: the tensors written.
+        sources: one per target.
+    """
     for target, source in zip(targets, sources, strict=True):
         target.copy_(_as(source, target), False)
 
 
 @paddle.no_grad()
-def first_nonfinite(tensors):
-    """Index of the first tensor holding NaN or Inf, or None (one host sync for the whole list)."""
+def first_nonfinite(tensors: Sequence[paddle.Tensor]) -> Optional[int]:
+    """The first tensor holding NaN or Inf, with one host sync for the whole list.
+
+    Args:
+        tensors: the tensors to check; empty ones are finite.
+
+    Returns:
+        Its index, or None when every tensor is finite.
+    """
     # Empty tensors are finite; Paddle 2.6's all() refuses them.
     checked = [i for i, t in enumerate(tensors) if t.size > 0]
     if not checked:
@@ -78,14 +108,30 @@ def first_nonfinite(tensors):
     return None if finite.all() else checked[int(finite.argmin())]
 
 
-def all_finite(tensors):
+def all_finite(tensors: Sequence[paddle.Tensor]) -> bool:
+    """Whether no tensor holds NaN or Inf.
+
+    Args:
+        tensors: the tensors to check.
+
+    Returns:
+        True when `first_nonfinite` finds none.
+    """
     return first_nonfinite(tensors) is None
 
 
 @paddle.no_grad()
-def ppdet_update_(averages, values, decay, weight):
+def ppdet_update_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], decay: float,
+                  weight: float) -> None:
     """a <- decay * a + weight * x in place with exactly the ops PaddleDetection's EMA runs: `scale`
-    (the factor rounded to a's dtype, then + 0.0, which makes -0 products +0) twice and `add`."""
+    (the factor rounded to a's dtype, then + 0.0, which makes -0 products +0) twice and `add`.
+
+    Args:
+        averages: the averages, updated in place.
+        values: one per average, cast to its dtype and place when they differ.
+        decay: the factor of the average.
+        weight: the factor of the value.
+    """
     for average, value in zip(averages, values, strict=True):
         average.scale_(decay).add_(_as(value, average).scale(weight))
 
