@@ -236,7 +236,8 @@ def test_batchnorm_data_format():
 def test_exp():
     # dygraph tensors and legacy-program Variables (which paddle.exp rejects on 3.3)
     values = np.array([-2.0, 0.0, 0.5, 3.0])
-    np.testing.assert_array_equal(_compat.exp(paddle.to_tensor(values)).numpy(), np.exp(values))
+    # exp is not correctly rounded in every library: Paddle 2.6.2 differs from numpy by an ulp.
+    np.testing.assert_allclose(_compat.exp(paddle.to_tensor(values)).numpy(), np.exp(values), rtol=1e-15)
 
     def body(main):
         x = paddle.static.data("x", [4], "float64")
