@@ -26,8 +26,8 @@ from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, Paddle
 from ..selection import batchnorm_statistic_names
 from .averages import weights_loaded
 from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
-from .run_checkpoints import (check_fits, check_same_run, copy_state, load_resume_state, newest_resumable, run_identity,
-                         save_checkpoint)
+from .run_checkpoints import (check_fits, check_same_run, copy_state, load_resume_state, newest_resumable,
+                              run_identity, save_checkpoint)
 from .data import batches
 from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, relative_distance
