@@ -22,6 +22,7 @@ Paddle's global mode stays dygraph outside the trainer's own program and executo
 """
 
 import contextlib
+import dataclasses
 import warnings
 
 import numpy as np
@@ -34,7 +35,6 @@ from ..errors import ConfigError, IncompatibleStateError
 from ..selection import select_parameters
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
-from ..step_policy import StepPolicy
 from .ema_setup import ema_settings, restart_allowed
 from .evaluation import accuracy, predict_with
 from .builders import build_model, classification_loss
@@ -96,8 +96,8 @@ class _StaticEMAState:
                              include_stop_gradient=include, parameters=chosen, nonfinite=settings["nonfinite"],
                              bias_correction=settings["bias_correction"])
         self.ema.update()
-        # The program averages every update_every-th run; cycle_epoch restarts (-1, never, is 0).
-        self.policy = StepPolicy(update_every=settings["update_every"], restart_every=max(cfg["cycle_epoch"], 0))
+        # The EMA's own step policy, with the trainer's cycle_epoch restarts (-1, never, is 0).
+        self.policy = dataclasses.replace(self.ema.policy, restart_every=max(cfg["cycle_epoch"], 0))
         self.structured = structured  # structured name -> program name
         program_to_structured = {v: k for k, v in structured.items()}
         self.names = self.ema.state_names()
