@@ -18,6 +18,7 @@ weights, with the config's schedule and options. PaddleDetection's keys keep the
 Both resume exactly from their full state in .pdopt.
 """
 
+import dataclasses
 import math
 import warnings
 
@@ -28,7 +29,6 @@ from ..dygraph import ExponentialMovingAverage
 from ..errors import ConfigError, NonFiniteError
 from ..ppdet import ModelEMA, bn_running_state_names
 from ..schedules import schedule_for_decay_type
-from ..step_policy import StepPolicy
 from .averages import weights_loaded
 from .run_checkpoints import copy_state
 
@@ -101,7 +101,8 @@ class _PaddleEMA:
     def __init__(self, cfg, model):
         self.ema = ExponentialMovingAverage(model, **ema_settings(cfg, model), shard=cfg["ema_shard"])
         self.model = model
-        self.policy = StepPolicy(restart_every=max(cfg["cycle_epoch"], 0))  # -1 (never) is 0
+        # The EMA's own step policy, with cycle_epoch's restarts after snapshots (-1, never, is 0).
+        self.policy = dataclasses.replace(self.ema.policy, restart_every=max(cfg["cycle_epoch"], 0))
         self.snapshots = 0
 
     def update(self, step=None):
