@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "ema_compat.h"
+#include "ema_half.h"
 #include "ema_ops.h"
 #include "paddle/extension.h"
 
@@ -40,64 +41,26 @@ namespace {
 constexpr int64_t kSerialBelow = 1 << 16;  // fewer elements: one thread is faster
 constexpr int64_t kChunk = 1 << 15;        // elements per unit of work (a multiple of 16)
 
-// IEEE half -> float, exact for every input.
-inline float HalfBitsToFloat(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exponent = (h >> 10) & 0x1fu;
-  uint32_t mantissa = h & 0x3ffu;
-  uint32_t bits;
-  if (exponent == 0x1f) {
-    bits = sign | 0x7f800000u | (mantissa << 13);
-  } else if (exponent != 0) {
-    bits = sign | ((exponent + 112) << 23) | (mantissa << 13);
-  } else if (mantissa == 0) {
-    bits = sign;
-  } else {  // subnormal half: a normal float
-    int shift = 0;
-    while ((mantissa & 0x400u) == 0) {
-      mantissa <<= 1;
-      ++shift;
-    }
-    bits = sign | (static_cast<uint32_t>(113 - shift) << 23) | ((mantissa & 0x3ffu) << 13);
-  }
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
-
-inline float Bfloat16BitsToFloat(uint16_t b) {
-  const uint32_t bits = static_cast<uint32_t>(b) << 16;
-  float out;
-  std::memcpy(&out, &bits, 4);
-  return out;
-}
-
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define PADDLE_EMA_PPDET_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PADDLE_EMA_PPDET_CLONES
-#endif
-
 // The + 0.0f are Paddle's scale bias: they make a -0 product +0, so they are not removable.
-PADDLE_EMA_PPDET_CLONES void StepFloat(float* __restrict a, const float* __restrict x, int64_t n, float d, float w) {
+PADDLE_EMA_VECTOR_CLONES void StepFloat(float* __restrict a, const float* __restrict x, int64_t n, float d, float w) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) a[i] = (d * a[i] + 0.0f) + (w * x[i] + 0.0f);
 }
 
-PADDLE_EMA_PPDET_CLONES void StepDouble(double* __restrict a, const double* __restrict x, int64_t n, double d,
+PADDLE_EMA_VECTOR_CLONES void StepDouble(double* __restrict a, const double* __restrict x, int64_t n, double d,
                                         double w) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) a[i] = (d * a[i] + 0.0) + (w * x[i] + 0.0);
 }
 
-PADDLE_EMA_PPDET_CLONES void StepBfloat16(float* __restrict a, const uint16_t* __restrict x, int64_t n, float d,
+PADDLE_EMA_VECTOR_CLONES void StepBfloat16(float* __restrict a, const uint16_t* __restrict x, int64_t n, float d,
                                           float w) {
 #pragma omp simd
-  for (int64_t i = 0; i < n; ++i) a[i] = (d * a[i] + 0.0f) + (w * Bfloat16BitsToFloat(x[i]) + 0.0f);
+  for (int64_t i = 0; i < n; ++i) a[i] = (d * a[i] + 0.0f) + (w * Bfloat16ToFloat(x[i]) + 0.0f);
 }
 
 void StepHalfPortable(float* __restrict a, const uint16_t* __restrict x, int64_t n, float d, float w) {
-  for (int64_t i = 0; i < n; ++i) a[i] = (d * a[i] + 0.0f) + (w * HalfBitsToFloat(x[i]) + 0.0f);
+  for (int64_t i = 0; i < n; ++i) a[i] = (d * a[i] + 0.0f) + (w * HalfToFloat(x[i]) + 0.0f);
 }
 
 #if defined(__x86_64__) || defined(__i386__)
