@@ -90,6 +90,17 @@ def regression(lr=0.1):
     return x, prediction, loss
 
 
+def regression_ema(startup, *args, place=None, **kwargs):
+    """regression() with ExponentialMovingAverage(*args, **kwargs) appended to the program and the
+    startup program run; returns (ema, executor)."""
+    regression()
+    ema = ExponentialMovingAverage(*args, **kwargs)
+    ema.update()
+    exe = paddle.static.Executor(place or paddle.CPUPlace())
+    exe.run(startup)
+    return ema, exe
+
+
 def train(exe, main, data, names):
     """Runs `main` on each batch; the weights of `names` after every run."""
     history = {name: [] for name in names}
@@ -232,11 +243,7 @@ def test_matches_numpy_model(kind, thres):
     steps = 50
     with static_programs(kind) as (main, startup):
         counter = step_counter("global_step", begin=0) if thres == "counter" else None
-        regression()
-        ema = ExponentialMovingAverage(0.9, thres_steps=counter if thres == "counter" else thres)
-        ema.update()
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
+        ema, exe = regression_ema(startup, 0.9, thres_steps=counter if thres == "counter" else thres)
         history = train(exe, main, batches(steps), ema.names)
         decays = [in_program(0.9)] * steps if thres is None else threshold_decays(0.9, range(steps))
         for name in ema.names:
@@ -252,11 +259,8 @@ def test_matches_numpy_model(kind, thres):
 def test_schedule_and_update_every_match_numpy_model(kind):
     runs, every, tau = 30, 3, 4.0
     with static_programs(kind) as (main, startup):
-        regression()
-        ema = ExponentialMovingAverage(0.95, schedule="exponential", schedule_options={"tau": tau}, update_every=every)
-        ema.update()
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
+        ema, exe = regression_ema(startup, 0.95, schedule="exponential", schedule_options={"tau": tau},
+                                  update_every=every)
         history = train(exe, main, batches(runs), ema.names)
         averaged = [i for i in range(runs) if i % every == 0]
         decays = [0.95 * (1.0 - np.exp(-(i // every + 1) / tau)) for i in averaged]
@@ -306,11 +310,7 @@ def test_bias_correction_false_applies_the_plain_average(kind, start):
 @pytest.mark.parametrize("kind", KINDS)
 def test_start_from_weights_restarts_a_corrected_average(kind):
     with static_programs(kind) as (main, startup):
-        regression()
-        ema = ExponentialMovingAverage(0.9)
-        ema.update()
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
+        ema, exe = regression_ema(startup, 0.9)
         train(exe, main, batches(5), [])
         ema.start_from_weights(exe)
         assert scope_value("@EMA_UPDATE_COUNTER@").item() == 0
@@ -359,11 +359,7 @@ def test_matches_dygraph_ema(kind, thres_steps):
 @pytest.mark.parametrize("kind", KINDS)
 def test_apply_restore_round_trip_is_bit_exact(kind):
     with static_programs(kind) as (main, startup):
-        regression()
-        ema = ExponentialMovingAverage(0.9)
-        ema.update()
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
+        ema, exe = regression_ema(startup, 0.9)
         with pytest.raises(EMAStateError, match="before any apply"):
             ema.restore(exe)
         before = {n: scope_value(n) for n in ema.names}
@@ -578,11 +574,7 @@ def test_bad_arguments_raise_config_errors():
 def test_nonfinite_parameters_are_skipped_and_counted(kind):
     place = paddle.CPUPlace()
     with static_programs(kind) as (main, startup):
-        regression()
-        ema = ExponentialMovingAverage(0.9)
-        ema.update()
-        exe = paddle.static.Executor(place)
-        exe.run(startup)
+        ema, exe = regression_ema(startup, 0.9, place=place)
         kept = {name: [] for name in ema.names}
         for step, (x, y) in enumerate(batches(8)):
             poisoned = step in (3, 4)

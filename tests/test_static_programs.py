@@ -9,7 +9,7 @@ divided by 1 - decay**t) with paddle_ema's class.
 import numpy as np
 import paddle
 import pytest
-from test_static import KINDS, batches, fc, regression, scope_value, static_programs, train
+from test_static import KINDS, batches, fc, regression_ema, scope_value, static_programs, train
 
 from paddle_ema.static import ExponentialMovingAverage, clone_for_test
 
@@ -17,11 +17,7 @@ from paddle_ema.static import ExponentialMovingAverage, clone_for_test
 @pytest.mark.parametrize("kind", KINDS)
 def test_apply_program_and_restore_program_round_trip_bitwise(kind):
     with static_programs(kind) as (main, startup):
-        regression()
-        ema = ExponentialMovingAverage(0.9)
-        ema.update()
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
+        ema, exe = regression_ema(startup, 0.9)
         assert isinstance(ema.apply_program, type(main)) and isinstance(ema.restore_program, type(main))
         train(exe, main, batches(7), [])
         raw = {n: scope_value(n) for n in ema.names}
@@ -55,11 +51,7 @@ def test_restore_program_alone_after_a_fresh_start_is_refused_by_restore(kind):
     from paddle_ema.errors import EMAStateError
 
     with static_programs(kind) as (main, startup):
-        regression()
-        ema = ExponentialMovingAverage(0.9)
-        ema.update()
-        exe = paddle.static.Executor(paddle.CPUPlace())
-        exe.run(startup)
+        ema, exe = regression_ema(startup, 0.9)
         with pytest.raises(EMAStateError, match="before any apply"):
             ema.restore(exe)
 
@@ -103,11 +95,7 @@ def test_paddles_own_ema_test_pattern(kind):
 def test_skipped_runs_are_counted_and_warned_at_apply(kind):
     place = paddle.CPUPlace()
     with static_programs(kind) as (main, startup):
-        regression()
-        ema = ExponentialMovingAverage(0.9)
-        ema.update()
-        exe = paddle.static.Executor(place)
-        exe.run(startup)
+        ema, exe = regression_ema(startup, 0.9, place=place)
         assert ema.num_nonfinite_skipped() == 0
         data = batches(4)
         train(exe, main, data[:2], [])
