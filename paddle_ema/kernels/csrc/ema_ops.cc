@@ -54,19 +54,27 @@
 
 #include "ema_compat.h"
 #include "ema_half.h"
+#include "ema_parallel.h"
 #include "ema_ops.h"
+
+// Which kernel a pair takes, or kUnsupported.
+Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value) {
+  using paddle::DataType;
+  if (average.numel() != value.numel() || !average.is_dense_tensor() || !value.is_dense_tensor() ||
+      !EmaIsContiguous(average) || !EmaIsContiguous(value) || !(average.place() == value.place()) ||
+      !(average.is_cpu() || average.is_gpu())) {
+    return Kind::kUnsupported;
+  }
+  const DataType a = average.dtype(), x = value.dtype();
+  if (a == DataType::FLOAT32 && x == DataType::FLOAT32) return Kind::kFloat;
+  if (a == DataType::FLOAT32 && x == DataType::FLOAT16) return Kind::kFloatHalf;
+  if (a == DataType::FLOAT32 && x == DataType::BFLOAT16) return Kind::kFloatBfloat16;
+  if (a == DataType::FLOAT64 && x == DataType::FLOAT64) return Kind::kDouble;
+  return Kind::kUnsupported;
+}
 
 namespace {
 
-// Below this many elements a single thread finishes before a team of threads would start.
-constexpr int64_t kMinParallelElements = 1 << 16;
-// Chunk sizes are multiples of 16 elements (one 64-byte line of float32), so that few chunk
-// boundaries split a cache line between two threads.
-constexpr int64_t kGrain = 16;
-// Work is handed out in about this many chunks per thread, each at least kMinChunk elements
-// (large enough that taking a chunk costs nothing next to streaming it).
-constexpr int64_t kChunksPerThread = 8;
-constexpr int64_t kMinChunk = 1 << 15;
 // Copies of at least this many bytes bypass the cache (CopyStreaming): a block this large would
 // push everything else out of a core's L2 anyway.
 constexpr int64_t kStreamingCopyBytes = 1 << 20;
@@ -212,74 +220,6 @@ PADDLE_EMA_VECTOR_CLONES bool AnyNonfiniteHalf(const uint16_t* x, int64_t n) {
 }
 PADDLE_EMA_VECTOR_CLONES bool AnyNonfiniteBfloat16(const uint16_t* x, int64_t n) {
   return AnyAllOnesExponent<uint16_t>(x, n, 0x7f80u);
-}
-
-// Runs body(segment, begin, end) over [start, stop) of the concatenation of all segments;
-// `offsets` is the exclusive prefix sum of the segment sizes.
-template <typename Body>
-void ForRange(const std::vector<Segment>& segments, const std::vector<int64_t>& offsets,
-              int64_t start, int64_t stop, Body body) {
-  size_t s = std::upper_bound(offsets.begin(), offsets.end(), start) - offsets.begin() - 1;
-  for (; s < segments.size() && offsets[s] < stop; ++s) {
-    int64_t begin = std::max<int64_t>(start - offsets[s], 0);
-    int64_t end = std::min<int64_t>(stop - offsets[s], segments[s].numel);
-    if (begin < end) body(segments[s], begin, end);
-  }
-}
-
-// Splits the total element count over the threads, by elements rather than by tensors: the
-// concatenation of all tensors is cut into equal chunks, several per thread, which the threads
-// take in turn from a shared counter, so that a thread the OS preempts (a busy machine) does not
-// hold the others up. The counter instead of `omp for schedule(dynamic)` keeps the extension to
-// the two OpenMP entry points that GNU and Intel runtimes share (it links Paddle's libiomp5).
-//
-// `backwards` hands the chunks out from the last one down: the guarded update reads the values a
-// second time right after the scan read them front to back, and the scan's last chunks are the
-// ones still in the cache.
-template <typename Body>
-void ParallelOverElements(const std::vector<Segment>& segments, int threads, Body body, bool backwards = false) {
-  std::vector<int64_t> offsets(segments.size() + 1, 0);
-  for (size_t s = 0; s < segments.size(); ++s) offsets[s + 1] = offsets[s] + segments[s].numel;
-  const int64_t total = offsets.back();
-  if (total == 0) return;
-  if (threads <= 0) threads = omp_get_max_threads();
-  const bool serial = total < kMinParallelElements || threads <= 1;
-  int64_t chunk = serial ? std::max<int64_t>(total, 1)
-                         : std::max<int64_t>(total / (int64_t{threads} * kChunksPerThread), kMinChunk);
-  chunk = (chunk + kGrain - 1) / kGrain * kGrain;
-  const int64_t chunks = (total + chunk - 1) / chunk;
-  auto run = [&](int64_t taken) {
-    const int64_t c = backwards ? chunks - 1 - taken : taken;
-    ForRange(segments, offsets, c * chunk, std::min(total, (c + 1) * chunk), body);
-  };
-  if (serial) {
-    run(0);
-    return;
-  }
-  std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, chunks)))
-  {
-    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
-         c = next.fetch_add(1, std::memory_order_relaxed)) {
-      run(c);
-    }
-  }
-}
-
-// Which kernel a pair takes, or kUnsupported.
-Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value) {
-  using paddle::DataType;
-  if (average.numel() != value.numel() || !average.is_dense_tensor() || !value.is_dense_tensor() ||
-      !EmaIsContiguous(average) || !EmaIsContiguous(value) || !(average.place() == value.place()) ||
-      !(average.is_cpu() || average.is_gpu())) {
-    return Kind::kUnsupported;
-  }
-  const DataType a = average.dtype(), x = value.dtype();
-  if (a == DataType::FLOAT32 && x == DataType::FLOAT32) return Kind::kFloat;
-  if (a == DataType::FLOAT32 && x == DataType::FLOAT16) return Kind::kFloatHalf;
-  if (a == DataType::FLOAT32 && x == DataType::BFLOAT16) return Kind::kFloatBfloat16;
-  if (a == DataType::FLOAT64 && x == DataType::FLOAT64) return Kind::kDouble;
-  return Kind::kUnsupported;
 }
 
 void LerpSegmentsCPU(const std::vector<Segment>& segments, double weight, int threads, bool backwards = false) {

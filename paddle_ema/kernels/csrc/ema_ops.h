@@ -8,6 +8,8 @@
 #include "ema_segments.h"
 #include "paddle/extension.h"
 
+// Which kernel an (average, value) pair takes, or Kind::kUnsupported (ema_ops.cc).
+Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value);
 std::vector<int64_t> LerpTensors(const std::vector<const paddle::Tensor*>& averages,
                                  const std::vector<const paddle::Tensor*>& values, double weight, int threads);
 int64_t ScanNonfinite(const std::vector<const paddle::Tensor*>& values, int threads,

@@ -16,19 +16,16 @@
 // float64 tensor). Other pairs (another dtype, not contiguous, not both on the CPU) are left
 // untouched and their indices returned, for the Paddle-ops fallback (kernels/reference.py).
 //
-// CPU only, multi-threaded over the total element count like ema_ops.cc's lerp (a shared chunk
-// counter, the thread count explicit because Paddle sets OMP_NUM_THREADS=1 at import).
+// CPU only, multi-threaded over the total element count with ema_ops.cc's work split
+// (ema_parallel.h; the thread count explicit because Paddle sets OMP_NUM_THREADS=1 at import).
 
-#include <omp.h>
-
-#include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
 #include "ema_compat.h"
 #include "ema_half.h"
+#include "ema_parallel.h"
 #include "ema_ops.h"
 #include "paddle/extension.h"
 
@@ -37,9 +34,6 @@
 #endif
 
 namespace {
-
-constexpr int64_t kSerialBelow = 1 << 16;  // fewer elements: one thread is faster
-constexpr int64_t kChunk = 1 << 15;        // elements per unit of work (a multiple of 16)
 
 // The + 0.0f are Paddle's scale bias: they make a -0 product +0, so they are not removable.
 PADDLE_EMA_VECTOR_CLONES void StepFloat(float* __restrict a, const float* __restrict x, int64_t n, float d, float w) {
@@ -88,20 +82,6 @@ void StepHalf(float* a, const uint16_t* x, int64_t n, float d, float w) {
   StepHalfPortable(a, x, n, d, w);
 }
 
-Kind PairKind(const paddle::Tensor& average, const paddle::Tensor& value) {
-  using paddle::DataType;
-  if (average.numel() != value.numel() || !average.is_dense_tensor() || !value.is_dense_tensor() ||
-      !average.is_cpu() || !value.is_cpu() || !EmaIsContiguous(average) || !EmaIsContiguous(value)) {
-    return Kind::kUnsupported;
-  }
-  const DataType a = average.dtype(), x = value.dtype();
-  if (a == DataType::FLOAT32 && x == DataType::FLOAT32) return Kind::kFloat;
-  if (a == DataType::FLOAT32 && x == DataType::FLOAT16) return Kind::kFloatHalf;
-  if (a == DataType::FLOAT32 && x == DataType::BFLOAT16) return Kind::kFloatBfloat16;
-  if (a == DataType::FLOAT64 && x == DataType::FLOAT64) return Kind::kDouble;
-  return Kind::kUnsupported;
-}
-
 void StepRange(const Segment& s, int64_t b, int64_t e, double decay, double weight) {
   const float d = static_cast<float>(decay), w = static_cast<float>(weight);
   float* a = static_cast<float*>(s.average) + b;
@@ -124,36 +104,10 @@ void StepRange(const Segment& s, int64_t b, int64_t e, double decay, double weig
   }
 }
 
-// Cuts every segment into chunks of kChunk elements and lets `threads` threads take them in turn
-// from a shared counter (only the OpenMP entry points GNU and Intel runtimes share).
 void StepSegments(const std::vector<Segment>& segments, double decay, double weight, int threads) {
-  struct Piece {
-    size_t segment;
-    int64_t begin, end;
-  };
-  std::vector<Piece> pieces;
-  int64_t total = 0;
-  for (size_t s = 0; s < segments.size(); ++s) {
-    total += segments[s].numel;
-    for (int64_t b = 0; b < segments[s].numel; b += kChunk) {
-      pieces.push_back({s, b, std::min(segments[s].numel, b + kChunk)});
-    }
-  }
-  if (threads <= 0) threads = omp_get_max_threads();
-  if (total < kSerialBelow || threads <= 1 || pieces.size() < 2) {
-    for (const Piece& p : pieces) StepRange(segments[p.segment], p.begin, p.end, decay, weight);
-    return;
-  }
-  const int64_t count = static_cast<int64_t>(pieces.size());
-  std::atomic<int64_t> next{0};
-#pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, count)))
-  {
-    for (int64_t i = next.fetch_add(1, std::memory_order_relaxed); i < count;
-         i = next.fetch_add(1, std::memory_order_relaxed)) {
-      const Piece& p = pieces[i];
-      StepRange(segments[p.segment], p.begin, p.end, decay, weight);
-    }
-  }
+  ParallelOverElements(segments, threads, [decay, weight](const Segment& s, int64_t b, int64_t e) {
+    StepRange(s, b, e, decay, weight);
+  });
 }
 
 }  // namespace
@@ -167,7 +121,8 @@ std::vector<int64_t> PpdetUpdateTensors(const std::vector<const paddle::Tensor*>
   std::vector<Segment> segments;
   segments.reserve(averages.size());
   for (size_t i = 0; i < averages.size(); ++i) {
-    const Kind kind = PairKind(*averages[i], *values[i]);
+    // The CPU pairs the update loops take (PaddleDetection's step has no CUDA kernel here).
+    const Kind kind = averages[i]->is_cpu() ? KindOf(*averages[i], *values[i]) : Kind::kUnsupported;
     if (kind == Kind::kUnsupported) {
       skipped.push_back(static_cast<int64_t>(i));
       continue;
