@@ -20,6 +20,39 @@ constexpr int64_t kGrain = 16;
 constexpr int64_t kChunksPerThread = 8;
 constexpr int64_t kMinChunk = 1 << 15;
 
+// libiomp5's own calls (Paddle's OpenMP runtime); weak, so null where the extension links libgomp.
+extern "C" {
+int kmp_get_blocktime(void) __attribute__((weak));
+void kmp_set_blocktime(int) __attribute__((weak));
+}
+
+// After a parallel region libiomp5's team threads spin for KMP_BLOCKTIME (200 ms by default)
+// before they sleep. An EMA update is followed by the training step's own ops on the same cores,
+// so a spinning worker took a core from them for the whole step: a static ResNet-18 step
+// (PIR, 2 cores) used twice its wall time in CPU time and took 13 ms longer, where the op itself
+// ran for 5 ms. Our regions fork their team with a blocktime of kBlocktimeMs, long enough for
+// back-to-back updates to find the team awake, and give the calling thread its own value back
+// after the join, so Paddle's regions on that thread keep theirs (libiomp5 copies the blocktime
+// to the workers when it forks a team).
+constexpr int kBlocktimeMs = 1;
+
+class ShortBlocktime {
+ public:
+  ShortBlocktime() {
+    if (kmp_get_blocktime == nullptr || kmp_set_blocktime == nullptr) return;
+    saved_ = kmp_get_blocktime();
+    kmp_set_blocktime(kBlocktimeMs);
+  }
+  ~ShortBlocktime() {
+    if (saved_ >= 0) kmp_set_blocktime(saved_);
+  }
+  ShortBlocktime(const ShortBlocktime&) = delete;
+  ShortBlocktime& operator=(const ShortBlocktime&) = delete;
+
+ private:
+  int saved_ = -1;
+};
+
 // Runs body(segment, begin, end) over [start, stop) of the concatenation of all segments;
 // `offsets` is the exclusive prefix sum of the segment sizes.
 template <typename Body>
@@ -63,6 +96,7 @@ void ParallelOverElements(const std::vector<Segment>& segments, int threads, Bod
     return;
   }
   std::atomic<int64_t> next{0};
+  ShortBlocktime blocktime;
 #pragma omp parallel num_threads(static_cast<int>(std::min<int64_t>(threads, chunks)))
   {
     for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < chunks;
