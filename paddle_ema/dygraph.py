@@ -71,7 +71,10 @@ class ExponentialMovingAverage:
         nonfinite: what update() does when a weight holds NaN or Inf (a diverged step): 'skip'
             (default) leaves the average as it is, counts the skip in `num_nonfinite_skipped` and
             warns naming the first offending parameter; 'raise' raises NonFiniteError; 'update'
-            averages without checking (saves one read of the weights per update).
+            averages without checking. On the CPU the guarded update writes the new averages
+            into apply()'s spare buffers (or its own, for half-precision or sharded weights) and
+            swaps them in only when every weight was finite: the check then costs no extra pass
+            over the weights. Elsewhere the weights are read twice, once for the check.
 
     The step t of the schedule counts averaging updates from 0. `update(step=n)` takes the call
     index from an external counter instead (TensorFlow's num_updates); t is then
@@ -166,6 +169,7 @@ class ExponentialMovingAverage:
         self._shadows = [self._new_shadow(p) if i in owned else None for i, p in enumerate(self._params)]
         self._owned_shadows = [self._shadows[i] for i in self._owned]
         self._owned_params = [self._params[i] for i in self._owned]
+        self._separate_spares = None  # the guarded update's own buffers, when apply()'s do not fit
         self.num_calls = 0
         self.num_nonfinite_skipped = 0
         self.num_updates = 0
@@ -198,7 +202,9 @@ class ExponentialMovingAverage:
                 if not guarded:
                     fused.lerp_(self._owned_shadows, self._owned_params, weight)
                 else:
-                    bad = fused.guarded_lerp_(self._owned_shadows, self._owned_params, self._params, weight)
+                    bad = fused.guarded_lerp_(
+                        self._owned_shadows, self._owned_params, self._params, weight, self._update_spares()
+                    )
                     if bad is not None:
                         self._nonfinite(call, bad)
                         return None
@@ -216,6 +222,32 @@ class ExponentialMovingAverage:
         kernels.copy_(self._owned_shadows, self._owned_params)
         self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
         return None
+
+    def _update_spares(self):
+        """The buffers the guarded fused update writes the new averages into before they trade
+        places with the averages (fused.guarded_lerp_: one read of the weights instead of two), or
+        None to update in place (averages or weights off the CPU). An unsharded EMA whose averages
+        have their weights' dtypes uses apply()'s spares, which are free whenever update() may run
+        (never while applied): no memory beyond what the first apply() takes anyway."""
+        if self._separate_spares is None:
+            on_cpu = all(_compat.is_cpu_place(t.place) for t in (*self._owned_shadows, *self._owned_params))
+            shared = (
+                self._sharding is None
+                and all(s.dtype == p.dtype for s, p in zip(self._shadows, self._params))
+                and _compat.can_share_buffers(self._params[0])
+            )
+            self._separate_spares = False if not on_cpu or shared else [paddle.empty_like(s) for s in self._owned_shadows]
+            self._spares_shared = on_cpu and shared
+        if self._spares_shared:
+            self._make_spares()
+            return self._spares
+        return self._separate_spares or None
+
+    def _make_spares(self):
+        if self._spares is None:
+            # paddle.Tensor() is slow to make: the holders are made once, with the spares.
+            self._spares = [paddle.empty_like(p) for p in self._params]
+            self._holders = [paddle.Tensor() for _ in self._params]
 
     def _weights_finite(self, call):
         # Every rank checks every weight (not only the ones it averages), so that sharded ranks,
@@ -281,10 +313,7 @@ class ExponentialMovingAverage:
         buffer sharing (_compat.share_buffer; not in this Paddle), the raw weights are copied instead."""
         if not _compat.can_share_buffers(self._params[0]):
             return [p.detach().clone() for p in self._params]
-        if self._spares is None:
-            # paddle.Tensor() is slow to make: the holders are made once, with the spares.
-            self._spares = [paddle.empty_like(p) for p in self._params]
-            self._holders = [paddle.Tensor() for _ in self._params]
+        self._make_spares()
         for param, spare, holder in zip(self._params, self._spares, self._holders):
             _compat.share_buffer(param, holder)
             _compat.share_buffer(spare, param)
@@ -330,7 +359,9 @@ class ExponentialMovingAverage:
             name: the parameter's name (as in `names`).
 
         Returns:
-            Its shadow, by reference (float32 for half-precision weights).
+            Its shadow, by reference (float32 for half-precision weights). The Tensor object
+            follows every update; a tensor that shares its memory (`detach()`) may not, since a
+            guarded update on the CPU gives the shadow a new buffer.
         """
         if name not in self._index:
             close = difflib.get_close_matches(name, self.names, n=3)

@@ -184,18 +184,28 @@ def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
 
 
 def guarded_lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"],
-                  scan: Sequence["paddle.Tensor"], weight: float) -> Optional[int]:
+                  scan: Sequence["paddle.Tensor"], weight: float,
+                  spares: Optional[Sequence["paddle.Tensor"]] = None) -> Optional[int]:
     """`lerp_` only when no tensor of `scan` holds NaN or Inf, in one call.
 
-    One pass reads all of `scan`, a second updates; see GuardedLerpTensors in ema_ops.cc. When some
-    tensor of `scan` is not one the extension reads (another device, strided), the scan and the
-    update run as two separate calls, with Paddle's ops for what the extension leaves out.
+    With `spares` (CPU pairs): one pass reads each block of values once for the scan and the update
+    together and writes the new averages into the spares; only when every weight was finite does
+    each average take its spare's buffer and the spare the old one (GuardedLerpSwapTensors in
+    ema_ops.cc): 12 bytes a parameter, as unguarded. The Tensor objects stay the same; only
+    tensors that share an average's buffer (a `detach()`, `_share_buffer_to`) keep the old one.
+
+    Without spares, or where they do not fit: one pass reads all of `scan`, a second updates in
+    place (GuardedLerpTensors, 16 bytes a parameter). When some tensor of `scan` is not one the
+    extension reads (another device, strided), the scan and the update run as two separate calls,
+    with Paddle's ops for what the extension leaves out.
 
     Args:
-        averages: the averages, updated in place.
+        averages: the averages, updated in place (or given their spares' buffers).
         values: one per average.
         scan: the weights whose finiteness decides (every weight, `values` among them).
         weight: the update's weight, 1 - decay.
+        spares: None, or one buffer per average of its dtype and size (contents ignored); after
+            an update each holds the average's previous buffer.
 
     Returns:
         The index in `scan` of the first non-finite tensor (the averages untouched), or None
@@ -205,6 +215,10 @@ def guarded_lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.
         raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
     averages, values, scan = _sequence(averages), _sequence(values), _sequence(scan)
     threads = num_threads()
+    if spares is not None:
+        first = _module().guarded_lerp_swap_(averages, values, scan, _sequence(spares), float(weight), threads)
+        if first != -2:
+            return None if first < 0 else first
     first, unchecked, skipped = _module().guarded_lerp_(averages, values, scan, float(weight), threads)
     if unchecked:
         bad = first_nonfinite(scan)

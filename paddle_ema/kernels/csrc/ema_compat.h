@@ -39,6 +39,18 @@ bool IsContiguous(const T& tensor, long) {  // NOLINT(runtime/int): overload ran
   return MetaIsContiguous(*dense, 0);
 }
 
+// a and b (dense tensors of one dtype and size) trade their contents: each Tensor object keeps
+// its identity and autograd state and now holds the other's buffer (with its meta, which is the
+// same but for the buffer). Moves swap pointers only; ShareBufferWith, which
+// Tensor._share_buffer_to calls, is not in the headers extensions see.
+inline void SwapBuffers(const paddle::Tensor& a, const paddle::Tensor& b) {
+  auto* da = static_cast<phi::DenseTensor*>(a.impl().get());
+  auto* db = static_cast<phi::DenseTensor*>(b.impl().get());
+  phi::DenseTensor held(std::move(*da));
+  *da = std::move(*db);
+  *db = std::move(held);
+}
+
 }  // namespace paddle_ema_compat
 
 // True when `tensor`'s elements are one dense block in row-major order, on every Paddle version.

@@ -18,6 +18,10 @@ int64_t GuardedLerpTensors(const std::vector<const paddle::Tensor*>& averages,
                            const std::vector<const paddle::Tensor*>& values,
                            const std::vector<const paddle::Tensor*>& scan, double weight, int threads,
                            std::vector<int64_t>* unchecked, std::vector<int64_t>* skipped);
+int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& averages,
+                               const std::vector<const paddle::Tensor*>& values,
+                               const std::vector<const paddle::Tensor*>& scan,
+                               const std::vector<const paddle::Tensor*>& spares, double weight, int threads);
 std::vector<int64_t> CopyTensors(const std::vector<const paddle::Tensor*>& targets,
                                  const std::vector<const paddle::Tensor*>& sources, int threads);
 void StreamAdd(const paddle::Tensor& a, const paddle::Tensor& x, int threads);

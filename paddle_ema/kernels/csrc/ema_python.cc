@@ -70,6 +70,15 @@ py::tuple GuardedLerp(const py::handle& averages, const py::handle& values, cons
   return py::make_tuple(first, unchecked, skipped);
 }
 
+// The double-buffered guarded update (GuardedLerpSwapTensors): first non-finite index in `scan`,
+// -1 (updated: averages and spares traded buffers) or -2 (not this path; nothing done).
+int64_t GuardedLerpSwap(const py::handle& averages, const py::handle& values, const py::handle& scan,
+                        const py::handle& spares, double weight, int threads) {
+  return GuardedLerpSwapTensors(TensorsOf(Fast(averages, "averages"), "averages"),
+                                TensorsOf(Fast(values, "values"), "values"), TensorsOf(Fast(scan, "scan"), "scan"),
+                                TensorsOf(Fast(spares, "spares"), "spares"), weight, threads);
+}
+
 std::vector<int64_t> Copy(const py::handle& targets, const py::handle& sources, int threads) {
   return CopyTensors(TensorsOf(Fast(targets, "targets"), "targets"), TensorsOf(Fast(sources, "sources"), "sources"),
                      threads);
@@ -99,6 +108,9 @@ PYBIND11_MODULE(PADDLE_EXTENSION_NAME, m) {
   m.def("guarded_lerp_", &GuardedLerp, py::arg("averages"), py::arg("values"), py::arg("scan"), py::arg("weight"),
         py::arg("threads"),
         "lerp_ only if no tensor of scan holds NaN or Inf: (first non-finite index or -1, unchecked, skipped)");
+  m.def("guarded_lerp_swap_", &GuardedLerpSwap, py::arg("averages"), py::arg("values"), py::arg("scan"),
+        py::arg("spares"), py::arg("weight"), py::arg("threads"),
+        "the guarded update written into spares that then trade buffers with the averages");
   m.def("copy_", &Copy, py::arg("targets"), py::arg("sources"), py::arg("threads"),
         "targets[i] <- sources[i] for same-dtype contiguous CPU pairs; returns the indices of pairs not copied");
   m.def("stream_add_", &StreamAddPy, py::arg("a"), py::arg("x"), py::arg("threads"),
