@@ -8,7 +8,8 @@ built with each update: `fused` (one op of the C++ extension per shadow dtype, t
 and `built-in` (Paddle's own ops, ~3 per parameter: PADDLE_EMA_KERNEL=reference). Each program runs
 in its own scope. Timing alternates between them in rounds (`--steps` runs each, after a warm-up)
 so that drifting machine load hits all alike; the table shows the median time per step over the
-rounds and the ratio to the step without EMA. The ResNet-18 program has ResNet-18's 11.2 M parameters (what the
+rounds and the ratio to the step without EMA, and the added time of each round (with the EMA less
+without, timed next to each other) as a median and quartiles over the rounds. The ResNet-18 program has ResNet-18's 11.2 M parameters (what the
 EMA's cost grows with) but, by default, small 32x32 inputs, so the ratio is a pessimistic one: with
 224x224 inputs (--image-size 224) the same EMA cost sits beside a ~50x larger forward/backward.
 """
@@ -104,7 +105,19 @@ def time_model(paddle, name, batch, size, rounds, steps, warmup, updates):
                     exe.run(main, feed=feed)
                 times.append((time.perf_counter() - start) / steps)
     medians = {update: (statistics.median(times), n_ops) for update, (_, _, times, n_ops) in runs.items()}
-    return n_params, n_tensors, medians
+    # Each round's step time with the EMA less the one without it, timed next to it: the added
+    # time per round, whose spread over the rounds shows how far the machine's noise reaches.
+    without = runs[None][2]
+    paired = {update: [w - o for w, o in zip(runs[update][2], without)] for update in updates}
+    return n_params, n_tensors, medians, paired
+
+
+def _quartiles(values):
+    """(first quartile, median, third quartile); all the median for fewer than 2 values."""
+    if len(values) < 2:
+        return (statistics.median(values),) * 3
+    q1, q2, q3 = statistics.quantiles(values, n=4)
+    return q1, q2, q3
 
 
 def main(argv=None):
@@ -143,20 +156,22 @@ def main(argv=None):
         if not fused.available():
             print(f"the fused kernel is unavailable ({fused.failure()}): timing the built-in update only")
             args.updates = [u for u in args.updates if u != "fused"]
-    print("| model | parameters (tensors) | EMA update | EMA ops | step without EMA | step with EMA | added | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | parameters (tensors) | EMA update | EMA ops | step without EMA | step with EMA | added | ratio "
+          "| added, paired rounds: median (quartiles) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     with kind:
         for name in args.models:
-            n_params, n_tensors, medians = time_model(
+            n_params, n_tensors, medians, paired = time_model(
                 paddle, name, args.batch, args.image_size, args.rounds, args.steps, args.warmup, args.updates
             )
             without = medians[None][0]
             for update in args.updates:
                 with_, n_ops = medians[update]
+                q1, q2, q3 = (q * 1e3 for q in _quartiles(paired[update]))
                 print(
                     f"| {name} | {n_params / 1e6:.2f} M ({n_tensors}) | {update} | {n_ops} | "
                     f"{without * 1e3:.1f} ms | {with_ * 1e3:.1f} ms | {(with_ - without) * 1e3:+.1f} ms | "
-                    f"{with_ / without:.3f} |",
+                    f"{with_ / without:.3f} | {q2:+.1f} ms ({q1:+.1f} to {q3:+.1f}) |",
                     flush=True,
                 )
     return 0
