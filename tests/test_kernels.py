@@ -463,6 +463,28 @@ def test_pairs_the_extension_does_not_take_go_through_the_reference(fused_ready)
     np.testing.assert_array_equal(results["fused"][5], results["fused"][3])
 
 
+def test_offset_views_and_scalars_are_read_where_they_start(fused_ready):
+    """The extension reads a tensor's buffer itself (its pointer plus the view's offset, its element
+    count from the dims): a contiguous slice in the middle of a larger tensor and a 0-d tensor are
+    updated in place, bitwise the float32 formula, and the rest of the base tensor is untouched."""
+    rng = np.random.default_rng(3)
+    base0 = rng.standard_normal([40]).astype("float32")
+    x0 = rng.standard_normal([40]).astype("float32")
+    base, xs = paddle.to_tensor(base0), paddle.to_tensor(x0)
+    average, value = base[7:31], xs[3:27]  # contiguous views that start inside their buffers
+    scalar, scalar_value = paddle.to_tensor(np.float32(1.5)), paddle.to_tensor(np.float32(-2.25))
+    assert average.is_contiguous() and scalar.shape == []
+    w = np.float32(0.375)
+    fused.lerp_([average, scalar], [value, scalar_value], float(w))
+    expected = base0.copy()
+    expected[7:31] = base0[7:31] + w * (x0[3:27] - base0[7:31])
+    if average.data_ptr() == base.data_ptr() + 7 * 4:  # a view: the update is written through
+        np.testing.assert_array_equal(base.numpy().view(np.uint32), expected.view(np.uint32))
+    np.testing.assert_array_equal(average.numpy().view(np.uint32), expected[7:31].view(np.uint32))
+    np.testing.assert_array_equal(scalar.numpy(), np.float32(1.5) + w * (np.float32(-2.25) - np.float32(1.5)))
+    np.testing.assert_array_equal(xs.numpy(), x0)  # the values are only read
+
+
 def test_static_operator_gives_the_dygraph_numbers(fused_ready):
     """paddle_ema_lerp_by_tensor (the static programs' operator, called here in dygraph) = fused.lerp_."""
     from paddle import _C_ops

@@ -2,6 +2,7 @@
 // place, so that ema_ops.cc and ema_python.cc read the same on all of them.
 #pragma once
 
+#include <memory>
 #include <utility>
 
 #include "paddle/extension.h"
@@ -39,19 +40,106 @@ bool IsContiguous(const T& tensor, long) {  // NOLINT(runtime/int): overload ran
   return MetaIsContiguous(*dense, 0);
 }
 
-// a and b (dense tensors of one dtype and size) trade their contents: each Tensor object keeps
-// its identity and autograd state and now holds the other's buffer (with its meta, which is the
-// same but for the buffer). Moves swap pointers only; ShareBufferWith, which
-// Tensor._share_buffer_to calls, is not in the headers extensions see.
+// A dense tensor's buffer and meta, as DenseTensor's own members: DenseTensor::Holder() is not
+// in 2.6.2's or 3.0.0's headers, and there is no setter for either. They are protected, so a
+// derived class may name them (a pointer to member, applied to the base object).
+struct DenseInternals : phi::DenseTensor {
+  static std::shared_ptr<phi::Allocation>& Holder(phi::DenseTensor& dense) {
+    return dense.*(&DenseInternals::holder_);
+  }
+  static const std::shared_ptr<phi::Allocation>& Holder(const phi::DenseTensor& dense) {
+    return dense.*(&DenseInternals::holder_);
+  }
+  static phi::DenseTensorMeta& Meta(phi::DenseTensor& dense) { return dense.*(&DenseInternals::meta_); }
+};
+
+// a and b (contiguous dense tensors of one dtype and size) trade their buffers: each Tensor object
+// keeps its identity, its dims, its autograd state and its inplace-version counter, and now holds
+// the other's allocation (with its offset into it). Two pointer swaps. Moving whole DenseTensors
+// (the move constructor the headers define inline, then the library's move assignment) crashed on
+// Paddle 2.6.2 at the second trade; ShareBufferWith, which Tensor._share_buffer_to calls, is not in
+// the headers extensions see.
 inline void SwapBuffers(const paddle::Tensor& a, const paddle::Tensor& b) {
   auto* da = static_cast<phi::DenseTensor*>(a.impl().get());
   auto* db = static_cast<phi::DenseTensor*>(b.impl().get());
-  phi::DenseTensor held(std::move(*da));
-  *da = std::move(*db);
-  *db = std::move(held);
+  std::swap(DenseInternals::Holder(*da), DenseInternals::Holder(*db));
+  std::swap(DenseInternals::Meta(*da).offset, DenseInternals::Meta(*db).offset);
+}
+
+// Whether a dense tensor's meta describes row-major order: DenseTensorMeta::is_contiguous() is
+// `strides == calc_strides(dims)`, which builds a DDim on every call; the same test on the
+// numbers (calc_strides gives dims back for an empty tensor). 2.6's meta may lack strides.
+template <typename Meta>
+auto StridesAreRowMajor(const Meta& meta, int) -> decltype(meta.strides.size(), bool()) {
+  const auto& dims = meta.dims;
+  const auto& strides = meta.strides;
+  const int rank = dims.size();
+  if (strides.size() != rank) return false;
+  int64_t numel = 1;
+  for (int i = 0; i < rank; ++i) numel *= dims[i];
+  if (numel <= 0) {
+    for (int i = 0; i < rank; ++i) {
+      if (strides[i] != dims[i]) return false;
+    }
+    return true;
+  }
+  int64_t expected = 1;
+  for (int i = rank - 1; i >= 0; --i) {
+    if (strides[i] != expected) return false;
+    expected *= dims[i];
+  }
+  return true;
+}
+template <typename Meta>
+bool StridesAreRowMajor(const Meta&, long) {  // NOLINT(runtime/int): overload rank only
+  return true;
 }
 
 }  // namespace paddle_ema_compat
+
+// What the kernels need to know of a tensor, read once from its DenseTensor: Paddle's accessors
+// check the tensor on every call (data() its memory size, numel() multiplies the dims, place()
+// and is_contiguous() build objects), and an update of 1,000 tensors spent about 60 us in them.
+// `usable` only for a dense tensor whose buffer holds its elements (`data` may be null when it has
+// none).
+struct TensorFacts {
+  bool usable = false;
+  void* data = nullptr;
+  int64_t numel = 0;
+  paddle::DataType dtype = paddle::DataType::UNDEFINED;
+  phi::AllocationType where = phi::AllocationType::UNDEFINED;
+  int device = -1;
+  bool contiguous = false;
+
+  bool is_cpu() const { return usable && where == phi::AllocationType::CPU; }
+  bool is_gpu() const { return usable && where == phi::AllocationType::GPU; }
+};
+
+inline TensorFacts FactsOf(const paddle::Tensor& tensor) {
+  TensorFacts facts;
+  const phi::TensorBase* base = tensor.impl().get();
+  if (base == nullptr || !phi::DenseTensor::classof(base)) return facts;
+  const auto* dense = static_cast<const phi::DenseTensor*>(base);
+  const phi::DenseTensorMeta& meta = dense->meta();
+  int64_t numel = 1;
+  if (!meta.is_scalar) {
+    for (int i = 0; i < meta.dims.size(); ++i) numel *= meta.dims[i];
+  }
+  facts.numel = numel;
+  facts.dtype = meta.dtype;
+  const auto& holder = paddle_ema_compat::DenseInternals::Holder(*dense);
+  if (numel < 0 || holder == nullptr ||
+      (numel > 0 && (holder->ptr() == nullptr ||
+                     holder->size() < meta.offset + static_cast<size_t>(numel) * phi::SizeOf(meta.dtype)))) {
+    return facts;
+  }
+  facts.usable = true;
+  if (holder->ptr() != nullptr) facts.data = static_cast<char*>(holder->ptr()) + meta.offset;
+  facts.where = holder->place().GetType();
+  facts.device = holder->place().GetDeviceId();
+  facts.contiguous = paddle_ema_compat::StridesAreRowMajor(meta, 0);
+  return facts;
+}
 
 // True when `tensor`'s elements are one dense block in row-major order, on every Paddle version.
 inline bool EmaIsContiguous(const paddle::Tensor& tensor) { return paddle_ema_compat::IsContiguous(tensor, 0); }

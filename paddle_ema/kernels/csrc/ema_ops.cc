@@ -64,19 +64,23 @@
 #include "ema_ops.h"
 
 // Which kernel a pair takes, or kUnsupported.
-Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value) {
+Kind KindOf(const TensorFacts& average, const TensorFacts& value) {
   using paddle::DataType;
-  if (average.numel() != value.numel() || !average.is_dense_tensor() || !value.is_dense_tensor() ||
-      !EmaIsContiguous(average) || !EmaIsContiguous(value) || !(average.place() == value.place()) ||
+  if (!average.usable || !value.usable || average.numel != value.numel || !average.contiguous ||
+      !value.contiguous || average.where != value.where || average.device != value.device ||
       !(average.is_cpu() || average.is_gpu())) {
     return Kind::kUnsupported;
   }
-  const DataType a = average.dtype(), x = value.dtype();
+  const DataType a = average.dtype, x = value.dtype;
   if (a == DataType::FLOAT32 && x == DataType::FLOAT32) return Kind::kFloat;
   if (a == DataType::FLOAT32 && x == DataType::FLOAT16) return Kind::kFloatHalf;
   if (a == DataType::FLOAT32 && x == DataType::BFLOAT16) return Kind::kFloatBfloat16;
   if (a == DataType::FLOAT64 && x == DataType::FLOAT64) return Kind::kDouble;
   return Kind::kUnsupported;
+}
+
+Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value) {
+  return KindOf(FactsOf(average), FactsOf(value));
 }
 
 namespace {
@@ -348,19 +352,20 @@ Pairs SortPairs(const std::vector<const paddle::Tensor*>& averages, const std::v
   Pairs pairs;
   pairs.cpu.reserve(averages.size());
   for (size_t i = 0; i < averages.size(); ++i) {
-    const paddle::Tensor& average = *averages[i];
-    const Kind kind = KindOf(average, *values[i]);
+    const TensorFacts average = FactsOf(*averages[i]);
+    const TensorFacts value = FactsOf(*values[i]);
+    const Kind kind = KindOf(average, value);
     if (kind == Kind::kUnsupported) {
       pairs.skipped.push_back(static_cast<int64_t>(i));
       continue;
     }
-    if (average.numel() == 0) continue;
-    Segment segment{const_cast<void*>(average.data()), values[i]->data(), average.numel(), kind};
+    if (average.numel == 0) continue;
+    Segment segment{average.data, value.data, average.numel, kind};
     if (average.is_cpu()) {
       pairs.cpu.push_back(segment);
     } else {
 #ifdef PADDLE_EMA_WITH_CUDA
-      const int device = average.place().GetDeviceId();
+      const int device = average.device;
       pairs.gpu[device].push_back(segment);
       pairs.gpu_example.emplace(device, i);
 #else
@@ -389,10 +394,10 @@ void ScanSegments(const std::vector<const paddle::Tensor*>& values, std::vector<
                   std::vector<int64_t>* index_of, std::vector<int64_t>* unchecked) {
   using paddle::DataType;
   for (size_t i = 0; i < values.size(); ++i) {
-    const paddle::Tensor& v = *values[i];
+    const TensorFacts v = FactsOf(*values[i]);
     Kind kind = Kind::kUnsupported;
-    if (v.is_dense_tensor() && v.is_cpu() && EmaIsContiguous(v)) {
-      const DataType d = v.dtype();
+    if (v.is_cpu() && v.contiguous) {
+      const DataType d = v.dtype;
       kind = d == DataType::FLOAT32    ? Kind::kFloat
              : d == DataType::FLOAT16  ? Kind::kFloatHalf
              : d == DataType::BFLOAT16 ? Kind::kFloatBfloat16
@@ -403,8 +408,8 @@ void ScanSegments(const std::vector<const paddle::Tensor*>& values, std::vector<
       unchecked->push_back(static_cast<int64_t>(i));
       continue;
     }
-    if (v.numel() == 0) continue;
-    cpu->push_back(Segment{nullptr, v.data(), v.numel(), kind});
+    if (v.numel == 0) continue;
+    cpu->push_back(Segment{nullptr, v.data, v.numel, kind});
     index_of->push_back(static_cast<int64_t>(i));
   }
 }
@@ -624,19 +629,19 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   std::vector<const void*> value_data;
   value_data.reserve(values.size());
   for (size_t i = 0; i < averages.size(); ++i) {
-    const paddle::Tensor& average = *averages[i];
-    const paddle::Tensor& spare = *spares[i];
-    const Kind kind = KindOf(average, *values[i]);
-    if (kind == Kind::kUnsupported || !average.is_cpu() || !spare.is_dense_tensor() || !spare.is_cpu() ||
-        !EmaIsContiguous(spare) || spare.dtype() != average.dtype()) {
+    const TensorFacts average = FactsOf(*averages[i]);
+    const TensorFacts spare = FactsOf(*spares[i]);
+    const TensorFacts value_facts = FactsOf(*values[i]);
+    const Kind kind = KindOf(average, value_facts);
+    if (kind == Kind::kUnsupported || !average.is_cpu() || !spare.is_cpu() || !spare.contiguous ||
+        spare.dtype != average.dtype) {
       return -2;
     }
-    // Paddle's accessors check the tensor on every call (data() its memory size): each once.
-    const int64_t numel = average.numel();
-    void* average_data = const_cast<void*>(average.data());
-    void* spare_data = const_cast<void*>(spare.data());
-    const void* value = values[i]->data();
-    if (spare.numel() != numel || spare_data == average_data) return -2;
+    const int64_t numel = average.numel;
+    void* average_data = average.data;
+    void* spare_data = spare.data;
+    const void* value = value_facts.data;
+    if (spare.numel != numel || (numel > 0 && spare_data == average_data)) return -2;
     value_data.push_back(value);
     if (numel == 0) continue;
     segments.push_back(Segment{average_data, value, numel, kind});
@@ -647,11 +652,14 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   std::vector<const paddle::Tensor*> others;
   std::vector<int64_t> others_index;
   bool scan_is_values = scan.size() == values.size();  // the common case: the same list
-  for (size_t i = 0; scan_is_values && i < scan.size(); ++i) scan_is_values = scan[i]->data() == value_data[i];
+  for (size_t i = 0; scan_is_values && i < scan.size(); ++i) {
+    // The same Python object is the same Tensor here (the bindings take references).
+    scan_is_values = scan[i] == values[i] || FactsOf(*scan[i]).data == value_data[i];
+  }
   if (!scan_is_values) {
     std::sort(value_data.begin(), value_data.end());
     for (size_t i = 0; i < scan.size(); ++i) {
-      if (!std::binary_search(value_data.begin(), value_data.end(), scan[i]->data())) {
+      if (!std::binary_search(value_data.begin(), value_data.end(), FactsOf(*scan[i]).data)) {
         others.push_back(scan[i]);
         others_index.push_back(static_cast<int64_t>(i));
       }
@@ -677,7 +685,7 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
     if (found < 0) return -1;
     const void* data = segments[found].value;
     for (size_t i = 0; i < scan.size(); ++i) {
-      if (scan[i]->data() == data) return static_cast<int64_t>(i);
+      if (FactsOf(*scan[i]).data == data) return static_cast<int64_t>(i);
     }
     return -1;
   };

@@ -8,7 +8,10 @@
 #include "ema_segments.h"
 #include "paddle/extension.h"
 
+struct TensorFacts;  // ema_compat.h
+
 // Which kernel an (average, value) pair takes, or Kind::kUnsupported (ema_ops.cc).
+Kind KindOf(const TensorFacts& average, const TensorFacts& value);
 Kind KindOf(const paddle::Tensor& average, const paddle::Tensor& value);
 std::vector<int64_t> LerpTensors(const std::vector<const paddle::Tensor*>& averages,
                                  const std::vector<const paddle::Tensor*>& values, double weight, int threads);

@@ -122,14 +122,15 @@ std::vector<int64_t> PpdetUpdateTensors(const std::vector<const paddle::Tensor*>
   segments.reserve(averages.size());
   for (size_t i = 0; i < averages.size(); ++i) {
     // The CPU pairs the update loops take (PaddleDetection's step has no CUDA kernel here).
-    const Kind kind = averages[i]->is_cpu() ? KindOf(*averages[i], *values[i]) : Kind::kUnsupported;
+    const TensorFacts average = FactsOf(*averages[i]);
+    const TensorFacts value = FactsOf(*values[i]);
+    const Kind kind = average.is_cpu() ? KindOf(average, value) : Kind::kUnsupported;
     if (kind == Kind::kUnsupported) {
       skipped.push_back(static_cast<int64_t>(i));
       continue;
     }
-    if (averages[i]->numel() == 0) continue;
-    segments.push_back(
-        Segment{const_cast<void*>(averages[i]->data()), values[i]->data(), averages[i]->numel(), kind});
+    if (average.numel == 0) continue;
+    segments.push_back(Segment{average.data, value.data, average.numel, kind});
   }
   StepSegments(segments, decay, weight, threads);
   return skipped;
