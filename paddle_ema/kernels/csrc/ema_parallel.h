@@ -56,10 +56,11 @@ class ShortBlocktime {
 };
 
 // A tensor's first lines are a cold miss that the hardware prefetcher cannot foresee (it follows
-// one stream, and each tensor is a separate allocation), and a set of many small tensors is mostly
-// such starts: the 1,000-tensor set (half its tensors 512 bytes) ran 1.08-1.19x slower over
-// separate allocations than over views of one buffer in a C loop with no Paddle, and 1.00-1.02x
-// with the first kPrefetchLines lines of the kPrefetchAhead next tensors prefetched.
+// one stream, and Paddle starts each CPU tensor on its own 4 KB page), and a set of many small
+// tensors is mostly such starts. benchmarks/cpu/tensor_starts.cc (no Paddle, the 1,000-tensor
+// set's sizes, half its tensors 512 bytes): page-aligned allocations ran 1.10-1.15x the time over
+// one buffer, 1.03-1.11x with the first kPrefetchLines lines of the kPrefetchAhead next tensors
+// prefetched.
 constexpr size_t kPrefetchAhead = 4;
 constexpr int64_t kPrefetchLines = 4;
 
