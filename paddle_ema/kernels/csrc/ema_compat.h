@@ -2,8 +2,10 @@
 // place, so that ema_ops.cc and ema_python.cc read the same on all of them.
 #pragma once
 
+#include <algorithm>
 #include <memory>
 #include <utility>
+#include <vector>
 
 #include "paddle/extension.h"
 #include "paddle/phi/core/dense_tensor.h"
@@ -113,6 +115,38 @@ inline TensorFacts FactsOf(const paddle::Tensor& tensor) {
   facts.device = holder->place().GetDeviceId();
   facts.contiguous = paddle_ema_compat::StridesAreRowMajor(meta);
   return facts;
+}
+
+// FactsOf reads a tensor's paddle::Tensor (inside its Python object), then its DenseTensor, then
+// its allocation. Right after an update has streamed its buffers through the cache all three are
+// misses, and taken one tensor after another they cost about 0.15 us a tensor: 8.5% of an update
+// of the 1,000-tensor set (perf: classof and SortPairs). Called at the top of a loop over
+// `tensors` at index i, this prefetches the paddle::Tensor of tensor i + 2 kFactsAhead, the
+// DenseTensor of tensor i + kFactsAhead and the allocation of tensor i + kFactsAhead / 2, each
+// through pointers the previous stage brought into the cache, so that the misses overlap.
+// benchmarks/bench_tensor_overhead.py (1,000 pairs of 16 elements after a 128 MB stream, one
+// thread, alternating builds): 97-232 us with it against 217-460 us without.
+constexpr size_t kFactsAhead = 8;
+
+inline void PrefetchFacts(const std::vector<const paddle::Tensor*>& tensors, size_t i) {
+  auto dense = [&](size_t j) {
+    const char* object = reinterpret_cast<const char*>(tensors[j]->impl().get());
+    if (object == nullptr) return;
+    for (size_t line = 0; line < sizeof(phi::DenseTensor); line += 64) __builtin_prefetch(object + line);
+  };
+  if (i == 0) {
+    for (size_t j = 0; j < std::min(2 * kFactsAhead, tensors.size()); ++j) __builtin_prefetch(tensors[j]);
+    for (size_t j = 0; j < std::min(kFactsAhead, tensors.size()); ++j) dense(j);
+  }
+  if (i + 2 * kFactsAhead < tensors.size()) __builtin_prefetch(tensors[i + 2 * kFactsAhead]);
+  if (i + kFactsAhead < tensors.size()) dense(i + kFactsAhead);
+  const size_t j = i + kFactsAhead / 2;
+  if (j < tensors.size()) {
+    const phi::TensorBase* base = tensors[j]->impl().get();
+    if (base != nullptr && phi::DenseTensor::classof(base)) {
+      __builtin_prefetch(paddle_ema_compat::DenseInternals::Holder(*static_cast<const phi::DenseTensor*>(base)).get());
+    }
+  }
 }
 
 // True when `tensor`'s elements are one dense block in row-major order, on every Paddle version.

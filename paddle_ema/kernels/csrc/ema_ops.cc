@@ -352,6 +352,8 @@ Pairs SortPairs(const std::vector<const paddle::Tensor*>& averages, const std::v
   Pairs pairs;
   pairs.cpu.reserve(averages.size());
   for (size_t i = 0; i < averages.size(); ++i) {
+    PrefetchFacts(averages, i);
+    PrefetchFacts(values, i);
     const TensorFacts average = FactsOf(*averages[i]);
     const TensorFacts value = FactsOf(*values[i]);
     const Kind kind = KindOf(average, value);
@@ -394,6 +396,7 @@ void ScanSegments(const std::vector<const paddle::Tensor*>& values, std::vector<
                   std::vector<int64_t>* index_of, std::vector<int64_t>* unchecked) {
   using paddle::DataType;
   for (size_t i = 0; i < values.size(); ++i) {
+    PrefetchFacts(values, i);
     const TensorFacts v = FactsOf(*values[i]);
     Kind kind = Kind::kUnsupported;
     if (v.is_cpu() && v.contiguous) {
@@ -629,6 +632,9 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   std::vector<const void*> value_data;
   value_data.reserve(values.size());
   for (size_t i = 0; i < averages.size(); ++i) {
+    PrefetchFacts(averages, i);
+    PrefetchFacts(spares, i);
+    PrefetchFacts(values, i);
     const TensorFacts average = FactsOf(*averages[i]);
     const TensorFacts spare = FactsOf(*spares[i]);
     const TensorFacts value_facts = FactsOf(*values[i]);
@@ -723,7 +729,11 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
     PD_CHECK(first >= 0, "paddle_ema guarded_lerp_: a value changed while it was read");
     return first;
   }
-  for (size_t i = 0; i < averages.size(); ++i) paddle_ema_compat::SwapBuffers(*averages[i], *spares[i]);
+  for (size_t i = 0; i < averages.size(); ++i) {
+    PrefetchFacts(averages, i);  // the pass has pushed them out of the cache since the loop above
+    PrefetchFacts(spares, i);
+    paddle_ema_compat::SwapBuffers(*averages[i], *spares[i]);
+  }
   return -1;
 }
 

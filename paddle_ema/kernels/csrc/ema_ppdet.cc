@@ -122,6 +122,8 @@ std::vector<int64_t> PpdetUpdateTensors(const std::vector<const paddle::Tensor*>
   segments.reserve(averages.size());
   for (size_t i = 0; i < averages.size(); ++i) {
     // The CPU pairs the update loops take (PaddleDetection's step has no CUDA kernel here).
+    PrefetchFacts(averages, i);
+    PrefetchFacts(values, i);
     const TensorFacts average = FactsOf(*averages[i]);
     const TensorFacts value = FactsOf(*values[i]);
     const Kind kind = average.is_cpu() ? KindOf(average, value) : Kind::kUnsupported;
