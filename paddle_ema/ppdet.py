@@ -43,7 +43,9 @@ Differences from PaddleDetection's class, none of which changes a number of a ru
 
 `SimpleModelEMA(model, decay)` is PaddleDetection's timm-style EMA of a deep copy `.model`:
 update(model, decay) does `v = v*decay + (1-decay)*x` on every floating state entry in the entry's
-own dtype (float16 entries in float16, as Paddle's scale/add kernels compute them).
+own dtype (float16 entries in float16, as Paddle's scale/add kernels compute them). A tensor held
+under several keys (a layer registered twice) moves once per update, as in PaddleDetection
+(`last_key_per_tensor`).
 """
 
 import copy
@@ -61,7 +63,7 @@ from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
 from .selection import batchnorm_statistic_names, black_listed_keys
 from .step_policy import AVERAGE, StepPolicy, is_integer
 
-__all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names"]
+__all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per_tensor"]
 
 # PaddleDetection hard-codes this time constant of the 'exponential' warm-up (schedules.py has it).
 EXPONENTIAL_TAU = PPDET_EXPONENTIAL_TAU
@@ -321,12 +323,39 @@ class ModelEMA:
         self._decay = state["last_decay"]
 
 
+def last_key_per_tensor(state: Dict[str, paddle.Tensor], names: List[str]) -> List[str]:
+    """`names` with one key per underlying tensor: the last of the keys that hold the same memory.
+
+    A model that registers a layer twice (PaddleDetection's PicoHeadV2 holds its first
+    classification layer as `head_cls_list.0` and `head_cls0`) has one tensor under two state-dict
+    keys. PaddleDetection's whole-state-dict updates compute each key's new value from the tensor's
+    old one and write the keys in order with set_state_dict: the tensor moves once, to the value of
+    its last key. An in-place update must take it once, from that key, to give the same numbers.
+
+    Args:
+        state: a state dict.
+        names: keys of `state`, in its order.
+
+    Returns:
+        The keys to update, in the same order.
+    """
+    last = {}
+    for name in names:
+        tensor = state[name]
+        # The same object, or another tensor on the same elements (a buffer shared by
+        # Tensor._share_buffer_to): the same first element, dtype and shape.
+        last[(tensor.data_ptr(), str(tensor.dtype), tuple(tensor.shape))] = name
+    kept = set(last.values())
+    return [name for name in names if name in kept]
+
+
 class SimpleModelEMA:
     """PaddleDetection's SimpleModelEMA (timm's ModelEma): an EMA of a deep copy of the model.
 
     `model` is the copy; update(model, decay) moves every floating entry of its state dict to
     v*decay + (1-decay)*x in the entry's dtype, rounded as Paddle's scale and add ops round it
     (kernels.ppdet_update_); other entries are left as they are. No zero init, no correction.
+    A tensor under several keys moves once, with x from its last key (`last_key_per_tensor`).
 
     Args:
         model: the model to copy.
@@ -350,7 +379,7 @@ class SimpleModelEMA:
         if decay is None:
             decay = self.decay
         current, mine = model.state_dict(), self.model.state_dict()
-        names = [name for name, value in mine.items() if paddle.is_floating_point(value)]
+        names = last_key_per_tensor(mine, [name for name, value in mine.items() if paddle.is_floating_point(value)])
         # Half-precision entries first, out of place with PaddleDetection's ops: where Paddle lacks
         # a kernel (float16 add on the CPU) this raises, as PaddleDetection's does, before any
         # entry has changed.

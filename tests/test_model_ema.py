@@ -203,3 +203,16 @@ def test_unknown_decay_type_is_rejected():
 def test_cycle_epoch_must_be_an_integer(cycle_epoch):
     with pytest.raises(ConfigError, match="cycle_epoch must be an integer"):
         ModelEMA(paddle.nn.Linear(2, 2), cycle_epoch=cycle_epoch)
+
+
+def test_last_key_per_tensor_keeps_one_key_per_memory():
+    from paddle_ema import _compat
+    from paddle_ema.ppdet import last_key_per_tensor
+
+    a, b, c = paddle.ones([2, 3]), paddle.zeros([2, 3]), paddle.ones([2, 3])
+    state = {"a": a, "a_again": a, "b": b, "c": c}  # c equals a in value only
+    assert last_key_per_tensor(state, list(state)) == ["a_again", "b", "c"]
+    if _compat.can_share_buffers(b):
+        _compat.share_buffer(a, b)  # b becomes another tensor on a's elements
+        assert last_key_per_tensor(state, list(state)) == ["b", "c"]
+    assert last_key_per_tensor(state, ["a", "c"]) == ["a", "c"]

@@ -219,6 +219,62 @@ def test_simple_model_ema_is_bitwise_paddledetection(kernel):
                 assert_bitwise(ema.model.state_dict()[name].numpy(), value, f"resume: {name}")
 
 
+class TiedNet(Net):
+    """Net with a head registered twice, as PaddleDetection's PicoHeadV2 registers its first
+    classification layer both as `head_cls_list.0` and as `head_cls0`: one tensor, two keys."""
+
+    def __init__(self):
+        super().__init__(half=False)
+        self.head_cls_list = paddle.nn.LayerList([paddle.nn.Linear(3, 2)])
+        self.head_cls0 = self.head_cls_list[0]
+
+
+def tied_groups(model):
+    """Keys that name one tensor object (found by identity, apart from the package's check)."""
+    groups = {}
+    for name, tensor in model.state_dict().items():
+        groups.setdefault(id(tensor), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def test_simple_model_ema_moves_a_tied_tensor_once_like_paddledetection(kernel):
+    paddle.seed(0)
+    model, rng = TiedNet(), np.random.default_rng(11)
+    groups = tied_groups(model)
+    assert sorted(map(sorted, groups)) == [["head_cls0.bias", "head_cls_list.0.bias"],
+                                           ["head_cls0.weight", "head_cls_list.0.weight"]]
+    ema = SimpleModelEMA(model, decay=0.9)
+    assert sorted(map(sorted, tied_groups(ema.model))) == sorted(map(sorted, groups))  # the copy keeps the ties
+    ref = oracle.SimpleModelEMAOracle(numpy_state(model), decay=0.9, tied=groups)
+    for t in range(24):
+        before = ema.model.state_dict()["head_cls0.weight"].numpy().copy()
+        values = train_step(model, rng)
+        ema.update(model, None if t % 4 else 0.6)
+        ref.update(values, None if t % 4 else 0.6)
+        for name, value in ref.state.items():
+            assert_bitwise(ema.model.state_dict()[name].numpy(), value, f"update {t}: {name}")
+        # moved once: a second move from the once-moved value would give something else
+        once = ref.state["head_cls0.weight"]
+        decay = 0.9 if t % 4 else 0.6
+        twice = oracle.add(oracle.scale(once, decay), oracle.scale(values["head_cls0.weight"], 1.0 - decay))
+        assert not np.array_equal(once, twice) and not np.array_equal(once, before)
+    assert sorted(map(sorted, tied_groups(ema.model))) == sorted(map(sorted, groups))
+
+
+def test_model_ema_with_a_tied_tensor_is_paddledetection(kernel):
+    # ModelEMA keeps one zero shadow per key, as PaddleDetection's does: both keys average the one tensor.
+    paddle.seed(0)
+    model, rng = TiedNet(), np.random.default_rng(12)
+    ema = ModelEMA(model, decay=0.9)
+    ref = oracle.ModelEMAOracle(numpy_state(model), decay=0.9)
+    for t in range(12):
+        values = train_step(model, rng)
+        ema.update()
+        ref.update(values)
+        check_same(ema, ref, f"update {t}")
+    check_applied(ema.apply(), ref.apply(values), "apply")
+
+
 def test_simple_model_ema_float16_entry_fails_on_cpu_as_paddles_add_does(kernel):
     half = paddle.to_tensor(np.ones(3, np.float16))
     with pytest.raises(RuntimeError, match="add"):
