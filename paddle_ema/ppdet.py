@@ -19,8 +19,8 @@ float32 model of its arithmetic that is itself tested against Paddle's ops, test
   d_last the decay of the LAST update; 'exponential' gets neither the division nor the cast;
 - black-listed names (substring match on state-dict keys) are returned as the live tensor, and
   apply() sets stop_gradient = True on them as PaddleDetection's does, which freezes a trainable
-  black-listed parameter (a one-time warning names each one; freeze_black_list=False keeps them
-  trainable); `ema_filter_no_grad` black-lists stop_gradient parameters other than
+  black-listed parameter (a one-time notice on the `paddle_ema.ppdet` logger names each one, shown
+  under a `warnings` filter too; freeze_black_list=False keeps them trainable); `ema_filter_no_grad` black-lists stop_gradient parameters other than
   BatchNorm2D/SyncBatchNorm `_mean`/`_variance`;
 - every `apply()` after the first update counts one 'epoch'; when it reaches `cycle_epoch` (> 0)
   the shadows go back to zeros and t to 0;
@@ -49,6 +49,7 @@ under several keys (a layer registered twice) moves once per update, as in Paddl
 """
 
 import copy
+import logging
 import warnings
 import weakref
 from typing import Any, Dict, List, Optional, Set
@@ -64,6 +65,10 @@ from .selection import batchnorm_statistic_names, black_listed_keys
 from .step_policy import AVERAGE, StepPolicy, is_integer
 
 __all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per_tensor"]
+
+# The library's logger ("paddle_ema" and below): with no logging set up, Python prints its warnings
+# on stderr; PaddleDetection's own loggers do not propagate, so this one reaches stderr there too.
+LOGGER = logging.getLogger(__name__)
 
 # PaddleDetection hard-codes this time constant of the 'exponential' warm-up (schedules.py has it).
 EXPONENTIAL_TAU = PPDET_EXPONENTIAL_TAU
@@ -249,12 +254,11 @@ class ModelEMA:
         if not tensor.stop_gradient and not self._freeze_warned:
             trainable = [n for n in sorted(self.ema_black_list) if not self.state_dict[n].stop_gradient]
             self._freeze_warned = True
-            warnings.warn(
-                f"ModelEMA.apply() sets stop_gradient=True on the trainable black-listed parameter(s) "
-                f"{trainable}, as PaddleDetection's ModelEMA does: they stop training from now on. "
-                "Pass freeze_black_list=False to keep them trainable.",
-                UserWarning,
-                stacklevel=4,
+            # A log record, not a warning: PaddleDetection's tools/train.py ignores all warnings.
+            LOGGER.warning(
+                "ModelEMA.apply() sets stop_gradient=True on the trainable black-listed parameter(s) "
+                "%s, as PaddleDetection's ModelEMA does: they stop training from now on. "
+                "Pass freeze_black_list=False to keep them trainable.", trainable
             )
         tensor.stop_gradient = True
 

@@ -7,6 +7,8 @@ for every constructor setting, with both kernels and a resume in the middle.
 """
 
 import copy
+import logging
+import os
 import warnings
 
 import numpy as np
@@ -293,28 +295,72 @@ def test_simple_model_ema_float16_entry_fails_on_cpu_as_paddles_add_does(kernel)
 
 
 # --- 3. the black-list quirk --------------------------------------------------------------------
-def test_black_listed_trainable_parameter_is_frozen_by_apply_like_paddledetection():
+NOTICE = "sets stop_gradient=True on the trainable black-listed parameter(s) ['fc.weight']"
+
+
+def test_black_listed_trainable_parameter_is_frozen_by_apply_like_paddledetection(caplog):
     model = make_net()
     ema = ModelEMA(model, ema_black_list=["fc.weight"])
     ema.update()
     assert not model.fc.weight.stop_gradient
-    with pytest.warns(UserWarning, match=r"\['fc.weight'\].*freeze_black_list=False"):
+    with caplog.at_level(logging.WARNING, logger="paddle_ema"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a log record, no warning
         applied = ema.apply()
-    assert applied["fc.weight"] is model.fc.weight
-    assert model.fc.weight.stop_gradient  # frozen: the optimizer skips it from now on
-    model.fc.weight.stop_gradient = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # one warning only
-        ema.apply()
+        assert applied["fc.weight"] is model.fc.weight
+        assert model.fc.weight.stop_gradient  # frozen: the optimizer skips it from now on
+        model.fc.weight.stop_gradient = False
+        ema.apply()  # said once only
+    assert [r.name for r in caplog.records] == ["paddle_ema.ppdet"]
+    assert NOTICE in caplog.records[0].getMessage() and "freeze_black_list=False" in caplog.records[0].getMessage()
     assert model.fc.weight.stop_gradient
 
     other = make_net()
     kept = ModelEMA(other, ema_black_list=["fc.weight"], freeze_black_list=False)
     kept.update()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="paddle_ema"):
         kept.apply()
+    assert not caplog.records
     assert not other.fc.weight.stop_gradient
+
+
+NOTICE_SCRIPT = """
+import logging, sys, warnings
+import paddle
+from paddle_ema.ppdet import ModelEMA
+
+def run():
+    model = paddle.nn.Linear(3, 2)
+    ema = ModelEMA(model, ema_black_list=["weight"])
+    ema.update()
+    ema.apply()
+    ema.apply()
+
+run()
+print("--- filtered", file=sys.stderr, flush=True)
+warnings.filterwarnings("ignore")  # PaddleDetection's tools/train.py does this at import
+ppdet = logging.getLogger("ppdet.engine")  # and its logger setup: its own loggers, not propagated
+ppdet.setLevel(logging.INFO)
+ppdet.propagate = False
+ppdet.addHandler(logging.StreamHandler(sys.stdout))
+run()
+"""
+
+
+def test_black_list_notice_shows_once_with_and_without_a_warnings_filter():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", NOTICE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = result.stderr.split("--- filtered")
+    notice = NOTICE.replace("'fc.weight'", "'weight'")
+    assert before.count(notice) == 1, before
+    assert after.count(notice) == 1, after
 
 
 # --- 4. PaddleDetection's dygraph trainer, as it uses the class ---------------------------------
