@@ -19,7 +19,7 @@ import ppdet_oracle as oracle
 from test_model_ema import Net as ModelEMANet
 from paddle_ema import kernels
 from paddle_ema.errors import NonFiniteError
-from paddle_ema.ppdet import ModelEMA, SimpleModelEMA
+from paddle_ema.ppdet import ModelEMA, SimpleModelEMA, load_ema_state_file, save_ema_state_file
 
 # The hard inputs overflow to inf in numpy's float32/float16 arithmetic on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -394,6 +394,145 @@ def test_paddledetection_trainer_usage_pattern(tmp_path):
         resumed.update()
         ref.update(values)
     check_applied(resumed.apply(), ref.apply(values), "after resume")
+
+
+class Detector(paddle.nn.Layer):
+    """A small trainable model with BatchNorm for the trainer pattern below."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(1, 4, 3)
+        self.bn = paddle.nn.BatchNorm2D(4)
+        self.fc = paddle.nn.Linear(16, 3)
+        self.head = paddle.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.fc(paddle.nn.functional.relu(self.bn(self.conv(x))).flatten(1)))
+
+
+EPOCHS, STEPS = 3, 4
+
+
+def trainer_run(folder, settings, start_epoch=0, resume=None, exact=False):
+    """PaddleDetection's Trainer.train() with its Checkpointer, save_model() and load_weight(), in
+    the calls they make: ModelEMA.update() after each optimizer and LR step; at each epoch's end
+    weight = deepcopy(model.state_dict()), model.set_dict(ema.apply()), <epoch>.pdparams = the
+    model's (EMA) state, .pdema = weight, .pdopt = the optimizer's state with last_epoch, then
+    model.set_dict(weight). Resuming: model.set_dict(.pdema), optimizer.set_state_dict(.pdopt),
+    ema.resume(.pdparams, the LR scheduler's last_epoch); `exact` adds paddle_ema's two lines
+    (save_ema_state_file beside each checkpoint, load_ema_state_file after the resume).
+    Returns the model's state before each update, {step: numpy state}, and the snapshots taken."""
+    with paddle.utils.unique_name.guard():  # the optimizer's state names, as in a fresh process
+        paddle.seed(3)
+        model = Detector()
+        lr = paddle.optimizer.lr.PiecewiseDecay([6], [0.05, 0.01])
+        optimizer = paddle.optimizer.Momentum(lr, parameters=model.parameters(), weight_decay=1e-4)
+        ema = ModelEMA(model, **settings)
+        if resume is not None:
+            model.set_dict(paddle.load(resume + ".pdema"))
+            state = paddle.load(resume + ".pdopt")
+            start_epoch = state.pop("last_epoch")
+            optimizer.set_state_dict(state)
+            ema.resume(paddle.load(resume + ".pdparams"), state["LR_Scheduler"]["last_epoch"])
+            if exact:
+                load_ema_state_file(ema, resume)
+        values, snapshots = {}, {}
+        for epoch in range(start_epoch, EPOCHS):
+            for step in range(STEPS):
+                rng = np.random.default_rng(100 * epoch + step)  # the data loader's batch
+                x = paddle.to_tensor(rng.standard_normal((6, 1, 4, 4)).astype("float32"))
+                y = paddle.to_tensor(rng.standard_normal((6, 2)).astype("float32"))
+                loss = paddle.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                optimizer.step()
+                lr.step()
+                optimizer.clear_grad()
+                values[epoch * STEPS + step] = numpy_state(model)
+                ema.update()
+            weight = copy.deepcopy(model.state_dict())
+            model.set_dict(ema.apply())
+            stem = os.path.join(folder, str(epoch))
+            paddle.save(model.state_dict(), stem + ".pdparams")
+            paddle.save(weight, stem + ".pdema")
+            paddle.save({**optimizer.state_dict(), "last_epoch": epoch + 1}, stem + ".pdopt")
+            if exact:
+                save_ema_state_file(ema, stem)
+            snapshots[epoch] = stem
+            model.set_dict(weight)
+    return values, snapshots
+
+
+def file_bytes(stem, suffix):
+    with open(stem + suffix, "rb") as f:
+        return f.read()
+
+
+# The second: a trainable black-listed weight (apply() freezes it) and a black-listed running
+# statistic (it changes at every step), restarts after every second apply().
+RESUME_SETTINGS = [dict(), dict(decay=0.9, ema_decay_type="normal", cycle_epoch=2,
+                                ema_black_list=["head.bias", "bn._mean"])]
+
+
+@pytest.mark.parametrize("settings", RESUME_SETTINGS, ids=["default", "black_list-cycle_epoch"])
+def test_exact_resume_in_the_trainer_pattern_is_byte_identical_and_the_default_stays_paddledetections(
+        settings, tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    values, snapshots = trainer_run(str(whole), settings, exact=True)
+    # the uninterrupted run's checkpoints are PaddleDetection's numbers
+    ref = oracle.ModelEMAOracle(values[0], **settings)
+    for t in range(EPOCHS * STEPS):
+        ref.update(values[t])
+        if t % STEPS == STEPS - 1:
+            saved = {k: v for k, v in paddle.load(snapshots[t // STEPS] + ".pdparams").items()}
+            expected = ref.apply(values[t])
+            for name, value in saved.items():
+                assert_bitwise(np.asarray(value), expected[name], f"uninterrupted, epoch {t // STEPS}: {name}")
+    final = snapshots[EPOCHS - 1]
+    with paddle.utils.unique_name.guard():  # the internal name of the black-listed (frozen) weight
+        frozen = Detector().head.bias.name if settings.get("ema_black_list") else None
+    for start in range(EPOCHS - 1):
+        for exact in (True, False):
+            folder = tmp_path / f"from{start}-{exact}"
+            folder.mkdir()
+            mine, resumed = trainer_run(str(folder), settings, resume=snapshots[start], exact=exact)
+            # The model and the optimizer resume exactly, but PaddleDetection's own resume leaves the
+            # black-listed weight trainable until the next apply() freezes it again: another run.
+            if exact or not frozen:
+                for t, state in mine.items():
+                    for name, value in state.items():
+                        assert_bitwise(value, values[t][name], f"from {start}, step {t}: {name}")
+            last = resumed[EPOCHS - 1]
+            if exact:  # byte for byte the uninterrupted run's files
+                for suffix in (".pdparams", ".pdemastate") + ((".pdopt",) if not frozen else ()):
+                    assert file_bytes(last, suffix) == file_bytes(final, suffix), f"from {start}: {suffix}"
+                if frozen:  # Paddle's optimizer makes no accumulator after a resume for a parameter
+                    # that gets no gradient: the frozen one's momentum is not saved again
+                    opt, whole_opt = paddle.load(last + ".pdopt"), paddle.load(final + ".pdopt")
+                    assert set(whole_opt) - set(opt) == {f"{frozen}_velocity_0"} and set(opt) <= set(whole_opt)
+                    for name in opt:
+                        if name != "LR_Scheduler":
+                            assert_bitwise(np.asarray(opt[name]), np.asarray(whole_opt[name]), f".pdopt {name}")
+                    assert opt["LR_Scheduler"] == whole_opt["LR_Scheduler"]
+                # .pdema's bytes hold the names deepcopy gave its tensors, which count the copies
+                # made in the process: its values are compared
+                raw, whole_raw = paddle.load(last + ".pdema"), paddle.load(final + ".pdema")
+                assert list(raw) == list(whole_raw)
+                for name in raw:
+                    assert_bitwise(np.asarray(raw[name]), np.asarray(whole_raw[name]), f"from {start}: .pdema {name}")
+                continue
+            # PaddleDetection's resume: the applied weights taken as raw shadows, t from the LR
+            # scheduler, epoch 0: its numbers, bit for bit, and not the uninterrupted run's
+            ref = oracle.ModelEMAOracle(values[0], **settings)
+            ref.resume({k: np.asarray(v) for k, v in paddle.load(snapshots[start] + ".pdparams").items()},
+                       (start + 1) * STEPS)
+            for t in sorted(mine):
+                ref.update(mine[t])
+                if t % STEPS == STEPS - 1:
+                    expected = ref.apply(mine[t])
+                    for name, value in paddle.load(resumed[t // STEPS] + ".pdparams").items():
+                        assert_bitwise(np.asarray(value), expected[name], f"default from {start}: {name}")
+            assert file_bytes(last, ".pdparams") != file_bytes(final, ".pdparams")
 
 
 # --- 5. the non-finite guard --------------------------------------------------------------------
