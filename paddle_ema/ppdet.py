@@ -431,11 +431,8 @@ CHECKPOINT_SUFFIXES = (".pdparams", ".pdopt", ".pdmodel", ".pdema", EMA_STATE_SU
 
 
 def _stem(path):
-    path = os.fspath(path)
-    for suffix in CHECKPOINT_SUFFIXES:
-        if path.endswith(suffix):
-            return path[: -len(suffix)]
-    return path
+    stem, suffix = os.path.splitext(os.fspath(path))
+    return stem if suffix in CHECKPOINT_SUFFIXES else os.fspath(path)
 
 
 def save_ema_state_file(ema: ModelEMA, stem: Union[str, os.PathLike]) -> str:
