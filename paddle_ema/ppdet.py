@@ -19,15 +19,17 @@ float32 model of its arithmetic that is itself tested against Paddle's ops, test
   d_last the decay of the LAST update; 'exponential' gets neither the division nor the cast;
 - black-listed names (substring match on state-dict keys) are returned as the live tensor, and
   apply() sets stop_gradient = True on them as PaddleDetection's does, which freezes a trainable
-  black-listed parameter (a one-time warning names each one; freeze_black_list=False keeps them
-  trainable); `ema_filter_no_grad` black-lists stop_gradient parameters other than
-  BatchNorm2D/SyncBatchNorm `_mean`/`_variance`;
+  black-listed parameter (a one-time notice on the `paddle_ema.ppdet` logger names each one, shown
+  under a `warnings` filter too; freeze_black_list=False keeps them trainable);
+  `ema_filter_no_grad` black-lists stop_gradient parameters other than BatchNorm2D/SyncBatchNorm
+  `_mean`/`_variance`;
 - every `apply()` after the first update counts one 'epoch'; when it reaches `cycle_epoch` (> 0)
   the shadows go back to zeros and t to 0;
 - `resume(state_dict, step)` takes the entries as given (cast to float32 for shadows) and sets
   t = step. Fed the output of apply() (bias-corrected weights, as PaddleDetection's trainer does),
   the next apply() divides again: that is the trainer's double correction, kept. `ema_state()` /
-  `load_ema_state()` resume exactly instead.
+  `load_ema_state()` resume exactly instead; inside PaddleDetection's trainer, `exact_resume`
+  (one line in its tools/train.py) keeps that state in `<checkpoint>.pdemastate` files.
 
 Differences from PaddleDetection's class, none of which changes a number of a run that works there
 (docs/migration.md has the table):
@@ -43,25 +45,38 @@ Differences from PaddleDetection's class, none of which changes a number of a ru
 
 `SimpleModelEMA(model, decay)` is PaddleDetection's timm-style EMA of a deep copy `.model`:
 update(model, decay) does `v = v*decay + (1-decay)*x` on every floating state entry in the entry's
-own dtype (float16 entries in float16, as Paddle's scale/add kernels compute them).
+own dtype (float16 entries in float16, as Paddle's scale/add kernels compute them). A tensor held
+under several keys (a layer registered twice) moves once per update, as in PaddleDetection
+(`last_key_per_tensor`).
 """
 
 import copy
+import json
+import logging
+import os
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Set
+import zipfile
+from typing import Any, Dict, List, Optional, Set, Union
 
+import numpy as np
 import paddle
 from paddle import nn
 
 from . import kernels
 from .averaging import EMARule, settings_differences
-from .errors import ConfigError, IncompatibleStateError, NonFiniteError
+from .checkpoint import _atomic as atomic_write
+from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
 from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
 from .selection import batchnorm_statistic_names, black_listed_keys
 from .step_policy import AVERAGE, StepPolicy, is_integer
 
-__all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names"]
+__all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per_tensor", "save_ema_state_file",
+           "load_ema_state_file", "exact_resume", "EMA_STATE_SUFFIX"]
+
+# The library's logger ("paddle_ema" and below): with no logging set up, Python prints its warnings
+# on stderr; PaddleDetection's own loggers do not propagate, so this one reaches stderr there too.
+LOGGER = logging.getLogger(__name__)
 
 # PaddleDetection hard-codes this time constant of the 'exponential' warm-up (schedules.py has it).
 EXPONENTIAL_TAU = PPDET_EXPONENTIAL_TAU
@@ -247,12 +262,11 @@ class ModelEMA:
         if not tensor.stop_gradient and not self._freeze_warned:
             trainable = [n for n in sorted(self.ema_black_list) if not self.state_dict[n].stop_gradient]
             self._freeze_warned = True
-            warnings.warn(
-                f"ModelEMA.apply() sets stop_gradient=True on the trainable black-listed parameter(s) "
-                f"{trainable}, as PaddleDetection's ModelEMA does: they stop training from now on. "
-                "Pass freeze_black_list=False to keep them trainable.",
-                UserWarning,
-                stacklevel=4,
+            # A log record, not a warning: PaddleDetection's tools/train.py ignores all warnings.
+            LOGGER.warning(
+                "ModelEMA.apply() sets stop_gradient=True on the trainable black-listed parameter(s) "
+                "%s, as PaddleDetection's ModelEMA does: they stop training from now on. "
+                "Pass freeze_black_list=False to keep them trainable.", trainable
             )
         tensor.stop_gradient = True
 
@@ -319,6 +333,37 @@ class ModelEMA:
         kernels.copy_(self._shadows(), [state["shadow"][name] for name in self.averaged])
         self.step, self.epoch = int(state["step"]), int(state["epoch"])
         self._decay = state["last_decay"]
+        # Black-listed entries are the model's own tensors again, as in a run that never stopped
+        # (resume(), which PaddleDetection's trainer calls first, put loaded copies there).
+        for name in self.ema_black_list:
+            live = self._model_state[name]()
+            self.state_dict[name] = self.state_dict[name] if live is None else live
+
+
+def last_key_per_tensor(state: Dict[str, paddle.Tensor], names: List[str]) -> List[str]:
+    """`names` with one key per underlying tensor: the last of the keys that hold the same memory.
+
+    A model that registers a layer twice (PaddleDetection's PicoHeadV2 holds its first
+    classification layer as `head_cls_list.0` and `head_cls0`) has one tensor under two state-dict
+    keys. PaddleDetection's whole-state-dict updates compute each key's new value from the tensor's
+    old one and write the keys in order with set_state_dict: the tensor moves once, to the value of
+    its last key. An in-place update must take it once, from that key, to give the same numbers.
+
+    Args:
+        state: a state dict.
+        names: keys of `state`, in its order.
+
+    Returns:
+        The keys to update, in the same order.
+    """
+    last = {}
+    for name in names:
+        tensor = state[name]
+        # The same object, or another tensor on the same elements (a buffer shared by
+        # Tensor._share_buffer_to): the same first element, dtype and shape.
+        last[(tensor.data_ptr(), str(tensor.dtype), tuple(tensor.shape))] = name
+    kept = set(last.values())
+    return [name for name in names if name in kept]
 
 
 class SimpleModelEMA:
@@ -327,6 +372,7 @@ class SimpleModelEMA:
     `model` is the copy; update(model, decay) moves every floating entry of its state dict to
     v*decay + (1-decay)*x in the entry's dtype, rounded as Paddle's scale and add ops round it
     (kernels.ppdet_update_); other entries are left as they are. No zero init, no correction.
+    A tensor under several keys moves once, with x from its last key (`last_key_per_tensor`).
 
     Args:
         model: the model to copy.
@@ -350,7 +396,7 @@ class SimpleModelEMA:
         if decay is None:
             decay = self.decay
         current, mine = model.state_dict(), self.model.state_dict()
-        names = [name for name, value in mine.items() if paddle.is_floating_point(value)]
+        names = last_key_per_tensor(mine, [name for name, value in mine.items() if paddle.is_floating_point(value)])
         # Half-precision entries first, out of place with PaddleDetection's ops: where Paddle lacks
         # a kernel (float16 add on the CPU) this raises, as PaddleDetection's does, before any
         # entry has changed.
@@ -372,3 +418,153 @@ class SimpleModelEMA:
             state[name] = state_dict[name].detach() if paddle.is_floating_point(value) else value
         self.model.set_state_dict(state)
         self.step = step
+
+
+# Exact resume inside PaddleDetection's trainer. Its checkpoints hold the EMA only as apply()'s
+# output (<stem>.pdparams, bias-corrected and cast), which its load_weight() hands to resume() as
+# raw shadows: the resumed average is corrected twice. `exact_resume` keeps the EMA's own state
+# in one more file beside each checkpoint and loads it after the trainer's own resume.
+EMA_STATE_SUFFIX = ".pdemastate"
+EMA_STATE_FORMAT = "paddle_ema.ModelEMA/npz-1"
+# The suffixes a checkpoint path may carry (PaddleDetection's _strip_postfix takes the first three).
+CHECKPOINT_SUFFIXES = (".pdparams", ".pdopt", ".pdmodel", ".pdema", EMA_STATE_SUFFIX)
+
+
+def _stem(path):
+    stem, suffix = os.path.splitext(os.fspath(path))
+    return stem if suffix in CHECKPOINT_SUFFIXES else os.fspath(path)
+
+
+def save_ema_state_file(ema: ModelEMA, stem: Union[str, os.PathLike]) -> str:
+    """Write `ema.ema_state()` to `<stem>.pdemastate`, crash-safe, in a format read without pickle.
+
+    The file is a numpy .npz archive: the float32 shadows, and as JSON the step, epoch, last
+    decay, settings and the black-listed tensors that are stop_gradient now (apply() freezes the
+    trainable ones, and a resumed run must have them frozen too).
+
+    Args:
+        ema: the ModelEMA to save.
+        stem: the checkpoint's path without suffix (a suffix such as `.pdparams` is dropped).
+
+    Returns:
+        The path written.
+    """
+    state = ema.ema_state()
+    names = list(state["shadow"])
+    live = {name: ema._model_state[name]() for name in ema.ema_black_list}
+    meta = {
+        "format": EMA_STATE_FORMAT,
+        "names": names,
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "last_decay": state["last_decay"],
+        "settings": state["settings"],
+        "frozen": sorted(n for n, tensor in live.items() if tensor is not None and tensor.stop_gradient),
+    }
+    arrays = {f"s{i}": state["shadow"][name].numpy() for i, name in enumerate(names)}
+    path = _stem(stem) + EMA_STATE_SUFFIX
+
+    def write(temporary):
+        # np.savez's layout, with a fixed time stamp: the same state gives the same bytes.
+        with open(temporary, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+            for key, array in [("meta", np.array(json.dumps(meta))), *arrays.items()]:
+                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, array, allow_pickle=False)
+
+    atomic_write(write, path)
+    return path
+
+
+def _read_ema_state(path):
+    """The ema_state() dict and the frozen names stored in `path`; CheckpointError when unreadable."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"EMA state: {path} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"][()]))
+            if not isinstance(meta, dict) or meta.get("format") != EMA_STATE_FORMAT:
+                raise CheckpointError(f"EMA state: {path} is not a paddle_ema ModelEMA state file "
+                                      f"(format {EMA_STATE_FORMAT!r})")
+            shadow = {name: data[f"s{i}"] for i, name in enumerate(meta["names"])}
+            frozen = list(meta["frozen"])
+            state = {"format": "paddle_ema.ModelEMA", "shadow": shadow, "step": meta["step"],
+                     "epoch": meta["epoch"], "last_decay": meta["last_decay"], "settings": meta["settings"]}
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
+        raise CheckpointError(f"EMA state: {path} cannot be read: it is truncated, corrupted or not a "
+                              f"paddle_ema ModelEMA state file ({type(exc).__name__})") from None
+    return state, frozen
+
+
+def load_ema_state_file(ema: ModelEMA, stem: Union[str, os.PathLike]) -> None:
+    """Resume `ema` exactly from `<stem>.pdemastate` (written by `save_ema_state_file`).
+
+    Overrides what resume() took from the checkpoint's bias-corrected weights; the black-listed
+    tensors that apply() had frozen when the file was written are frozen again.
+
+    Args:
+        ema: the ModelEMA to set.
+        stem: the checkpoint's path without suffix (a suffix such as `.pdparams` is dropped).
+
+    Raises:
+        CheckpointError: the file is missing or unreadable.
+        IncompatibleStateError: it was written by a ModelEMA with other settings or entries.
+    """
+    state, frozen = _read_ema_state(_stem(stem) + EMA_STATE_SUFFIX)
+    state["shadow"] = {name: paddle.to_tensor(value) for name, value in state["shadow"].items()}
+    ema.load_ema_state(state)
+    for name in frozen:
+        tensor = ema._model_state[name]() if name in ema._model_state else None
+        if tensor is not None:
+            tensor.stop_gradient = True
+
+
+def exact_resume(trainer: Any, resume: Optional[Union[str, os.PathLike]] = None) -> None:
+    """Make a PaddleDetection Trainer's EMA resume exactly (its own resume corrects twice).
+
+    Call it in PaddleDetection's tools/train.py after `trainer.resume_weights(FLAGS.resume)`:
+    `exact_resume(trainer, FLAGS.resume)`. With `resume` given, the EMA state saved beside that
+    checkpoint replaces what the trainer's resume made of the bias-corrected weights (a
+    checkpoint without one keeps PaddleDetection's resume, with a logged warning). From then on, a
+    callback writes `<checkpoint>.pdemastate` beside every checkpoint the trainer's Checkpointer
+    saves while training (`<save_dir>/<epoch or model_final>`).
+
+    Args:
+        trainer: a `ppdet.engine.Trainer` built with `use_ema` and paddle_ema's ModelEMA.
+        resume: the checkpoint passed to `trainer.resume_weights`, or None for a fresh run.
+
+    Raises:
+        ConfigError: the trainer has no paddle_ema ModelEMA.
+        CheckpointError: the EMA state beside `resume` is unreadable.
+        IncompatibleStateError: it does not fit the trainer's EMA.
+    """
+    from ppdet.engine.callbacks import Callback  # PaddleDetection's trainer accepts only its subclasses
+
+    ema = getattr(trainer, "ema", None) if getattr(trainer, "use_ema", False) else None
+    if not isinstance(ema, ModelEMA):
+        raise ConfigError("exact_resume: the trainer has no paddle_ema ModelEMA (set use_ema: true, and import "
+                          "ModelEMA from paddle_ema.ppdet in ppdet/optimizer/ema.py)")
+    if resume is not None:
+        if os.path.isfile(_stem(resume) + EMA_STATE_SUFFIX):
+            load_ema_state_file(ema, resume)
+        else:
+            LOGGER.warning("%s has no EMA state beside it (%s): the EMA resumes PaddleDetection's way, from the "
+                           "bias-corrected weights", resume, _stem(resume) + EMA_STATE_SUFFIX)
+
+    class SaveEMAState(Callback):
+        """Writes the EMA state beside each training checkpoint, after the Checkpointer."""
+
+        def on_epoch_end(self, status):
+            # The trainer puts the raw weights in status['weight'] exactly when it snapshots the
+            # EMA for the Checkpointer (rank 0, a snapshot epoch); the names are the Checkpointer's.
+            if status.get("mode") != "train" or "weight" not in status:
+                return
+            cfg = self.model.cfg
+            epoch_id = status["epoch_id"]
+            name = str(epoch_id) if epoch_id != cfg.epoch - 1 else "model_final"
+            folder = os.path.join(cfg.save_dir, name) if cfg.get("uniform_output_enabled", False) else cfg.save_dir
+            save_ema_state_file(self.model.ema, os.path.join(folder, name))
+
+    trainer.register_callbacks([SaveEMAState(trainer)])

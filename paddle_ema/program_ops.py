@@ -4,7 +4,7 @@ Paddle 3.x builds static programs in one of two representations, chosen by FLAGS
 PIR (`paddle.pir.Program`, the default) and the legacy ProgramDesc (`paddle.base.framework.Program`).
 Ordinary ops (arithmetic, cast, where, assign with output=) are emitted by the same Paddle
 calls in both; what differs is how a persistable variable is declared, referred to from another
-program, written by name, how an op updates a variable in place, how a custom op of the fused
+program, how an op updates a variable in place, how a custom op of the fused
 extension is appended, and how an op is put at the start of a block. Those differences live here
 and nowhere else.
 """
@@ -29,7 +29,6 @@ __all__ = [
     "runs_on_cpu",
     "create_persistable",
     "scope_variable",
-    "store",
     "persistable_variables",
     "step_counter",
     "clone_for_test",
@@ -302,25 +301,6 @@ def scope_variable(name: str, shape: Sequence[int], dtype: Any) -> Any:
         var = block.create_var(name=name, shape=list(shape), dtype=dtype, persistable=True)
     var.stop_gradient = True
     return var
-
-
-def store(value: Any, name: str) -> None:
-    """Write a copy of `value` into the persistable scope variable `name`, creating it if needed.
-
-    Args:
-        value: the program value to copy.
-        name: the scope variable's name.
-    """
-    if in_pir():
-        copy = paddle.assign(value)
-        # Only a persistable value outlives the run: without this the executor keeps it in a
-        # scratch scope and drops it.
-        copy.persistable = True
-        _compat.set_pir_persistable_value(copy, name)
-    else:
-        block = paddle.static.default_main_program().global_block()
-        target = block.create_var(name=name, shape=value.shape, dtype=value.dtype, persistable=True)
-        paddle.assign(value, output=target)
 
 
 def persistable_variables(program: Any) -> Dict[str, Any]:

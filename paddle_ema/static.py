@@ -66,6 +66,16 @@ DEFAULT_DECAY = 0.999
 SCALAR_DTYPE = "float64"
 
 
+# The numpy dtype that makes a scope tensor of a parameter's dtype (uint16 arrays become bfloat16).
+_NUMPY_DTYPES = {"float16": np.float16, "bfloat16": np.uint16, "float32": np.float32, "float64": np.float64,
+                 "int64": np.int64}
+
+
+def _numpy_dtype(dtype):
+    (name,) = [n for n in _NUMPY_DTYPES if dtype == getattr(paddle, n)]
+    return _NUMPY_DTYPES[name]
+
+
 def _is_program_variable(value):
     return isinstance(value, (paddle.static.Variable, paddle.pir.Value))
 
@@ -203,8 +213,7 @@ class ExponentialMovingAverage:
         self._product = program_ops.create_persistable(self._var("@EMA_DECAY_PRODUCT@"), [1], SCALAR_DTYPE, 1.0)
         self._skipped = program_ops.create_persistable(self._var("@EMA_NONFINITE_SKIPPED@"), [1], "int64", 0)
         self._updated = False
-        self._backup_made = False
-        self._open_applies = 0
+        self._open_applies = 0  # apply() blocks open that restore on exit
         self._skipped_warned = 0
         self._start_program = None  # start_from_weights()'s, built on its first call
         self._build_swap_programs()
@@ -373,55 +382,111 @@ class ExponentialMovingAverage:
         return self._fused_update() and program_ops.fused_all_finite_takes(self._params)
 
     def _build_swap_programs(self):
-        """The programs apply() and restore() run: back up, swap averages in, swap raw weights back;
-        and the old class's public pair: `apply_program` (back up + swap in) and `restore_program`."""
-        self._backup_program = paddle.static.Program()
+        """The two programs every swap runs, the old class's public pair among them.
+
+        `_apply_program` (= `apply_program`): when no backup is pending, back up the raw weights
+        and mark one pending (a pending backup is kept: apply twice, restore once, and the raw
+        weights come back); then parameters <- averages. `_restore_program` (= `restore_program`):
+        when a backup is pending, parameters <- backup and the mark cleared; otherwise nothing.
+        The mark lives in the scope, read by the programs themselves, because scripts run these
+        programs with exe.run() directly.
+
+        Both write only scope variables that exist before either runs (`_swap_state_in_scope`),
+        with assign(..., output=): a PIR program that writes a persistable variable by name
+        (builtin.shadow_output) erases the scope's variable of that name when it builds, and
+        the interpreters cached for the other programs keep pointers to the freed one.
+        """
         self._apply_program = paddle.static.Program()
         self._restore_program = paddle.static.Program()
-        self._apply_and_backup_program = paddle.static.Program()
-        with paddle.static.program_guard(self._backup_program, paddle.static.Program()):
-            self._append_backup_ops(self._parameter_references())
         with paddle.static.program_guard(self._apply_program, paddle.static.Program()):
-            self._append_apply_ops(self._parameter_references(), self._average_references())
-        with paddle.static.program_guard(self._apply_and_backup_program, paddle.static.Program()):
-            # One reference per parameter: a PIR program may not declare a name twice.
-            # All of them before any op (a PIR program reads its data values first).
-            # it copies into the backups as assign outputs, not by store(): a PIR program that
-            # re-creates a variable another cached program reads leaves that one a stale tensor.
-            targets, references = self._parameter_references(), self._average_references()
-            backups = [program_ops.scope_variable(self._backup_name(n), p.shape, p.dtype)
-                       for n, p in zip(self.names, self._params)]
+            # One reference per variable (a PIR program may not declare a name twice), all of
+            # them before any op (a PIR program reads its data values first).
+            targets, backups, flag = self._swap_references()
+            averages = self._average_references()
+            pending = paddle.reshape(flag > 0, [])
             for target, backup in zip(targets, backups):
-                paddle.assign(target, output=backup)
-            self._append_apply_ops(targets, references)
+                paddle.assign(self._chosen(pending, backup, target), output=backup)
+            self._append_apply_ops(targets, averages)
+            paddle.assign(paddle.full([1], 1, "int64"), output=flag)
         with paddle.static.program_guard(self._restore_program, paddle.static.Program()):
-            for name, param in zip(self.names, self._params):
-                target = program_ops.scope_variable(name, param.shape, param.dtype)
-                paddle.assign(program_ops.scope_variable(self._backup_name(name), param.shape, param.dtype), output=target)
-        # Paddle's class had these two as public attributes; scripts run them with exe.run().
-        self.restore_program = self._restore_program
+            targets, backups, flag = self._swap_references()
+            pending = paddle.reshape(flag > 0, [])
+            for target, backup in zip(targets, backups):
+                paddle.assign(self._chosen(pending, backup, target), output=target)
+            paddle.assign(paddle.full([1], 0, "int64"), output=flag)
+
+    def _swap_references(self):
+        """(parameters, backups, the pending flag) as values of the swap program being built."""
+        backups = [program_ops.scope_variable(self._backup_name(n), p.shape, p.dtype)
+                   for n, p in zip(self.names, self._params)]
+        flag = program_ops.scope_variable(self._pending_name(), [1], "int64")
+        return self._parameter_references(), backups, flag
+
+    @staticmethod
+    def _chosen(condition, if_true, if_false):
+        """where(condition, if_true, if_false), bit-exact, for a bool scalar condition and two
+        values of one shape and dtype, half precision included.
+
+        The condition is expanded to the values' shape first: given shapes that differ,
+        paddle.where in a program broadcasts by adding zeros, which turns -0 into +0. The CPU has
+        no float16/bfloat16 `where`: those are chosen in float32 and cast back, which is exact
+        (every half value is a float32 value, and the cast back finds it again).
+        """
+        condition = paddle.broadcast_to(condition, if_true.shape)
+        wide = shadow_dtype(if_true.dtype)
+        if wide == if_true.dtype:
+            return paddle.where(condition, if_true, if_false)
+        chosen = paddle.where(condition, paddle.cast(if_true, wide), paddle.cast(if_false, wide))
+        return paddle.cast(chosen, if_true.dtype)
+
+    def _pending_name(self):
+        return self._var("@EMA_BACKUP_PENDING@")
+
+    def _swap_state_in_scope(self) -> None:
+        """Create the backups (zeros) and the pending flag (0) in the current scope when missing.
+
+        Done before any swap program runs (by the program accessors, apply() and restore()):
+        the programs only ever write these variables in place, never create them.
+        """
+        scope = paddle.static.global_scope()
+        wanted = [(self._backup_name(n), p.shape, p.dtype) for n, p in zip(self.names, self._params)]
+        wanted.append((self._pending_name(), [1], paddle.int64))
+        for name, shape, dtype in wanted:
+            var = scope.find_var(name)
+            if var is not None and _compat.scope_tensor_initialized(var):
+                continue
+            zeros = np.zeros([int(d) for d in shape], _numpy_dtype(dtype))
+            scope.var(name).get_tensor().set(zeros, paddle.CPUPlace())
+
+    def _backup_pending(self):
+        """Whether the current scope holds raw weights that a restore would put back."""
+        var = paddle.static.global_scope().find_var(self._pending_name())
+        if var is None or not _compat.scope_tensor_initialized(var):
+            return False
+        return bool(np.array(var.get_tensor()).reshape(-1)[0])
 
     @property
     def apply_program(self) -> paddle.static.Program:
-        """The old class's program: run it and the parameters hold the EMA weights (their raw values
-        saved first; `restore_program` puts them back). It writes the saved copies in place, so
-        they are made to exist in the current scope here, when a script fetches the program."""
-        scope = paddle.static.global_scope()
-        for name, param in zip(self.names, self._params):
-            var = scope.find_var(self._backup_name(name))
-            if var is None or not _compat.scope_tensor_initialized(var):
-                dtype = np.float16 if param.dtype == paddle.float16 else np.float32
-                if param.dtype == paddle.float64:
-                    dtype = np.float64
-                scope.var(self._backup_name(name)).get_tensor().set(np.zeros(param.shape, dtype), paddle.CPUPlace())
-        return self._apply_and_backup_program
+        """The old class's program: run it and the parameters hold the EMA weights, their raw values
+        saved first unless a saved copy is still pending (`restore_program` puts them back).
+
+        It writes the saved copies in place, so fetching it makes them exist in the current scope:
+        fetch it under the scope the executor runs in.
+        """
+        self._swap_state_in_scope()
+        return self._apply_program
+
+    @property
+    def restore_program(self) -> paddle.static.Program:
+        """The old class's program: run it and the raw weights saved by the last apply are back,
+        bit-exact; with none pending it changes nothing. Fetching it makes the saved copies
+        exist in the current scope, as `apply_program` does.
+        """
+        self._swap_state_in_scope()
+        return self._restore_program
 
     def _parameter_references(self):
         return [program_ops.scope_variable(name, param.shape, param.dtype) for name, param in zip(self.names, self._params)]
-
-    def _append_backup_ops(self, targets):
-        for name, target in zip(self.names, targets):
-            program_ops.store(target, self._backup_name(name))
 
     def _average_references(self):
         """(the decay product, the shadows) as values of the program being built."""
@@ -434,25 +499,17 @@ class ExponentialMovingAverage:
         product, shadows = references
         averaged = paddle.reshape(product < 1.0, [])
         for target, average in zip(targets, shadows):
-            # Chosen in the shadow's dtype (CPU kernels lack half-precision where/add);
-            # half -> float32 -> half is exact, so the kept weights stay bit-exact.
+            # Chosen in the shadow's dtype; half -> float32 -> half is exact, so the kept
+            # weights stay bit-exact.
             raw = target if target.dtype == average.dtype else paddle.cast(target, average.dtype)
             # Before the first update there is no average yet: keep the weights.
-            chosen = paddle.where(averaged, average, raw)
+            chosen = self._chosen(averaged, average, raw)
             if chosen.dtype != target.dtype:
                 # Rounded to nearest-even by the extension where it runs (Paddle's CPU cast
                 # truncates before 3.2), the dygraph EMA's bits on every version.
                 fused = self._fused_update() and program_ops.fused_cast_takes(chosen, target.dtype)
                 chosen = program_ops.fused_cast(chosen, target.dtype) if fused else paddle.cast(chosen, target.dtype)
             paddle.assign(chosen, output=target)
-
-    def _backup_in_scope(self):
-        """A backup exists in the current scope (a run of `apply_program` made one)."""
-        var = paddle.static.global_scope().find_var(self._backup_name(self.names[0]))
-        try:
-            return var is not None and _compat.scope_tensor_initialized(var)
-        except (RuntimeError, AttributeError):
-            return False
 
     def num_nonfinite_skipped(self, scope: Any = None) -> int:
         """Runs of the main program whose update the non-finite guard skipped.
@@ -489,19 +546,20 @@ class ExponentialMovingAverage:
               need_restore: bool = True) -> Iterator["ExponentialMovingAverage"]:
         """Put the EMA weights into the parameters; on leaving the block the raw weights come back.
 
-        An apply() nested in an open apply() keeps the first backup.
+        The raw weights are saved unless a saved copy is still pending (an earlier apply without
+        a restore since): that first copy is kept, and it is what comes back. An apply() nested
+        in an open apply() therefore keeps the outer one's copy, and only the outermost block
+        restores. A block whose weights were already restored inside it leaves them on exit.
 
         Args:
             executor: the executor whose scope holds the program's variables.
             need_restore: False keeps the EMA weights after the block (for export);
-                `restore(executor)` still brings the raw ones back.
+                `restore(executor)` or `restore_program` still brings the raw ones back.
 
         Returns:
             A context manager (yielding this EMA).
         """
-        if self._open_applies == 0:
-            executor.run(self._backup_program)
-            self._backup_made = True
+        self._swap_state_in_scope()
         executor.run(self._apply_program)
         self._warn_skipped()
         self._open_applies += bool(need_restore)
@@ -511,16 +569,23 @@ class ExponentialMovingAverage:
             if need_restore:
                 self._open_applies -= 1
                 if self._open_applies == 0:
-                    self.restore(executor)
+                    executor.run(self._restore_program)  # changes nothing when already restored
 
     def restore(self, executor: paddle.static.Executor) -> None:
-        """Put back the raw weights saved by the last apply() (bit-exact).
+        """Put back the raw weights saved by the pending apply (bit-exact).
 
         Args:
             executor: the executor apply() ran with.
+
+        Raises:
+            EMAStateError: no raw weights are pending (nothing applied since the last restore).
         """
-        if not self._backup_made and not self._backup_in_scope():
-            raise EMAStateError("restore() before any apply(): there are no saved raw weights to put back")
+        self._swap_state_in_scope()
+        if not self._backup_pending():
+            raise EMAStateError(
+                "restore() before any apply() since the last restore: there are no saved raw weights to put "
+                "back (restore after apply(executor, need_restore=False) or a run of apply_program)"
+            )
         executor.run(self._restore_program)
 
     def save_inference_model(self, path_prefix: str, feed_vars: Any, fetch_vars: Any,

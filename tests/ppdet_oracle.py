@@ -144,14 +144,26 @@ class ModelEMAOracle:
 
 
 class SimpleModelEMAOracle:
-    """PaddleDetection's SimpleModelEMA on numpy arrays: v = v*decay + (1-decay)*x in v's dtype."""
+    """PaddleDetection's SimpleModelEMA on numpy arrays: v = v*decay + (1-decay)*x in v's dtype.
 
-    def __init__(self, model_dict, decay=0.9996):
+    `tied`: groups of keys under which the model holds one tensor. PaddleDetection computes every
+    key's new value from the tensor's old value, then `set_state_dict` writes the keys in order
+    into the one tensor: it moves once, and the last key's value is what it holds.
+    """
+
+    def __init__(self, model_dict, decay=0.9996, tied=()):
         self.state = {n: v.copy() for n, v in model_dict.items()}
         self.decay = decay
+        self.tied = [list(group) for group in tied]
 
     def update(self, model_dict, decay=None):
         decay = self.decay if decay is None else decay
+        new = {}
         for name, v in self.state.items():
             if np.issubdtype(v.dtype, np.floating):
-                self.state[name] = add(scale(v, decay), scale(model_dict[name], 1.0 - decay))
+                new[name] = add(scale(v, decay), scale(model_dict[name], 1.0 - decay))
+        for group in self.tied:
+            last = [name for name in self.state if name in group][-1]
+            for name in group:
+                new[name] = new[last]
+        self.state.update(new)

@@ -203,3 +203,87 @@ def test_unknown_decay_type_is_rejected():
 def test_cycle_epoch_must_be_an_integer(cycle_epoch):
     with pytest.raises(ConfigError, match="cycle_epoch must be an integer"):
         ModelEMA(paddle.nn.Linear(2, 2), cycle_epoch=cycle_epoch)
+
+
+def test_last_key_per_tensor_keeps_one_key_per_memory():
+    from paddle_ema import _compat
+    from paddle_ema.ppdet import last_key_per_tensor
+
+    a, b, c = paddle.ones([2, 3]), paddle.zeros([2, 3]), paddle.ones([2, 3])
+    state = {"a": a, "a_again": a, "b": b, "c": c}  # c equals a in value only
+    assert last_key_per_tensor(state, list(state)) == ["a_again", "b", "c"]
+    if _compat.can_share_buffers(b):
+        _compat.share_buffer(a, b)  # b becomes another tensor on a's elements
+        assert last_key_per_tensor(state, list(state)) == ["b", "c"]
+    assert last_key_per_tensor(state, ["a", "c"]) == ["a", "c"]
+
+
+def test_ema_state_file_round_trip_is_exact_and_deterministic(tmp_path):
+    from paddle_ema.ppdet import load_ema_state_file, save_ema_state_file
+
+    paddle.seed(0)
+    model, rng = Net(), np.random.default_rng(6)
+    settings = dict(decay=0.9, ema_decay_type="threshold", cycle_epoch=5, ema_black_list=["fc.bias"])
+    ema = ModelEMA(model, **settings)
+    for _ in range(4):
+        perturb(model, rng)
+        ema.update()
+    applied = {k: v.clone() for k, v in ema.apply().items()}  # the snapshot; freezes fc.bias
+    path = save_ema_state_file(ema, tmp_path / "3.pdparams")  # the suffix is dropped
+    assert path == str(tmp_path / "3.pdemastate")
+    save_ema_state_file(ema, tmp_path / "again")
+    assert (tmp_path / "3.pdemastate").read_bytes() == (tmp_path / "again.pdemastate").read_bytes()
+
+    paddle.seed(0)
+    other = Net()  # a fresh model, as a resumed process builds it: fc.bias trainable
+    other.set_state_dict(model.state_dict())
+    assert not other.fc.bias.stop_gradient
+    copy = ModelEMA(other, **settings)
+    copy.resume(applied, step=ema.step)  # what PaddleDetection's trainer does first
+    load_ema_state_file(copy, tmp_path / "3")
+    assert other.fc.bias.stop_gradient  # frozen again, as in the run that did not stop
+    assert copy.state_dict["fc.bias"] is other.fc.bias  # the live tensor, not resume()'s copy
+    for _ in range(3):
+        values = perturb(model, rng)
+        other.set_state_dict({k: paddle.to_tensor(v) for k, v in values.items()})
+        ema.update()
+        copy.update()
+    mine, theirs = ema.apply(), copy.apply()
+    for name in mine:
+        assert mine[name].numpy().tobytes() == theirs[name].numpy().tobytes(), name
+    assert (copy.step, copy.epoch) == (ema.step, ema.epoch)
+
+
+def test_ema_state_file_faults_are_one_line_errors_and_run_no_code(tmp_path):
+    import pickle
+    import zipfile
+
+    from paddle_ema.errors import CheckpointError, IncompatibleStateError
+    from paddle_ema.ppdet import load_ema_state_file, save_ema_state_file
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    model = Net()
+    ema = ModelEMA(model, decay=0.9)
+    ema.update()
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load_ema_state_file(ema, tmp_path / "none")
+    # a plain pickle under the name, and an .npz whose meta is a pickled object array
+    (tmp_path / "pickled.pdemastate").write_bytes(pickle.dumps({"meta": Payload()}))
+    with zipfile.ZipFile(tmp_path / "object.pdemastate", "w") as archive:
+        with archive.open("meta.npy", "w") as member:
+            np.lib.format.write_array(member, np.array([Payload()], dtype=object), allow_pickle=True)
+    save_ema_state_file(ema, tmp_path / "good")
+    (tmp_path / "cut.pdemastate").write_bytes((tmp_path / "good.pdemastate").read_bytes()[:300])
+    for stem in ("pickled", "object", "cut"):
+        with pytest.raises(CheckpointError, match=f"{stem}.pdemastate cannot be read") as info:
+            load_ema_state_file(ema, tmp_path / stem)
+        assert "\n" not in str(info.value)
+    assert not marker.exists()
+    other = ModelEMA(model, decay=0.5)  # other settings
+    with pytest.raises(IncompatibleStateError, match="settings differ"):
+        load_ema_state_file(other, tmp_path / "good")

@@ -7,6 +7,8 @@ for every constructor setting, with both kernels and a resume in the middle.
 """
 
 import copy
+import logging
+import os
 import warnings
 
 import numpy as np
@@ -17,7 +19,7 @@ import ppdet_oracle as oracle
 from test_model_ema import Net as ModelEMANet
 from paddle_ema import kernels
 from paddle_ema.errors import NonFiniteError
-from paddle_ema.ppdet import ModelEMA, SimpleModelEMA
+from paddle_ema.ppdet import ModelEMA, SimpleModelEMA, load_ema_state_file, save_ema_state_file
 
 # The hard inputs overflow to inf in numpy's float32/float16 arithmetic on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
@@ -219,6 +221,62 @@ def test_simple_model_ema_is_bitwise_paddledetection(kernel):
                 assert_bitwise(ema.model.state_dict()[name].numpy(), value, f"resume: {name}")
 
 
+class TiedNet(Net):
+    """Net with a head registered twice, as PaddleDetection's PicoHeadV2 registers its first
+    classification layer both as `head_cls_list.0` and as `head_cls0`: one tensor, two keys."""
+
+    def __init__(self):
+        super().__init__(half=False)
+        self.head_cls_list = paddle.nn.LayerList([paddle.nn.Linear(3, 2)])
+        self.head_cls0 = self.head_cls_list[0]
+
+
+def tied_groups(model):
+    """Keys that name one tensor object (found by identity, apart from the package's check)."""
+    groups = {}
+    for name, tensor in model.state_dict().items():
+        groups.setdefault(id(tensor), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+def test_simple_model_ema_moves_a_tied_tensor_once_like_paddledetection(kernel):
+    paddle.seed(0)
+    model, rng = TiedNet(), np.random.default_rng(11)
+    groups = tied_groups(model)
+    assert sorted(map(sorted, groups)) == [["head_cls0.bias", "head_cls_list.0.bias"],
+                                           ["head_cls0.weight", "head_cls_list.0.weight"]]
+    ema = SimpleModelEMA(model, decay=0.9)
+    assert sorted(map(sorted, tied_groups(ema.model))) == sorted(map(sorted, groups))  # the copy keeps the ties
+    ref = oracle.SimpleModelEMAOracle(numpy_state(model), decay=0.9, tied=groups)
+    for t in range(24):
+        before = ema.model.state_dict()["head_cls0.weight"].numpy().copy()
+        values = train_step(model, rng)
+        ema.update(model, None if t % 4 else 0.6)
+        ref.update(values, None if t % 4 else 0.6)
+        for name, value in ref.state.items():
+            assert_bitwise(ema.model.state_dict()[name].numpy(), value, f"update {t}: {name}")
+        # moved once: a second move from the once-moved value would give something else
+        once = ref.state["head_cls0.weight"]
+        decay = 0.9 if t % 4 else 0.6
+        twice = oracle.add(oracle.scale(once, decay), oracle.scale(values["head_cls0.weight"], 1.0 - decay))
+        assert not np.array_equal(once, twice) and not np.array_equal(once, before)
+    assert sorted(map(sorted, tied_groups(ema.model))) == sorted(map(sorted, groups))
+
+
+def test_model_ema_with_a_tied_tensor_is_paddledetection(kernel):
+    # ModelEMA keeps one zero shadow per key, as PaddleDetection's does: both keys average the one tensor.
+    paddle.seed(0)
+    model, rng = TiedNet(), np.random.default_rng(12)
+    ema = ModelEMA(model, decay=0.9)
+    ref = oracle.ModelEMAOracle(numpy_state(model), decay=0.9)
+    for t in range(12):
+        values = train_step(model, rng)
+        ema.update()
+        ref.update(values)
+        check_same(ema, ref, f"update {t}")
+    check_applied(ema.apply(), ref.apply(values), "apply")
+
+
 def test_simple_model_ema_float16_entry_fails_on_cpu_as_paddles_add_does(kernel):
     half = paddle.to_tensor(np.ones(3, np.float16))
     with pytest.raises(RuntimeError, match="add"):
@@ -237,28 +295,72 @@ def test_simple_model_ema_float16_entry_fails_on_cpu_as_paddles_add_does(kernel)
 
 
 # --- 3. the black-list quirk --------------------------------------------------------------------
-def test_black_listed_trainable_parameter_is_frozen_by_apply_like_paddledetection():
+NOTICE = "sets stop_gradient=True on the trainable black-listed parameter(s) ['fc.weight']"
+
+
+def test_black_listed_trainable_parameter_is_frozen_by_apply_like_paddledetection(caplog):
     model = make_net()
     ema = ModelEMA(model, ema_black_list=["fc.weight"])
     ema.update()
     assert not model.fc.weight.stop_gradient
-    with pytest.warns(UserWarning, match=r"\['fc.weight'\].*freeze_black_list=False"):
+    with caplog.at_level(logging.WARNING, logger="paddle_ema"), warnings.catch_warnings():
+        warnings.simplefilter("error")  # a log record, no warning
         applied = ema.apply()
-    assert applied["fc.weight"] is model.fc.weight
-    assert model.fc.weight.stop_gradient  # frozen: the optimizer skips it from now on
-    model.fc.weight.stop_gradient = False
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # one warning only
-        ema.apply()
+        assert applied["fc.weight"] is model.fc.weight
+        assert model.fc.weight.stop_gradient  # frozen: the optimizer skips it from now on
+        model.fc.weight.stop_gradient = False
+        ema.apply()  # said once only
+    assert [r.name for r in caplog.records] == ["paddle_ema.ppdet"]
+    assert NOTICE in caplog.records[0].getMessage() and "freeze_black_list=False" in caplog.records[0].getMessage()
     assert model.fc.weight.stop_gradient
 
     other = make_net()
     kept = ModelEMA(other, ema_black_list=["fc.weight"], freeze_black_list=False)
     kept.update()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="paddle_ema"):
         kept.apply()
+    assert not caplog.records
     assert not other.fc.weight.stop_gradient
+
+
+NOTICE_SCRIPT = """
+import logging, sys, warnings
+import paddle
+from paddle_ema.ppdet import ModelEMA
+
+def run():
+    model = paddle.nn.Linear(3, 2)
+    ema = ModelEMA(model, ema_black_list=["weight"])
+    ema.update()
+    ema.apply()
+    ema.apply()
+
+run()
+print("--- filtered", file=sys.stderr, flush=True)
+warnings.filterwarnings("ignore")  # PaddleDetection's tools/train.py does this at import
+ppdet = logging.getLogger("ppdet.engine")  # and its logger setup: its own loggers, not propagated
+ppdet.setLevel(logging.INFO)
+ppdet.propagate = False
+ppdet.addHandler(logging.StreamHandler(sys.stdout))
+run()
+"""
+
+
+def test_black_list_notice_shows_once_with_and_without_a_warnings_filter():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    result = subprocess.run([sys.executable, "-c", NOTICE_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = result.stderr.split("--- filtered")
+    notice = NOTICE.replace("'fc.weight'", "'weight'")
+    assert before.count(notice) == 1, before
+    assert after.count(notice) == 1, after
 
 
 # --- 4. PaddleDetection's dygraph trainer, as it uses the class ---------------------------------
@@ -292,6 +394,145 @@ def test_paddledetection_trainer_usage_pattern(tmp_path):
         resumed.update()
         ref.update(values)
     check_applied(resumed.apply(), ref.apply(values), "after resume")
+
+
+class Detector(paddle.nn.Layer):
+    """A small trainable model with BatchNorm for the trainer pattern below."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(1, 4, 3)
+        self.bn = paddle.nn.BatchNorm2D(4)
+        self.fc = paddle.nn.Linear(16, 3)
+        self.head = paddle.nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.fc(paddle.nn.functional.relu(self.bn(self.conv(x))).flatten(1)))
+
+
+EPOCHS, STEPS = 3, 4
+
+
+def trainer_run(folder, settings, start_epoch=0, resume=None, exact=False):
+    """PaddleDetection's Trainer.train() with its Checkpointer, save_model() and load_weight(), in
+    the calls they make: ModelEMA.update() after each optimizer and LR step; at each epoch's end
+    weight = deepcopy(model.state_dict()), model.set_dict(ema.apply()), <epoch>.pdparams = the
+    model's (EMA) state, .pdema = weight, .pdopt = the optimizer's state with last_epoch, then
+    model.set_dict(weight). Resuming: model.set_dict(.pdema), optimizer.set_state_dict(.pdopt),
+    ema.resume(.pdparams, the LR scheduler's last_epoch); `exact` adds paddle_ema's two lines
+    (save_ema_state_file beside each checkpoint, load_ema_state_file after the resume).
+    Returns the model's state before each update, {step: numpy state}, and the snapshots taken."""
+    with paddle.utils.unique_name.guard():  # the optimizer's state names, as in a fresh process
+        paddle.seed(3)
+        model = Detector()
+        lr = paddle.optimizer.lr.PiecewiseDecay([6], [0.05, 0.01])
+        optimizer = paddle.optimizer.Momentum(lr, parameters=model.parameters(), weight_decay=1e-4)
+        ema = ModelEMA(model, **settings)
+        if resume is not None:
+            model.set_dict(paddle.load(resume + ".pdema"))
+            state = paddle.load(resume + ".pdopt")
+            start_epoch = state.pop("last_epoch")
+            optimizer.set_state_dict(state)
+            ema.resume(paddle.load(resume + ".pdparams"), state["LR_Scheduler"]["last_epoch"])
+            if exact:
+                load_ema_state_file(ema, resume)
+        values, snapshots = {}, {}
+        for epoch in range(start_epoch, EPOCHS):
+            for step in range(STEPS):
+                rng = np.random.default_rng(100 * epoch + step)  # the data loader's batch
+                x = paddle.to_tensor(rng.standard_normal((6, 1, 4, 4)).astype("float32"))
+                y = paddle.to_tensor(rng.standard_normal((6, 2)).astype("float32"))
+                loss = paddle.nn.functional.mse_loss(model(x), y)
+                loss.backward()
+                optimizer.step()
+                lr.step()
+                optimizer.clear_grad()
+                values[epoch * STEPS + step] = numpy_state(model)
+                ema.update()
+            weight = copy.deepcopy(model.state_dict())
+            model.set_dict(ema.apply())
+            stem = os.path.join(folder, str(epoch))
+            paddle.save(model.state_dict(), stem + ".pdparams")
+            paddle.save(weight, stem + ".pdema")
+            paddle.save({**optimizer.state_dict(), "last_epoch": epoch + 1}, stem + ".pdopt")
+            if exact:
+                save_ema_state_file(ema, stem)
+            snapshots[epoch] = stem
+            model.set_dict(weight)
+    return values, snapshots
+
+
+def file_bytes(stem, suffix):
+    with open(stem + suffix, "rb") as f:
+        return f.read()
+
+
+# The second: a trainable black-listed weight (apply() freezes it) and a black-listed running
+# statistic (it changes at every step), restarts after every second apply().
+RESUME_SETTINGS = [dict(), dict(decay=0.9, ema_decay_type="normal", cycle_epoch=2,
+                                ema_black_list=["head.bias", "bn._mean"])]
+
+
+@pytest.mark.parametrize("settings", RESUME_SETTINGS, ids=["default", "black_list-cycle_epoch"])
+def test_exact_resume_in_the_trainer_pattern_is_byte_identical_and_the_default_stays_paddledetections(
+        settings, tmp_path):
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    values, snapshots = trainer_run(str(whole), settings, exact=True)
+    # the uninterrupted run's checkpoints are PaddleDetection's numbers
+    ref = oracle.ModelEMAOracle(values[0], **settings)
+    for t in range(EPOCHS * STEPS):
+        ref.update(values[t])
+        if t % STEPS == STEPS - 1:
+            saved = {k: v for k, v in paddle.load(snapshots[t // STEPS] + ".pdparams").items()}
+            expected = ref.apply(values[t])
+            for name, value in saved.items():
+                assert_bitwise(np.asarray(value), expected[name], f"uninterrupted, epoch {t // STEPS}: {name}")
+    final = snapshots[EPOCHS - 1]
+    with paddle.utils.unique_name.guard():  # the internal name of the black-listed (frozen) weight
+        frozen = Detector().head.bias.name if settings.get("ema_black_list") else None
+    for start in range(EPOCHS - 1):
+        for exact in (True, False):
+            folder = tmp_path / f"from{start}-{exact}"
+            folder.mkdir()
+            mine, resumed = trainer_run(str(folder), settings, resume=snapshots[start], exact=exact)
+            # The model and the optimizer resume exactly, but PaddleDetection's own resume leaves the
+            # black-listed weight trainable until the next apply() freezes it again: another run.
+            if exact or not frozen:
+                for t, state in mine.items():
+                    for name, value in state.items():
+                        assert_bitwise(value, values[t][name], f"from {start}, step {t}: {name}")
+            last = resumed[EPOCHS - 1]
+            if exact:  # byte for byte the uninterrupted run's files
+                for suffix in (".pdparams", ".pdemastate") + ((".pdopt",) if not frozen else ()):
+                    assert file_bytes(last, suffix) == file_bytes(final, suffix), f"from {start}: {suffix}"
+                if frozen:  # Paddle's optimizer makes no accumulator after a resume for a parameter
+                    # that gets no gradient: the frozen one's momentum is not saved again
+                    opt, whole_opt = paddle.load(last + ".pdopt"), paddle.load(final + ".pdopt")
+                    assert set(whole_opt) - set(opt) == {f"{frozen}_velocity_0"} and set(opt) <= set(whole_opt)
+                    for name in opt:
+                        if name != "LR_Scheduler":
+                            assert_bitwise(np.asarray(opt[name]), np.asarray(whole_opt[name]), f".pdopt {name}")
+                    assert opt["LR_Scheduler"] == whole_opt["LR_Scheduler"]
+                # .pdema's bytes hold the names deepcopy gave its tensors, which count the copies
+                # made in the process: its values are compared
+                raw, whole_raw = paddle.load(last + ".pdema"), paddle.load(final + ".pdema")
+                assert list(raw) == list(whole_raw)
+                for name in raw:
+                    assert_bitwise(np.asarray(raw[name]), np.asarray(whole_raw[name]), f"from {start}: .pdema {name}")
+                continue
+            # PaddleDetection's resume: the applied weights taken as raw shadows, t from the LR
+            # scheduler, epoch 0: its numbers, bit for bit, and not the uninterrupted run's
+            ref = oracle.ModelEMAOracle(values[0], **settings)
+            ref.resume({k: np.asarray(v) for k, v in paddle.load(snapshots[start] + ".pdparams").items()},
+                       (start + 1) * STEPS)
+            for t in sorted(mine):
+                ref.update(mine[t])
+                if t % STEPS == STEPS - 1:
+                    expected = ref.apply(mine[t])
+                    for name, value in paddle.load(resumed[t // STEPS] + ".pdparams").items():
+                        assert_bitwise(np.asarray(value), expected[name], f"default from {start}: {name}")
+            assert file_bytes(last, ".pdparams") != file_bytes(final, ".pdparams")
 
 
 # --- 5. the non-finite guard --------------------------------------------------------------------
