@@ -22,7 +22,8 @@ __all__ = ["train_main", "eval_main", "export_main", "average_main", "posthoc_ma
 
 def _quiet():
     # Paddle's notices that say nothing about the user's run: ccache (custom-op builds only) and
-    # BatchNorm's "we now always track global mean and variance" on every training forward.
+    # BatchNorm's "we now always track global mean and variance" on every training forward. Set
+    # inside _run's catch_warnings: a caller's own filters are back once the tool returns.
     warnings.filterwarnings("ignore", message="No ccache found")
     warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 
@@ -56,7 +57,12 @@ def _error_exit(line):
 
 
 def _run(main, argv):
-    _quiet()
+    with warnings.catch_warnings():
+        _quiet()
+        return _run_quietly(main, argv)
+
+
+def _run_quietly(main, argv):
     if hasattr(signal, "SIGXFSZ"):
         # Past a file-size limit (ulimit -f) the kernel would kill the process without a word; ignored,
         # the write fails with EFBIG instead, which is reported like any other OSError.
