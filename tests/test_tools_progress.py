@@ -7,7 +7,7 @@ import re
 import pytest
 
 from paddle_ema.engine.progress import Progress, fit_fields
-from paddle_ema.engine.report import summary_table
+from paddle_ema.engine.report import output_lines, summary_table
 
 
 def test_plain_lines_every_log_iter_and_at_epoch_end():
@@ -150,3 +150,30 @@ def test_fields_are_never_cut_inside():
     assert fit_fields(fields, 17) == "epoch 1/2"
     assert fit_fields(fields, 30) == "epoch 1/2 iter 3/4 loss 0.5000"
     assert fit_fields(fields, 5) == ""
+
+
+def test_outputs_named_with_eval_and_vdl():
+    run = os.path.join("output", "lenet_digits")
+    lines = output_lines(run, epochs=12, snapshot_epoch=1, has_ema=True, best={"epoch": 5, "ema_acc": 0.98},
+                         curves=os.path.join(run, "curves.png"), vdl_log_dir=os.path.join(run, "vdl"))
+    assert lines == [
+        "final weights:  output/lenet_digits/model_final.pdparams (EMA weights; the raw weights: model_final.pdema)",
+        "best weights:   output/lenet_digits/best_model.pdparams (epoch 6, EMA acc 0.9800)",
+        "checkpoints:    0, 1, ..., 10 and model_final in output/lenet_digits "
+        "(resume: -r output/lenet_digits/10, or -r auto for the newest)",
+        "curves:         output/lenet_digits/curves.png",
+        "VisualDL log:   output/lenet_digits/vdl (visualdl --logdir output/lenet_digits/vdl)",
+    ]
+
+
+def test_outputs_named_without_eval_say_what_writes_the_missing_ones():
+    lines = output_lines("out/run", epochs=6, snapshot_epoch=2, has_ema=False)
+    assert lines == [
+        "final weights:  out/run/model_final.pdparams (the weights)",
+        "best weights:   none (--eval evaluates every snapshot and keeps the best as best_model)",
+        "checkpoints:    1, 3 and model_final in out/run (resume: -r out/run/3, or -r auto for the newest)",
+        "curves:         none (drawn with --eval or --use_vdl)",
+        "VisualDL log:   none (--use_vdl writes one)",
+    ]
+    assert output_lines("r", epochs=1, snapshot_epoch=1, has_ema=False)[2] == (
+        "checkpoints:    model_final in r (resume: -r r/model_final, or -r auto for the newest)")

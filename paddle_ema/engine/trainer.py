@@ -33,7 +33,7 @@ from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, relative_distance
 from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
 from .progress import Progress
-from .report import ScalarLog, plot_curves, summary_table
+from .report import ScalarLog, output_lines, plot_curves, summary_table
 from .run_folder import RunLock, check_writable, remove_created
 
 # `-r auto`: resume from the newest complete checkpoint of this run, or start fresh without one.
@@ -339,8 +339,10 @@ class Trainer:
         lines = summary_table(self.history)
         for line in lines:
             print(line, flush=True)
+        curves = None
         if self.history or self.log.writer is not None:
-            path = plot_curves(self.log.series, self.steps_per_epoch, os.path.join(self.output_dir, "curves.png"))
-            print(f"curves: {path}", flush=True)
-        print(f"checkpoints: {self.output_dir}", flush=True)
+            curves = plot_curves(self.log.series, self.steps_per_epoch, os.path.join(self.output_dir, "curves.png"))
+        for line in output_lines(self.output_dir, self.cfg["epoch"], self.cfg["snapshot_epoch"], self.ema is not None,
+                                 self.best, curves, self.log.logdir):
+            print(line, flush=True)
         return self.history
