@@ -45,7 +45,7 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 CUDA_FLAGS = ["-O3", "--fmad=false"]
 BUILD_TIMEOUT_S = 900
 # What a first build costs, as docs/install.md measured it; shown while the compiler runs.
-USUAL_BUILD_TIME = "usually 15-120 s"
+USUAL_BUILD_TIME = "usually under 2 minutes, more on a busy machine"
 # While compiling: on a terminal one line rewritten every second, otherwise a line this often.
 PROGRESS_EVERY_S = 10.0
 # Set to 1 to try again a build that failed before (the failure is remembered otherwise).
