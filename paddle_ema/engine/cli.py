@@ -96,9 +96,11 @@ TOOL_FILES = ("train.py", "eval.py", "export_model.py", "average_checkpoints.py"
 def _command(tool):
     """How the user runs `tool` ('train', ...), the way this process was started: paddle-ema-train,
     or python <the folder of this tools/*.py>/train.py."""
+    from .._require import COMMAND_PREFIX
+
     started = sys.argv[0] if sys.argv else ""
-    if os.path.basename(started).startswith("paddle-ema-"):
-        return f"paddle-ema-{tool}"
+    if os.path.basename(started).startswith(COMMAND_PREFIX):
+        return f"{COMMAND_PREFIX}{tool}"
     folder = os.path.dirname(started) if os.path.basename(started) in TOOL_FILES else "tools"
     return f"python {os.path.join(folder, tool + '.py')}"
 

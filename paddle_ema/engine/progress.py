@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 import time
+from typing import List
 
 __all__ = ["Progress"]
 
@@ -45,8 +46,16 @@ def _terminal_size(stream):
     return columns, lines
 
 
-def fit_fields(fields, columns):
-    """The leading whole `fields` that fit in `columns`, joined by spaces."""
+def fit_fields(fields: List[str], columns: int) -> str:
+    """The leading whole fields that fit in a width.
+
+    Args:
+        fields: the texts to show, in order.
+        columns: the width.
+
+    Returns:
+        As many leading fields as fit in `columns`, joined by spaces; never a field cut short.
+    """
     line = ""
     for field in fields:
         longer = f"{line} {field}" if line else field

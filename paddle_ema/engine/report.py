@@ -1,6 +1,7 @@
 """What a run reports: VisualDL scalars, the end-of-run summary table and a PNG of the curves."""
 
 import os
+from typing import Any, Dict, List, Optional
 
 __all__ = ["ScalarLog", "summary_table", "output_lines", "plot_curves", "TAGS"]
 
@@ -75,7 +76,8 @@ def summary_table(history):
     return lines
 
 
-def output_lines(run_dir, epochs, snapshot_epoch, has_ema, best=None, curves=None, vdl_log_dir=None):
+def output_lines(run_dir: str, epochs: int, snapshot_epoch: int, has_ema: bool, best: Optional[Dict[str, Any]] = None,
+                 curves: Optional[str] = None, vdl_log_dir: Optional[str] = None) -> List[str]:
     """The end-of-run lines that name every output of a run, and say how to get the missing ones.
 
     Args:

@@ -11,6 +11,7 @@ so it continues bit for bit, the EMA included. Each checkpoint ends with a manif
 """
 
 import os
+from typing import Any, Dict, Optional
 
 import numpy as np
 import paddle
@@ -176,9 +177,16 @@ def check_same_run(saved, cfg, path):
         raise CheckpointError(f"-r {path}: the checkpoint comes from another config ({'; '.join(differences)})")
 
 
-def ema_keys(cfg):
+def ema_keys(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The config's EMA keys (ema_*, cycle_epoch), which a checkpoint records: when its EMA state does
-    not fit a resumed run's EMA, the error can name the -o that would."""
+    not fit a resumed run's EMA, the error can name the -o that would.
+
+    Args:
+        cfg: a complete config (read_config's).
+
+    Returns:
+        {key: value} of those keys.
+    """
     return {key: value for key, value in cfg.items() if key.startswith("ema_") or key == "cycle_epoch"}
 
 
@@ -192,10 +200,17 @@ def _yaml_word(value):
     return str(value)
 
 
-def ema_resume_hint(saved, cfg):
-    """What to do when a checkpoint's EMA state does not fit `cfg`'s EMA, from the EMA keys the
-    checkpoint recorded (`ema_keys`): the keys that differ and the -o that resumes; '' when it
-    recorded none, or none differ."""
+def ema_resume_hint(saved: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> str:
+    """What to do when a checkpoint's EMA state does not fit `cfg`'s EMA.
+
+    Args:
+        saved: the EMA keys the checkpoint recorded (`ema_keys`), None in an older checkpoint.
+        cfg: the config of the run that resumes.
+
+    Returns:
+        '; the checkpoint was trained with K: V (W here): resume it with -o K=V, ...', or '' when the
+        checkpoint recorded no keys or none differ.
+    """
     import shlex
 
     if not isinstance(saved, dict):
