@@ -9,9 +9,9 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_tool(name, *args):
+def run_tool(name, *args, timeout=120):
     return subprocess.run([sys.executable, os.path.join(REPO, "tools", name), *args], cwd=REPO,
-                          env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=120)
+                          env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize(
@@ -49,3 +49,93 @@ def test_base_cycle_and_missing_weights(tmp_path):
     result = run_tool("eval.py", "-c", os.path.join(REPO, "configs", "lenet_digits.yml"),
                       "-o", f"weights={tmp_path / 'nope.pdparams'}")
     assert result.returncode == 2 and f"weights: {tmp_path / 'nope.pdparams'} does not exist" in result.stderr
+
+
+def one_error_line(result):
+    """The single `error: ...` line of a tool that stopped on bad input (exit 2, no traceback)."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    return lines[0]
+
+
+def in_process(main, *args, capsys):
+    """A tool's main run in this process (fast: no Paddle import per call) with the exit status and
+    its one error line, checked like one_error_line."""
+    status = main(list(args))
+    err = capsys.readouterr().err
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_unknown_config_name_suggests_the_closest_and_lists_the_packaged_ones(capsys):
+    from paddle_ema.engine.cli import eval_main, train_main
+
+    shipped = ", ".join(sorted(name[:-4] for name in os.listdir(os.path.join(REPO, "configs"))
+                               if name.endswith(".yml")))
+    line = one_error_line(run_tool("train.py", "-c", "lenet_digit"))
+    assert line == ("error: -c lenet_digit: no such file, and no packaged config of that name; did you mean "
+                    f"lenet_digits? packaged configs: {shipped} (or give the path of a YAML config)")
+    line = in_process(train_main, "-c", "configs/lenet_digit.yml", capsys=capsys)
+    assert line.startswith("error: -c configs/lenet_digit.yml: no such file, and no packaged config of that name; "
+                           "did you mean lenet_digits? packaged configs: ")
+    line = in_process(eval_main, "-c", "zzzz", capsys=capsys)
+    assert line == f"error: -c zzzz: no such file, and no packaged config of that name; packaged configs: {shipped} " \
+                   "(or give the path of a YAML config)"  # nothing close: no guess
+
+
+def test_eval_and_export_before_training_say_to_train_first(tmp_path, capsys):
+    from paddle_ema.engine.cli import export_main
+
+    weights = tmp_path / "lenet_digits" / "model_final.pdparams"
+    line = one_error_line(run_tool("eval.py", "-c", "configs/lenet_digits.yml", "-o", f"output_dir={tmp_path}"))
+    assert line == (f"error: {weights} does not exist: train first (python {os.path.join(REPO, 'tools', 'train.py')} "
+                    f"-c configs/lenet_digits.yml -o output_dir={tmp_path}), or point -o weights=PATH at a .pdparams "
+                    "file")
+    config = os.path.join(REPO, "configs", "lenet_digits.yml")
+    line = in_process(export_main, "-c", config, "-o", f"output_dir={tmp_path}", "--output_dir",
+                      str(tmp_path / "inference"), capsys=capsys)
+    assert line == (f"error: {weights} does not exist: train first (python tools/train.py -c {config} -o "
+                    f"output_dir={tmp_path}), or point -o weights=PATH at a .pdparams file")
+    assert not os.listdir(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """Two epochs of the default config with ema_decay 0.9, in a folder of their own."""
+    out = tmp_path_factory.mktemp("short")
+    # The first run that trains may build the fused kernel (minutes on a busy machine).
+    result = run_tool("train.py", "-c", "configs/lenet_digits.yml", "-o", "epoch=2", "ema_decay=0.9",
+                      f"output_dir={out}", timeout=900)
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_resume_from_a_file_or_folder_that_is_no_checkpoint(short_run, capsys):
+    from paddle_ema.engine.cli import train_main
+
+    run = short_run / "lenet_digits"
+    options = ["-c", os.path.join(REPO, "configs", "lenet_digits.yml"), "-o", "epoch=2", "ema_decay=0.9",
+               f"output_dir={short_run}"]
+    expected = ("error: -r {given}: {given} is {kind}, not a checkpoint: give a checkpoint's path without suffix, "
+                f"like {run / 'model_final'}, or -r auto for this run's newest; complete checkpoints in {run}: 0, "
+                "model_final")
+    line = one_error_line(run_tool("train.py", *options, "-r", "README.md"))
+    assert line == expected.format(given="README.md", kind="a file")
+    for folder in (run, short_run):
+        line = in_process(train_main, *options, "-r", str(folder), capsys=capsys)
+        assert line == expected.format(given=folder, kind="a folder")
+
+
+def test_resume_with_other_ema_settings_names_the_override_that_resumes(short_run):
+    stem = short_run / "lenet_digits" / "0"
+    common = ["-c", "configs/lenet_digits.yml", "-o", "epoch=2", f"output_dir={short_run}", "-r", str(stem)]
+    line = one_error_line(run_tool("train.py", *common))
+    assert line == (f"error: -r {stem}: the EMA state does not fit this EMA: setting schedule.decay: 0.9 in the "
+                    "state, 0.99 here; the checkpoint was trained with ema_decay: 0.9 (0.99 here): resume it with "
+                    "-o ema_decay=0.9, or train the new settings into another output_dir (-o output_dir=...)")
+    resumed = run_tool("train.py", *common[:3], "ema_decay=0.9", *common[3:])  # what the line says to do
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {stem}: epoch 1, step 85" in resumed.stdout

@@ -2,12 +2,7 @@
 
 import os
 import sys
-import warnings
 
-# Paddle warns at import about ccache, which only matters for building custom ops, and its C++
-# side logs executor notices at INFO level; neither concerns the user's run.
-warnings.filterwarnings("ignore", message="No ccache found")
-os.environ.setdefault("GLOG_minloglevel", "2")
 # Like PaddleDetection's tools/: make the repository's paddle_ema importable without installing it.
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
 

@@ -9,6 +9,7 @@ out of memory. Anything else is a bug and keeps its traceback.
 
 import argparse
 import os
+import shlex
 import signal
 import sys
 import time
@@ -22,7 +23,8 @@ __all__ = ["train_main", "eval_main", "export_main", "average_main", "posthoc_ma
 
 def _quiet():
     # Paddle's notices that say nothing about the user's run: ccache (custom-op builds only) and
-    # BatchNorm's "we now always track global mean and variance" on every training forward.
+    # BatchNorm's "we now always track global mean and variance" on every training forward. Set
+    # inside _run's catch_warnings: a caller's own filters are back once the tool returns.
     warnings.filterwarnings("ignore", message="No ccache found")
     warnings.filterwarnings("ignore", message="When training, we now always track global mean and variance")
 
@@ -56,7 +58,12 @@ def _error_exit(line):
 
 
 def _run(main, argv):
-    _quiet()
+    with warnings.catch_warnings():
+        _quiet()
+        return _run_quietly(main, argv)
+
+
+def _run_quietly(main, argv):
     if hasattr(signal, "SIGXFSZ"):
         # Past a file-size limit (ulimit -f) the kernel would kill the process without a word; ignored,
         # the write fails with EFBIG instead, which is reported like any other OSError.
@@ -83,12 +90,68 @@ def _parser(description, config_required=True):
     return parser
 
 
+TOOL_FILES = ("train.py", "eval.py", "export_model.py", "average_checkpoints.py", "posthoc_ema.py")
+
+
+def _command(tool):
+    """How the user runs `tool` ('train', ...), the way this process was started: paddle-ema-train,
+    or python <the folder of this tools/*.py>/train.py."""
+    from .._require import COMMAND_PREFIX
+
+    started = sys.argv[0] if sys.argv else ""
+    if os.path.basename(started).startswith(COMMAND_PREFIX):
+        return f"{COMMAND_PREFIX}{tool}"
+    folder = os.path.dirname(started) if os.path.basename(started) in TOOL_FILES else "tools"
+    return f"python {os.path.join(folder, tool + '.py')}"
+
+
+def _missing_config(given):
+    """The error for a -c that is neither a file nor a packaged config: did-you-mean and the list."""
+    import difflib
+    from pathlib import Path
+
+    from ..config.packaged import packaged_configs
+
+    names = packaged_configs()
+    stem = Path(given).stem if Path(given).suffix in (".yml", ".yaml") else Path(given).name
+    close = difflib.get_close_matches(stem, names, n=1)
+    guess = f"did you mean {close[0]}? " if close else ""
+    shipped = f"packaged configs: {', '.join(names)}" if names else "no packaged configs are installed"
+    return ConfigError(f"-c {given}: no such file, and no packaged config of that name; {guess}{shipped} "
+                       "(or give the path of a YAML config)")
+
+
 def _config(args):
     from ..config.packaged import resolve_config
     from . import read_config
 
+    args.given_config = args.config
     args.config = resolve_config(args.config)  # a path, or the name of a shipped config
+    if not os.path.exists(args.config):
+        raise _missing_config(args.given_config)
     return read_config(args.config, args.opt)
+
+
+def _check_resume_target(resume, run_dir):
+    """A ConfigError when -r names an existing file or folder that cannot be a checkpoint's path
+    (README.md, a run folder): the line says what -r takes and lists the checkpoints there are."""
+    from ..checkpoint import complete_checkpoints
+    from .run_checkpoints import checkpoint_stem
+    from .trainer import RESUME_AUTO
+
+    if resume == RESUME_AUTO:
+        return
+    is_folder = os.path.isdir(resume)
+    if not is_folder and not (os.path.isfile(resume) and checkpoint_stem(resume) == resume):
+        return
+    folder = resume if is_folder and complete_checkpoints(resume, ".pdopt") else run_dir
+    stems = complete_checkpoints(folder, ".pdopt")
+    example = stems[-1] if stems else os.path.join(run_dir, "5")
+    there = (f"; complete checkpoints in {folder}: {', '.join(os.path.basename(s) for s in stems)}" if stems
+             else f"; {run_dir} holds no complete checkpoint yet")
+    raise ConfigError(f"-r {resume}: {resume} is {'a folder' if is_folder else 'a file'}, not a checkpoint: give "
+                      f"a checkpoint's path without suffix, like {example}, or -r auto for this run's newest"
+                      f"{there}")
 
 
 def _train(argv):
@@ -108,6 +171,8 @@ def _train(argv):
     from .runs import build_trainer
 
     name = run_name(args.config)
+    if args.resume is not None:
+        _check_resume_target(args.resume, os.path.join(cfg["output_dir"], name))
     vdl = None
     if args.use_vdl or args.vdl_log_dir:
         vdl = args.vdl_log_dir or os.path.join(cfg["output_dir"], name, "vdl")
@@ -116,9 +181,17 @@ def _train(argv):
 
 
 def _weights(cfg, args):
+    """The weights file to read: -o weights, else the run's model_final, which training must have written."""
     from .builders import run_name
 
-    return cfg["weights"] or os.path.join(cfg["output_dir"], run_name(args.config), "model_final.pdparams")
+    if cfg["weights"]:
+        return cfg["weights"]
+    path = os.path.join(cfg["output_dir"], run_name(args.config), "model_final.pdparams")
+    if not os.path.exists(path):
+        overrides = "".join(f" {shlex.quote(o)}" for o in args.opt)
+        train = f"{_command('train')} -c {shlex.quote(args.given_config)}" + (f" -o{overrides}" if overrides else "")
+        raise ConfigError(f"{path} does not exist: train first ({train}), or point -o weights=PATH at a .pdparams file")
+    return path
 
 
 def _eval(argv):
@@ -144,8 +217,9 @@ def _export(argv):
     from .export import export_model
     from .builders import run_name
 
+    weights = _weights(cfg, args)  # before anything is created: no trained run, no empty output folder
     check_writable(args.output_dir, "--output_dir")
-    prefix, max_diff = export_model(cfg, _weights(cfg, args), os.path.join(args.output_dir, run_name(args.config)))
+    prefix, max_diff = export_model(cfg, weights, os.path.join(args.output_dir, run_name(args.config)))
     folder, stem = os.path.split(prefix)
     files = ", ".join(sorted(f for f in os.listdir(folder or ".") if f.startswith(stem + ".")))
     print(f"exported {prefix} ({files}); reloaded predictions match (max |diff| {max_diff:.3g})")

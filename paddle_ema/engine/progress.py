@@ -3,19 +3,66 @@
 Rate and ETA measure training steps only. Not timed: the first step of a run (warm-up: Paddle's
 first kernels, a first build of the fused EMA kernel), the first step after an epoch change
 (its interval holds the snapshot: evaluation, checkpoints), and anything inside `paused()`.
+
+On a terminal the line is fitted to its width: the fields in the order of the plain lines (epoch,
+iter, loss, lr, ema_decay, img/s, eta), as many whole fields as fit, then the bar itself when at
+least MIN_BAR columns are left. Nothing is cut inside a field.
 """
 
 import contextlib
-import shutil
+import os
 import sys
 import time
+from typing import List
 
 __all__ = ["Progress"]
+
+# The narrowest bar worth drawing, and the width assumed where a terminal reports none.
+MIN_BAR = 10
+DEFAULT_COLUMNS = 100
+_BAR_FORMAT = "{desc} {percentage:3.0f}%|{bar}|"
 
 
 def _clock(seconds):
     seconds = int(max(0, seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def _terminal_size(stream):
+    """(columns, lines) of the terminal `stream` writes to, COLUMNS/LINES first; 0 where unknown
+    (a pseudo-terminal that was given no size reports 0 too)."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+        columns, lines = size.columns, size.lines
+    except (AttributeError, OSError, ValueError):
+        columns, lines = 0, 0
+    for name in ("COLUMNS", "LINES"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            if name == "COLUMNS":
+                columns = int(value)
+            else:
+                lines = int(value)
+    return columns, lines
+
+
+def fit_fields(fields: List[str], columns: int) -> str:
+    """The leading whole fields that fit in a width.
+
+    Args:
+        fields: the texts to show, in order.
+        columns: the width.
+
+    Returns:
+        As many leading fields as fit in `columns`, joined by spaces; never a field cut short.
+    """
+    line = ""
+    for field in fields:
+        longer = f"{line} {field}" if line else field
+        if len(longer) > columns:
+            break
+        line = longer
+    return line
 
 
 class Progress:
@@ -30,11 +77,15 @@ class Progress:
         if use_bar:
             from tqdm import tqdm
 
-            # A pseudo-terminal without a size reports 0 columns and rows, where tqdm draws nothing.
-            size = shutil.get_terminal_size((0, 0))
-            sized = size.columns > 0 and size.lines > 0
+            # The width is this class's (see columns()); tqdm gets it on every step. A terminal
+            # that reports no rows would make tqdm draw nothing.
+            lines = _terminal_size(self.stream)[1]
             self.bar = tqdm(total=total_steps, initial=done_steps, file=self.stream, unit="it",
-                            dynamic_ncols=sized, ncols=None if sized else 100, nrows=None if sized else 24)
+                            dynamic_ncols=False, ncols=self.columns(), nrows=lines or 24, bar_format="{desc}")
+
+    def columns(self):
+        """The width the bar's line is fitted to: the terminal's, or DEFAULT_COLUMNS where unknown."""
+        return _terminal_size(self.stream)[0] or DEFAULT_COLUMNS
 
     @contextlib.contextmanager
     def paused(self):
@@ -62,17 +113,25 @@ class Progress:
         self.done += 1
         timed = self._time_step(epoch)
         rate = self.rate()
-        text = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        head = [f"epoch {epoch + 1}/{epochs}", f"iter {iteration + 1}/{iterations}",
+                *(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items())]
+        tail = [f"{rate * batch_size:.0f} img/s", f"eta {_clock(eta)}"]
         if self.bar is not None:
-            self.bar.set_description(f"epoch {epoch + 1}/{epochs}", refresh=False)
-            self.bar.set_postfix_str(f"{text} {rate * batch_size:.0f} img/s", refresh=False)
-            if not timed:
-                self.bar.unpause()  # tqdm's own rate and ETA skip the interval up to now
-            self.bar.update(1)
+            self._draw(head + tail, timed)
         elif (iteration + 1) % self.log_iter == 0 or iteration + 1 == iterations:
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            print(f"epoch {epoch + 1}/{epochs} iter {iteration + 1}/{iterations} {text} "
-                  f"{rate:.1f} it/s {rate * batch_size:.0f} img/s eta {_clock(eta)}", file=self.stream, flush=True)
+            print(" ".join(head + [f"{rate:.1f} it/s"] + tail), file=self.stream, flush=True)
+
+    def _draw(self, fields, timed):
+        columns = self.columns()
+        line = fit_fields(fields, columns)
+        room = columns - len(line) - len(" 100%||")
+        self.bar.ncols = columns
+        self.bar.bar_format = _BAR_FORMAT if room >= MIN_BAR and len(line) == len(" ".join(fields)) else "{desc}"
+        self.bar.set_description_str(line, refresh=False)
+        if not timed:
+            self.bar.unpause()  # tqdm's own clock skips the interval up to now
+        self.bar.update(1)
 
     def write(self, line):
         if self.bar is not None:

@@ -1,8 +1,9 @@
 """What a run reports: VisualDL scalars, the end-of-run summary table and a PNG of the curves."""
 
 import os
+from typing import Any, Dict, List, Optional
 
-__all__ = ["ScalarLog", "summary_table", "plot_curves", "TAGS"]
+__all__ = ["ScalarLog", "summary_table", "output_lines", "plot_curves", "TAGS"]
 
 TAGS = {
     "loss": "train/loss",
@@ -20,6 +21,7 @@ class ScalarLog:
 
     def __init__(self, vdl_log_dir=None):
         self.series = {tag: [] for tag in TAGS.values()}
+        self.logdir = vdl_log_dir or None
         self.writer = None
         if vdl_log_dir:
             from visualdl import LogWriter
@@ -71,6 +73,45 @@ def summary_table(history):
         final = history[-1]
         lines.append(f"final: raw {final['raw_acc']:.4f}, EMA {final['ema_acc']:.4f}"
                      + (f", SWA {final['swa_acc']:.4f}" if final.get("swa_acc") is not None else ""))
+    return lines
+
+
+def output_lines(run_dir: str, epochs: int, snapshot_epoch: int, has_ema: bool, best: Optional[Dict[str, Any]] = None,
+                 curves: Optional[str] = None, vdl_log_dir: Optional[str] = None) -> List[str]:
+    """The end-of-run lines that name every output of a run, and say how to get the missing ones.
+
+    Args:
+        run_dir: the run folder (<output_dir>/<config name>).
+        epochs: the config's `epoch`.
+        snapshot_epoch: the config's `snapshot_epoch` (a checkpoint every that many epochs).
+        has_ema: whether the run keeps an EMA (then .pdparams hold it and .pdema the raw weights).
+        best: the best evaluation row ({'epoch', 'ema_acc' or 'raw_acc'}), None without --eval.
+        curves: the path of curves.png, None when none was drawn.
+        vdl_log_dir: the VisualDL log folder, None without one.
+
+    Returns:
+        Lines "what:  path (note)".
+    """
+    def path(name):
+        return os.path.join(run_dir, name)
+
+    numbered = [str(epoch) for epoch in range(epochs - 1) if (epoch + 1) % snapshot_epoch == 0]
+    shown = numbered if len(numbered) <= 3 else numbered[:2] + ["...", numbered[-1]]
+    last = path(numbered[-1]) if numbered else path("model_final")
+    kind = "EMA weights; the raw weights: model_final.pdema" if has_ema else "the weights"
+    lines = [f"final weights:  {path('model_final.pdparams')} ({kind})"]
+    if best is not None:
+        key = "ema_acc" if has_ema else "raw_acc"
+        label = "EMA acc" if has_ema else "acc"
+        lines.append(f"best weights:   {path('best_model.pdparams')} (epoch {best['epoch'] + 1}, {label} "
+                     f"{best[key]:.4f})")
+    else:
+        lines.append("best weights:   none (--eval evaluates every snapshot and keeps the best as best_model)")
+    names = f"{', '.join(shown)} and model_final" if shown else "model_final"
+    lines.append(f"checkpoints:    {names} in {run_dir} (resume: -r {last}, or -r auto for the newest)")
+    lines.append(f"curves:         {curves}" if curves else "curves:         none (drawn with --eval or --use_vdl)")
+    lines.append(f"VisualDL log:   {vdl_log_dir} (visualdl --logdir {vdl_log_dir})" if vdl_log_dir else
+                 "VisualDL log:   none (--use_vdl writes one)")
     return lines
 
 

@@ -11,6 +11,7 @@ so it continues bit for bit, the EMA included. Each checkpoint ends with a manif
 """
 
 import os
+from typing import Any, Dict, Optional
 
 import numpy as np
 import paddle
@@ -20,7 +21,8 @@ from ..checkpoint import save_checkpoint as _save_files
 from ..errors import CheckpointError, IncompatibleStateError
 
 __all__ = ["atomic_save", "copy_state", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights", "check_fits",
-           "run_identity", "check_same_run", "load_state_dict", "newest_resumable", "save_weights_file"]
+           "run_identity", "check_same_run", "ema_keys", "ema_resume_hint", "load_state_dict", "newest_resumable",
+           "save_weights_file"]
 
 SUFFIXES = (".pdparams", ".pdema", ".pdopt")
 # What a .pdopt of tools/train.py holds, and the types its entries must have to be resumed.
@@ -173,6 +175,54 @@ def check_same_run(saved, cfg, path):
                    for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
     if differences:
         raise CheckpointError(f"-r {path}: the checkpoint comes from another config ({'; '.join(differences)})")
+
+
+def ema_keys(cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The config's EMA keys (ema_*, cycle_epoch), which a checkpoint records: when its EMA state does
+    not fit a resumed run's EMA, the error can name the -o that would.
+
+    Args:
+        cfg: a complete config (read_config's).
+
+    Returns:
+        {key: value} of those keys.
+    """
+    return {key: value for key, value in cfg.items() if key.startswith("ema_") or key == "cycle_epoch"}
+
+
+def _yaml_word(value):
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_yaml_word(v) for v in value) + "]"
+    return str(value)
+
+
+def ema_resume_hint(saved: Optional[Dict[str, Any]], cfg: Dict[str, Any]) -> str:
+    """What to do when a checkpoint's EMA state does not fit `cfg`'s EMA.
+
+    Args:
+        saved: the EMA keys the checkpoint recorded (`ema_keys`), None in an older checkpoint.
+        cfg: the config of the run that resumes.
+
+    Returns:
+        '; the checkpoint was trained with K: V (W here): resume it with -o K=V, ...', or '' when the
+        checkpoint recorded no keys or none differ.
+    """
+    import shlex
+
+    if not isinstance(saved, dict):
+        return ""
+    current = ema_keys(cfg)
+    changed = [key for key in sorted(current) if key in saved and saved[key] != current[key]]
+    if not changed:
+        return ""
+    there = ", ".join(f"{key}: {_yaml_word(saved[key])} ({_yaml_word(current[key])} here)" for key in changed)
+    fix = " ".join(shlex.quote(f"{key}={_yaml_word(saved[key])}") for key in changed)
+    return (f"; the checkpoint was trained with {there}: resume it with -o {fix}, or train the new settings "
+            f"into another output_dir (-o output_dir=...)")
 
 
 def load_weights(model, path):

@@ -26,14 +26,14 @@ from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, Paddle
 from ..selection import batchnorm_statistic_names
 from .averages import weights_loaded
 from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
-from .run_checkpoints import (check_fits, check_same_run, copy_state, load_resume_state, newest_resumable,
-                              run_identity, save_checkpoint)
+from .run_checkpoints import (check_fits, check_same_run, copy_state, ema_keys, ema_resume_hint, load_resume_state,
+                              newest_resumable, run_identity, save_checkpoint)
 from .data import batches
 from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, relative_distance
 from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
 from .progress import Progress
-from .report import ScalarLog, plot_curves, summary_table
+from .report import ScalarLog, output_lines, plot_curves, summary_table
 from .run_folder import RunLock, check_writable, remove_created
 
 # `-r auto`: resume from the newest complete checkpoint of this run, or start fresh without one.
@@ -132,6 +132,7 @@ class Trainer:
             "best": self.best,
             "scalars": self.log.state_dict(),
             "run": run_identity(self.cfg),
+            "ema_config": ema_keys(self.cfg),
             "swa": None if self.swa is None else self.swa.state_dict(),
             "posthoc": None if self.posthoc is None else self.posthoc.state_dict(),
         }
@@ -144,7 +145,13 @@ class Trainer:
         if self.ema is not None:
             if not isinstance(state.get("ema"), dict):
                 raise ConfigError(f"-r {path}: the checkpoint was trained without EMA; use_ema is on here")
-            self._restore(path, "EMA", lambda: self.ema.set_state_dict(state["ema"]))
+            try:
+                self._restore(path, "EMA", lambda: self.ema.set_state_dict(state["ema"]))
+            except IncompatibleStateError as exc:
+                hint = ema_resume_hint(state.get("ema_config"), self.cfg)
+                if not hint:
+                    raise
+                raise IncompatibleStateError(f"-r {path}: {exc}{hint}") from None
         for name, average in (("swa", self.swa), ("posthoc", self.posthoc)):
             if average is not None:
                 if state.get(name) is None:
@@ -339,8 +346,10 @@ class Trainer:
         lines = summary_table(self.history)
         for line in lines:
             print(line, flush=True)
+        curves = None
         if self.history or self.log.writer is not None:
-            path = plot_curves(self.log.series, self.steps_per_epoch, os.path.join(self.output_dir, "curves.png"))
-            print(f"curves: {path}", flush=True)
-        print(f"checkpoints: {self.output_dir}", flush=True)
+            curves = plot_curves(self.log.series, self.steps_per_epoch, os.path.join(self.output_dir, "curves.png"))
+        for line in output_lines(self.output_dir, self.cfg["epoch"], self.cfg["snapshot_epoch"], self.ema is not None,
+                                 self.best, curves, self.log.logdir):
+            print(line, flush=True)
         return self.history

@@ -24,6 +24,7 @@ import sys
 import sysconfig
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import List, Optional
@@ -43,6 +44,10 @@ HEADERS = ("ema_compat.h", "ema_half.h", "ema_ops.h", "ema_parallel.h", "ema_seg
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 CUDA_FLAGS = ["-O3", "--fmad=false"]
 BUILD_TIMEOUT_S = 900
+# What a first build costs, as docs/install.md measured it; shown while the compiler runs.
+USUAL_BUILD_TIME = "usually under 2 minutes, more on a busy machine"
+# While compiling: on a terminal one line rewritten every second, otherwise a line this often.
+PROGRESS_EVERY_S = 10.0
 # Set to 1 to try again a build that failed before (the failure is remembered otherwise).
 REBUILD_ENV = "PADDLE_EMA_REBUILD"
 
@@ -207,6 +212,60 @@ setup(
 """
 
 
+class _BuildProgress:
+    """Says on `stream` that the compiler is still running and for how long: a line rewritten once
+    a second on a terminal, a new line every PROGRESS_EVERY_S seconds otherwise (a log file)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        isatty = getattr(stream, "isatty", None)
+        self.tty = bool(isatty and isatty())
+        self.every = 1.0 if self.tty else PROGRESS_EVERY_S
+        self.shown, self.width = 0.0, 0
+
+    def _show(self, text, end=""):
+        if self.tty:
+            self.stream.write("\r" + text.ljust(self.width) + end)
+            self.width = len(text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def tick(self, elapsed):
+        """The compiler has run `elapsed` seconds; shows it when the next update is due."""
+        if elapsed - self.shown >= self.every:
+            self.shown = elapsed
+            self._show(f"paddle_ema: still compiling, {elapsed:.0f} s ({USUAL_BUILD_TIME})")
+
+    def done(self, elapsed, ok):
+        """The compiler has finished (ok) or failed, after `elapsed` seconds."""
+        self._show(f"paddle_ema: compiled in {elapsed:.0f} s" if ok else
+                   f"paddle_ema: compiling failed after {elapsed:.0f} s", end="\n")
+
+
+def _wait(process, progress, timeout, clock=time.monotonic, poll_s=1.0):
+    """`process`'s exit status, with `progress` told the elapsed time while it runs; BuildError
+    (the process killed) once it runs past `timeout` seconds."""
+    start = clock()
+    try:
+        while True:
+            try:
+                status = process.wait(timeout=poll_s)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = clock() - start
+                if elapsed > timeout:
+                    raise BuildError(f"the compiler did not finish within {timeout} s") from None
+                progress.tick(elapsed)
+    except BaseException:
+        process.kill()
+        process.wait()
+        progress.done(clock() - start, ok=False)
+        raise
+    progress.done(clock() - start, ok=status == 0)
+    return status
+
+
 def _compile(target):
     """Compile the sources into `target` (written by an atomic rename)."""
     cuda = with_cuda()
@@ -235,20 +294,20 @@ def _compile(target):
                 out=str(out),
             )
         )
-        try:
-            result = subprocess.run(
-                [sys.executable, "setup.py", "build"],
-                cwd=work,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                timeout=BUILD_TIMEOUT_S,
-            )
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            raise BuildError(f"the compiler could not run: {exc}") from None
+        # The compiler's output goes to a file, read once it has finished: a pipe nobody reads
+        # while the progress loop waits could fill and stall the build.
+        with open(work / "build.log", "w+", encoding="utf-8", errors="replace") as log:
+            try:
+                process = subprocess.Popen([sys.executable, "setup.py", "build"], cwd=work, stdout=log,
+                                           stderr=subprocess.STDOUT)
+            except OSError as exc:
+                raise BuildError(f"the compiler could not run: {exc}") from None
+            status = _wait(process, _BuildProgress(sys.stderr), BUILD_TIMEOUT_S)
+            log.seek(0)
+            output = log.read()
         built = sorted(out.glob("*.so")) if out.is_dir() else []
-        if result.returncode != 0 or not built:
-            tail = "\n".join(result.stdout.strip().splitlines()[-15:])
+        if status != 0 or not built:
+            tail = "\n".join(output.strip().splitlines()[-15:])
             raise BuildError(f"compiling {', '.join(p.name for p in _sources(cuda))} failed:\n{tail}")
         os.replace(built[0], target)
     finally:
@@ -302,8 +361,6 @@ def clean_stale(keep: Path) -> List[Path]:
     Returns:
         The paths removed.
     """
-    import time
-
     folder, prefix = keep.parent, keep.name.rsplit("-", 1)[0] + "-"
     name_, version, _, device, _ = keep.stem.split("-")
     legacy = f"{name_}-{version}-{device}-"  # paddle_ema 0.1's names, which had no Python version
