@@ -16,6 +16,7 @@ import os
 import re
 import warnings
 import weakref
+import zipfile
 from collections import OrderedDict
 from typing import Any, Dict, Optional, Tuple
 
@@ -253,14 +254,15 @@ class EMACallback(TrainerCallback):
             return
         folder = os.path.join(args.output_dir, self.export_dir)
         model = kwargs["model"]
+        main = dist.get_rank() == 0
         with self.ema.apply():  # collective when sharded
-            if dist.get_rank() == 0:
-                if isinstance(model, PretrainedModel):
-                    model.save_pretrained(folder)
-                else:
-                    os.makedirs(folder, exist_ok=True)
-                    _atomic_write(os.path.join(folder, "model_state.pdparams"),
-                                  lambda path: paddle.save(model.state_dict(), path))
+            if isinstance(model, PretrainedModel):
+                # As the trainer calls it for its Hugging Face exports: on every rank, in the run's format.
+                model.save_pretrained(folder, is_main_process=main, save_checkpoint_format=args.save_checkpoint_format)
+            elif main:
+                os.makedirs(folder, exist_ok=True)
+                _atomic_write(os.path.join(folder, "model_state.pdparams"),
+                              lambda path: paddle.save(model.state_dict(), path))
 
 
 def _ema_prefix(prefix: str) -> str:
@@ -373,7 +375,7 @@ def _read_part(path):
                 raise ValueError(f"version {meta.get('version')!r}, this paddle_ema reads version {_VERSION}")
             names, owned = meta["names"], meta["owned"]
             arrays = {name: np.asarray(data[f"average_{names.index(name)}"]) for name in owned}
-    except (OSError, ValueError, KeyError, TypeError, EOFError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path} cannot be read as an EMA state: {exc}") from None
     return meta, arrays
 

@@ -87,6 +87,9 @@ class Recorder(TrainerCallback):
         self.steps, self.evaluations, self.substeps = {}, [], 0
         self.keep, self.keep_dir = keep, keep_dir
 
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.on_step_end(args, state, control, model=model)  # the starting (or resumed) weights
+
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self.steps[state.global_step] = {n: p.numpy().copy() for n, p in model.named_parameters()}
 
@@ -104,6 +107,22 @@ class Recorder(TrainerCallback):
 
 def run(config):
     """Train as `config` says; returns (trainer, callback, recorder) and writes OUT/rank<r>.npz."""
+    # Fresh names for parameters and optimizer accumulators (linear_0.w_0_moment1_0, ...) in every
+    # run of a process: the optimizer's checkpointed state is keyed by them.
+    synchronize = paddle.device.synchronize
+    if config.get("accumulate", 1) > 1 and not paddle.is_compiled_with_cuda():
+        # PaddleFormers 1.2.0 calls paddle.device.synchronize() before the optimizer step under
+        # gradient accumulation, and a CPU-only Paddle raises there ("device should be gpu, xpu");
+        # on the CPU there is nothing to wait for.
+        paddle.device.synchronize = lambda device=None: None
+    try:
+        with paddle.utils.unique_name.guard():
+            return _run(config)
+    finally:
+        paddle.device.synchronize = synchronize
+
+
+def _run(config):
     paddle.set_device("cpu")
     out = config["out"]
     paddle.seed(config.get("model_seed", 3))
@@ -153,6 +172,31 @@ def run(config):
     arrays.update({f"final/{n}": p.numpy() for n, p in model.named_parameters()})
     np.savez(os.path.join(out, f"rank{dist.get_rank()}.npz"), meta=np.array(json.dumps(meta)), **arrays)
     return trainer, callback, recorder
+
+
+def read_rank(out, rank=0):
+    """What run() wrote for one rank: (meta, {step: {name: weights}}, {name: final raw weights})."""
+    with np.load(os.path.join(out, f"rank{rank}.npz")) as data:
+        meta = json.loads(str(data["meta"]))
+        steps, final = {}, {}
+        for key in data.files:
+            if key.startswith("step"):
+                step, name = key[len("step"):].split("/", 1)
+                steps.setdefault(int(step), {})[name] = data[key]
+            elif key.startswith("final/"):
+                final[key[len("final/"):]] = data[key]
+    return meta, steps, final
+
+
+def loss64(weights, n=16, seed=1):
+    """The mean cross entropy of the network with `weights` on the eval set, in float64 numpy."""
+    x, y = dataset(n, seed)
+    w = {k: np.asarray(v, np.float64) for k, v in weights.items()}
+    hidden = np.maximum(x.astype(np.float64) @ w["fc1.weight"] + w["fc1.bias"], 0.0)
+    logits = hidden @ w["fc2.weight"] + w["fc2.bias"]
+    logits -= logits.max(axis=1, keepdims=True)
+    log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+    return float(-log_probs[np.arange(n), y].mean())
 
 
 if __name__ == "__main__":
