@@ -240,6 +240,10 @@ class EMACallback(TrainerCallback):
                           stacklevel=2)
             return
         _write_state(self.ema, folder, state.global_step)
+        if self.ema.is_sharded and dist.get_world_size() > 1:
+            # Every part is on disk before any rank goes on: callbacks after this one (a copy, an
+            # upload) and a crash right after see the whole set.
+            dist.barrier()
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Export the final EMA weights (every rank takes part; rank 0 writes).
