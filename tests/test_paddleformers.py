@@ -7,6 +7,7 @@ checked against a float64 replay of the raw weights recorded after each optimize
 
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -292,3 +293,28 @@ def test_bad_options_and_unsupported_layouts_are_refused_in_one_line():
     with pytest.raises(ConfigError) as excinfo:
         callback.on_train_begin(None, None, None, model=paddle.nn.Linear(2, 2))
     assert "must be called by a paddleformers Trainer" in one_line(excinfo)
+
+
+def test_the_docs_example_runs(tmp_path, monkeypatch):
+    page = Path(__file__).resolve().parents[1] / "docs" / "paddleformers.md"
+    blocks = re.findall(r"```py\n(.*?)```", page.read_text(encoding="utf-8"), flags=re.S)
+    assert len(blocks) == 1
+    monkeypatch.chdir(tmp_path)
+    namespace = {"__name__": "__main__"}
+    with paddle.utils.unique_name.guard():
+        exec(compile(blocks[0], str(page), "exec"), namespace)
+    metrics = namespace["metrics"]
+    assert "eval_ema_loss" in metrics and metrics["eval_ema_loss"] != metrics["eval_loss"]
+    callback, = [cb for cb in namespace["trainer"].callback_handler.callbacks if isinstance(cb, EMACallback)]
+    assert callback.ema.num_updates == 8
+    assert_bitwise(numpy_weights(namespace["weights"]), {n: callback.ema.average(n).numpy() for n in callback.ema.names})
+
+
+def test_importing_paddle_ema_imports_no_paddleformers():
+    import subprocess
+
+    code = "import sys, paddle_ema, paddle_ema.integrations; print(sorted(m for m in sys.modules if 'paddleformers' in m))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
