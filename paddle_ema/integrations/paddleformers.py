@@ -239,7 +239,7 @@ class EMACallback(TrainerCallback):
             warnings.warn(f"EMACallback: the trainer wrote no {folder}; the EMA state is not saved", RuntimeWarning,
                           stacklevel=2)
             return
-        _write_state(self.ema, folder, state.global_step)
+        _write_state(self.ema, folder, state.global_step, self.options.get("group"))
         if self.ema.is_sharded and dist.get_world_size() > 1:
             # Every part is on disk before any rank goes on: callbacks after this one (a copy, an
             # upload) and a crash right after see the whole set.
@@ -333,10 +333,13 @@ def _atomic_write(path, write):
             os.remove(temporary)
 
 
-def _write_state(ema, folder, step):
-    """This rank's part of the EMA state, as one .npz file (no pickle: reading it runs no code)."""
+def _write_state(ema, folder, step, group=None):
+    """This rank's part of the EMA state, as one .npz file (no pickle: reading it runs no code).
+
+    A sharded EMA's parts are numbered by the rank in its group; ranks of different groups that
+    keep the same part hold the same averages (data parallel) and write the same file."""
     if ema.is_sharded:
-        part, parts = dist.get_rank(), dist.get_world_size()
+        part, parts = (group.rank, group.nranks) if group is not None else (dist.get_rank(), dist.get_world_size())
     elif dist.get_rank() == 0:
         part, parts = 0, 1
     else:
@@ -351,7 +354,8 @@ def _write_state(ema, folder, step):
         "settings": ema.settings(),
         **{key: getattr(ema, key) for key in _COUNTERS},
     }
-    arrays = {f"average_{ema.names.index(name)}": ema.average(name).numpy() for name in owned}
+    index = {name: i for i, name in enumerate(ema.names)}
+    arrays = {f"average_{index[name]}": ema.average(name).numpy() for name in owned}
     # A set with another number of parts (a run that wrote this step before, with other ranks)
     # is removed first: a folder never holds two sets.
     for entry in os.listdir(folder):
@@ -377,8 +381,8 @@ def _read_part(path):
                 raise ValueError("not an EMA state file")
             if meta.get("version") != _VERSION:
                 raise ValueError(f"version {meta.get('version')!r}, this paddle_ema reads version {_VERSION}")
-            names, owned = meta["names"], meta["owned"]
-            arrays = {name: np.asarray(data[f"average_{names.index(name)}"]) for name in owned}
+            index = {name: i for i, name in enumerate(meta["names"])}
+            arrays = {name: np.asarray(data[f"average_{index[name]}"]) for name in meta["owned"]}
     except (OSError, ValueError, KeyError, TypeError, EOFError, zipfile.BadZipFile) as exc:
         raise CheckpointError(f"{path} cannot be read as an EMA state: {exc}") from None
     return meta, arrays
