@@ -98,19 +98,14 @@ class EMACallback(TrainerCallback):
         it is found on the call stack (inspect, public API): the first frame whose `self` is a
         Trainer that lists this callback.
         """
-        if self._trainer is not None and self._trainer() is not None:
-            return self._trainer()
-        frame = inspect.currentframe()
-        try:
-            while frame is not None:
-                candidate = frame.f_locals.get("self")
-                if isinstance(candidate, Trainer) and any(
-                        cb is self for cb in candidate.callback_handler.callbacks):
-                    self._trainer = weakref.ref(candidate)
-                    return candidate
-                frame = frame.f_back
-        finally:
-            del frame
+        cached = self._trainer() if self._trainer is not None else None
+        if cached is not None and _lists(cached, self):
+            return cached
+        for frame in _caller_frames():
+            candidate = frame.f_locals.get("self")
+            if isinstance(candidate, Trainer) and _lists(candidate, self):
+                self._trainer = weakref.ref(candidate)
+                return candidate
         raise ConfigError("EMACallback must be called by a paddleformers Trainer: pass it as "
                           "Trainer(..., callbacks=[EMACallback(...)]) or trainer.add_callback(...)")
 
@@ -118,16 +113,11 @@ class EMACallback(TrainerCallback):
         """The folder `trainer.train(resume_from_checkpoint=...)` resumes: the argument of the
         running `Trainer.train` call (callbacks are not given it), True meaning the last
         checkpoint of args.output_dir, as the trainer reads it."""
-        frame = inspect.currentframe()
         argument = None
-        try:
-            while frame is not None:
-                if frame.f_code is Trainer.train.__code__ and frame.f_locals.get("self") is trainer:
-                    argument = frame.f_locals.get("resume_from_checkpoint")
-                    break
-                frame = frame.f_back
-        finally:
-            del frame
+        for frame in _caller_frames():
+            if frame.f_code is Trainer.train.__code__ and frame.f_locals.get("self") is trainer:
+                argument = frame.f_locals.get("resume_from_checkpoint")
+                break
         if argument is True:
             argument = get_last_checkpoint(args.output_dir)
         if isinstance(argument, (str, os.PathLike)):
@@ -267,6 +257,18 @@ class EMACallback(TrainerCallback):
                 os.makedirs(folder, exist_ok=True)
                 _atomic_write(os.path.join(folder, "model_state.pdparams"),
                               lambda path: paddle.save(model.state_dict(), path))
+
+
+def _caller_frames():
+    """The frames of the current call stack, innermost first."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        yield frame
+        frame = frame.f_back
+
+
+def _lists(trainer, callback):
+    return any(cb is callback for cb in trainer.callback_handler.callbacks)
 
 
 def _ema_prefix(prefix: str) -> str:

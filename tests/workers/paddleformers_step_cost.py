@@ -6,7 +6,8 @@
 Each round trains the same model from the same weights twice, without and with EMACallback
 (alternating which goes first), for STEPS optimizer steps. A step's time is the interval between
 two consecutive `on_step_end` events of a timing callback listed last (data, forward, backward,
-optimizer, every callback); the first 2 steps of each run are left out. Prints one JSON line: the
+optimizer, every callback), in wall time and in this process's CPU time; the first 2 steps of each
+run are left out. Prints one JSON line: the
 median step time of each kind over all rounds, the median time of the callback's own on_step_end
 (the EMA update), and the memory the EMA holds (its averages, plus the spare buffers that the
 guarded update and apply() share) with the process's resident-memory growth when it was built.
@@ -57,10 +58,11 @@ class Samples(paddle.io.Dataset):
 
 class StepTimer(TrainerCallback):
     def __init__(self):
-        self.ends = []
+        self.ends, self.cpu_ends = [], []
 
     def on_step_end(self, args, state, control, **kwargs):
         self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
 
 
 class TimedEMACallback(EMACallback):
@@ -99,8 +101,8 @@ def train(size, steps, with_ema, folder):
         callbacks = ([TimedEMACallback(decay=0.999, export_dir=None)] if with_ema else []) + [timer]
         trainer = Trainer(model=model, args=args, train_dataset=Samples(4 * steps, features), callbacks=callbacks)
         trainer.train()
-    intervals = np.diff(timer.ends)[1:]  # from step 2 to step 3 on
-    return list(intervals), sum(int(p.numel()) for p in model.parameters())
+    # from step 2 to step 3 on: wall time, and this process's CPU time (all its threads)
+    return list(np.diff(timer.ends)[1:]), list(np.diff(timer.cpu_ends)[1:]), sum(int(p.numel()) for p in model.parameters())
 
 
 def main(size, rounds, steps):
@@ -108,19 +110,22 @@ def main(size, rounds, steps):
     import logging
 
     logging.getLogger("PaddleFormers").setLevel(logging.ERROR)
-    times = {False: [], True: []}
+    times, cpu = {False: [], True: []}, {False: [], True: []}
     with tempfile.TemporaryDirectory() as folder:
         for index in range(rounds):
             order = (False, True) if index % 2 == 0 else (True, False)
             for with_ema in order:
-                intervals, numel = train(size, steps, with_ema, folder)
+                intervals, cpu_intervals, numel = train(size, steps, with_ema, folder)
                 times[with_ema].extend(intervals)
+                cpu[with_ema].extend(cpu_intervals)
     base, ema = statistics.median(times[False]), statistics.median(times[True])
+    cpu_base, cpu_ema = statistics.median(cpu[False]), statistics.median(cpu[True])
     print(json.dumps({
         "size": size, "parameters": numel, "rounds": rounds, "steps": steps, "threads": paddle.get_flags(
             ["FLAGS_paddle_num_threads"]).get("FLAGS_paddle_num_threads"),
         "step_ms_without": round(base * 1e3, 3), "step_ms_with": round(ema * 1e3, 3),
         "added_ms": round((ema - base) * 1e3, 3), "added_percent": round(100 * (ema - base) / base, 2),
+        "step_cpu_ms_without": round(cpu_base * 1e3, 3), "step_cpu_ms_with": round(cpu_ema * 1e3, 3),
         "update_ms_median": round(statistics.median(TimedEMACallback.updates) * 1e3, 3),
         "ema_bytes_expected": 2 * 4 * numel, "rss_growth_at_build": TimedEMACallback.built_rss,
     }))
