@@ -287,7 +287,7 @@ def test_bad_options_and_unsupported_layouts_are_refused_in_one_line():
         sharding, world_size, enable_auto_parallel = [], 2, False
 
     with pytest.raises(ConfigError) as excinfo:
-        integration._check_parallelism(Args(), shard=False)
+        integration._check_parallelism(Args())
     assert "tensor parallel (tensor_model_parallel_size=2)" in one_line(excinfo)
     callback = EMACallback(decay=0.9)
     with pytest.raises(ConfigError) as excinfo:

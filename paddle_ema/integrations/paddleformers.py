@@ -147,7 +147,7 @@ class EMACallback(TrainerCallback):
             **kwargs: `model` (the trainer's unwrapped model), optimizer, data loaders.
         """
         trainer = self._find_trainer()
-        _check_parallelism(args, self.options.get("shard", False))
+        _check_parallelism(args)
         self.ema = ExponentialMovingAverage(kwargs["model"], self.decay, **self.options)
         if state.global_step > 0:  # the trainer has loaded a checkpoint's weights and trainer state
             folder = self._resumed_checkpoint(trainer, args, state.global_step)
@@ -294,7 +294,7 @@ def _metric_prefix(metrics):
     return "eval"
 
 
-def _check_parallelism(args, shard):
+def _check_parallelism(args):
     """Refuse the parallel layouts where ranks hold different weights (not supported, not run)."""
     problems = []
     for field, what in (("tensor_model_parallel_size", "tensor parallel"),
