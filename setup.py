@@ -36,6 +36,9 @@ setup(
     extras_require={
         "cpu": ["paddlepaddle>=2.6.2,<3.4"],
         "tools": TOOLS,
+        # paddle_ema.integrations.paddleformers (EMACallback for PaddleFormers' Trainer); measured
+        # with 1.2.0, after which `pip install "numpy>=2"` is needed (docs/paddleformers.md).
+        "paddleformers": ["paddleformers>=1.2,<1.3"],
         # What the test suite needs: it also runs the tools and builds the wheel.
         "test": TOOLS + TEST,
     },
