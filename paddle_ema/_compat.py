@@ -10,6 +10,8 @@ per shim. Nothing else in paddle_ema names an underscored Paddle attribute
 Each docstring says on which Paddle versions the shim was checked (by tests/test_compat.py).
 """
 
+import io
+
 import paddle
 
 __all__ = [
@@ -39,6 +41,8 @@ __all__ = [
     "set_batchnorm_momentum",
     "batchnorm_uses_global_stats",
     "batchnorm_data_format",
+    "save_to_file",
+    "dense_tensor",
 ]
 
 
@@ -282,3 +286,39 @@ def batchnorm_data_format(layer):
     Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
     """
     return getattr(layer, "_data_format", None) or getattr(layer, "_data_layout", None) or "NCHW"
+
+
+class _FileWriter(io.BytesIO):
+    """An io.BytesIO whose writes go to an open binary file. paddle.save takes a path or an
+    io.BytesIO only, and on a BytesIO it calls nothing but write() and flush()."""
+
+    def __init__(self, file):
+        super().__init__()
+        self._file = file
+
+    def write(self, data):
+        return self._file.write(data)
+
+    def flush(self):
+        self._file.flush()
+
+
+def save_to_file(obj, file):
+    """paddle.save(obj) into an already open binary file (one the caller opened safely), streamed:
+    the bytes are those paddle.save writes to a path.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    paddle.save(obj, _FileWriter(file))
+
+
+def dense_tensor(array):
+    """What paddle.load returns for a saved array in static mode: a DenseTensor (LoDTensor before
+    Paddle 3.0) holding `array` on the place programs are built for.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    core = paddle.base.core
+    tensor = (getattr(core, "DenseTensor", None) or core.LoDTensor)()
+    tensor.set(array, expected_place())
+    return tensor

@@ -132,8 +132,8 @@ def test_atomic_save_keeps_the_old_file_when_the_write_fails(tmp_path, monkeypat
     target = tmp_path / "x.pdparams"
     checkpoint.atomic_save({"w": paddle.ones([2])}, target)
 
-    def broken(obj, path):
-        open(path, "wb").write(b"partial")
+    def broken(obj, file):
+        file.write(b"partial")  # paddle.save writes into the file paddle_ema opened, then fails
         raise OSError("disk full")
 
     monkeypatch.setattr(paddle, "save", broken)

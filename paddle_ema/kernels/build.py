@@ -30,6 +30,8 @@ from typing import List, Optional
 
 import paddle
 
+from .. import environment
+
 __all__ = ["BuildError", "cache_dir", "library_path", "build_key", "failure_path", "load_extension", "forget_builds",
            "clean_stale", "REBUILD_ENV"]
 
@@ -44,7 +46,7 @@ CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
 CUDA_FLAGS = ["-O3", "--fmad=false"]
 BUILD_TIMEOUT_S = 900
 # Set to 1 to try again a build that failed before (the failure is remembered otherwise).
-REBUILD_ENV = "PADDLE_EMA_REBUILD"
+REBUILD_ENV = environment.REBUILD
 
 
 def _paddle_libs():
@@ -264,7 +266,7 @@ def _remember_failure(target, reason):
 
 def _remembered_failure(target):
     """The reason an earlier process gave for failing to build `target`, or None."""
-    if os.environ.get(REBUILD_ENV, "").strip() not in ("", "0"):
+    if environment.rebuild_requested():
         return None
     try:
         reason = failure_path(target).read_text(encoding="utf-8").strip()
