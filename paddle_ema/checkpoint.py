@@ -58,6 +58,7 @@ __all__ = [
     "is_complete",
     "complete_checkpoints",
     "checkpoint_info",
+    "listed_suffixes",
     "recover",
     "remove_stale_temporaries",
     "MANIFEST_SUFFIX",
@@ -519,6 +520,27 @@ def checkpoint_info(stem: Union[str, os.PathLike]) -> Dict[str, Any]:
     return {}
 
 
+def listed_suffixes(stem: Union[str, os.PathLike]) -> List[str]:
+    """The file suffixes a checkpoint's journal or manifest lists, without checking the files.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+
+    Returns:
+        The suffixes (e.g. ['.pdparams', '.pdopt']); [] when neither file is readable.
+    """
+    stem = os.fspath(stem)
+    found = set()
+    for suffix in (JOURNAL_SUFFIX, MANIFEST_SUFFIX):
+        try:
+            manifest = _read_manifest(stem + suffix)
+        except CheckpointError:
+            continue
+        if manifest is not None:
+            found.update(manifest["files"])
+    return sorted(found)
+
+
 def _order(stem):
     """Sort key: the recorded step, then the epoch number of the name (model_final after epochs)."""
     info = checkpoint_info(stem)
@@ -606,7 +628,7 @@ def recover(folder: Union[str, os.PathLike]) -> None:
 
 
 def remove_stale_temporaries(folder: Union[str, os.PathLike]) -> List[str]:
-    """Remove `.<name>.tmp-<pid>` files and folders in `folder` whose writer (pid) is not alive.
+    """Remove `.<name>.tmp-<pid>[-<random>]` files and folders in `folder` whose writer (pid) is not alive.
 
     Args:
         folder: the folder to clean (it must exist).

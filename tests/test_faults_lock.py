@@ -80,7 +80,7 @@ def test_a_lock_and_temporary_files_left_by_a_killed_run_are_taken_over(tmp_path
     killed.wait(timeout=60)
     assert (run_dir / LOCK_NAME).read_text().strip() == str(killed.pid)  # the stale lock names the dead run
     leftovers = [p.name for p in run_dir.glob(".*.tmp-*")]
-    assert leftovers and all(re.search(rf"\.tmp-{killed.pid}$", n) for n in leftovers)
+    assert leftovers and all(re.search(rf"\.tmp-{killed.pid}-\w+$", n) for n in leftovers)
     result = subprocess.run(command(config, "-r", "auto"), env=ENV, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "-r auto: no complete checkpoint" in result.stdout  # killed inside epoch 0's first write
