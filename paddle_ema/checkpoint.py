@@ -676,8 +676,8 @@ def safe_load(path: Union[str, os.PathLike], what: str = "checkpoint", return_nu
         with _open_regular(path) as f:
             return restricted_pickle.load(f, return_numpy)
     except restricted_pickle.RefusedGlobal as exc:
-        raise CheckpointError(f"{what}: {path} is refused: its pickle would call {exc.name} ({exc.why}); "
-                              "paddle_ema loads only what paddle.save writes") from None
+        raise CheckpointError(f"{what}: {path} is refused: its pickle asks for {exc.name}, which {exc.why}; nothing "
+                              "in it was run (paddle_ema loads only what paddle.save writes)") from None
     except MemoryError:
         raise CheckpointError(f"{what}: {path} cannot be read: loading it ran out of memory") from None
     except OSError as exc:

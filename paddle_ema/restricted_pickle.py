@@ -13,7 +13,7 @@ arguments before it builds anything:
 - Paddle's RNG state (`paddle.base.libpaddle.GeneratorState`), plain data;
 - `builtins.eval` only as the call paddle.save writes for a static-mode tensor,
   eval('data', {'data': array}), which the stand-in answers without evaluating anything;
-- `_codecs.encode(text, 'latin1')`, how protocol 2 writes bytes.
+- `_codecs.encode(text, 'latin1')` and `bytes()`, how protocol 2 writes bytes.
 
 Any other global is refused before it is looked up, naming it. After loading, the result is
 post-processed as paddle.load does for a file path: sliced big arrays joined, arrays turned into
@@ -47,8 +47,8 @@ class RefusedGlobal(pickle.UnpicklingError):
         why: why it is refused.
     """
 
-    def __init__(self, name: str, why: str = "it is not part of a file paddle.save writes"):
-        super().__init__(f"{name}: {why}")
+    def __init__(self, name: str, why: str = "is not in what paddle.save writes"):
+        super().__init__(f"{name} {why}")
         self.name, self.why = name, why
 
 
@@ -66,28 +66,28 @@ class _Dtype:
 
     def __setstate__(self, state):
         if self.dtype is not None:
-            raise RefusedGlobal("numpy.dtype", "its state is set twice")
+            raise RefusedGlobal("numpy.dtype", "has its state set twice")
         if (not isinstance(state, tuple) or len(state) != 8 or state[0] != 3 or state[1] not in ("<", ">", "|", "=")
                 or state[2:5] != (None, None, None) or state[5:7] != (-1, -1) or not isinstance(state[7], int)):
-            raise RefusedGlobal("numpy.dtype", "its state is not that of a plain numeric dtype")
+            raise RefusedGlobal("numpy.dtype", "has a state no plain numeric dtype has")
         dtype = np.dtype(self.spec)
         self.dtype = dtype.newbyteorder(state[1]) if state[1] in "<>" and dtype.itemsize > 1 else dtype
 
 
 def _dtype(spec, align=False, copy=True):
     if not isinstance(spec, str) or not _DTYPE.match(spec) or not isinstance(align, bool) or not isinstance(copy, bool):
-        raise RefusedGlobal("numpy.dtype", f"{_shown(spec)} is not a bool, integer, float or complex dtype")
+        raise RefusedGlobal("numpy.dtype", f"describes {_shown(spec)}, not a bool, integer, float or complex dtype")
     try:
         np.dtype(spec)
     except TypeError:
-        raise RefusedGlobal("numpy.dtype", f"{_shown(spec)} is not a dtype") from None
+        raise RefusedGlobal("numpy.dtype", f"describes {_shown(spec)}, which is no dtype") from None
     return _Dtype(spec)
 
 
 def _resolved_dtype(value, who):
     if isinstance(value, _Dtype) and value.dtype is not None:
         return value.dtype
-    raise RefusedGlobal(who, "its dtype is not a numeric numpy dtype of this file")
+    raise RefusedGlobal(who, "gets no numeric dtype of this file")
 
 
 def _as_bytes(value, who):
@@ -95,7 +95,7 @@ def _as_bytes(value, who):
         return value
     if isinstance(value, str):  # a protocol 2 pickle read with encoding='latin1', as paddle.load reads it
         return value.encode("latin1")
-    raise RefusedGlobal(who, f"its data is a {type(value).__name__}, not bytes")
+    raise RefusedGlobal(who, f"gets a {type(value).__name__} where its data are bytes")
 
 
 class _Array:
@@ -109,19 +109,19 @@ class _Array:
     def __setstate__(self, state):
         who = "numpy.ndarray"
         if self.array is not None:
-            raise RefusedGlobal(who, "its state is set twice")
+            raise RefusedGlobal(who, "has its state set twice")
         if not isinstance(state, tuple) or len(state) not in (4, 5):
-            raise RefusedGlobal(who, "its state is not that of an array")
+            raise RefusedGlobal(who, "has a state no array has")
         if len(state) == 5:
             if state[0] != 1:
-                raise RefusedGlobal(who, f"its state has version {_shown(state[0])}")
+                raise RefusedGlobal(who, f"has a state of version {_shown(state[0])}")
             state = state[1:]
         shape, dtype, fortran, data = state
         if (not isinstance(shape, tuple) or len(shape) > 64
                 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape)):
-            raise RefusedGlobal(who, "its shape is not a tuple of sizes")
+            raise RefusedGlobal(who, "has a shape that is not a tuple of sizes")
         if not isinstance(fortran, (bool, int)):
-            raise RefusedGlobal(who, "its order flag is not a bool")
+            raise RefusedGlobal(who, "has an order flag that is not a bool")
         dtype = _resolved_dtype(dtype, who)
         data = _as_bytes(data, who)
         expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
@@ -136,7 +136,7 @@ _NDARRAY = object()  # what `numpy.ndarray` names in a pickle: only an argument 
 
 def _reconstruct(subtype, shape, typecode):
     if subtype is not _NDARRAY or shape != (0,) or _as_bytes(typecode, "numpy.ndarray") != b"b":
-        raise RefusedGlobal("numpy.core.multiarray._reconstruct", "it is called with other arguments than numpy's own")
+        raise RefusedGlobal("numpy.core.multiarray._reconstruct", "is called with other arguments than numpy's own")
     return _Array()
 
 
@@ -154,13 +154,19 @@ def _eval(expression, scope=None, *rest):
     if expression == "data" and not rest and isinstance(scope, dict) and set(scope) == {"data"} \
             and isinstance(scope["data"], _Array):
         return scope["data"]
-    raise RefusedGlobal("builtins.eval", f"it evaluates {_shown(expression)}, not the array paddle.save writes")
+    raise RefusedGlobal("builtins.eval", f"would evaluate {_shown(expression)}, not return the array paddle.save writes")
 
 
 def _encode(text, encoding="utf-8", *rest):
     if isinstance(text, str) and encoding in ("latin1", "latin-1") and not rest:
         return text.encode("latin1")
-    raise RefusedGlobal("_codecs.encode", "it is called with other arguments than pickle's own for bytes")
+    raise RefusedGlobal("_codecs.encode", "is called with other arguments than pickle's own for bytes")
+
+
+def _empty_bytes(*args):
+    if args:
+        raise RefusedGlobal("builtins.bytes", "is called with arguments; pickle writes bytes() only for b''")
+    return b""
 
 
 def _shown(value, limit=40):
@@ -186,6 +192,7 @@ ALLOWED_GLOBALS = {
     ("builtins", "eval"): _eval,
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("_codecs", "encode"): _encode,
+    ("builtins", "bytes"): _empty_bytes,
     ("paddle.base.libpaddle", "GeneratorState"): _generator_state,
     ("paddle.fluid.libpaddle", "GeneratorState"): _generator_state,
 }
@@ -194,13 +201,14 @@ _PROTOCOL_2_MODULES = {"__builtin__": "builtins"}  # how protocol 2 names builti
 
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        found = ALLOWED_GLOBALS.get((_PROTOCOL_2_MODULES.get(module, module), name))
+        module = _PROTOCOL_2_MODULES.get(module, module)
+        found = ALLOWED_GLOBALS.get((module, name))
         if found is None:
             raise RefusedGlobal(f"{module}.{name}"[:120])
         return found() if found is _generator_state else found
 
     def persistent_load(self, pid):
-        raise RefusedGlobal("a persistent id", "paddle.save writes none")
+        raise RefusedGlobal("a persistent id", "is never written by paddle.save")
 
 
 class _Walk:
