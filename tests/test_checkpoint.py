@@ -327,9 +327,7 @@ def test_safe_load_is_exported_and_refuses_what_paddle_save_never_writes(tmp_pat
 
 def test_every_hostile_pickle_is_refused_naming_the_file_and_the_global(tmp_path):
     import pickle
-    import sys
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from hostile_files import KINDS, hostile_bytes
 
     names = {"os.system": "posix.system", "builtins.eval": "builtins.eval", "builtins.exec": "builtins.exec",
