@@ -16,7 +16,7 @@ import numpy as np
 import paddle
 
 from ..checkpoint import JOURNAL_SUFFIX, MANIFEST_SUFFIX, atomic_save, complete_checkpoints, resolve, safe_load  # noqa: F401
-from ..checkpoint import checkpoint_info, listed_suffixes
+from ..checkpoint import check_replaceable, checkpoint_info, listed_suffixes
 from ..checkpoint import save_checkpoint as _save_files
 from ..errors import CheckpointError, IncompatibleStateError
 
@@ -67,6 +67,7 @@ def check_weights_output(path, what):
         raise CheckpointError(f"{what}: an empty path; give the .pdparams file to write")
     if not path.endswith(".pdparams") or os.path.basename(path).startswith("."):
         raise CheckpointError(f"{what}: {path} is not a .pdparams file name; the output is a .pdparams weights file")
+    check_replaceable(path)
     stem = path[: -len(".pdparams")]
     owned = any(os.path.lexists(stem + ending) for ending in (MANIFEST_SUFFIX, JOURNAL_SUFFIX))
     if owned and checkpoint_info(stem) != WEIGHTS_FILE_INFO:
