@@ -347,3 +347,19 @@ def test_every_hostile_pickle_is_refused_naming_the_file_and_the_global(tmp_path
             assert not marker.exists()
             pickle.loads(path.read_bytes())  # the attack is real: pickle (and so paddle.load) runs it
             assert marker.exists(), kind
+
+
+def test_stray_and_malformed_temporary_names_never_stop_a_recovery(tmp_path):
+    checkpoint.save_checkpoint(str(tmp_path / "0"), _files(0.0))
+    stray = [".x.tmp-99999999999999999999", ".y.tmp-0", ".z.tmp-4194305-abc", ".w.tmp-99999999999999999999-abc"]
+    for name in stray:
+        (tmp_path / name).write_bytes(b"?")
+    kept = [".x.tmp-abc", ".tmp-5", "x.tmp-5"]  # not the writers' names: left alone
+    for name in kept:
+        (tmp_path / name).write_bytes(b"?")
+    # a journal copied from a manifest (no `staged` names): its files are in place, so it commits
+    (tmp_path / "0.manifest.json.next").write_bytes((tmp_path / "0.manifest.json").read_bytes())
+    checkpoint.recover(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(["0.manifest.json", "0.pdopt", "0.pdparams", *kept])
+    checkpoint.verify(str(tmp_path / "0"))
+    assert _values(str(tmp_path / "0")) == (0.0, 0)

@@ -40,8 +40,8 @@ def _check_weights(weights, count):
         raise ConfigError(f"--weights: {len(weights)} weights for {count} checkpoints; give one per checkpoint")
     if any(not math.isfinite(w) or w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise ConfigError(f"--weights must be finite, >= 0 and not all 0, got {weights}")
-    scale = math.ldexp(1.0, -math.frexp(max(weights))[1])  # max * scale in [0.5, 1)
-    return [float(w) * scale for w in weights]
+    exponent = math.frexp(max(weights))[1]  # the largest becomes a number in [0.5, 1)
+    return [math.ldexp(float(w), -exponent) for w in weights]
 
 
 def average_state_dicts(states, weights=None, bn="average", labels=None):
