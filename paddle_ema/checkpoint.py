@@ -112,10 +112,8 @@ def check_replaceable(path: Union[str, os.PathLike]) -> None:
     path = os.fspath(path)
     try:
         mode = os.lstat(path).st_mode
-    except FileNotFoundError:
+    except OSError:  # missing, or its folder is (a path through a file): the write reports it
         return
-    except OSError as exc:
-        raise CheckpointError(f"{path} cannot be checked before writing ({exc.strerror})") from None
     if not stat.S_ISREG(mode):
         raise CheckpointError(f"{path} is {_kind(mode)}; paddle_ema replaces only regular files it wrote "
                               "(remove it, or choose another folder)")
