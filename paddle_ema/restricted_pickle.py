@@ -127,11 +127,15 @@ class _Array:
         expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
         if len(data) != expected:
             raise UnreadablePickle(f"an array of shape {list(shape)} {dtype} holds {len(data)} bytes, not {expected}")
-        flat = np.frombuffer(data, dtype=dtype)
-        self.array = flat.reshape(shape, order="F" if fortran else "C").copy(order="K")
+        # numpy's own reconstruction, now with checked arguments and a dtype built here: it takes
+        # the bytes without a copy, as paddle.load's unpickling does.
+        array = _NUMPY_RECONSTRUCT(np.ndarray, (0,), b"b")
+        array.__setstate__((1, shape, dtype, bool(fortran), data))
+        self.array = array
 
 
 _NDARRAY = object()  # what `numpy.ndarray` names in a pickle: only an argument of _reconstruct
+_NUMPY_RECONSTRUCT = np.empty(0).__reduce__()[0]  # numpy's _reconstruct, whatever its module is called
 
 
 def _reconstruct(subtype, shape, typecode):
