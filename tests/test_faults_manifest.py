@@ -220,9 +220,9 @@ def test_average_never_writes_over_a_training_checkpoint(run, tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     inputs = [str(out / "0.pdparams"), str(out / "model_final.pdparams"), "--bn", "average"]
     for output, pattern in [
-        (out / "0.pdparams", rf"--output: {out / '0.pdparams'} is a file of the checkpoint {out / '0'}, which "
-                             r"tools/train.py wrote; choose another name"),
-        (out / "model_final.pdparams", r"is a file of the checkpoint .*model_final, which tools/train.py wrote"),
+        (out / "0.pdparams", rf"--output: {out / '0.pdparams'} is a file of the checkpoint {out / '0'}; a "
+                             r"checkpoint's files are never written over, choose another name"),
+        (out / "model_final.pdparams", r"is a file of the checkpoint .*model_final; a checkpoint's files are never"),
         (out / "model_final.pdema", r"model_final.pdema is not a .pdparams file name; the output is a .pdparams"),
         (out / "0.manifest.json", r"0.manifest.json is not a .pdparams file name"),
         ("", r"--output: an empty path; give the .pdparams file to write"),

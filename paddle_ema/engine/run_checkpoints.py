@@ -71,12 +71,12 @@ def check_weights_output(path, what):
     stem = path[: -len(".pdparams")]
     owned = any(os.path.lexists(stem + ending) for ending in (MANIFEST_SUFFIX, JOURNAL_SUFFIX))
     if owned and checkpoint_info(stem) != WEIGHTS_FILE_INFO:
-        raise CheckpointError(f"{what}: {path} is a file of the checkpoint {stem}, which tools/train.py wrote; "
-                              "choose another name")
+        raise CheckpointError(f"{what}: {path} is a file of the checkpoint {stem}; a checkpoint's files are never "
+                              "written over, choose another name")
     found = _manifest_for(path)
     if found is not None and found[0] != stem and found[1] in listed_suffixes(found[0]):
-        raise CheckpointError(f"{what}: {path} is a file of the checkpoint {found[0]}, which tools/train.py "
-                              "wrote; choose another name")
+        raise CheckpointError(f"{what}: {path} is a file of the checkpoint {found[0]}; a checkpoint's files are "
+                              "never written over, choose another name")
 
 
 def save_weights_file(state, path):
