@@ -7,6 +7,8 @@
     with ema.apply():
         evaluate(model)
 
+Checkpoint files are read with `paddle_ema.safe_load`, paddle.load without running any code a file holds.
+
 The static-graph EMA is `paddle_ema.static.ExponentialMovingAverage`; `static`, `EMACallback` and
 `PostHocEMA` are loaded on first use (PEP 562), so importing the package does not build them.
 """
@@ -23,6 +25,7 @@ require_paddle()
 from . import ppdet as _ppdet  # noqa: E402
 from .averaging import EMARule  # noqa: E402
 from .batchnorm import update_bn  # noqa: E402
+from .checkpoint import safe_load  # noqa: E402
 from .dygraph import ExponentialMovingAverage, StochasticWeightAveraging  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
@@ -60,6 +63,7 @@ __all__: list[str] = [
     "make_schedule",
     "register_schedule",
     "update_bn",
+    "safe_load",
     "static",
     "EMACallback",
     "PostHocEMA",

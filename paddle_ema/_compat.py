@@ -10,6 +10,8 @@ per shim. Nothing else in paddle_ema names an underscored Paddle attribute
 Each docstring says on which Paddle versions the shim was checked (by tests/test_compat.py).
 """
 
+import io
+
 import paddle
 
 __all__ = [
@@ -20,7 +22,6 @@ __all__ = [
     "expected_place",
     "is_cpu_place",
     "create_pir_persistable",
-    "set_pir_persistable_value",
     "prepend_legacy_op",
     "legacy_optimizer_role",
     "lr_scheduler_variable_name",
@@ -39,6 +40,8 @@ __all__ = [
     "set_batchnorm_momentum",
     "batchnorm_uses_global_stats",
     "batchnorm_data_format",
+    "save_to_file",
+    "dense_tensor",
 ]
 
 
@@ -122,14 +125,6 @@ def create_pir_persistable(dtype, shape, name, initializer):
     return create_persistable_value(dtype, list(shape), name=name, initializer=initializer)
 
 
-def set_pir_persistable_value(value, name):
-    """Write `value` into the persistable scope variable `name` when the PIR program runs.
-
-    Checked on Paddle 3.0.0 and 3.3.1.
-    """
-    from paddle._pir_ops import set_persistable_value
-
-    return set_persistable_value(value, name)
 
 
 def prepend_legacy_op(block, **op):
@@ -282,3 +277,39 @@ def batchnorm_data_format(layer):
     Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
     """
     return getattr(layer, "_data_format", None) or getattr(layer, "_data_layout", None) or "NCHW"
+
+
+class _FileWriter(io.BytesIO):
+    """An io.BytesIO whose writes go to an open binary file. paddle.save takes a path or an
+    io.BytesIO only, and on a BytesIO it calls nothing but write() and flush()."""
+
+    def __init__(self, file):
+        super().__init__()
+        self._file = file
+
+    def write(self, data):
+        return self._file.write(data)
+
+    def flush(self):
+        self._file.flush()
+
+
+def save_to_file(obj, file):
+    """paddle.save(obj) into an already open binary file (one the caller opened safely), streamed:
+    the bytes are those paddle.save writes to a path.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    paddle.save(obj, _FileWriter(file))
+
+
+def dense_tensor(array):
+    """What paddle.load returns for a saved array in static mode: a DenseTensor (LoDTensor before
+    Paddle 3.0) holding `array` on the place programs are built for.
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    core = paddle.base.core
+    tensor = (getattr(core, "DenseTensor", None) or core.LoDTensor)()
+    tensor.set(array, expected_place())
+    return tensor

@@ -21,7 +21,7 @@ class EMACallback(paddle.callbacks.Callback):
         save_dir: where to save; None saves nothing. Following `paddle.Model.save`, each save
             writes `<save_dir>/ema_<epoch>.pdparams` (the EMA weights) and `.pdopt` (the optimizer),
             and `ema_final` at the end of training, plus `<name>.pdema_state`, the EMA's own state
-            for resuming (`cb.ema.set_state_dict(paddle.load(...))`).
+            for resuming (`cb.ema.set_state_dict(paddle_ema.safe_load(...))`).
         save_freq: save every this many epochs.
     """
 

@@ -9,8 +9,8 @@ A checkpoint of several files (PaddleDetection's `<stem>.pdparams`, `.pdema`, `.
 complete by a manifest, `<stem>.manifest.json`, that lists each file's size and SHA-256. A stem is
 replaced only once its successor is complete, in three steps:
 
-1. every new file is written under a temporary name `.<stem><suffix>.tmp-<pid>` and fsynced
-   (a full disk or a kill here leaves the old checkpoint untouched);
+1. every new file is written under a new temporary name `.<stem><suffix>.tmp-<pid>-<random>`
+   and fsynced (a full disk or a kill here leaves the old checkpoint untouched);
 2. the new manifest is written, atomically, as `<stem>.manifest.json.next` (the journal): from
    here the new checkpoint is committed;
 3. the new files are renamed over the old ones, then the journal over the manifest.
@@ -20,6 +20,12 @@ or temporary names, with the journal's checksums, reads the new checkpoint; othe
 manifest decides. So at every moment one complete checkpoint is loadable, and `recover` (run by the
 trainer while it holds the run folder's lock) finishes a commit a killed writer left half done and
 removes the temporary files of writers that are no longer alive.
+
+No write follows a link: every file is created with O_CREAT|O_EXCL|O_NOFOLLOW under an
+unpredictable name and renamed into place, and a symbolic link or a non-regular file at a name
+about to be replaced is refused (CheckpointError), never replaced or written through. No read
+runs code: `safe_load` reads paddle.save's files with an allow-listing unpickler
+(paddle_ema.restricted_pickle).
 """
 
 import contextlib
@@ -28,18 +34,21 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
+import stat
 import tempfile
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-import paddle
-
+from . import _compat, environment, restricted_pickle
 from .errors import CheckpointError
 from .step_policy import is_integer
 
 __all__ = [
     "atomic_save",
+    "atomic_write",
+    "check_replaceable",
     "staged_prefix",
     "atomic_write_text",
     "safe_load",
@@ -49,6 +58,7 @@ __all__ = [
     "is_complete",
     "complete_checkpoints",
     "checkpoint_info",
+    "listed_suffixes",
     "recover",
     "remove_stale_temporaries",
     "MANIFEST_SUFFIX",
@@ -59,9 +69,7 @@ MANIFEST_SUFFIX = ".manifest.json"
 JOURNAL_SUFFIX = MANIFEST_SUFFIX + ".next"
 MANIFEST_FORMAT = "paddle_ema.checkpoint/1"
 MANIFEST_MAX_BYTES = 1 << 20
-# Fault injection for the crash tests: seconds to pause after each file of a checkpoint, so that a
-# test can kill the process while a checkpoint is half written. Unset in normal use.
-FAULT_SAVE_DELAY = "PADDLE_EMA_FAULT_SAVE_DELAY"
+FAULT_SAVE_DELAY = environment.FAULT_SAVE_DELAY
 # A temporary file of this module: `.<name>.tmp-<pid>` (files) or `.<name>.tmp-<pid>-<random>` (folders).
 _TEMPORARY = re.compile(r"^\..+\.tmp-(\d+)(?:-[A-Za-z0-9_]+)?$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -80,9 +88,35 @@ def _fsync_dir(folder):
         os.close(fd)
 
 
-def _temporary_name(path):
-    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
-    return os.path.join(folder, f".{base}.tmp-{os.getpid()}")
+def _kind(mode):
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def check_replaceable(path: Union[str, os.PathLike]) -> None:
+    """CheckpointError unless `path` is missing or a regular file: paddle_ema never replaces (nor
+    writes through) a symbolic link, a folder, a FIFO or a device at a name it writes.
+
+    Args:
+        path: a file about to be written.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:  # missing, or its folder is (a path through a file): the write reports it
+        return
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(f"{path} is {_kind(mode)}; paddle_ema replaces only regular files it wrote "
+                              "(remove it, or choose another folder)")
 
 
 def _remove_quietly(path):
@@ -92,33 +126,67 @@ def _remove_quietly(path):
         pass
 
 
-def _write_synced(write, temporary, target=None):
+def _new_temporary(path):
+    """(name, fd) of a new file beside `path`: `.<name>.tmp-<pid>-<random>`, created with
+    O_CREAT|O_EXCL|O_NOFOLLOW, so nothing planted at the name (a link) is ever opened."""
+    folder, base = os.path.split(os.path.abspath(os.fspath(path)))
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(16):
+        temporary = os.path.join(folder, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(6)}")
+        try:
+            return temporary, os.open(temporary, flags, 0o666)
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name", os.path.join(folder, f".{base}.tmp-*"))
+
+
+def _write_temporary(write, target):
+    """A new temporary file beside `target` holding what `write(file)` writes, flushed and fsynced;
+    its name. On any failure it is removed, and a failed write() is reported naming `target`."""
+    temporary, fd = _new_temporary(target)
     try:
-        write(temporary)
-        with open(temporary, "rb+") as f:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
             os.fsync(f.fileno())
     except OSError as exc:
         _remove_quietly(temporary)
         if exc.filename is None and exc.errno is not None:  # a failed write() names no file: name it
-            raise OSError(exc.errno, exc.strerror, os.fspath(target or temporary)) from None
+            raise OSError(exc.errno, exc.strerror, os.fspath(target)) from None
         raise
+    except BaseException:
+        _remove_quietly(temporary)
+        raise
+    return temporary
+
+
+def _replace(temporary, path):
+    """Rename our `temporary` over `path` (rename never follows a link at `path`)."""
+    try:
+        check_replaceable(path)
+        os.replace(temporary, path)
     except BaseException:
         _remove_quietly(temporary)
         raise
 
 
-def _atomic(write, path):
+def atomic_write(path: Union[str, os.PathLike], write: Callable[[BinaryIO], Any]) -> None:
+    """Write a file crash-safe and without following links: `write(file)` fills a new temporary
+    file (O_CREAT|O_EXCL|O_NOFOLLOW, unpredictable name), which is fsynced and renamed over
+    `path`, and the folder is fsynced. A link or non-regular file at `path` is refused.
+
+    Args:
+        path: the file to write; its folder is created when missing.
+        write: called with the open binary file; writes the whole content.
+    """
     path = os.fspath(path)
+    if not path or os.path.basename(path) in ("", ".", ".."):
+        raise CheckpointError(f"cannot write {path!r}: not a file name")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    temporary = _temporary_name(path)
-    try:
-        _write_synced(write, temporary, path)
-        os.replace(temporary, path)
-        _fsync_dir(folder)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
+    check_replaceable(path)  # before the work of writing
+    _replace(_write_temporary(write, path), path)
+    _fsync_dir(folder)
 
 
 def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
@@ -128,7 +196,7 @@ def atomic_save(obj: Any, path: Union[str, os.PathLike]) -> None:
         obj: what paddle.save writes (a state dict, a tensor, ...).
         path: the file to write; its folder is created when missing.
     """
-    _atomic(lambda temporary: paddle.save(obj, temporary), path)
+    atomic_write(path, lambda f: _compat.save_to_file(obj, f))
 
 
 def atomic_write_text(text: str, path: Union[str, os.PathLike]) -> None:
@@ -138,12 +206,7 @@ def atomic_write_text(text: str, path: Union[str, os.PathLike]) -> None:
         text: the file's whole content.
         path: the file to write; its folder is created when missing.
     """
-
-    def write(temporary):
-        with open(temporary, "w", encoding="utf-8") as f:
-            f.write(text)
-
-    _atomic(write, path)
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 @contextlib.contextmanager
@@ -165,9 +228,12 @@ def staged_prefix(prefix: Union[str, os.PathLike]) -> Iterator[str]:
     stage = tempfile.mkdtemp(prefix=f".{base}.tmp-{os.getpid()}-", dir=folder)
     try:
         yield os.path.join(stage, base)
-        for name in sorted(os.listdir(stage)):
+        names = sorted(os.listdir(stage))
+        for name in names:
+            check_replaceable(os.path.join(folder, name))
             with open(os.path.join(stage, name), "rb+") as f:
                 os.fsync(f.fileno())
+        for name in names:
             os.replace(os.path.join(stage, name), os.path.join(folder, name))
         _fsync_dir(folder)
     finally:
@@ -176,14 +242,29 @@ def staged_prefix(prefix: Union[str, os.PathLike]) -> Iterator[str]:
 
 def _digest(path):
     sha = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _open_regular(path) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             sha.update(block)
     return sha.hexdigest()
 
 
-def _entry(path):
-    return {"bytes": os.path.getsize(path), "sha256": _digest(path)}
+class _Hashing:
+    """A binary file's write(), counting and hashing what goes through: a manifest describes the
+    bytes written, never what a name holds later."""
+
+    def __init__(self, file):
+        self.file, self.sha, self.size = file, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.size += memoryview(data).nbytes
+        return self.file.write(data)
+
+    def flush(self):
+        self.file.flush()
+
+    def entry(self):
+        return {"bytes": self.size, "sha256": self.sha.hexdigest()}
 
 
 def save_checkpoint(stem: Union[str, os.PathLike], files: Dict[str, Any], info: Optional[Any] = None) -> None:
@@ -198,14 +279,21 @@ def save_checkpoint(stem: Union[str, os.PathLike], files: Dict[str, Any], info: 
     stem = os.fspath(stem)
     folder = os.path.dirname(os.path.abspath(stem))
     os.makedirs(folder, exist_ok=True)
-    delay = float(os.environ.get(FAULT_SAVE_DELAY, "0") or 0)
+    delay = environment.save_delay()
+    for suffix in (*files, MANIFEST_SUFFIX, JOURNAL_SUFFIX):
+        check_replaceable(stem + suffix)
     staged, entries = {}, {}
     try:
         for suffix, obj in files.items():
-            temporary = _temporary_name(stem + suffix)
-            _write_synced(lambda path, obj=obj: paddle.save(obj, path), temporary, stem + suffix)
+            hashing = []
+
+            def write(f, obj=obj):
+                hashing.append(_Hashing(f))
+                _compat.save_to_file(obj, hashing[-1])
+
+            temporary = _write_temporary(write, stem + suffix)
             staged[suffix] = temporary
-            entries[suffix] = {**_entry(temporary), "staged": os.path.basename(temporary)}
+            entries[suffix] = {**hashing[-1].entry(), "staged": os.path.basename(temporary)}
             if delay:
                 time.sleep(delay)
         manifest = {"format": MANIFEST_FORMAT, "files": entries}
@@ -222,14 +310,44 @@ def save_checkpoint(stem: Union[str, os.PathLike], files: Dict[str, Any], info: 
 def _finish_commit(stem, manifest):
     folder = os.path.dirname(os.path.abspath(stem))
     for suffix, entry in manifest["files"].items():
+        if not entry.get("staged"):  # a journal without staged names (e.g. a copied manifest): files in place
+            continue
         temporary = os.path.join(folder, entry["staged"])
-        if os.path.exists(temporary):
-            os.replace(temporary, stem + suffix)
+        try:
+            mode = os.lstat(temporary).st_mode
+        except FileNotFoundError:
+            continue  # already renamed
+        if not stat.S_ISREG(mode):
+            raise CheckpointError(f"{temporary} is {_kind(mode)}; a checkpoint's staged file is a regular file "
+                                  "paddle_ema wrote (remove it)")
+        check_replaceable(stem + suffix)
+        os.replace(temporary, stem + suffix)
     _fsync_dir(folder)
     final = {**manifest, "files": {s: {"bytes": e["bytes"], "sha256": e["sha256"]} for s, e in manifest["files"].items()}}
     atomic_write_text(json.dumps(final, indent=1), stem + MANIFEST_SUFFIX)
     _remove_quietly(stem + JOURNAL_SUFFIX)
     _fsync_dir(folder)
+
+
+@contextlib.contextmanager
+def _open_regular(path):
+    """A binary file object for reading `path` (links followed), OSError(EINVAL) unless it is a
+    regular file: a FIFO or a device at a checkpoint's name never blocks or streams forever."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, f"it is {_kind(mode)}, not a regular file", path)
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        f = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with f:
+        yield f
 
 
 def _read_manifest(path):
@@ -244,8 +362,12 @@ def _read_manifest(path):
         raise CheckpointError(f"checkpoint manifest {path} is malformed: {size} bytes, a manifest is at most "
                               f"{MANIFEST_MAX_BYTES}")
     try:
-        with open(path, encoding="utf-8") as f:
-            manifest = json.load(f)
+        with _open_regular(path) as f:
+            data = f.read(MANIFEST_MAX_BYTES + 1)
+        if len(data) > MANIFEST_MAX_BYTES:
+            raise CheckpointError(f"checkpoint manifest {path} is malformed: over {MANIFEST_MAX_BYTES} bytes, a "
+                                  f"manifest is at most {MANIFEST_MAX_BYTES}")
+        manifest = json.loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         why = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:160]
         raise CheckpointError(f"checkpoint manifest {path} is unreadable (not JSON: {why})") from None
@@ -396,6 +518,27 @@ def checkpoint_info(stem: Union[str, os.PathLike]) -> Dict[str, Any]:
     return {}
 
 
+def listed_suffixes(stem: Union[str, os.PathLike]) -> List[str]:
+    """The file suffixes a checkpoint's journal or manifest lists, without checking the files.
+
+    Args:
+        stem: the checkpoint's path without suffix.
+
+    Returns:
+        The suffixes (e.g. ['.pdparams', '.pdopt']); [] when neither file is readable.
+    """
+    stem = os.fspath(stem)
+    found = set()
+    for suffix in (JOURNAL_SUFFIX, MANIFEST_SUFFIX):
+        try:
+            manifest = _read_manifest(stem + suffix)
+        except CheckpointError:
+            continue
+        if manifest is not None:
+            found.update(manifest["files"])
+    return sorted(found)
+
+
 def _order(stem):
     """Sort key: the recorded step, then the epoch number of the name (model_final after epochs)."""
     info = checkpoint_info(stem)
@@ -444,9 +587,15 @@ def _complete_hint(folder):
     return f"; complete checkpoints there: {', '.join(names)}" if names else ""
 
 
+# Linux's PID_MAX_LIMIT: a temporary name with a larger "PID" (e.g. planted) has no live writer.
+_PID_LIMIT = 1 << 22
+
+
 def _pid_alive(pid):
     if pid == os.getpid():
         return True
+    if not 0 < pid <= _PID_LIMIT:
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -477,7 +626,7 @@ def recover(folder: Union[str, os.PathLike]) -> None:
 
 
 def remove_stale_temporaries(folder: Union[str, os.PathLike]) -> List[str]:
-    """Remove `.<name>.tmp-<pid>` files and folders in `folder` whose writer (pid) is not alive.
+    """Remove `.<name>.tmp-<pid>[-<random>]` files and folders in `folder` whose writer (pid) is not alive.
 
     Args:
         folder: the folder to clean (it must exist).
@@ -498,32 +647,48 @@ def remove_stale_temporaries(folder: Union[str, os.PathLike]) -> List[str]:
     return removed
 
 
-def safe_load(path: Union[str, os.PathLike], what: str = "checkpoint") -> Any:
-    """paddle.load with one clear CheckpointError for a missing, truncated or corrupted file.
+def safe_load(path: Union[str, os.PathLike], what: str = "checkpoint", return_numpy: bool = False) -> Any:
+    """paddle.load without running code: a file paddle.save wrote (state dicts, optimizer and LR
+    scheduler states, tensors, nested lists and dicts of them, Paddle's RNG state) loads as
+    paddle.load gives it, while a pickle that names anything else (`os.system`, `eval` of an
+    expression, any class or function outside the allow-list of paddle_ema.restricted_pickle) is
+    refused before anything is called. Also one clear CheckpointError for a missing, truncated or
+    corrupted file.
 
     Args:
         path: the file to load.
         what: what the file is, for the error message.
+        return_numpy: give numpy arrays instead of tensors (paddle.load's option).
 
     Returns:
-        What paddle.load returns.
+        What paddle.load(path, return_numpy=return_numpy) returns.
     """
     path = os.fspath(path)
     if os.path.isdir(path):
         raise CheckpointError(f"{what}: {path} is a folder, not a file")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise CheckpointError(f"{what}: {path} does not exist")
+    if not os.path.exists(path):
+        raise CheckpointError(f"{what}: {path} does not exist (a symbolic link to nothing)")
     try:
-        return paddle.load(path)
+        with _open_regular(path) as f:
+            return restricted_pickle.load(f, return_numpy)
+    except restricted_pickle.RefusedGlobal as exc:
+        raise CheckpointError(f"{what}: {path} is refused: its pickle asks for {exc.name}, which {exc.why}; nothing "
+                              "in it was run (paddle_ema loads only what paddle.save writes)") from None
     except MemoryError:
         raise CheckpointError(f"{what}: {path} cannot be read: loading it ran out of memory") from None
     except OSError as exc:
-        if exc.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EIO, errno.EINVAL, errno.EISDIR):
             raise CheckpointError(f"{what}: {path} cannot be read ({exc.strerror})") from None
         raise CheckpointError(
             f"{what}: {path} cannot be read: it is truncated, corrupted or not a Paddle file ({type(exc).__name__})"
         ) from None
-    except Exception as exc:  # noqa: BLE001 - pickle and Paddle raise many kinds for a bad file
+    except RecursionError:
+        raise CheckpointError(f"{what}: {path} cannot be read: its values are nested too deeply") from None
+    except restricted_pickle.UnreadablePickle as exc:
+        raise CheckpointError(f"{what}: {path} cannot be read: {exc}; it is not a file paddle.save writes") from None
+    except Exception as exc:  # noqa: BLE001 - pickle raises many kinds for a bad file
         raise CheckpointError(
             f"{what}: {path} cannot be read: it is truncated, corrupted or not a Paddle file "
             f"({type(exc).__name__})"

@@ -65,7 +65,7 @@ from paddle import nn
 
 from . import kernels
 from .averaging import EMARule, settings_differences
-from .checkpoint import _atomic as atomic_write
+from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
 from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
 from .selection import batchnorm_statistic_names, black_listed_keys
@@ -464,15 +464,15 @@ def save_ema_state_file(ema: ModelEMA, stem: Union[str, os.PathLike]) -> str:
     arrays = {f"s{i}": state["shadow"][name].numpy() for i, name in enumerate(names)}
     path = _stem(stem) + EMA_STATE_SUFFIX
 
-    def write(temporary):
+    def write(f):
         # np.savez's layout, with a fixed time stamp: the same state gives the same bytes.
-        with open(temporary, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as archive:
             for key, array in [("meta", np.array(json.dumps(meta))), *arrays.items()]:
                 info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
                 with archive.open(info, "w", force_zip64=True) as member:
                     np.lib.format.write_array(member, array, allow_pickle=False)
 
-    atomic_write(write, path)
+    atomic_write(path, write)
     return path
 
 

@@ -234,3 +234,91 @@ def test_hostile_files_are_one_config_error_also_as_a_base(tmp_path, body, patte
         assert time.monotonic() - start < 5  # the alias bomb is refused while composing, not expanded
     with pytest.raises(ConfigError, match=r"is a folder; a config is a YAML file"):
         read_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "body, overrides, pattern",
+    [
+        ("epoch: 3\nuse_ema: true\nepoch: 4\n", [],
+         r"main\.yml: the key 'epoch' appears twice in one mapping \(lines 1 and 3\); write each key once"),
+        ("LeNet:\n  width: 4\n  hidden: 8\n  width: 6\n", [], r"the key 'width' appears twice in one mapping \(lines 2 and 4\)"),
+        ("LeNet: {width: 4, width: 6}\n", [], r"the key 'width' appears twice in one mapping \(lines 1 and 1\)"),
+        ("epoch: 3\n", ["LeNet={width: 4, width: 6}"], r"-o .*the key 'width' appears twice in one mapping"),
+    ],
+)
+def test_a_duplicate_key_is_an_error_naming_it(tmp_path, body, overrides, pattern):
+    write(tmp_path / "main.yml", body + f"_BASE_: [{os.path.join(CONFIGS, 'lenet_digits.yml')}]\n")
+    with pytest.raises(ConfigError, match=pattern):
+        read_config(tmp_path / "main.yml", overrides)
+    write(tmp_path / "base.yml", body)  # the same in a base
+    write(tmp_path / "uses_base.yml", "_BASE_: [base.yml]\nseed: 1\n")
+    if not overrides:
+        with pytest.raises(ConfigError, match=r"base\.yml: the key '\w+' appears twice"):
+            read_config(tmp_path / "uses_base.yml")
+
+
+def test_a_merge_key_may_be_overridden_once(tmp_path):
+    cfg = load_config(write(tmp_path / "main.yml", """
+        defaults: &defaults {width: 4, hidden: 8}
+        LeNet:
+          <<: *defaults
+          width: 6
+    """))
+    assert cfg["LeNet"] == {"width": 6, "hidden": 8}
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_as_config_or_base_is_refused_without_blocking(tmp_path):
+    os.mkfifo(tmp_path / "fifo.yml")
+    with pytest.raises(ConfigError, match=r"fifo\.yml: is a FIFO, not a regular file; a config is a YAML file"):
+        read_config(tmp_path / "fifo.yml")
+    write(tmp_path / "main.yml", "_BASE_: [fifo.yml]\nepoch: 2\n")
+    with pytest.raises(ConfigError, match=r"fifo\.yml: is a FIFO, not a regular file"):
+        read_config(tmp_path / "main.yml")
+    with pytest.raises(ConfigError, match=r"null: is a device or socket, not a regular file"):
+        read_config("/dev/null")
+
+
+SECRET = "hunter2-Zq8vX"
+NOT_CONFIGS = {  # files a _BASE_ might name by mistake or malice; none of their text may be shown
+    "shadow": f"root:$6$salt${SECRET}:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n",
+    "passwd-like": f"{SECRET}:x:1000:1000::/home/{SECRET}:/bin/sh\n",
+    "ini": f"[server]\npassword = {SECRET}\n",
+    "private key": f"-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA{SECRET}\n-----END OPENSSH PRIVATE KEY-----\n",
+    "netrc": f"machine example.com login me password {SECRET}\n",
+    "json": f'{{"token": "{SECRET}", "nested": {{"{SECRET}": 1}}}}\n',
+    "yaml with a tag": f"token: !{SECRET} value\n",
+    "yaml with an alias": f"token: *{SECRET}\n",
+    "broken yaml": f"a: [1, 2\n{SECRET}: 3\n",
+    "env file": f"export API_KEY={SECRET}\nexport {SECRET}_X=1\n",
+}
+
+
+@pytest.mark.parametrize("kind", list(NOT_CONFIGS))
+def test_no_error_shows_text_of_a_file_that_is_not_a_config(tmp_path, kind):
+    write(tmp_path / "secret", NOT_CONFIGS[kind])
+    write(tmp_path / "main.yml", f"_BASE_: {tmp_path / 'secret'}\nepoch: 2\n")
+    for path in (tmp_path / "main.yml", tmp_path / "secret"):
+        with pytest.raises(ConfigError) as info:
+            read_config(path)
+        assert SECRET not in str(info.value) and "root:" not in str(info.value), str(info.value)
+        assert "\n" not in str(info.value)
+
+
+def test_the_real_etc_shadow_as_a_base_shows_none_of_it(tmp_path):
+    if not os.access("/etc/shadow", os.R_OK):
+        pytest.skip("/etc/shadow is not readable by this user: nothing of it can be shown")
+    with open("/etc/shadow", encoding="utf-8", errors="replace") as f:
+        fields = {field for line in f for field in line.strip().split(":") if len(field) >= 3}
+    write(tmp_path / "main.yml", "_BASE_: /etc/shadow\nepoch: 2\n")
+    with pytest.raises(ConfigError) as info:
+        read_config(tmp_path / "main.yml")
+    assert str(info.value).startswith("/etc/shadow: ")
+    assert not [field for field in fields if field in str(info.value)[len("/etc/shadow: "):]], str(info.value)
+
+
+def test_yaml_errors_give_the_position(tmp_path):
+    write(tmp_path / "main.yml", "epoch: 3\nLeNet: [1, 2\nseed: 4\n")
+    with pytest.raises(ConfigError, match=r"main\.yml: not valid YAML: while parsing a flow sequence; expected ',' or "
+                                          r"'\]', but got ':' \(line 3, column 5\)"):
+        read_config(tmp_path / "main.yml")

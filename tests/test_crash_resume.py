@@ -40,10 +40,10 @@ def _latest_complete(run_dir):
 
 def _half_written(run_dir):
     """A checkpoint write in progress: its files still under their temporary names
-    (`.<stem><suffix>.tmp-<pid>`), not yet committed by a manifest."""
+    (`.<stem><suffix>.tmp-<pid>-<random>`), not yet committed by a manifest."""
     if not run_dir.is_dir():
         return False
-    return any(re.fullmatch(r"\.\w+\.(pdparams|pdema|pdopt)\.tmp-\d+", p.name) for p in run_dir.iterdir())
+    return any(re.fullmatch(r"\.\w+\.(pdparams|pdema|pdopt)\.tmp-\d+-\w+", p.name) for p in run_dir.iterdir())
 
 
 def _weights(path):

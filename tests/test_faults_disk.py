@@ -21,10 +21,10 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": ""}
 
 
-def tiny(folder, output, extra=""):
+def tiny(folder, output, epoch=2):
     path = folder / "tiny.yml"
     path.write_text(f"_BASE_: [{REPO / 'configs' / 'lenet_digits.yml'}]\noutput_dir: {output}\n"
-                    "epoch: 2\nlog_iter: 1000\nLeNet: {width: 4, hidden: 16}\nTrainReader: {batch_size: 128}\n" + extra)
+                    f"epoch: {epoch}\nlog_iter: 1000\nLeNet: {{width: 4, hidden: 16}}\nTrainReader: {{batch_size: 128}}\n")
     return path
 
 
@@ -67,7 +67,7 @@ def trained(tmp_path_factory):
 def test_file_size_limit_while_rewriting_best_model_and_checkpoints_loses_nothing(trained, tmp_path):
     out = tmp_path / "output" / "tiny"
     shutil.copytree(trained["out"], out)
-    config = tiny(tmp_path, tmp_path / "output", "epoch: 4\n")
+    config = tiny(tmp_path, tmp_path / "output", epoch=4)
     before = files(out)
     # 4 KiB: the probe passes, each checkpoint file (5-25 KiB) fails with EFBIG (SIGXFSZ would kill silently)
     result = tool("train.py", "-c", str(config), "--eval", "-r", "auto", fsize=4096)
@@ -126,7 +126,7 @@ def tmpfs(tmp_path):
 
 def test_a_full_file_system_stops_with_one_line_and_every_committed_checkpoint_loads(tmp_path, tmpfs):
     disk = tmpfs("small", "160k")  # room for about two checkpoints
-    config = tiny(tmp_path, disk, "epoch: 6\n")
+    config = tiny(tmp_path, disk, epoch=6)
     result = tool("train.py", "-c", str(config), "--eval")
     one_line(result, r"error: .*: No space left on device \(the file system is full; free space or choose another "
                      r"folder\)", trained=True)
@@ -145,7 +145,7 @@ def test_a_read_only_file_system_is_refused_before_training(trained, tmp_path, t
     shutil.copytree(trained["out"], disk / "tiny")
     assert subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode == 0
     before = files(disk)
-    config = tiny(tmp_path, disk, "epoch: 4\n")
+    config = tiny(tmp_path, disk, epoch=4)
     result = tool("train.py", "-c", str(config), "-r", "auto")
     one_line(result, rf"error: output_dir: cannot write to {disk}/tiny: .*Read-only file system \(the file system "
                      r"is read-only; choose a writable folder\)")

@@ -80,9 +80,32 @@ def test_a_lock_and_temporary_files_left_by_a_killed_run_are_taken_over(tmp_path
     killed.wait(timeout=60)
     assert (run_dir / LOCK_NAME).read_text().strip() == str(killed.pid)  # the stale lock names the dead run
     leftovers = [p.name for p in run_dir.glob(".*.tmp-*")]
-    assert leftovers and all(re.search(rf"\.tmp-{killed.pid}$", n) for n in leftovers)
+    assert leftovers and all(re.search(rf"\.tmp-{killed.pid}-\w+$", n) for n in leftovers)
     result = subprocess.run(command(config, "-r", "auto"), env=ENV, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "-r auto: no complete checkpoint" in result.stdout  # killed inside epoch 0's first write
     assert not (run_dir / LOCK_NAME).exists() and not list(run_dir.glob(".*.tmp-*"))
     assert {os.path.basename(s) for s in checkpoint.complete_checkpoints(str(run_dir))} == {"0", "1", "model_final"}
+
+
+@pytest.mark.timeout(240)
+def test_sigterm_ends_a_run_like_sigint_in_one_line_leaving_no_temporary_file(tmp_path):
+    config = tiny(tmp_path)
+    run_dir = tmp_path / "output" / "tiny"
+    slow = {**ENV, "PADDLE_EMA_FAULT_SAVE_DELAY": "1"}
+    for sig, status, line in ((signal.SIGTERM, 143, "terminated (SIGTERM)"), (signal.SIGINT, 130, "interrupted")):
+        run = subprocess.Popen(command(config, "--eval", "-r", "auto"), env=slow, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not list(run_dir.glob(".*.pd*.tmp-*")) and run.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert run.poll() is None, "the run ended before a checkpoint was half written"
+        run.send_signal(sig)
+        out, err = run.communicate(timeout=120)
+        assert run.returncode == status, err[-3000:]
+        lines = err.strip().splitlines()
+        assert lines[-1] == line and "Traceback" not in err and "FatalError" not in err, err[-3000:]
+        assert all(re.match(r"epoch \d+/\d+ iter ", x) for x in lines[:-1]), err[-3000:]
+        assert not list(run_dir.glob(".*.tmp-*")) and not (run_dir / LOCK_NAME).exists()
+        for stem in checkpoint.complete_checkpoints(str(run_dir)):
+            checkpoint.verify(stem)  # what was committed before the signal stays whole

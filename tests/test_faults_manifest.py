@@ -6,6 +6,7 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import paddle
 import pytest
 
@@ -194,3 +195,73 @@ def test_average_output_has_a_manifest_that_later_readers_check(run, tmp_path, c
     output.write_bytes(bytes(data))
     assert eval_main(["-c", str(run["config"]), "-o", f"weights={output}"]) == 2
     _one_line(capsys, r"avg.pdparams is truncated or corrupted")
+
+
+def test_stray_temporaries_and_a_copied_journal_never_stop_a_run(tmp_path):
+    import subprocess
+    import sys
+
+    def train(*args):  # separate processes: a resume needs the parameter names a fresh process gives
+        return subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "-c", str(config), *args], cwd=REPO,
+                              env={**os.environ, "PYTHONPATH": ""}, capture_output=True, text=True, timeout=240)
+
+    config = tmp_path / "tiny.yml"
+    config.write_text(f"_BASE_: [{REPO / 'configs' / 'lenet_digits.yml'}]\noutput_dir: {tmp_path / 'output'}\n"
+                      "epoch: 1\nLeNet: {width: 4, hidden: 16}\nTrainReader: {batch_size: 256}\n")
+    assert train().returncode == 0
+    out = tmp_path / "output" / "tiny"
+    (out / ".x.tmp-99999999999999999999").write_bytes(b"?")  # a PID no process can have
+    (out / "model_final.manifest.json.next").write_bytes((out / "model_final.manifest.json").read_bytes())  # no `staged`
+    result = train("-o", "epoch=2", "-r", "auto")
+    assert result.returncode == 0 and "resumed from" in result.stdout, result.stderr[-2000:]
+    assert not (out / ".x.tmp-99999999999999999999").exists() and not (out / "model_final.manifest.json.next").exists()
+    checkpoint.verify(str(out / "model_final"))
+
+
+def test_average_never_writes_over_a_training_checkpoint(run, tmp_path, capsys):
+    out = run["out"]
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    inputs = [str(out / "0.pdparams"), str(out / "model_final.pdparams"), "--bn", "average"]
+    for output, pattern in [
+        (out / "0.pdparams", rf"--output: {out / '0.pdparams'} is a file of the checkpoint {out / '0'}; a "
+                             r"checkpoint's files are never written over, choose another name"),
+        (out / "model_final.pdparams", r"is a file of the checkpoint .*model_final; a checkpoint's files are never"),
+        (out / "model_final.pdema", r"model_final.pdema is not a .pdparams file name; the output is a .pdparams"),
+        (out / "0.manifest.json", r"0.manifest.json is not a .pdparams file name"),
+        ("", r"--output: an empty path; give the .pdparams file to write"),
+        ("   ", r"--output: an empty path"),
+    ]:
+        assert average_main([*inputs, "--output", str(output)]) == 2
+        _one_line(capsys, pattern)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    load_resume_state(str(out / "0"), use_ema=True)  # -r 0 still works
+    checkpoint.verify(str(out / "model_final"))
+    # its own output it may write again
+    assert average_main([*inputs, "--output", str(tmp_path / "avg.pdparams")]) == 0
+    assert average_main([*inputs, "--output", str(tmp_path / "avg.pdparams")]) == 0
+    capsys.readouterr()
+
+
+def test_huge_average_weights_give_the_mean(run, tmp_path, capsys):
+    a, b = str(run["out"] / "0.pdparams"), str(run["out"] / "model_final.pdparams")
+    for weights, name in ((None, "uniform"), (["1e308", "1e308"], "huge"), (["3e-320", "3e-320"], "tiny")):
+        args = [a, b, "--bn", "average", "--output", str(tmp_path / f"{name}.pdparams")]
+        assert average_main(args + (["--weights", *weights] if weights else [])) == 0
+    capsys.readouterr()
+    uniform = {k: v.numpy() for k, v in checkpoint.safe_load(tmp_path / "uniform.pdparams").items()}
+    expected = {k: (v.numpy() + paddle.load(b)[k].numpy()) / 2 for k, v in paddle.load(a).items()}
+    for name in ("huge", "tiny"):  # scaled by a power of two: the same bits as weights 1 1
+        for key, value in checkpoint.safe_load(tmp_path / f"{name}.pdparams").items():
+            assert value.numpy().tobytes() == uniform[key].tobytes(), (name, key)
+    for key, value in uniform.items():
+        if value.dtype.kind == "f":
+            np.testing.assert_allclose(value, expected[key], rtol=1e-6, atol=1e-7)
+    assert average_main([a, b, "--bn", "average", "--weights", "1e308", "inf", "--output", str(tmp_path / "x.pdparams")]) == 2
+    _one_line(capsys, r"--weights must be finite, >= 0 and not all 0")
+
+
+def test_export_refuses_an_empty_output_dir(run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert export_main(["-c", str(run["config"]), "--output_dir", ""]) == 2
+    _one_line(capsys, r"--output_dir: an empty path; give the folder to export into")
+    assert not os.listdir(tmp_path)

@@ -36,7 +36,7 @@ def command(config):
 
 
 def staged(run_dir, stem):
-    return run_dir.is_dir() and any(re.fullmatch(rf"\.{stem}\.(pdparams|pdema|pdopt)\.tmp-\d+", p.name)
+    return run_dir.is_dir() and any(re.fullmatch(rf"\.{stem}\.(pdparams|pdema|pdopt)\.tmp-\d+-\w+", p.name)
                                     for p in run_dir.iterdir())
 
 

@@ -139,3 +139,47 @@ def test_resume_with_other_ema_settings_names_the_override_that_resumes(short_ru
     resumed = run_tool("train.py", *common[:3], "ema_decay=0.9", *common[3:])  # what the line says to do
     assert resumed.returncode == 0, resumed.stderr
     assert f"resumed from {stem}: epoch 1, step 85" in resumed.stdout
+
+
+@pytest.mark.parametrize(
+    "variable, value, allowed",
+    [
+        ("PADDLE_EMA_NUM_THREADS", "2147483648", "a whole number from 1 to 1024"),
+        ("PADDLE_EMA_NUM_THREADS", "abc", "a whole number from 1 to 1024"),
+        ("PADDLE_EMA_NUM_THREADS", "0", "a whole number from 1 to 1024"),
+        ("PADDLE_EMA_NUM_THREADS", "\u0664", "a whole number from 1 to 1024"),  # an Arabic-Indic 4: int() takes it
+        ("PADDLE_EMA_FAULT_SAVE_DELAY", "abc", "seconds, a number from 0 to 3600"),
+        ("PADDLE_EMA_FAULT_SAVE_DELAY", "nan", "seconds, a number from 0 to 3600"),
+        ("PADDLE_EMA_FAULT_SAVE_DELAY", "-1", "seconds, a number from 0 to 3600"),
+        ("PADDLE_EMA_KERNEL", "xyz", "auto, fused or reference"),
+        ("PADDLE_EMA_REBUILD", "maybe", "0 or 1"),
+        ("PADDLE_EMA_CACHE_DIR", __file__, "a folder (or a path where one can be made)"),
+    ],
+)
+def test_a_bad_environment_variable_is_one_line_naming_it(monkeypatch, capsys, variable, value, allowed):
+    from paddle_ema.engine.cli import eval_main
+
+    monkeypatch.setenv(variable, value)
+    assert eval_main(["-c", os.path.join(REPO, "configs", "lenet_digits.yml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: ${variable} must be {allowed}, got ") and err.count("\n") == 1, err
+
+
+def test_a_huge_thread_count_is_one_line_not_a_traceback_of_every_tensor(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "train.py"), "-c",
+                             os.path.join(REPO, "configs", "lenet_digits.yml"), "-o", f"output_dir={tmp_path}"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": "", "PADDLE_EMA_NUM_THREADS": "2147483648"},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: $PADDLE_EMA_NUM_THREADS must be a whole number from 1 to 1024, got '2147483648'"]
+    assert not os.listdir(tmp_path)  # refused before anything is built or written
+
+
+def test_the_library_refuses_a_huge_thread_count_too(monkeypatch):
+    from paddle_ema.errors import ConfigError
+    from paddle_ema.kernels import fused
+
+    monkeypatch.setenv("PADDLE_EMA_NUM_THREADS", "2147483648")
+    with pytest.raises(ConfigError, match=r"PADDLE_EMA_NUM_THREADS must be a whole number from 1 to 1024"):
+        fused.num_threads()

@@ -26,13 +26,14 @@ def ok(result):
 
 def tiny_config(folder, name="tiny.yml", extra=""):
     path = folder / name
-    path.write_text(
-        f"_BASE_: [{os.path.join(REPO, 'configs', 'lenet_digits.yml')}]\n"
-        f"output_dir: {folder / 'output'}\n"
-        "epoch: 2\nlog_iter: 10\nbase_lr: 0.1\n"
-        "LeNet: {width: 4, hidden: 16}\n"
-        "TrainReader: {batch_size: 64}\n" + extra
-    )
+    defaults = (f"_BASE_: [{os.path.join(REPO, 'configs', 'lenet_digits.yml')}]\n"
+                f"output_dir: {folder / 'output'}\n"
+                "epoch: 2\nlog_iter: 10\nbase_lr: 0.1\n"
+                "LeNet: {width: 4, hidden: 16}\n"
+                "TrainReader: {batch_size: 64}\n")
+    # A key set in `extra` replaces the default's line: a config names each key once.
+    keys = {line.split(":", 1)[0] for line in extra.splitlines() if line[:1].strip()}
+    path.write_text("".join(f"{line}\n" for line in defaults.splitlines() if line.split(":", 1)[0] not in keys) + extra)
     return path
 
 

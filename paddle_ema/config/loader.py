@@ -10,6 +10,7 @@ Each leaf remembers the file it came from (`Config.origin`), so validation can n
 import copy
 import os
 import re
+import stat
 from typing import Any, Dict, Optional, Union
 
 import yaml
@@ -26,6 +27,10 @@ MAX_NODES = 100_000  # values after expanding every YAML alias (a "billion laugh
 
 class YAMLLimitError(yaml.YAMLError):
     """A document exceeds MAX_DEPTH or MAX_NODES, or has a recursive alias."""
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice (YAML would silently keep the last)."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -62,6 +67,23 @@ class _Loader(yaml.SafeLoader):
         self._sizes[id(node)] = self._total - before
         return node
 
+    def construct_mapping(self, node, deep=False):
+        # Explicit keys only: a `<<: *base` merge may be overridden by a key of the mapping itself.
+        if isinstance(node, yaml.MappingNode):
+            lines = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key = self.construct_object(key_node)
+                if not isinstance(key, str):  # refused later as a non-string key
+                    continue
+                line = key_node.start_mark.line + 1
+                if key in lines:
+                    raise DuplicateKeyError(f"the key {_shown_key(key)} appears twice in one mapping (lines "
+                                            f"{lines[key]} and {line}); write each key once")
+                lines[key] = line
+        return super().construct_mapping(node, deep)
+
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
@@ -89,6 +111,28 @@ def _key_problem(value, dotted="", depth=0):
     return None
 
 
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]{0,63}$")
+
+
+def _shown_key(key):
+    """A key for a message: names as they are; anything else (maybe a line of a file that is not a
+    config) not shown."""
+    return repr(key) if isinstance(key, str) and _NAME.match(key) else f"({type(key).__name__}, not shown)"
+
+
+def _yaml_problem(exc):
+    """What is wrong in a YAML document, with its position but none of its text: the document may
+    be a file that is not a config (`_BASE_: /etc/shadow`)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return type(exc).__name__
+    # PyYAML quotes document text in its problems (a tag, an alias, an anchor: no spaces) with %r;
+    # a quoted character, a token kind like '<scalar>' and quoted punctuation (' or ') stay.
+    parts = [re.sub(r"'(?!<)[^'\s]{4,}'|\"[^\"\s]{4,}\"", "'...'", part) for part in (exc.context, exc.problem) if part]
+    mark = exc.problem_mark or exc.context_mark
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return "; ".join(parts)[:300] + where
+
+
 def _short(value, limit=60):
     import reprlib
 
@@ -113,8 +157,10 @@ def parse_yaml(text: str, where: str = "<yaml>") -> Any:
         value = yaml.load(text, Loader=_Loader)
     except YAMLLimitError as exc:
         raise ConfigFileError(f"{where}: not accepted: {exc}", where) from None
+    except DuplicateKeyError as exc:
+        raise ConfigFileError(f"{where}: {exc}", where) from None
     except yaml.YAMLError as exc:
-        raise ConfigFileError(f"{where}: not valid YAML: {' '.join(str(exc).split())[:400]}", where) from None
+        raise ConfigFileError(f"{where}: not valid YAML: {_yaml_problem(exc)}", where) from None
     except ValueError as exc:  # an integer of more than 4300 digits, a date like 2020-13-45
         raise ConfigFileError(f"{where}: a value cannot be read ({' '.join(str(exc).split())[:200]})", where) from None
     except RecursionError:
@@ -195,19 +241,41 @@ def deep_merge(base: Dict[str, Any], override: Dict[str, Any], origin: Optional[
     return base
 
 
-def _read_text(path):
-    if os.path.isdir(path):
-        raise ConfigFileError(f"{path}: is a folder; a config is a YAML file", path)
+def _read_bytes(path):
+    """The bytes of the regular file `path` (links followed), at most MAX_FILE_BYTES + 1. Opened
+    without blocking and checked with fstat, so a FIFO or a device is refused, never waited on."""
     try:
-        size = os.path.getsize(path)
-        if size > MAX_FILE_BYTES:
-            raise ConfigFileError(f"{path}: {size} bytes; a config file is at most {MAX_FILE_BYTES} bytes", path)
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_FILE_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ConfigFileError(f"config file not found: {path}", path) from None
     except OSError as exc:
         raise ConfigFileError(f"{path}: cannot be read ({exc.strerror})", path) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigFileError(f"{path}: is a folder; a config is a YAML file", path)
+        if not stat.S_ISREG(info.st_mode):
+            kind = "a FIFO" if stat.S_ISFIFO(info.st_mode) else "a device or socket"
+            raise ConfigFileError(f"{path}: is {kind}, not a regular file; a config is a YAML file", path)
+        if info.st_size > MAX_FILE_BYTES:
+            raise ConfigFileError(f"{path}: {info.st_size} bytes; a config file is at most {MAX_FILE_BYTES} bytes",
+                                  path)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as handle:
+            fd = None
+            return handle.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ConfigFileError(f"{path}: cannot be read ({exc.strerror})", path) from None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _read_text(path):
+    data = _read_bytes(path)
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigFileError(f"{path}: over {MAX_FILE_BYTES} bytes; a config file is at most {MAX_FILE_BYTES} bytes",
+                              path)
     if data[:2] in (b"\xff\xfe", b"\xfe\xff") or (len(data) > 1 and b"\0" in data[:2]):
         raise ConfigFileError(f"{path}: is UTF-16 (or binary); save the config as UTF-8", path)
     try:
@@ -245,7 +313,7 @@ def _load(path, chain, data, origin):
         if os.path.isdir(base_path):
             raise ConfigFileError(f"{path}: {BASE_KEY} {base} is a folder (looked at {base_path}); list YAML files",
                                   path, BASE_KEY)
-        if not os.path.isfile(base_path):
+        if not os.path.exists(base_path):
             raise ConfigFileError(f"{path}: {BASE_KEY} file not found: {base} (looked for {base_path})", path, BASE_KEY)
         _load(base_path, (*chain, real), data, origin)
     deep_merge(data, raw, origin, path)

@@ -10,6 +10,7 @@ import difflib
 import importlib
 import inspect
 import math
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict
@@ -183,7 +184,17 @@ def _check_value(config, dotted, value, spec):
             _check_value(config, f"{dotted}.{key}", sub, spec.keys[key])
 
 
+# A key that could be a config key; any other unknown key is not echoed in a message: the file may
+# be no config at all (`_BASE_: /etc/shadow` parses as a mapping of whole lines).
+_KEY_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
 def _check_known(config, dotted, key, valid):
+    if key not in valid and not (isinstance(key, str) and _KEY_NAME.match(key)):
+        parent = dotted[: len(dotted) - len(str(key))].rstrip(".")
+        where = f" under {parent!r}" if parent else ""
+        raise _error(config, dotted, f"a key{where} is no config key name (not shown: config keys are names of "
+                                     "letters, digits and _); is this file a paddle_ema config?")
     if key not in valid:
         close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(sorted(map(str, valid)))}"

@@ -14,6 +14,8 @@ statistics. They are handled as the user chooses, explicitly (`bn`):
 Checkpoints that hold BN statistics need a choice; integer entries must agree across checkpoints.
 """
 
+import math
+
 import numpy as np
 import paddle
 
@@ -21,7 +23,7 @@ from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
 from ..errors import ConfigError, IncompatibleStateError
 from ..selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
-from .run_checkpoints import copy_state, load_state_dict, save_weights_file
+from .run_checkpoints import check_weights_output, copy_state, load_state_dict, save_weights_file
 from .data import batches
 
 __all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]
@@ -30,13 +32,16 @@ BN_MODES = ("average", "recompute", "first")
 
 
 def _check_weights(weights, count):
+    """The weights as floats, scaled by a power of two (exact) so that their sum cannot overflow:
+    --weights 1e308 1e308 is the mean, as 1 1 is."""
     if weights is None:
         return [1.0] * count
     if len(weights) != count:
         raise ConfigError(f"--weights: {len(weights)} weights for {count} checkpoints; give one per checkpoint")
-    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+    if any(not math.isfinite(w) or w < 0 for w in weights) or not any(w > 0 for w in weights):
         raise ConfigError(f"--weights must be finite, >= 0 and not all 0, got {weights}")
-    return [float(w) for w in weights]
+    exponent = math.frexp(max(weights))[1]  # the largest becomes a number in [0.5, 1)
+    return [math.ldexp(float(w), -exponent) for w in weights]
 
 
 def average_state_dicts(states, weights=None, bn="average", labels=None):
@@ -92,6 +97,7 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
     """Average .pdparams files into `output`; returns a one-line summary."""
     import os
 
+    check_weights_output(output, "--output")
     for path in paths:
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint {path} does not exist")

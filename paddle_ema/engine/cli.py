@@ -4,7 +4,10 @@ One error path: a problem the user or the machine causes is printed as one line 
 stderr and the tool exits with status 2, without a traceback. That is every paddle_ema error
 (ConfigError, CheckpointError, ...), every OSError (disk full, read-only file system, file-size
 limit, a path through a file, permissions: the line names the path and what to do) and running
-out of memory. Anything else is a bug and keeps its traceback.
+out of memory. Anything else is a bug and keeps its traceback. The environment variables the
+package reads are checked first. SIGINT and SIGTERM stop a tool the same way: the exception
+unwinds every writer (temporary files removed, the run lock released), then one line and exit
+status 130 or 143.
 """
 
 import argparse
@@ -15,6 +18,7 @@ import sys
 import time
 import warnings
 
+from .. import environment
 from ..errors import ConfigError, PaddleEMAError
 from .run_folder import check_writable, describe_os_error
 
@@ -57,6 +61,14 @@ def _error_exit(line):
     return 2
 
 
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so that it unwinds like KeyboardInterrupt on SIGINT."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def _run(main, argv):
     with warnings.catch_warnings():
         _quiet()
@@ -68,7 +80,23 @@ def _run_quietly(main, argv):
         # Past a file-size limit (ulimit -f) the kernel would kill the process without a word; ignored,
         # the write fails with EFBIG instead, which is reported like any other OSError.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    # After Paddle's import, which installs its own SIGTERM handler (a multi-line FatalError and a
+    # core dump), so that this one replaces it.
+    import paddle  # noqa: F401
+
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
+        return _run_main(main, argv)
+    except Terminated:
+        print("terminated (SIGTERM)", file=sys.stderr)
+        return 143
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run_main(main, argv):
+    try:
+        environment.check()
         main(argv)
     except PaddleEMAError as exc:
         return _error_exit(f"error: {_one_line(exc)}")
@@ -213,6 +241,8 @@ def _export(argv):
     parser = _parser("Export an inference model (paddle.jit.save) with the checkpoint's (EMA) weights.")
     parser.add_argument("--output_dir", default="output_inference", help="folder of the exported model")
     args = parser.parse_args(argv)
+    if not args.output_dir.strip():
+        raise ConfigError("--output_dir: an empty path; give the folder to export into (default output_inference)")
     cfg = _config(args)
     from .export import export_model
     from .builders import run_name
@@ -235,10 +265,12 @@ def _average(argv):
     parser.add_argument("--output", required=True, help="the averaged .pdparams file")
     args = parser.parse_args(argv)
     from .average_files import average_checkpoint_files
+    from .run_checkpoints import check_weights_output
 
     cfg = _config(args) if args.config else None
     if os.path.isdir(args.output):
         raise ConfigError(f"--output: {args.output} is a folder; give the averaged .pdparams file's path")
+    check_weights_output(args.output, "--output")  # before anything is loaded: never a training checkpoint's file
     check_writable(os.path.dirname(os.path.abspath(args.output)), "--output")
     summary = average_checkpoint_files(args.checkpoints, args.weights, args.bn, args.output, cfg)
     print(summary)

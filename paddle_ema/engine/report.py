@@ -3,6 +3,8 @@
 import os
 from typing import Any, Dict, List, Optional
 
+from ..checkpoint import atomic_write
+
 __all__ = ["ScalarLog", "summary_table", "output_lines", "plot_curves", "TAGS"]
 
 TAGS = {
@@ -143,14 +145,8 @@ def plot_curves(series, steps_per_epoch, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend()
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    folder, base = os.path.split(os.path.abspath(path))
-    temporary = os.path.join(folder, f".{base}.tmp-{os.getpid()}")  # a failed write keeps the old plot
-    try:
-        fig.savefig(temporary, dpi=100, format="png")
-        os.replace(temporary, path)
+    try:  # crash-safe, and never through a link: a failed write keeps the old plot
+        atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"))
     finally:
         plt.close(fig)
-        if os.path.exists(temporary):
-            os.remove(temporary)
     return path

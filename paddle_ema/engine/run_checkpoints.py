@@ -17,12 +17,13 @@ import numpy as np
 import paddle
 
 from ..checkpoint import JOURNAL_SUFFIX, MANIFEST_SUFFIX, atomic_save, complete_checkpoints, resolve, safe_load  # noqa: F401
+from ..checkpoint import check_replaceable, checkpoint_info, listed_suffixes
 from ..checkpoint import save_checkpoint as _save_files
 from ..errors import CheckpointError, IncompatibleStateError
 
 __all__ = ["atomic_save", "copy_state", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights", "check_fits",
            "run_identity", "check_same_run", "ema_keys", "ema_resume_hint", "load_state_dict", "newest_resumable",
-           "save_weights_file"]
+           "save_weights_file", "check_weights_output"]
 
 SUFFIXES = (".pdparams", ".pdema", ".pdopt")
 # What a .pdopt of tools/train.py holds, and the types its entries must have to be resumed.
@@ -54,13 +55,38 @@ def save_checkpoint(stem, weights, raw_weights=None, train_state=None, extra=Non
     _save_files(stem, files, info)
 
 
+# The manifest info of a weights file a tool wrote on its own (an average): such a file may be
+# written over again; a file of a training checkpoint may not.
+WEIGHTS_FILE_INFO = {"kind": "weights file"}
+
+
+def check_weights_output(path, what):
+    """CheckpointError unless `path` may take a new weights file: a `.pdparams` name that is not a
+    file of a training checkpoint (its own stem's, or listed by another's manifest)."""
+    path = os.fspath(path)
+    if not path.strip():
+        raise CheckpointError(f"{what}: an empty path; give the .pdparams file to write")
+    if not path.endswith(".pdparams") or os.path.basename(path).startswith("."):
+        raise CheckpointError(f"{what}: {path} is not a .pdparams file name; the output is a .pdparams weights file")
+    check_replaceable(path)
+    stem = path[: -len(".pdparams")]
+    owned = any(os.path.lexists(stem + ending) for ending in (MANIFEST_SUFFIX, JOURNAL_SUFFIX))
+    if owned and checkpoint_info(stem) != WEIGHTS_FILE_INFO:
+        raise CheckpointError(f"{what}: {path} is a file of the checkpoint {stem}; a checkpoint's files are never "
+                              "written over, choose another name")
+    found = _manifest_for(path)
+    if found is not None and found[0] != stem and found[1] in listed_suffixes(found[0]):
+        raise CheckpointError(f"{what}: {path} is a file of the checkpoint {found[0]}; a checkpoint's files are "
+                              "never written over, choose another name")
+
+
 def save_weights_file(state, path):
     """A single weights file `<stem>.pdparams` with its manifest, so that every reader checks it."""
     path = os.fspath(path)
     if not path.endswith(".pdparams"):
         atomic_save(state, path)
         return
-    _save_files(path[: -len(".pdparams")], {".pdparams": state})
+    _save_files(path[: -len(".pdparams")], {".pdparams": state}, dict(WEIGHTS_FILE_INFO))
 
 
 def _manifest_for(path):

@@ -4,21 +4,32 @@
   the same folder is refused naming that PID. The kernel drops the lock when its process dies, so
   a lock file left by a killed run is stale: the next run takes it over. The holder removes the
   file when it ends (still holding the lock; a waiting process re-checks that the file it locked is
-  still the one at the path).
-- `check_writable`: creates the folders and writes, fsyncs and removes a probe file in each, so a
-  read-only, full or misnamed location fails in the first second, not after an epoch.
-Both raise `OutputError` (a PaddleEMAError: one line, exit status 2 in the tools).
+  still the one at the path). The lock is opened with O_NOFOLLOW and must be a regular file with
+  one link: a link planted at `.lock` is refused, never followed or truncated.
+- `check_writable`: creates the folders and writes, fsyncs and removes a probe file in each
+  (created O_EXCL|O_NOFOLLOW under a random name), so a read-only, full or misnamed location
+  fails in the first second, not after an epoch.
+- `refuse_planted_links`: a run folder holds only regular files the tools wrote: a symbolic link
+  or a non-regular file at a name they write (`*.pdparams`, manifests, `curves.png`, the
+  `posthoc` and `vdl` folders, ...) is refused before anything trains.
+All raise `OutputError` (a PaddleEMAError: one line, exit status 2 in the tools).
 """
 
 import errno
 import fcntl
 import os
+import re
+import stat
+import tempfile
 
 from ..errors import PaddleEMAError
 
-__all__ = ["OutputError", "RunLock", "check_writable", "describe_os_error", "LOCK_NAME"]
+__all__ = ["OutputError", "RunLock", "check_writable", "describe_os_error", "refuse_planted_links", "LOCK_NAME"]
 
 LOCK_NAME = ".lock"
+# Names the tools write in a run folder (and in its `posthoc` folder): files, and the folders below.
+OWNED_FILE = re.compile(r"^[^.].*\.(pdparams|pdema|pdopt|json|json\.next)$|^curves\.png$")
+OWNED_FOLDERS = ("posthoc", "vdl")
 
 
 class OutputError(PaddleEMAError):
@@ -83,19 +94,53 @@ def check_writable(folder, what):
     created = []
     try:
         created = _make_folders(folder)
-        probe = os.path.join(folder, f".write-probe.tmp-{os.getpid()}")
+        fd, probe = tempfile.mkstemp(prefix=f".write-probe.tmp-{os.getpid()}-", dir=folder)  # O_EXCL|O_NOFOLLOW
         try:
-            with open(probe, "wb") as f:
+            with os.fdopen(fd, "wb") as f:
                 f.write(b"\0" * 512)
                 f.flush()
                 os.fsync(f.fileno())
         finally:
-            if os.path.exists(probe):
-                os.remove(probe)
+            os.remove(probe)
     except OSError as exc:
         remove_created(created)
         raise OutputError(f"{what}: cannot write to {folder}: {describe_os_error(exc)}") from None
     return created
+
+
+def _planted(path, folder_expected):
+    """What is wrong with `path` (a name the tools write), or None: links and other kinds are refused."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if folder_expected:
+        return None if stat.S_ISDIR(mode) else "not a folder"
+    return None if stat.S_ISREG(mode) else ("a folder" if stat.S_ISDIR(mode) else "not a regular file")
+
+
+def refuse_planted_links(folder, what="output_dir"):
+    """OutputError naming the first name in the run `folder` (and its `posthoc` folder) that the tools
+    write but that holds a symbolic link or something else than they would put there."""
+    paths = []
+    for sub in ("", "posthoc"):
+        where = os.path.join(folder, sub) if sub else folder
+        if sub and (not os.path.isdir(where) or os.path.islink(where)):
+            continue
+        try:
+            names = sorted(os.listdir(where))
+        except FileNotFoundError:
+            continue
+        paths += [(os.path.join(where, n), False) for n in names if OWNED_FILE.match(n)]
+        if not sub:
+            paths += [(os.path.join(where, n), True) for n in OWNED_FOLDERS if n in names]
+    for path, folder_expected in paths:
+        problem = _planted(path, folder_expected)
+        if problem:
+            raise OutputError(f"{what}: {path} is {problem}; a run folder holds only the files and folders the "
+                              "tools write (remove it, or choose another output_dir)")
 
 
 class RunLock:
@@ -107,11 +152,21 @@ class RunLock:
         self.fd = None
 
     def acquire(self):
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         while True:
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, flags, 0o644)
             except OSError as exc:
+                if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+                    raise OutputError(f"output_dir: {self.path} is a symbolic link; the run lock is a regular file the "
+                                      "trainer creates (remove the link)") from None
                 raise OutputError(f"output_dir: cannot create the run lock: {describe_os_error(exc)}") from None
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                os.close(fd)
+                what = "a file with other hard links" if stat.S_ISREG(info.st_mode) else "not a regular file"
+                raise OutputError(f"output_dir: {self.path} is {what}; the run lock is a regular file the trainer "
+                                  "creates (remove it)")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -123,7 +178,7 @@ class RunLock:
                                       f"{self.path}); wait for it to end, or choose another output_dir") from None
                 raise OutputError(f"output_dir: cannot lock {self.path}: {describe_os_error(exc)}") from None
             try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                same = os.fstat(fd).st_ino == os.lstat(self.path).st_ino
             except FileNotFoundError:
                 same = False
             if not same:  # the holder removed the file between our open and our lock: lock the new one

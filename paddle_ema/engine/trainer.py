@@ -34,7 +34,7 @@ from .ema_setup import build_ema, relative_distance
 from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
 from .progress import Progress
 from .report import ScalarLog, output_lines, plot_curves, summary_table
-from .run_folder import RunLock, check_writable, remove_created
+from .run_folder import RunLock, check_writable, refuse_planted_links, remove_created
 
 # `-r auto`: resume from the newest complete checkpoint of this run, or start fresh without one.
 RESUME_AUTO = "auto"
@@ -100,6 +100,7 @@ class Trainer:
         if vdl_log_dir:
             self._created += check_writable(vdl_log_dir, "--vdl_log_dir")
         self.lock = RunLock(self.output_dir).acquire()
+        refuse_planted_links(self.output_dir)
         recover(self.output_dir)
         if os.path.isdir(os.path.join(self.output_dir, "posthoc")):
             recover(os.path.join(self.output_dir, "posthoc"))

@@ -31,6 +31,8 @@ from typing import List, Optional
 
 import paddle
 
+from .. import environment
+
 __all__ = ["BuildError", "cache_dir", "library_path", "build_key", "failure_path", "load_extension", "forget_builds",
            "clean_stale", "REBUILD_ENV"]
 
@@ -49,7 +51,7 @@ USUAL_BUILD_TIME = "usually under 2 minutes, more on a busy machine"
 # While compiling: on a terminal one line rewritten every second, otherwise a line this often.
 PROGRESS_EVERY_S = 10.0
 # Set to 1 to try again a build that failed before (the failure is remembered otherwise).
-REBUILD_ENV = "PADDLE_EMA_REBUILD"
+REBUILD_ENV = environment.REBUILD
 
 
 def _paddle_libs():
@@ -323,7 +325,7 @@ def _remember_failure(target, reason):
 
 def _remembered_failure(target):
     """The reason an earlier process gave for failing to build `target`, or None."""
-    if os.environ.get(REBUILD_ENV, "").strip() not in ("", "0"):
+    if environment.rebuild_requested():
         return None
     try:
         reason = failure_path(target).read_text(encoding="utf-8").strip()

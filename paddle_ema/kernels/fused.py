@@ -18,7 +18,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Optional, Sequence
 
-from ..errors import ConfigError
+from .. import environment as _environment
 from . import build, reference
 
 if TYPE_CHECKING:  # for the annotations only: build imports paddle when the extension is loaded
@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # for the annotations only: build imports paddle when the ext
 __all__ = ["available", "failure", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "stream_add_", "num_threads",
            "THREADS_ENV"]
 
-THREADS_ENV = "PADDLE_EMA_NUM_THREADS"
+THREADS_ENV = _environment.NUM_THREADS
 
 _lock = threading.Lock()
 _state = {"loaded": False, "failure": None, "module": None}
@@ -101,8 +101,8 @@ def num_threads() -> int:
     update, bound by memory bandwidth, needs several cores to reach it on most servers.
 
     Returns:
-        $PADDLE_EMA_NUM_THREADS (ConfigError unless a whole number >= 1), else every CPU this
-        process may use.
+        $PADDLE_EMA_NUM_THREADS (ConfigError unless a whole number from 1 to 1024), else every
+        CPU this process may use.
     """
     text = environment(THREADS_ENV)
     cache = _threads_cache
@@ -115,14 +115,9 @@ def num_threads() -> int:
 
 
 def _threads_from(text):
-    if text is None or not text.strip():
+    threads = _environment.parse_threads(text)
+    if threads is None:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        threads = int(text)
-    except ValueError:
-        threads = 0
-    if threads < 1:
-        raise ConfigError(f"${THREADS_ENV} must be a whole number >= 1, got {text!r}")
     return threads
 
 
