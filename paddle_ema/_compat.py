@@ -125,8 +125,6 @@ def create_pir_persistable(dtype, shape, name, initializer):
     return create_persistable_value(dtype, list(shape), name=name, initializer=initializer)
 
 
-
-
 def prepend_legacy_op(block, **op):
     """Insert an op at the start of a legacy program block (`type=`, `inputs=`, `outputs=`, `attrs=`).
 
