@@ -346,7 +346,8 @@ struct Pairs {
   std::vector<int64_t> skipped;
 };
 
-Pairs SortPairs(const std::vector<const paddle::Tensor*>& averages, const std::vector<const paddle::Tensor*>& values) {
+Pairs SortPairs(const std::vector<const paddle::Tensor*>& averages, const std::vector<const paddle::Tensor*>& values,
+                const char* op) {
   PD_CHECK(averages.size() == values.size(), "paddle_ema lerp_: ", averages.size(), " averages but ",
            values.size(), " values");
   Pairs pairs;
@@ -356,6 +357,7 @@ Pairs SortPairs(const std::vector<const paddle::Tensor*>& averages, const std::v
     PrefetchFacts(values, i);
     const TensorFacts average = FactsOf(*averages[i]);
     const TensorFacts value = FactsOf(*values[i]);
+    if (!SameDims(average, value)) ThrowShapeMismatch(op, i, "an average", average, "a value", value);
     const Kind kind = KindOf(average, value);
     if (kind == Kind::kUnsupported) {
       pairs.skipped.push_back(static_cast<int64_t>(i));
@@ -510,7 +512,7 @@ std::vector<paddle::Tensor> CastToHalf(const paddle::Tensor& x, int threads) {
 // pointers and returns the indices of the pairs it does not handle, for the caller's fallback.
 std::vector<int64_t> LerpTensors(const std::vector<const paddle::Tensor*>& averages,
                                  const std::vector<const paddle::Tensor*>& values, double weight, int threads) {
-  Pairs pairs = SortPairs(averages, values);
+  Pairs pairs = SortPairs(averages, values, "lerp_");
   LerpPairs(pairs, averages, weight, threads, false);
   return pairs.skipped;
 }
@@ -534,7 +536,8 @@ int64_t GuardedLerpTensors(const std::vector<const paddle::Tensor*>& averages,
   index_of.reserve(scan.size());
   ScanSegments(scan, &scan_segments, &index_of, unchecked);
   if (!unchecked->empty()) return -1;
-  Pairs pairs = SortPairs(averages, values);  // before the scan: a size mismatch is an error either way
+  // Before the scan: a shape mismatch is an error either way.
+  Pairs pairs = SortPairs(averages, values, "guarded_lerp_");
   const int64_t bad = FirstNonfiniteSegment(scan_segments, threads);
   if (bad >= 0) return index_of[bad];
   LerpPairs(pairs, averages, weight, threads, true);
@@ -638,6 +641,9 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
     const TensorFacts average = FactsOf(*averages[i]);
     const TensorFacts spare = FactsOf(*spares[i]);
     const TensorFacts value_facts = FactsOf(*values[i]);
+    if (!SameDims(average, value_facts)) {
+      ThrowShapeMismatch("guarded_lerp_", i, "an average", average, "a value", value_facts);
+    }
     const Kind kind = KindOf(average, value_facts);
     if (kind == Kind::kUnsupported || !average.is_cpu() || !spare.is_cpu() || !spare.contiguous ||
         spare.dtype != average.dtype) {
@@ -750,6 +756,10 @@ std::vector<int64_t> CopyTensors(const std::vector<const paddle::Tensor*>& targe
   for (size_t i = 0; i < targets.size(); ++i) {
     const paddle::Tensor& t = *targets[i];
     const paddle::Tensor& s = *sources[i];
+    const TensorFacts target_facts = FactsOf(t), source_facts = FactsOf(s);
+    if (!SameDims(target_facts, source_facts)) {
+      ThrowShapeMismatch("copy_", i, "a target", target_facts, "a source", source_facts);
+    }
     if (!t.is_dense_tensor() || !s.is_dense_tensor() || !t.is_cpu() || !s.is_cpu() || !EmaIsContiguous(t) ||
         !EmaIsContiguous(s) || t.dtype() != s.dtype() || t.numel() != s.numel()) {
       skipped.push_back(static_cast<int64_t>(i));
@@ -795,7 +805,10 @@ void LerpByTensor(std::vector<paddle::Tensor>& averages,  // NOLINT
   std::vector<Segment> segments;
   segments.reserve(averages.size());
   for (size_t i = 0; i < averages.size(); ++i) {
-    const Kind kind = KindOf(averages[i], values[i]);
+    const TensorFacts average = FactsOf(averages[i]), value = FactsOf(values[i]);
+    PD_CHECK(SameDims(average, value), "paddle_ema_lerp_by_tensor: pair ", i, " has an average of shape ",
+             DimsText(*average.dims), " and a value of shape ", DimsText(*value.dims), "; the shapes must be equal");
+    const Kind kind = KindOf(average, value);
     PD_CHECK(kind != Kind::kUnsupported && averages[i].is_cpu(), "paddle_ema_lerp_by_tensor: pair ", i,
              " is not a CPU pair it updates (float32 average with float32/float16/bfloat16 value, or "
              "float64 with float64, same size, contiguous); the static EMA emits Paddle's own ops "
