@@ -662,7 +662,6 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   }
   // The weights that decide but are not averaged here (other ranks' shards): read first.
   std::vector<const paddle::Tensor*> others;
-  std::vector<int64_t> others_index;
   bool scan_is_values = scan.size() == values.size();  // the common case: the same list
   for (size_t i = 0; scan_is_values && i < scan.size(); ++i) {
     // The same Python object is the same Tensor here (the bindings take references).
@@ -673,7 +672,6 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
     for (size_t i = 0; i < scan.size(); ++i) {
       if (!std::binary_search(value_data.begin(), value_data.end(), FactsOf(*scan[i]).data)) {
         others.push_back(scan[i]);
-        others_index.push_back(static_cast<int64_t>(i));
       }
     }
   }
@@ -681,31 +679,30 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   std::vector<int64_t> other_of, unchecked;
   ScanSegments(others, &other_segments, &other_of, &unchecked);
   if (!unchecked.empty()) return -2;
-  const int64_t other_bad = FirstNonfiniteSegment(other_segments, threads);
-  if (other_bad >= 0) return others_index[other_of[other_bad]];
+  // Once some weight is known to be bad: the lowest index in `scan` that is (scan's order, which
+  // need not be the pairs'), read again in full; only on this rare path.
+  auto lowest_bad_in_scan = [&]() -> int64_t {
+    std::vector<int64_t> none;
+    const int64_t first = ScanNonfinite(scan, threads, &none);
+    PD_CHECK(first >= 0, "paddle_ema guarded_lerp_: a value changed while it was read");
+    return first;
+  };
+  if (FirstNonfiniteSegment(other_segments, threads) >= 0) return lowest_bad_in_scan();
 
   const float w = static_cast<float>(weight);
   int64_t total_bytes = 0;
   for (const Segment& s : segments) total_bytes += s.numel * (s.kind == Kind::kDouble ? 8 : 4);
   const bool streaming = total_bytes >= kStreamingLerpBytes;
-  // The tensor of `scan` that the first non-finite segment's value is (values are among scan).
-  auto scan_index_of_first_bad = [&]() -> int64_t {
+  auto any_value_bad = [&]() -> bool {
     std::vector<Segment> pair_values;
     pair_values.reserve(segments.size());
     for (const Segment& s : segments) pair_values.push_back(Segment{nullptr, s.value, s.numel, s.kind});
-    const int64_t found = FirstNonfiniteSegment(pair_values, threads);
-    if (found < 0) return -1;
-    const void* data = segments[found].value;
-    for (size_t i = 0; i < scan.size(); ++i) {
-      if (FactsOf(*scan[i]).data == data) return static_cast<int64_t>(i);
-    }
-    return -1;
+    return FirstNonfiniteSegment(pair_values, threads) >= 0;
   };
   if (!streaming) {
     // A set that fits in the cache reads its values a second time from there: in place is faster
     // than writing a second buffer (LeNet: 9.5 against 11.9 us).
-    const int64_t first = scan_index_of_first_bad();
-    if (first >= 0) return first;
+    if (any_value_bad()) return lowest_bad_in_scan();
     LerpSegmentsCPU(segments, weight, threads, true);
     return -1;
   }
@@ -730,10 +727,7 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   _mm_sfence();  // the streaming stores are visible before the buffers change hands
 #endif
   if (bad.load()) {
-    // Which tensor: the pass stopped at the first bad block any thread met; find the lowest.
-    const int64_t first = scan_index_of_first_bad();
-    PD_CHECK(first >= 0, "paddle_ema guarded_lerp_: a value changed while it was read");
-    return first;
+    return lowest_bad_in_scan();  // the pass stopped at the first bad block any thread met
   }
   for (size_t i = 0; i < averages.size(); ++i) {
     PrefetchFacts(averages, i);  // the pass has pushed them out of the cache since the loop above
