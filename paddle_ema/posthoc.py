@@ -26,6 +26,7 @@ import numpy as np
 
 from .checkpoint import atomic_save, atomic_write_text, safe_load
 from .dygraph import ExponentialMovingAverage
+from .averaging import SavedState
 from .errors import ConfigError, IncompatibleStateError
 from .schedules import PowerFunction
 from .step_policy import check_int
@@ -170,12 +171,25 @@ class PostHocEMA:
         Args:
             state: a state_dict() of a PostHocEMA with the same sigma_rels.
         """
-        if [float(s) for s in state.get("sigma_rels", [])] != self.sigma_rels:
-            raise IncompatibleStateError(
-                f"post-hoc EMA state has sigma_rels {state.get('sigma_rels')}, this one {self.sigma_rels}"
-            )
-        for ema, ema_state in zip(self.emas, state["emas"]):
-            ema.set_state_dict(ema_state)
+        saved = SavedState(state, "the post-hoc EMA state does not fit this PostHocEMA")
+        widths = saved.state.get("sigma_rels")
+        if not isinstance(widths, list) or widths != self.sigma_rels:
+            raise IncompatibleStateError(f"post-hoc EMA state has sigma_rels {saved.shown(widths)}, this one {self.sigma_rels}")
+        states = saved.state.get("emas")
+        if not isinstance(states, list):
+            saved.refuse("emas", f"must be a list of the profiles' states, got a {type(states).__name__}")
+        if len(states) != len(self.emas):
+            saved.refuse("emas", f"holds {len(states)} profiles' states; this PostHocEMA tracks {len(self.emas)} "
+                                 f"profiles, the state has {len(states)}")
+        checked = []
+        for index, (ema, ema_state) in enumerate(zip(self.emas, states)):
+            try:  # every profile is checked before any is loaded
+                checked.append(ema._checked_state(ema_state))
+            except IncompatibleStateError as exc:
+                raise IncompatibleStateError(f"post-hoc EMA profile {index} (sigma_rel {self.sigma_rels[index]}): "
+                                             f"{exc}") from None
+        for ema, (shadows, counters) in zip(self.emas, checked):
+            ema._load_checked(shadows, counters)
 
 
 def synthesize(snapshot_dir: Union[str, Path], sigma_rel: Optional[float] = None, gamma: Optional[float] = None,
