@@ -186,8 +186,12 @@ def _posthoc(argv):
 
     run_dir = os.path.join(cfg["output_dir"], run_name(args.config))
     snapshots = args.snapshots or os.path.join(run_dir, "posthoc")
-    results = posthoc_weights(cfg, run_dir, snapshots, parse_profiles(args.sigma_rel, args.gamma), args.at,
-                              args.update_bn, args.eval)
+    profiles, explicit = parse_profiles(args.sigma_rel, args.gamma)
+    results, left_out = posthoc_weights(cfg, run_dir, snapshots, profiles, args.at, args.update_bn, args.eval,
+                                        explicit)
+    if left_out:
+        print(f"left out of the sweep (beyond what the snapshots express): sigma_rel "
+              f"{', '.join(f'{s:g}' for s in left_out)}")
     print(f"{'sigma_rel':>9}  {'gamma':>7}  {'accuracy':>8}  weights (synthesised at update {results[0][4]})")
     for sigma_rel, gamma, path, accuracy, _ in results:
         shown = f"{accuracy:>8.4f}" if accuracy is not None else f"{'-':>8}"
