@@ -34,7 +34,7 @@ from .schedules import PowerFunction
 from .step_policy import check_int, is_integer
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "profile_coefficients", "profile_fit", "PostHocEMA",
-           "synthesize", "read_index", "synthesis_range", "check_synthesis", "MAX_PROFILE_ERROR"]
+           "synthesize", "read_index", "synthesis_range", "synthesis_step", "check_synthesis", "MAX_PROFILE_ERROR"]
 
 INDEX = "posthoc_index.json"
 MAX_SIGMA_REL = math.sqrt(1.0 / 12.0)  # gamma = 0, equal weights
@@ -364,6 +364,26 @@ def _load_snapshot(folder, entry, first):
             for name, value in weights.items()}
 
 
+def synthesis_step(entries: Sequence[Dict[str, Any]], at: Optional[int] = None) -> int:
+    """The step to synthesise at: `at`, an integer within the snapshots' steps (a ConfigError
+    naming them otherwise), or by default the last snapshot's.
+
+    Args:
+        entries: read_index's entries.
+        at: the step asked for, or None.
+
+    Returns:
+        The step.
+    """
+    steps = sorted({e["t"] for e in entries})
+    if at is None:
+        return steps[-1]
+    if not is_integer(at, 1) or not steps[0] <= at <= steps[-1]:
+        raise ConfigError(f"at {at!r} is outside the stored snapshots' steps {steps[0]} to {steps[-1]}: synthesise at "
+                          "an update in that range")
+    return int(at)
+
+
 def check_synthesis(snapshot_dir: Union[str, Path], gamma: float, at: Optional[int] = None,
                     entries: Optional[List[Dict[str, Any]]] = None) -> Tuple[int, List[Dict[str, Any]], np.ndarray, float]:
     """Whether the snapshots can synthesise the gamma-profile average at step `at`: a ConfigError
@@ -382,12 +402,7 @@ def check_synthesis(snapshot_dir: Union[str, Path], gamma: float, at: Optional[i
     sigma_rel = gamma_to_sigma_rel(gamma)  # validates gamma
     folder = os.fspath(snapshot_dir)
     entries = read_index(folder) if entries is None else entries
-    steps = sorted({e["t"] for e in entries})
-    if at is None:
-        at = steps[-1]
-    elif not is_integer(at, 1) or not steps[0] <= at <= steps[-1]:
-        raise ConfigError(f"at {at!r} is outside the stored snapshots' steps {steps[0]} to {steps[-1]}: synthesise at "
-                          "an update in that range")
+    at = synthesis_step(entries, at)
     used = [e for e in entries if e["t"] <= at]
     coefficients, error = profile_fit([(e["t"], e["gamma"]) for e in used], at, float(gamma))
     if not error <= MAX_PROFILE_ERROR:

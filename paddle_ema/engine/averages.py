@@ -84,5 +84,5 @@ def check_finite(weights: Dict[str, "paddle.Tensor"], what: str) -> None:
     """
     bad = first_nonfinite_name(weights)
     if bad is not None:
-        raise NonFiniteError(f"{what}: {bad!r} holds NaN or Inf; they are not written (the files already on disk are "
+        raise NonFiniteError(f"{what}: {bad!r} holds NaN or Inf; nothing is written (the files already on disk are "
                              "kept)")

@@ -14,7 +14,7 @@ import os
 
 from ..checkpoint import atomic_save, safe_load
 from ..errors import ConfigError
-from ..posthoc import check_synthesis, gamma_to_sigma_rel, read_index, sigma_rel_to_gamma, synthesize
+from ..posthoc import check_synthesis, gamma_to_sigma_rel, read_index, sigma_rel_to_gamma, synthesis_step, synthesize
 from .averages import check_finite
 
 __all__ = ["DEFAULT_SWEEP", "posthoc_weights", "parse_profiles", "output_name"]
@@ -50,6 +50,7 @@ def _expressible(snapshots, entries, profiles, at, explicit):
     """The profiles the snapshots express at `at` and the default sweep's widths left out; a
     requested profile they do not express is check_synthesis's ConfigError, raised before anything
     is written."""
+    at = synthesis_step(entries, at)  # a step outside the snapshots' is refused, sweep or not
     kept, left_out = [], []
     for sigma_rel, gamma in profiles:
         try:
