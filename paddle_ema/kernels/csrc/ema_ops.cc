@@ -748,20 +748,16 @@ std::vector<int64_t> CopyTensors(const std::vector<const paddle::Tensor*>& targe
   std::vector<Segment> bytes;  // numel counts bytes here
   bytes.reserve(targets.size());
   for (size_t i = 0; i < targets.size(); ++i) {
-    const paddle::Tensor& t = *targets[i];
-    const paddle::Tensor& s = *sources[i];
-    const TensorFacts target_facts = FactsOf(t), source_facts = FactsOf(s);
-    if (!SameDims(target_facts, source_facts)) {
-      ThrowShapeMismatch("copy_", i, "a target", target_facts, "a source", source_facts);
-    }
-    if (!t.is_dense_tensor() || !s.is_dense_tensor() || !t.is_cpu() || !s.is_cpu() || !EmaIsContiguous(t) ||
-        !EmaIsContiguous(s) || t.dtype() != s.dtype() || t.numel() != s.numel()) {
+    PrefetchFacts(targets, i);
+    PrefetchFacts(sources, i);
+    const TensorFacts t = FactsOf(*targets[i]), s = FactsOf(*sources[i]);
+    if (!SameDims(t, s)) ThrowShapeMismatch("copy_", i, "a target", t, "a source", s);
+    if (!t.is_cpu() || !s.is_cpu() || !t.contiguous || !s.contiguous || t.dtype != s.dtype || t.numel != s.numel) {
       skipped.push_back(static_cast<int64_t>(i));
       continue;
     }
-    if (t.numel() == 0 || t.data() == s.data()) continue;
-    bytes.push_back(Segment{const_cast<void*>(t.data()), s.data(),
-                            t.numel() * static_cast<int64_t>(phi::SizeOf(t.dtype())), Kind::kFloat});
+    if (t.numel == 0 || t.data == s.data) continue;
+    bytes.push_back(Segment{t.data, s.data, t.numel * static_cast<int64_t>(phi::SizeOf(t.dtype)), Kind::kFloat});
   }
   ParallelOverElements(bytes, threads, [](const Segment& s, int64_t b, int64_t e) {
     char* dst = static_cast<char*>(s.average) + b;
