@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import paddle
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from paddle_ema.engine.cli import posthoc_main, train_main
@@ -264,17 +264,33 @@ ENTRY = st.fixed_dictionaries({"file": FILES | JSON, "t": st.integers(-5, 60) | 
                               optional={"sigma_rel": st.floats(-1, 1) | JSON})
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# A change to the run's own index: (entry, key, new value), key None dropping the entry.
+MUTATION = st.tuples(st.integers(0, 7), st.sampled_from(["file", "t", "gamma", "sigma_rel", "extra", None]),
+                     FILES | st.integers(-3, 60) | st.floats(-1, 30) | JSON)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(document=st.one_of(JSON, st.fixed_dictionaries({"snapshots": st.lists(ENTRY, max_size=4)}),
                           st.fixed_dictionaries({"snapshots": st.lists(ENTRY | JSON, max_size=3)})),
-       sigma_rel=st.sampled_from([0.05, 0.1]))
-def test_any_index_gives_finite_weights_from_the_folder_or_one_error_line(run, snapshots, document, sigma_rel):
+       mutations=st.lists(MUTATION, max_size=3), mutate=st.booleans(), sigma_rel=st.sampled_from([0.05, 0.07, 0.1]))
+def test_any_index_gives_finite_weights_from_the_folder_or_one_error_line(run, snapshots, document, mutations, mutate,
+                                                                           sigma_rel):
+    if mutate:  # the run's own index, changed in a few places
+        document = index_of(run["posthoc"])
+        for number, key, value in mutations:
+            entries = document["snapshots"]
+            if key is None:
+                entries.pop(number % len(entries)) if entries else None
+            elif entries:
+                entries[number % len(entries)][key] = value
     (snapshots / INDEX).write_text(json.dumps(document))
     try:
         weights, info = synthesize(snapshots, sigma_rel=sigma_rel)
     except PaddleEMAError as exc:
         assert "\n" not in str(exc) and len(str(exc)) < 600
+        event(f"refused: {type(exc).__name__}")
         return
+    event("synthesised")
     for entry in info["snapshots"]:
         assert (snapshots / entry["file"]).resolve().parent == snapshots.resolve()
         assert entry["file"].startswith("posthoc_")

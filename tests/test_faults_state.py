@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import paddle
 import pytest
-from hypothesis import given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from ppdet_oracle import ModelEMAOracle
@@ -152,7 +152,9 @@ def test_any_corrupted_entry_loads_whole_or_not_at_all(key, value):
     except IncompatibleStateError as exc:
         assert "\n" not in str(exc)
         assert ema_snapshot(target) == before
+        event("refused, nothing changed")
         return
+    event("loaded")
     # Loaded: then every entry was one the loader may take, and the numbers are the state's.
     assert ema_snapshot(target) == bits({**state, "shadow": {n: target.average(n) for n in target.names},
                                          "num_nonfinite_skipped": state.get("num_nonfinite_skipped", 0)})
