@@ -10,7 +10,7 @@ import paddle
 
 from . import _compat, kernels
 from .kernels import fused
-from .averaging import EMARule, settings_differences, shadow_dtype
+from .averaging import EMARule, SavedState, settings_differences, shadow_dtype
 from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
 from .schedules import PowerFunction, Schedule, make_schedule
 from .selection import select_parameters
@@ -100,6 +100,9 @@ class ExponentialMovingAverage:
         group: Any = None,
         nonfinite: str = "skip",
     ):
+        if not isinstance(thres_steps, (bool, np.bool_)):
+            raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
+                              f"{thres_steps!r}")
         if schedule is None:
             schedule = "threshold" if thres_steps else "constant"
         if isinstance(schedule, str) and decay is None:
@@ -191,10 +194,20 @@ class ExponentialMovingAverage:
                 "update() while EMA weights are applied would average the average; call restore() first"
             )
         call = self.num_calls if step is None else check_int("step", step, 0)
-        self.num_calls = call + 1
         kind, t = self.policy.action(call)
         if kind == SKIP:
+            self.num_calls = call + 1
             return None
+        calls = self.num_calls
+        try:
+            return self._update(call, kind, t)
+        except ValueError:  # the kernels refuse a pair of unequal shapes before writing anything
+            self.num_calls = calls
+            self._check_shapes("update()")
+            raise
+
+    def _update(self, call, kind, t):
+        self.num_calls = call + 1
         guarded = self.nonfinite != "update"
         if kind == AVERAGE:
             decay, weight, product = self.rule.step(t, self.decay_product)
@@ -222,6 +235,17 @@ class ExponentialMovingAverage:
         kernels.copy_(self._owned_shadows, self._owned_params)
         self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
         return None
+
+    def _check_shapes(self, where):
+        """EMAStateError naming the first parameter whose shape is no longer its average's."""
+        for index in self._owned:
+            param, shadow = self._params[index], self._shadows[index]
+            if param.shape != shadow.shape:
+                raise EMAStateError(
+                    f"{where}: parameter {self.names[index]!r} has shape {list(param.shape)}, its average "
+                    f"{list(shadow.shape)}: it was reshaped after register(); nothing was changed. Call register() "
+                    "to average it from its new shape on"
+                )
 
     def _update_spares(self):
         """The buffers the guarded fused update writes the new averages into before they trade
@@ -291,6 +315,7 @@ class ExponentialMovingAverage:
         Returns:
             A context manager that restores the raw weights on exit (the swap has already happened).
         """
+        self._check_shapes("apply()")
         token = None
         if self._backup is None and need_restore:
             self._backup = self._swap_out()
@@ -416,45 +441,48 @@ class ExponentialMovingAverage:
         }
 
     def set_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Load a state from state_dict(); an incompatible one raises IncompatibleStateError listing what differs.
+        """Load a state from state_dict(). The whole state is checked first (names, shapes,
+        floating dtypes and finiteness of the averages, counters, settings): one that does not fit
+        raises IncompatibleStateError naming what differs, and changes nothing.
 
         Args:
             state_dict: a state_dict() of an EMA with the same parameters and settings.
         """
-        self._check_state(state_dict)
+        self._load_checked(*self._checked_state(state_dict))
+
+    def _load_checked(self, shadows, counters):
+        """Load what _checked_state returned (nothing there can fail any more)."""
         sources = []
         for index in self._owned:
-            value = state_dict["shadow"][self.names[index]]
-            sources.append(value if isinstance(value, paddle.Tensor) else paddle.to_tensor(np.asarray(value)))
+            value = shadows[self.names[index]]
+            sources.append(value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value))
         kernels.copy_(self._owned_shadows, sources)
-        self.num_calls = int(state_dict["num_calls"])
-        self.num_updates = int(state_dict["num_updates"])
-        self.decay_product = float(state_dict["decay_product"])
-        last = state_dict["last_decay"]
-        self.last_decay = None if last is None else float(last)
-        self.num_nonfinite_skipped = int(state_dict.get("num_nonfinite_skipped", 0))
+        for key, value in counters.items():
+            setattr(self, key, value)
 
-    def _check_state(self, state):
+    def _checked_state(self, state):
+        """(the saved averages by name, the counters to set), every entry checked."""
         required = ("shadow", "num_calls", "num_updates", "decay_product", "last_decay", "settings")
         if not isinstance(state, dict) or any(key not in state for key in required):
             have = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise IncompatibleStateError(
                 f"not a state dict of {type(self).__name__}: it needs the keys {list(required)}, got {have}"
             )
-        problems = []
-        shadow = state["shadow"]
-        missing = [n for n in self.names if n not in shadow]
-        unexpected = [n for n in shadow if n not in self._index]
-        if missing:
-            problems.append(f"missing parameters {missing}")
-        if unexpected:
-            problems.append(f"unexpected parameters {unexpected}")
-        for name, param in zip(self.names, self._params):
-            if name in shadow and list(shadow[name].shape) != list(param.shape):
-                problems.append(f"{name}: shape {list(shadow[name].shape)} in the state, {list(param.shape)} here")
-        problems += settings_differences(state["settings"], self.settings())
+        saved = SavedState(state, "the EMA state does not fit this EMA")
+        shapes = {name: list(p.shape) for name, p in zip(self.names, self._params)}
+        problems = saved.name_and_shape_problems("shadow", shapes)
+        problems += settings_differences(saved.mapping("settings"), self.settings())
         if problems:
             raise IncompatibleStateError("the EMA state does not fit this EMA: " + "; ".join(problems))
+        shadows = saved.averages("shadow", shapes)
+        counters = {
+            "num_calls": saved.count("num_calls"),
+            "num_updates": saved.count("num_updates"),
+            "decay_product": saved.fraction("decay_product"),
+            "last_decay": saved.fraction("last_decay", optional=True),
+            "num_nonfinite_skipped": saved.count("num_nonfinite_skipped", default=0),
+        }
+        return shadows, counters
 
     def __repr__(self):
         return (

@@ -64,7 +64,7 @@ import paddle
 from paddle import nn
 
 from . import kernels
-from .averaging import EMARule, settings_differences
+from .averaging import EMARule, SavedState, first_nonfinite_name, settings_differences, tensor_problem
 from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
 from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
@@ -277,29 +277,36 @@ class ModelEMA:
         return copy
 
     def resume(self, state_dict: Dict[str, Any], step: int = 0) -> None:
-        """Take shadows from `state_dict` and set t = step, as PaddleDetection's resume does.
+        """Take shadows from `state_dict` and set t = step, as PaddleDetection's resume does. Every
+        entry is checked first (a tensor of the entry's shape; averaged ones floating point and
+        finite): one that does not fit raises IncompatibleStateError naming it, and changes nothing.
 
         Args:
             state_dict: {key: tensor or array}; keys this EMA does not have are ignored.
-            step: the updates made so far.
+            step: the updates made so far, an integer >= 0.
         """
+        if not isinstance(state_dict, dict):
+            raise IncompatibleStateError(f"ModelEMA.resume: the state is a {type(state_dict).__name__}, not a dict")
+        if not is_integer(step, 0):
+            raise ConfigError(f"ModelEMA.resume: step must be an integer >= 0, got {step!r}")
         averaged = set(self.averaged)
-        for name, value in state_dict.items():
-            if name not in self.state_dict:
-                continue
+        given = {name: value for name, value in state_dict.items() if name in self.state_dict}
+        for name, value in given.items():
+            problem = tensor_problem(value, self.state_dict[name].shape, floating=name in averaged)
+            if problem:
+                raise IncompatibleStateError(f"ModelEMA.resume: {name!r} {problem}")
+        bad = first_nonfinite_name(given)
+        if bad is not None:
+            raise IncompatibleStateError(f"ModelEMA.resume: {bad!r} holds NaN or Inf")
+        for name, value in given.items():
             value = value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value)
             if name not in averaged:  # PaddleDetection keeps the given tensor, in the entry's dtype
                 mine = self.state_dict[name].dtype
                 self.state_dict[name] = value if value.dtype == mine else value.astype(mine)
-                continue
-            if list(value.shape) != list(self.state_dict[name].shape):
-                raise IncompatibleStateError(
-                    f"ModelEMA.resume: {name} has shape {list(value.shape)}, the model's is "
-                    f"{list(self.state_dict[name].shape)}"
-                )
-            kernels.copy_([self.state_dict[name]], [value])
-        self.step = step
-        self._decay = self.rule.schedule(step - 1) if step > 0 else None
+            else:
+                kernels.copy_([self.state_dict[name]], [value])
+        self.step = int(step)
+        self._decay = self.rule.schedule(self.step - 1) if self.step > 0 else None
 
     def ema_state(self) -> Dict[str, Any]:
         """Everything needed to resume exactly.
@@ -317,22 +324,27 @@ class ModelEMA:
         }
 
     def load_ema_state(self, state: Dict[str, Any]) -> None:
-        """Resume exactly from ema_state(): no second bias correction.
+        """Resume exactly from ema_state(): no second bias correction. The whole state is checked
+        first (settings; names, shapes, floating dtypes and finiteness of the shadows; step,
+        epoch and last decay): one that does not fit raises IncompatibleStateError naming what
+        differs, and changes nothing.
 
         Args:
             state: an ema_state() of a ModelEMA with the same settings.
         """
         if not isinstance(state, dict) or state.get("format") != "paddle_ema.ModelEMA":
             raise IncompatibleStateError("not a ModelEMA.ema_state() dict")
-        differences = settings_differences(state.get("settings", {}), self.ema_state()["settings"])
+        saved = SavedState(state, "the ModelEMA state does not fit this ModelEMA")
+        differences = settings_differences(saved.mapping("settings"), self.ema_state()["settings"])
         if differences:
             raise IncompatibleStateError("ModelEMA settings differ: " + "; ".join(differences))
-        missing = [name for name in self.averaged if name not in state["shadow"]]
-        if missing:
-            raise IncompatibleStateError(f"ModelEMA state lacks {missing[:5]}")
-        kernels.copy_(self._shadows(), [state["shadow"][name] for name in self.averaged])
-        self.step, self.epoch = int(state["step"]), int(state["epoch"])
-        self._decay = state["last_decay"]
+        shadows = saved.averages("shadow", {name: self.state_dict[name].shape for name in self.averaged})
+        step, epoch = saved.count("step"), saved.count("epoch")
+        # apply() divides by 1 - last_decay**step: after an update it is a decay below 1.
+        last_decay = saved.fraction("last_decay", optional=step == 0, below_one=True)
+        sources = [value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value) for value in shadows.values()]
+        kernels.copy_(self._shadows(), sources)
+        self.step, self.epoch, self._decay = step, epoch, last_decay
         # Black-listed entries are the model's own tensors again, as in a run that never stopped
         # (resume(), which PaddleDetection's trainer calls first, put loaded copies there).
         for name in self.ema_black_list:
@@ -407,17 +419,38 @@ class SimpleModelEMA:
         kernels.copy_([mine[n] for n in half], [new_half[n] for n in half])
 
     def resume(self, state_dict: Dict[str, Any], step: int = 0) -> None:
-        """Load the floating entries of `state_dict` into the copy; set `step`.
+        """Load the floating entries of `state_dict` into the copy; set `step`. Every floating
+        entry of the copy must be there, a finite floating-point tensor of its shape; otherwise
+        IncompatibleStateError names it and nothing changes.
 
         Args:
             state_dict: a state dict of the model.
-            step: the updates made so far.
+            step: the updates made so far, an integer >= 0.
         """
+        if not isinstance(state_dict, dict):
+            raise IncompatibleStateError(f"SimpleModelEMA.resume: the state is a {type(state_dict).__name__}, not a dict")
+        if not is_integer(step, 0):
+            raise ConfigError(f"SimpleModelEMA.resume: step must be an integer >= 0, got {step!r}")
+        mine = self.model.state_dict()
+        floating = [name for name, value in mine.items() if paddle.is_floating_point(value)]
+        missing = [name for name in floating if name not in state_dict]
+        if missing:
+            raise IncompatibleStateError(f"SimpleModelEMA.resume: the state lacks {missing[:5]}")
+        for name in floating:
+            problem = tensor_problem(state_dict[name], mine[name].shape)
+            if problem:
+                raise IncompatibleStateError(f"SimpleModelEMA.resume: {name!r} {problem}")
+        bad = first_nonfinite_name({name: state_dict[name] for name in floating})
+        if bad is not None:
+            raise IncompatibleStateError(f"SimpleModelEMA.resume: {bad!r} holds NaN or Inf")
         state = {}
-        for name, value in self.model.state_dict().items():
-            state[name] = state_dict[name].detach() if paddle.is_floating_point(value) else value
+        for name, value in mine.items():
+            if name in floating:
+                given = state_dict[name]
+                value = given.detach() if isinstance(given, paddle.Tensor) else paddle.to_tensor(given)
+            state[name] = value
         self.model.set_state_dict(state)
-        self.step = step
+        self.step = int(step)
 
 
 # Exact resume inside PaddleDetection's trainer. Its checkpoints hold the EMA only as apply()'s

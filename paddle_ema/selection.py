@@ -121,7 +121,8 @@ def black_listed_keys(model: Any, black_list: Optional[Iterable[str]] = (), filt
 
     Args:
         model: a `paddle.nn.Layer`, bare or wrapped.
-        black_list: substrings; every key containing one is listed (PaddleDetection's ema_black_list).
+        black_list: a list of substrings; every key containing one is listed (PaddleDetection's
+            ema_black_list). A single string is a SelectionError, not a list of its characters.
         filter_no_grad: also list stop_gradient parameters other than BatchNorm statistics.
         batchnorm_classes: the BatchNorm classes whose statistics filter_no_grad keeps
             (every BatchNorm kind by default).
@@ -129,6 +130,11 @@ def black_listed_keys(model: Any, black_list: Optional[Iterable[str]] = (), filt
     Returns:
         The set of listed keys.
     """
+    if isinstance(black_list, str):
+        # PaddleDetection iterates a string's characters: '0.weight' would list every key holding a
+        # '.', '0', 'w', ..., which is every key of a nested model. A list is meant.
+        raise SelectionError(f"ema_black_list must be a list of substrings, got the string {black_list!r} (its "
+                             f"characters would each be a substring, listing nearly every key); write [{black_list!r}]")
     keys = unwrap(model).state_dict().keys()
     listed = {key for key in keys for sub in (black_list or ()) if sub in key}
     if filter_no_grad:

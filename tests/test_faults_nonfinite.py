@@ -2,17 +2,29 @@
 cycle_epoch restart never copies NaN weights into the average (and keeps the skip count),
 ema_update_bn never returns or saves NaN BatchNorm statistics, and ema_impl: ppdet gets the policy.
 
+No run exits 0 with a NaN average (each in dygraph, ema_impl: ppdet and mode: static): settings
+under which the average never moves are refused before training (the issue's own command), a
+diverging run stops before it writes NaN weights, a .pdopt whose EMA shadow is NaN or of another
+shape is refused by -r; each is one line, exit 2, and the run's files stay byte for byte.
+
 The ppdet test needs ModelEMA's `nonfinite` keyword (helper i12's change to paddle_ema/ppdet.py);
 on a branch without it, build_ema fails with TypeError there."""
 
+import os
+import re
+import shutil
+import subprocess
+import sys
 import warnings
 
 import numpy as np
 import paddle
 import pytest
 
+from paddle_ema import checkpoint
 from paddle_ema.config import FIELDS
 from paddle_ema.engine import read_config
+from paddle_ema.engine.cli import average_main, export_main, train_main
 from paddle_ema.engine.ema_setup import build_ema
 from paddle_ema.engine.runs import check_config
 from paddle_ema.errors import NonFiniteError
@@ -142,3 +154,132 @@ def test_a_static_cycle_restart_on_nan_weights_keeps_the_average(tmp_path):
     state.snapshot()  # finite: the restart copies the weights
     assert np.array_equal(state.vars.read(state.shadows[name]), weight)
     assert paddle.in_dynamic_mode()
+
+
+# -- whole runs: no exit 0 with a NaN average -------------------------------------------------------
+
+def test_the_never_moving_ppdet_average_is_refused_before_training(tmp_path):
+    """The command that trained, saved NaN weights everywhere and exited 0."""
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / "tools" / "train.py"), "-c", str(REPO / "configs" / "lenet_digits.yml"),
+                             "--eval", "-o", "ema_impl=ppdet", "ema_decay_type=normal", "ema_decay=1.0",
+                             f"output_dir={out}"], cwd=REPO, env={**os.environ, "PYTHONPATH": ""}, capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        "error: the constant schedule (decay=1.0) has decay 1 from its first update on: the average would never move "
+        "from where it starts (one started from zero stays 0, and its bias correction divides by 1 - 1**t = 0); use "
+        "a decay below 1"]
+    assert not out.exists()  # refused before the run folder was made
+
+
+MODES = {"paddle_ema": "", "ppdet": "ema_impl: ppdet\n", "static": "mode: static\n"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A finished two-epoch run of each EMA implementation (0 and model_final checkpoints)."""
+    made = {}
+    for mode, extra in MODES.items():
+        folder = tmp_path_factory.mktemp(mode)
+        config = folder / "tiny.yml"
+        config.write_text(f"_BASE_: [{REPO / 'configs' / 'lenet_digits.yml'}]\noutput_dir: {folder / 'out'}\n"
+                          "epoch: 2\nlog_iter: 1000\nLeNet: {width: 4, hidden: 8}\nTrainReader: {batch_size: 64}\n"
+                          + extra)
+        assert train_main(["-c", str(config)]) == 0
+        made[mode] = {"config": config, "run_dir": folder / "out" / "tiny", "folder": folder}
+    return made
+
+
+def copy_run(run, dest):
+    shutil.copytree(run["run_dir"], dest / "tiny")
+    return dest / "tiny"
+
+
+def files(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def one_line(capsys, code, pattern):
+    """Exit 2 and one error line (after the progress lines of the steps that ran), no traceback."""
+    out, err = capsys.readouterr()
+    lines = [line for line in err.strip().splitlines() if not line.startswith("epoch ")]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, (code, err)
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_diverging_average_stops_the_run_before_it_is_written(runs, tmp_path, capsys, mode):
+    """Resumed from epoch 0 with a learning rate that overflows the weights and ema_nonfinite: update
+    (NaN weights averaged in): the epoch-2 snapshot is refused and every file stays as it was."""
+    run_dir = copy_run(runs[mode], tmp_path)
+    before = files(run_dir)
+    capsys.readouterr()
+    code = train_main(["-c", str(runs[mode]["config"]), "-r", str(run_dir / "0"), "-o", f"output_dir={tmp_path}",
+                       "base_lr=1e30", "ema_nonfinite=update"])
+    one_line(capsys, code, r"error: the EMA weights at step 44 \(epoch 2\): '[\w.]+' holds NaN or Inf; nothing is "
+                           r"written \(the files already on disk are kept\)")
+    assert files(run_dir) == before
+
+
+def _nan_shadow(state):
+    shadow = state["ema"]["ema"]["shadow"]
+    shadow["features.0.weight"] = paddle.full_like(shadow["features.0.weight"], float("nan"))
+
+
+def _turned_shadow(state):
+    shadow = state["ema"]["ema"]["shadow"]
+    shadow["features.0.weight"] = shadow["features.0.weight"].reshape([1, 4, 3, 3])  # same size, another shape
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("change, pattern", [
+    (_nan_shadow, r"'shadow' holds NaN or Inf in 'features.0.weight'; a saved average must be finite"),
+    (_turned_shadow, r"features.0.weight: shape \[1, 4, 3, 3\] in the state, \[4, 1, 3, 3\] here"),
+], ids=["NaN shadow", "other shape"])
+def test_resuming_a_bad_ema_shadow_is_one_line(runs, tmp_path, capsys, mode, change, pattern):
+    """A .pdopt edited under a valid manifest (whoever can write the folder can rewrite both)."""
+    run_dir = copy_run(runs[mode], tmp_path)
+    stem = str(run_dir / "0")
+    state = paddle.load(stem + ".pdopt")
+    change(state)
+    weights = {suffix: paddle.load(stem + suffix) for suffix in (".pdparams", ".pdema")}
+    checkpoint.save_checkpoint(stem, {**weights, ".pdopt": state})
+    before = files(run_dir)
+    capsys.readouterr()
+    code = train_main(["-c", str(runs[mode]["config"]), "-r", stem, "-o", f"output_dir={tmp_path}"])
+    one_line(capsys, code, pattern)
+    assert files(run_dir) == before
+
+
+def test_the_swa_weights_are_checked_like_the_ema_weights(runs, tmp_path):
+    cfg = read_config(str(runs["paddle_ema"]["config"]), [f"output_dir={tmp_path}", "use_swa=true"])
+    trainer = check_config(cfg, do_eval=False)
+    raw = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    swa = {**raw, "classifier.3.bias": paddle.full([10], float("inf"))}
+    trainer._snapshot_weights = lambda: (raw, raw, swa)
+    trainer.global_step = 7
+    with pytest.raises(NonFiniteError, match=r"the SWA weights at step 7 \(epoch 1\): 'classifier.3.bias' holds NaN or "
+                                             r"Inf; nothing is written"):
+        trainer._snapshot(0, final=False)
+    assert not list(tmp_path.iterdir())
+
+
+def test_average_and_export_refuse_nan_weights(runs, tmp_path, capsys):
+    run_dir = copy_run(runs["paddle_ema"], tmp_path)
+    state = paddle.load(str(run_dir / "0.pdparams"))
+    state["classifier.3.bias"] = paddle.full([10], float("nan"))
+    checkpoint.save_checkpoint(str(run_dir / "0"), {".pdparams": state, **{s: paddle.load(str(run_dir / ("0" + s)))
+                                                                        for s in (".pdema", ".pdopt")}})
+    before = files(run_dir)
+    capsys.readouterr()
+    code = average_main([str(run_dir / "0.pdparams"), str(run_dir / "model_final.pdparams"), "--bn", "average",
+                         "--output", str(tmp_path / "avg.pdparams")])
+    one_line(capsys, code, r"checkpoint to average .*/0.pdparams: 'classifier.3.bias' holds NaN or Inf; nothing is "
+                           r"written")
+    assert not (tmp_path / "avg.pdparams").exists()
+    code = export_main(["-c", str(runs["paddle_ema"]["config"]), "-o", f"weights={run_dir / '0.pdparams'}",
+                        "--output_dir", str(tmp_path / "export")])
+    one_line(capsys, code, r"the weights .*/0.pdparams: 'classifier.3.bias' holds NaN or Inf; nothing is written")
+    assert not list((tmp_path / "export").glob("*")) if (tmp_path / "export").exists() else True
+    assert files(run_dir) == before

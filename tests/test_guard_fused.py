@@ -80,12 +80,19 @@ def test_first_bad_index_is_the_lowest_and_scan_may_cover_more_than_the_values(p
     assert _guarded(path, averages, _tensors(6)[:2], scan, 0.25) == 1
     assert all(np.array_equal(a.numpy(), b) for a, b in zip(averages, before))
     # Values that are themselves the first bad tensors of scan: the lowest index of scan.
-    values = [scan[4], scan[1]]
-    assert _guarded(path, averages, values, scan, 0.25) == 1
-    assert all(np.array_equal(a.numpy(), b) for a, b in zip(averages, before))
+    shaped = [_tensors(5)[4].clone(), _tensors(5)[1].clone()]  # each average of its value's shape
+    kept = [a.numpy().copy() for a in shaped]
+    assert _guarded(path, shaped, [scan[4], scan[1]], scan, 0.25) == 1
+    assert all(np.array_equal(a.numpy(), b) for a, b in zip(shaped, kept))
+    # Bad tensors both among the values and not (another rank's shard): still the lowest index of scan.
+    for first_value, second_value in ((0, 1), (0, 4)):
+        pair = [_tensors(5)[first_value].clone(), _tensors(5)[second_value].clone()]
+        kept = [a.numpy().copy() for a in pair]
+        assert _guarded(path, pair, [scan[first_value], scan[second_value]], scan, 0.25) == 1
+        assert all(np.array_equal(a.numpy(), b) for a, b in zip(pair, kept))
     # A bad tensor of scan that is no value (another rank's shard), the values finite.
     scan[1] = _tensors(4)[1]
-    assert _guarded(path, averages, [scan[0], scan[2]], scan, 0.25) == 4
+    assert _guarded(path, averages, [scan[0], scan[1]], scan, 0.25) == 4
     assert all(np.array_equal(a.numpy(), b) for a, b in zip(averages, before))
 
 

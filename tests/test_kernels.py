@@ -7,6 +7,7 @@ library. The module takes about 25-35 s on 2 cores, almost all of it that one co
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -512,6 +513,37 @@ def test_bindings_refuse_what_is_not_a_tensor_list(fused_ready):
         module.stream_add_(paddle.zeros([2]), paddle.zeros([3]), 1)
 
 
+@pytest.mark.parametrize("shape", [[2, 6], [12], [4, 1], [1, 3], [1]], ids=str)
+def test_pairs_of_other_shapes_are_refused_before_anything_is_written(fused_ready, shape):
+    """Every kernel of both implementations, for an average or target of shape [4, 3] paired with
+    `shape` (the same size in another shape, another size, shapes that would broadcast): one
+    ValueError naming the pair, and no tensor of the call changed, the well-shaped pairs before it
+    included. Nothing is broadcast or reshaped."""
+    rng = np.random.default_rng(11)
+    good = [rng.standard_normal([5]).astype("float32"), rng.standard_normal([2, 2]).astype("float32")]
+    values = [paddle.to_tensor(g + 1) for g in good] + [paddle.to_tensor(rng.standard_normal(shape).astype("float32"))]
+    calls = {
+        "lerp_": [fused.lerp_, reference.lerp_, kernels.lerp_],
+        "guarded_lerp_": [lambda a, v, w: fused.guarded_lerp_(a, v, v, w),
+                          lambda a, v, w: fused.guarded_lerp_(a, v, v, w, [paddle.empty_like(t) for t in a])],
+        "ppdet_update_": [lambda a, v, w: f(a, v, 1 - w, w) for f in (fused.ppdet_update_, reference.ppdet_update_,
+                                                                      kernels.ppdet_update_)],
+        "copy_": [lambda a, v, w: f(a, v) for f in (fused.copy_, reference.copy_, kernels.copy_)],
+    }
+    calls["copy_"].append(lambda a, v, w: kernels.lerp_(a, v, 1.0))  # a weight of 1 is a copy
+    for op, functions in calls.items():
+        for function in functions:
+            first, second = ("a target", "a source") if op == "copy_" else ("an average", "a value")
+            averages = [paddle.to_tensor(g) for g in good] + [paddle.zeros([4, 3])]
+            with pytest.raises(ValueError, match=re.escape(
+                    f"paddle_ema {op}: pair 2 has {first} of shape [4, 3] and {second} of shape {shape}; the shapes "
+                    "must be equal (nothing was changed)")):
+                function(averages, values, 0.25)
+            for average, expected in zip(averages, [*good, np.zeros([4, 3], "float32")]):
+                assert list(average.shape) == list(expected.shape)
+                np.testing.assert_array_equal(average.numpy(), expected)
+
+
 def test_dygraph_ema_same_with_either_kernel(built_cache):
     """The EMA front-end gives identical shadows through either path (callers do not change)."""
     shadows = {}
@@ -690,8 +722,10 @@ def test_lerp_by_tensor_refuses_what_it_cannot_update(fused_ready):
     average = [paddle.zeros([4], "float32")]
     with pytest.raises(OSError, match="pair 0 is not a CPU pair"):
         _lerp_by_tensor(average, [paddle.zeros([4], "float64")], 0.5)
-    with pytest.raises(OSError, match="pair 0 is not a CPU pair"):
-        _lerp_by_tensor(average, [paddle.zeros([5], "float32")], 0.5)
+    for other in ([5], [2, 2]):  # another size, or the same size in another shape: never broadcast or reshaped
+        with pytest.raises(OSError, match=re.escape(f"pair 0 has an average of shape [4] and a value of shape {other}")):
+            _lerp_by_tensor(average, [paddle.ones(other, "float32")], 0.5)
+        assert np.array_equal(average[0].numpy(), np.zeros(4, "float32"))
     from paddle import _C_ops
 
     for weight in (paddle.to_tensor([0.5, 0.5]), paddle.to_tensor([1], "int64")):

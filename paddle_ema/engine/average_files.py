@@ -23,6 +23,7 @@ from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
 from ..errors import ConfigError, IncompatibleStateError
 from ..selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
+from .averages import check_finite
 from .run_checkpoints import check_weights_output, copy_state, load_state_dict, save_weights_file
 from .data import batches
 
@@ -102,6 +103,8 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
         if not os.path.isfile(path):
             raise ConfigError(f"checkpoint {path} does not exist")
     states = [load_state_dict(path, "checkpoint to average") for path in paths]
+    for path, state in zip(paths, states):  # an average of NaN is NaN: said of the file that holds it
+        check_finite(state, f"checkpoint to average {path}")
     has_bn = any(is_batchnorm_statistic(name) for name in states[0])
     if has_bn and bn is None:
         raise ConfigError("the checkpoints hold BatchNorm statistics (*._mean, *._variance): choose how to handle "
@@ -118,6 +121,7 @@ def average_checkpoint_files(paths, weights, bn, output, cfg=None):
         model.set_state_dict(averaged)
         recompute_bn_statistics(model, dataset, cfg["EvalReader"]["batch_size"])
         averaged = copy_state(model.state_dict())
+    check_finite(averaged, f"the average of {len(paths)} checkpoints")
     save_weights_file(averaged, output)  # with a manifest: a later reader checks it
     shown = "uniform" if weights is None else "weights " + ", ".join(f"{w:g}" for w in weights)
     return f"averaged {len(paths)} checkpoints ({shown}; BatchNorm statistics: {bn if has_bn else 'none'}) -> {output}"

@@ -7,7 +7,8 @@ Each adapter is a few lines over the library class (engine/ema_setup.py, engine/
 engine/static_trainer.py) and never exposes it: the trainer reaches no further than this protocol.
 
 `weights_loaded` is the one swap of a state dict into a model and back, for weights that are not
-an average's own (recalibrated BatchNorm statistics, a checkpoint's).
+an average's own (recalibrated BatchNorm statistics, a checkpoint's). `check_finite` is the one
+check every writer of averaged weights runs first: a file never receives NaN or Inf weights.
 """
 
 import contextlib
@@ -15,9 +16,11 @@ from typing import ContextManager, Dict, Iterator, Optional, Protocol, runtime_c
 
 import paddle
 
+from ..averaging import first_nonfinite_name
+from ..errors import NonFiniteError
 from .run_checkpoints import copy_state
 
-__all__ = ["TrainerAverage", "EvaluatedAverage", "weights_loaded"]
+__all__ = ["TrainerAverage", "EvaluatedAverage", "weights_loaded", "check_finite"]
 
 
 @runtime_checkable
@@ -69,3 +72,17 @@ def weights_loaded(model: paddle.nn.Layer, weights: Dict[str, paddle.Tensor]) ->
         model.set_state_dict(raw)
         if was_training:
             model.train()
+
+
+def check_finite(weights: Dict[str, "paddle.Tensor"], what: str) -> None:
+    """NonFiniteError naming the first entry of `weights` that holds NaN or Inf: raised before a
+    file is written, so what is on disk stays as it was.
+
+    Args:
+        weights: a state dict (tensors or arrays) about to be written.
+        what: what they are and when, e.g. 'the EMA weights at step 85 (epoch 1)'.
+    """
+    bad = first_nonfinite_name(weights)
+    if bad is not None:
+        raise NonFiniteError(f"{what}: {bad!r} holds NaN or Inf; nothing is written (the files already on disk are "
+                             "kept)")

@@ -292,15 +292,19 @@ def _posthoc(argv):
 
     run_dir = os.path.join(cfg["output_dir"], run_name(args.config))
     snapshots = args.snapshots or os.path.join(run_dir, "posthoc")
-    results = posthoc_weights(cfg, run_dir, snapshots, parse_profiles(args.sigma_rel, args.gamma), args.at,
-                              args.update_bn, args.eval)
+    profiles, explicit = parse_profiles(args.sigma_rel, args.gamma)
+    results, left_out = posthoc_weights(cfg, run_dir, snapshots, profiles, args.at, args.update_bn, args.eval,
+                                        explicit)
+    if left_out:
+        print(f"left out of the sweep (beyond what the snapshots express): sigma_rel "
+              f"{', '.join(f'{s:g}' for s in left_out)}")
     print(f"{'sigma_rel':>9}  {'gamma':>7}  {'accuracy':>8}  weights (synthesised at update {results[0][4]})")
     for sigma_rel, gamma, path, accuracy, _ in results:
         shown = f"{accuracy:>8.4f}" if accuracy is not None else f"{'-':>8}"
-        print(f"{sigma_rel:>9.3f}  {gamma:>7.2f}  {shown}  {path}")
+        print(f"{sigma_rel:>9.4g}  {gamma:>7.2f}  {shown}  {path}")
     if args.eval:
         best = max(results, key=lambda r: r[3])
-        print(f"best: sigma_rel {best[0]:.3f} (gamma {best[1]:.2f}), accuracy {best[3]:.4f}: {best[2]}")
+        print(f"best: sigma_rel {best[0]:.4g} (gamma {best[1]:.2f}), accuracy {best[3]:.4f}: {best[2]}")
 
 
 def train_main(argv=None):

@@ -25,14 +25,16 @@ import warnings
 import paddle
 
 from .. import kernels
+from ..averaging import SavedState
 from ..dygraph import ExponentialMovingAverage
 from ..errors import ConfigError, NonFiniteError
 from ..ppdet import ModelEMA, bn_running_state_names
 from ..schedules import schedule_for_decay_type
+from ..step_policy import StepPolicy
 from .averages import weights_loaded
 from .run_checkpoints import copy_state
 
-__all__ = ["build_ema", "ema_settings", "relative_distance", "restart_allowed"]
+__all__ = ["build_ema", "check_averaging_steps", "ema_settings", "relative_distance", "restart_allowed"]
 
 
 def restart_allowed(policy, arrays_or_tensors, where):
@@ -95,6 +97,18 @@ def ema_settings(cfg, model):
                 exclude=exclude or None, device=cfg["ema_device"], nonfinite=cfg["ema_nonfinite"])
 
 
+def check_averaging_steps(cfg, total_steps):
+    """ConfigError when ema_start_step leaves the EMA no averaging update in the run's optimizer
+    steps: every weight it saved would be a copy of the raw weights, not an average."""
+    if cfg["ema_impl"] == "ppdet":  # ModelEMA averages from the first step on
+        return
+    policy = StepPolicy(start_step=cfg["ema_start_step"], update_every=cfg["ema_update_every"])
+    if policy.num_updates(total_steps) == 0:
+        raise ConfigError(f"ema_start_step {cfg['ema_start_step']} leaves the EMA no averaging update in this run's "
+                          f"{total_steps} optimizer steps: its weights would be copies of the raw weights; use an "
+                          f"ema_start_step below {total_steps}")
+
+
 class _PaddleEMA:
     """paddle_ema.ExponentialMovingAverage as the trainer's EvaluatedAverage (engine/averages.py)."""
 
@@ -142,11 +156,13 @@ class _PaddleEMA:
         return {"impl": "paddle_ema", "ema": self.ema.state_dict(), "snapshots": self.snapshots}
 
     def set_state_dict(self, state):
+        saved = SavedState(state, "the checkpoint's EMA state")
         if state.get("impl") != "paddle_ema":
             raise ConfigError(f"the checkpoint's EMA was made by ema_impl {state.get('impl')!r}, this config uses "
                               "'paddle_ema'")
-        self.ema.set_state_dict(state["ema"])
-        self.snapshots = state["snapshots"]
+        snapshots = saved.count("snapshots")  # checked before the EMA changes
+        self.ema.set_state_dict(saved.mapping("ema"))
+        self.snapshots = snapshots
 
 
 class _PPDetEMA:
@@ -178,6 +194,7 @@ class _PPDetEMA:
         return {"impl": "ppdet", "ema": self.ema.ema_state()}
 
     def set_state_dict(self, state):
+        SavedState(state, "the checkpoint's EMA state")
         if state.get("impl") != "ppdet":
             raise ConfigError(f"the checkpoint's EMA was made by ema_impl {state.get('impl')!r}, this config uses "
                               "'ppdet'")

@@ -5,6 +5,7 @@ import paddle
 
 from ..checkpoint import staged_prefix
 from ..errors import PaddleEMAError
+from .averages import check_finite
 from .run_checkpoints import load_weights
 from .evaluation import predict
 from .builders import build_datasets, build_model, set_device
@@ -21,7 +22,8 @@ def export_model(cfg, weights, prefix, check_samples=64, tolerance=1e-4):
     set_device(cfg)
     dataset = build_datasets(cfg, ("eval",))["eval"]
     model = build_model(cfg, dataset)
-    load_weights(model, weights)
+    file = load_weights(model, weights)
+    check_finite(model.state_dict(), f"the weights {file}")  # nothing is exported from NaN weights
     model.eval()
     shape = [None, *dataset.images.shape[1:]]
     images, _ = dataset.batch(np.arange(min(check_samples, len(dataset))))

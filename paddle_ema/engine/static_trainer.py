@@ -29,7 +29,7 @@ import numpy as np
 import paddle
 
 from .. import _compat
-from ..averaging import settings_differences
+from ..averaging import SavedState, settings_differences
 from ..config import create
 from ..errors import ConfigError, IncompatibleStateError
 from ..selection import select_parameters
@@ -165,24 +165,28 @@ class _StaticEMAState:
         }
 
     def set_state_dict(self, state):
+        saved = SavedState(state, "the checkpoint's static EMA state")
         if state.get("impl") != STATE_IMPL:
             raise ConfigError(f"the checkpoint's EMA was made by {state.get('impl')!r}; mode: static resumes only "
                               f"its own ({STATE_IMPL!r})")
+        # The whole state is checked before the scope changes: its variables would take any shape.
+        ema = SavedState(saved.mapping("ema"), "the checkpoint's static EMA does not fit this config")
         # Checkpoints written before the settings were recorded have none to compare.
-        differences = settings_differences(state["ema"].get("settings", self.ema.settings()), self.ema.settings())
+        recorded = ema.mapping("settings") if "settings" in ema.state else self.ema.settings()
+        differences = settings_differences(recorded, self.ema.settings())
         if differences:
             raise IncompatibleStateError("the checkpoint's static EMA does not fit this config: "
                                          + "; ".join(differences))
-        shadow = state["ema"]["shadow"]
-        if set(shadow) != set(self.shadows):
-            raise IncompatibleStateError(f"the checkpoint averages {sorted(set(shadow) ^ set(self.shadows))[:5]} "
-                                         "differently from this config")
+        shadows = ema.averages("shadow", {name: list(self.vars.read(var).shape) for name, var in self.shadows.items()})
+        calls, product = ema.count("num_calls"), ema.fraction("decay_product")
+        skipped, snapshots = ema.count("num_nonfinite_skipped", default=0), saved.count("snapshots")
         for name, var in self.shadows.items():
-            self.vars.write(var, shadow[name].numpy())
-        self.vars.write(self.names["counter"], [state["ema"]["num_calls"]])
-        self.vars.write(self.names["product"], [state["ema"]["decay_product"]])
-        self.vars.write(self.names["skipped"], [state["ema"].get("num_nonfinite_skipped", 0)])
-        self.snapshots = state["snapshots"]
+            value = shadows[name]
+            self.vars.write(var, value.numpy() if isinstance(value, paddle.Tensor) else value)
+        self.vars.write(self.names["counter"], [calls])
+        self.vars.write(self.names["product"], [product])
+        self.vars.write(self.names["skipped"], [skipped])
+        self.snapshots = snapshots
 
 
 class StaticTrainer(Trainer):

@@ -24,13 +24,13 @@ from ..checkpoint import recover
 from ..config import create
 from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, PaddleEMAError
 from ..selection import batchnorm_statistic_names
-from .averages import weights_loaded
+from .averages import check_finite, weights_loaded
 from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
 from .run_checkpoints import (check_fits, check_same_run, copy_state, ema_keys, ema_resume_hint, load_resume_state,
                               newest_resumable, run_identity, save_checkpoint)
 from .data import batches
 from .distributed import Parallel, SilentProgress, dump_snapshot
-from .ema_setup import build_ema, relative_distance
+from .ema_setup import build_ema, check_averaging_steps, relative_distance
 from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
 from .progress import Progress
 from .report import ScalarLog, output_lines, plot_curves, summary_table
@@ -88,6 +88,8 @@ class Trainer:
             raise ConfigError(f"TrainReader.batch_size {self.batch_size} with drop_last leaves no batch of "
                               f"{len(self.data['train'])} samples")
         total = self.steps_per_epoch * cfg["epoch"]
+        if cfg["use_ema"]:
+            check_averaging_steps(cfg, total)
         self.lr = create("lr_schedule", cfg, base_lr=cfg["base_lr"], total_steps=total,
                          steps_per_epoch=self.steps_per_epoch)
         self._build(cfg)
@@ -217,6 +219,11 @@ class Trainer:
     def _snapshot(self, epoch, final):
         """A snapshot epoch: take the weights, evaluate them (--eval), keep the best, save."""
         raw, weights, swa = self._snapshot_weights()
+        when = f"at step {self.global_step} (epoch {epoch + 1})"
+        if self.ema is not None:
+            check_finite(weights, f"the EMA weights {when}")
+        if swa is not None:
+            check_finite(swa, f"the SWA weights {when}")
         row = self._evaluate(epoch, raw, weights, swa) if self.do_eval else None
         improved = self._keep_best(row)
         dump_snapshot(self.parallel, epoch, weights, raw, self.ema)

@@ -6,7 +6,9 @@
     first_nonfinite(tensors)          index of the first tensor that does, or None
 
 `averages` are the float32 (or float64) shadows; `values` may be float16/bfloat16 weights, or live
-on another device, and are cast on the way in.
+on another device, and are cast on the way in. The two tensors of a pair must have one shape:
+every kernel refuses a pair of other shapes, the same size in another shape included, with one
+ValueError naming the pair, before it writes anything; nothing is broadcast or reshaped.
 
 Two implementations give the same numbers (paddle.lerp_'s rounding): `fused` (fused.py), a C++
 OpenMP / CUDA operator compiled on first use that updates every tensor in one call at memory

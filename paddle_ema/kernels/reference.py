@@ -14,7 +14,7 @@ import paddle
 
 from .. import _compat
 
-__all__ = ["lerp_", "copy_", "cast", "all_finite", "first_nonfinite"]
+__all__ = ["lerp_", "copy_", "cast", "all_finite", "first_nonfinite", "check_shapes"]
 
 _WIDE = (paddle.float32, paddle.float64)
 _HALF = (paddle.float16, paddle.bfloat16)
@@ -63,6 +63,24 @@ def _as(source, like):
     return source
 
 
+def check_shapes(op: str, firsts: Sequence[paddle.Tensor], seconds: Sequence[paddle.Tensor], first: str,
+                 second: str) -> None:
+    """ValueError naming the first pair whose shapes differ, before anything is written: the
+    kernels never broadcast or reshape (the fused extension refuses the same pairs, same text).
+
+    Args:
+        op: the kernel's name, as the message shows it.
+        firsts: the tensors written (averages, targets).
+        seconds: one per tensor written.
+        first: what a written tensor is called, e.g. 'an average'.
+        second: what its partner is called, e.g. 'a value'.
+    """
+    for index, (a, b) in enumerate(zip(firsts, seconds, strict=True)):
+        if a.shape != b.shape:
+            raise ValueError(f"paddle_ema {op}: pair {index} has {first} of shape {list(a.shape)} and {second} of "
+                             f"shape {list(b.shape)}; the shapes must be equal (nothing was changed)")
+
+
 @paddle.no_grad()
 def lerp_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], weight: float) -> None:
     """averages[i] <- averages[i] + weight * (values[i] - averages[i]), in place, one tensor at a time.
@@ -74,6 +92,7 @@ def lerp_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], we
     """
     # Not Tensor.lerp_: with a Python float weight it also leaks ~100 bytes a call on Paddle 3.3.1
     # (21 MiB over 200,000 calls), and with a 0-d tensor weight it is still 2x slower than this.
+    check_shapes("lerp_", averages, values, "an average", "a value")
     for average, value in zip(averages, values, strict=True):
         average.add_(paddle.subtract(_as(value, average), average).scale_(weight))
 
@@ -86,6 +105,7 @@ def copy_(targets: Sequence[paddle.Tensor], sources: Sequence[paddle.Tensor]) ->
         targets: the tensors written.
         sources: one per target.
     """
+    check_shapes("copy_", targets, sources, "a target", "a source")
     for target, source in zip(targets, sources, strict=True):
         target.copy_(_as(source, target), False)
 
@@ -132,6 +152,7 @@ def ppdet_update_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Ten
         decay: the factor of the average.
         weight: the factor of the value.
     """
+    check_shapes("ppdet_update_", averages, values, "an average", "a value")
     for average, value in zip(averages, values, strict=True):
         average.scale_(decay).add_(_as(value, average).scale(weight))
 

@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <memory>
+#include <stdexcept>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -77,10 +79,11 @@ inline bool StridesAreRowMajor(const phi::DenseTensorMeta& meta) {
 // and is_contiguous() build objects), and they took about 40% of an update of
 // 1,000 one-element tensors (perf record).
 // `usable` only for a dense tensor whose buffer holds its elements (`data` may be null when it has
-// none).
+// none); `dims` for every dense tensor.
 struct TensorFacts {
   bool usable = false;
   void* data = nullptr;
+  const phi::DDim* dims = nullptr;
   int64_t numel = 0;
   paddle::DataType dtype = paddle::DataType::UNDEFINED;
   phi::AllocationType where = phi::AllocationType::UNDEFINED;
@@ -103,6 +106,7 @@ inline TensorFacts FactsOf(const paddle::Tensor& tensor) {
   }
   facts.numel = numel;
   facts.dtype = meta.dtype;
+  facts.dims = &meta.dims;
   const auto& holder = paddle_ema_compat::DenseInternals::Holder(*dense);
   if (numel < 0 || holder == nullptr ||
       (numel > 0 && (holder->ptr() == nullptr ||
@@ -115,6 +119,33 @@ inline TensorFacts FactsOf(const paddle::Tensor& tensor) {
   facts.device = holder->place().GetDeviceId();
   facts.contiguous = paddle_ema_compat::StridesAreRowMajor(meta);
   return facts;
+}
+
+// Whether two dense tensors have the same shape (the kernels never broadcast or reshape); a tensor
+// that is not dense has no dims here and is left to the caller's fallback, which compares shapes.
+inline bool SameDims(const TensorFacts& a, const TensorFacts& b) {
+  if (a.dims == nullptr || b.dims == nullptr) return true;
+  const int rank = a.dims->size();
+  if (b.dims->size() != rank) return false;
+  for (int i = 0; i < rank; ++i) {
+    if ((*a.dims)[i] != (*b.dims)[i]) return false;
+  }
+  return true;
+}
+
+inline std::string DimsText(const phi::DDim& dims) {
+  std::string text = "[";
+  for (int i = 0; i < dims.size(); ++i) text += (i ? ", " : "") + std::to_string(dims[i]);
+  return text + "]";
+}
+
+// The one refusal of a pair whose shapes differ, before anything is written. std::invalid_argument
+// is a ValueError in Python (pybind11's translation); the text is kernels/reference.py's.
+[[noreturn]] inline void ThrowShapeMismatch(const char* op, size_t index, const char* first, const TensorFacts& a,
+                                            const char* second, const TensorFacts& b) {
+  throw std::invalid_argument(std::string("paddle_ema ") + op + ": pair " + std::to_string(index) + " has " + first +
+                              " of shape " + DimsText(*a.dims) + " and " + second + " of shape " +
+                              DimsText(*b.dims) + "; the shapes must be equal (nothing was changed)");
 }
 
 // FactsOf reads a tensor's paddle::Tensor (inside its Python object), then its DenseTensor, then

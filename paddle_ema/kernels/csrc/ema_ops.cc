@@ -346,7 +346,8 @@ struct Pairs {
   std::vector<int64_t> skipped;
 };
 
-Pairs SortPairs(const std::vector<const paddle::Tensor*>& averages, const std::vector<const paddle::Tensor*>& values) {
+Pairs SortPairs(const std::vector<const paddle::Tensor*>& averages, const std::vector<const paddle::Tensor*>& values,
+                const char* op) {
   PD_CHECK(averages.size() == values.size(), "paddle_ema lerp_: ", averages.size(), " averages but ",
            values.size(), " values");
   Pairs pairs;
@@ -356,6 +357,7 @@ Pairs SortPairs(const std::vector<const paddle::Tensor*>& averages, const std::v
     PrefetchFacts(values, i);
     const TensorFacts average = FactsOf(*averages[i]);
     const TensorFacts value = FactsOf(*values[i]);
+    if (!SameDims(average, value)) ThrowShapeMismatch(op, i, "an average", average, "a value", value);
     const Kind kind = KindOf(average, value);
     if (kind == Kind::kUnsupported) {
       pairs.skipped.push_back(static_cast<int64_t>(i));
@@ -510,7 +512,7 @@ std::vector<paddle::Tensor> CastToHalf(const paddle::Tensor& x, int threads) {
 // pointers and returns the indices of the pairs it does not handle, for the caller's fallback.
 std::vector<int64_t> LerpTensors(const std::vector<const paddle::Tensor*>& averages,
                                  const std::vector<const paddle::Tensor*>& values, double weight, int threads) {
-  Pairs pairs = SortPairs(averages, values);
+  Pairs pairs = SortPairs(averages, values, "lerp_");
   LerpPairs(pairs, averages, weight, threads, false);
   return pairs.skipped;
 }
@@ -534,7 +536,8 @@ int64_t GuardedLerpTensors(const std::vector<const paddle::Tensor*>& averages,
   index_of.reserve(scan.size());
   ScanSegments(scan, &scan_segments, &index_of, unchecked);
   if (!unchecked->empty()) return -1;
-  Pairs pairs = SortPairs(averages, values);  // before the scan: a size mismatch is an error either way
+  // Before the scan: a shape mismatch is an error either way.
+  Pairs pairs = SortPairs(averages, values, "guarded_lerp_");
   const int64_t bad = FirstNonfiniteSegment(scan_segments, threads);
   if (bad >= 0) return index_of[bad];
   LerpPairs(pairs, averages, weight, threads, true);
@@ -638,6 +641,9 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
     const TensorFacts average = FactsOf(*averages[i]);
     const TensorFacts spare = FactsOf(*spares[i]);
     const TensorFacts value_facts = FactsOf(*values[i]);
+    if (!SameDims(average, value_facts)) {
+      ThrowShapeMismatch("guarded_lerp_", i, "an average", average, "a value", value_facts);
+    }
     const Kind kind = KindOf(average, value_facts);
     if (kind == Kind::kUnsupported || !average.is_cpu() || !spare.is_cpu() || !spare.contiguous ||
         spare.dtype != average.dtype) {
@@ -656,7 +662,6 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   }
   // The weights that decide but are not averaged here (other ranks' shards): read first.
   std::vector<const paddle::Tensor*> others;
-  std::vector<int64_t> others_index;
   bool scan_is_values = scan.size() == values.size();  // the common case: the same list
   for (size_t i = 0; scan_is_values && i < scan.size(); ++i) {
     // The same Python object is the same Tensor here (the bindings take references).
@@ -667,7 +672,6 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
     for (size_t i = 0; i < scan.size(); ++i) {
       if (!std::binary_search(value_data.begin(), value_data.end(), FactsOf(*scan[i]).data)) {
         others.push_back(scan[i]);
-        others_index.push_back(static_cast<int64_t>(i));
       }
     }
   }
@@ -675,31 +679,30 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   std::vector<int64_t> other_of, unchecked;
   ScanSegments(others, &other_segments, &other_of, &unchecked);
   if (!unchecked.empty()) return -2;
-  const int64_t other_bad = FirstNonfiniteSegment(other_segments, threads);
-  if (other_bad >= 0) return others_index[other_of[other_bad]];
+  // Once some weight is known to be bad: the lowest index in `scan` that is (scan's order, which
+  // need not be the pairs'), read again in full; only on this rare path.
+  auto lowest_bad_in_scan = [&]() -> int64_t {
+    std::vector<int64_t> none;
+    const int64_t first = ScanNonfinite(scan, threads, &none);
+    PD_CHECK(first >= 0, "paddle_ema guarded_lerp_: a value changed while it was read");
+    return first;
+  };
+  if (FirstNonfiniteSegment(other_segments, threads) >= 0) return lowest_bad_in_scan();
 
   const float w = static_cast<float>(weight);
   int64_t total_bytes = 0;
   for (const Segment& s : segments) total_bytes += s.numel * (s.kind == Kind::kDouble ? 8 : 4);
   const bool streaming = total_bytes >= kStreamingLerpBytes;
-  // The tensor of `scan` that the first non-finite segment's value is (values are among scan).
-  auto scan_index_of_first_bad = [&]() -> int64_t {
+  auto any_value_bad = [&]() -> bool {
     std::vector<Segment> pair_values;
     pair_values.reserve(segments.size());
     for (const Segment& s : segments) pair_values.push_back(Segment{nullptr, s.value, s.numel, s.kind});
-    const int64_t found = FirstNonfiniteSegment(pair_values, threads);
-    if (found < 0) return -1;
-    const void* data = segments[found].value;
-    for (size_t i = 0; i < scan.size(); ++i) {
-      if (FactsOf(*scan[i]).data == data) return static_cast<int64_t>(i);
-    }
-    return -1;
+    return FirstNonfiniteSegment(pair_values, threads) >= 0;
   };
   if (!streaming) {
     // A set that fits in the cache reads its values a second time from there: in place is faster
     // than writing a second buffer (LeNet: 9.5 against 11.9 us).
-    const int64_t first = scan_index_of_first_bad();
-    if (first >= 0) return first;
+    if (any_value_bad()) return lowest_bad_in_scan();
     LerpSegmentsCPU(segments, weight, threads, true);
     return -1;
   }
@@ -724,10 +727,7 @@ int64_t GuardedLerpSwapTensors(const std::vector<const paddle::Tensor*>& average
   _mm_sfence();  // the streaming stores are visible before the buffers change hands
 #endif
   if (bad.load()) {
-    // Which tensor: the pass stopped at the first bad block any thread met; find the lowest.
-    const int64_t first = scan_index_of_first_bad();
-    PD_CHECK(first >= 0, "paddle_ema guarded_lerp_: a value changed while it was read");
-    return first;
+    return lowest_bad_in_scan();  // the pass stopped at the first bad block any thread met
   }
   for (size_t i = 0; i < averages.size(); ++i) {
     PrefetchFacts(averages, i);  // the pass has pushed them out of the cache since the loop above
@@ -748,16 +748,16 @@ std::vector<int64_t> CopyTensors(const std::vector<const paddle::Tensor*>& targe
   std::vector<Segment> bytes;  // numel counts bytes here
   bytes.reserve(targets.size());
   for (size_t i = 0; i < targets.size(); ++i) {
-    const paddle::Tensor& t = *targets[i];
-    const paddle::Tensor& s = *sources[i];
-    if (!t.is_dense_tensor() || !s.is_dense_tensor() || !t.is_cpu() || !s.is_cpu() || !EmaIsContiguous(t) ||
-        !EmaIsContiguous(s) || t.dtype() != s.dtype() || t.numel() != s.numel()) {
+    PrefetchFacts(targets, i);
+    PrefetchFacts(sources, i);
+    const TensorFacts t = FactsOf(*targets[i]), s = FactsOf(*sources[i]);
+    if (!SameDims(t, s)) ThrowShapeMismatch("copy_", i, "a target", t, "a source", s);
+    if (!t.is_cpu() || !s.is_cpu() || !t.contiguous || !s.contiguous || t.dtype != s.dtype || t.numel != s.numel) {
       skipped.push_back(static_cast<int64_t>(i));
       continue;
     }
-    if (t.numel() == 0 || t.data() == s.data()) continue;
-    bytes.push_back(Segment{const_cast<void*>(t.data()), s.data(),
-                            t.numel() * static_cast<int64_t>(phi::SizeOf(t.dtype())), Kind::kFloat});
+    if (t.numel == 0 || t.data == s.data) continue;
+    bytes.push_back(Segment{t.data, s.data, t.numel * static_cast<int64_t>(phi::SizeOf(t.dtype)), Kind::kFloat});
   }
   ParallelOverElements(bytes, threads, [](const Segment& s, int64_t b, int64_t e) {
     char* dst = static_cast<char*>(s.average) + b;
@@ -795,7 +795,10 @@ void LerpByTensor(std::vector<paddle::Tensor>& averages,  // NOLINT
   std::vector<Segment> segments;
   segments.reserve(averages.size());
   for (size_t i = 0; i < averages.size(); ++i) {
-    const Kind kind = KindOf(averages[i], values[i]);
+    const TensorFacts average = FactsOf(averages[i]), value = FactsOf(values[i]);
+    PD_CHECK(SameDims(average, value), "paddle_ema_lerp_by_tensor: pair ", i, " has an average of shape ",
+             DimsText(*average.dims), " and a value of shape ", DimsText(*value.dims), "; the shapes must be equal");
+    const Kind kind = KindOf(average, value);
     PD_CHECK(kind != Kind::kUnsupported && averages[i].is_cpu(), "paddle_ema_lerp_by_tensor: pair ", i,
              " is not a CPU pair it updates (float32 average with float32/float16/bfloat16 value, or "
              "float64 with float64, same size, contiguous); the static EMA emits Paddle's own ops "

@@ -126,6 +126,7 @@ std::vector<int64_t> PpdetUpdateTensors(const std::vector<const paddle::Tensor*>
     PrefetchFacts(values, i);
     const TensorFacts average = FactsOf(*averages[i]);
     const TensorFacts value = FactsOf(*values[i]);
+    if (!SameDims(average, value)) ThrowShapeMismatch("ppdet_update_", i, "an average", average, "a value", value);
     const Kind kind = average.is_cpu() ? KindOf(average, value) : Kind::kUnsupported;
     if (kind == Kind::kUnsupported) {
       skipped.push_back(static_cast<int64_t>(i));
