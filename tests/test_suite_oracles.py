@@ -199,3 +199,245 @@ def test_schedules_closed_forms():
     assert so.ppdiffusers_decay(3, update_after_step=3) == 0.0 and so.ppdiffusers_decay(4, update_after_step=3) == 2 / 11
     assert so.ppdiffusers_decay(1, use_ema_warmup=True, power=1.0) == 0.5
     assert so.ppdiffusers_decay(1, min_decay=0.3) == 0.3
+
+
+# --- 2. the oracles against the real suite classes (when installed) --------------------------
+class SuiteNet(paddle.nn.Layer):
+    """conv, BatchNorm, linear and a frozen non-BN weight; optionally a head tied to fc's weight
+    (one tensor under two state_dict keys, as in PicoDet's head), an extra parameter of another
+    dtype, and an int64 buffer."""
+
+    def __init__(self, tied=False, extra_dtype=None, int_buffer=False):
+        super().__init__()
+        self.conv = paddle.nn.Conv2D(1, 2, 3)
+        self.bn = paddle.nn.BatchNorm2D(2)
+        self.fc = paddle.nn.Linear(8, 3)
+        self.frozen = self.create_parameter([4])
+        self.frozen.stop_gradient = True
+        if tied:
+            self.head = paddle.nn.Linear(8, 3)
+            self.head.weight = self.fc.weight
+        if extra_dtype:
+            self.extra = self.create_parameter([5, 3], dtype=extra_dtype)
+        if int_buffer:
+            self.register_buffer("count", paddle.to_tensor(np.array([3, -7, 11], np.int64)))
+
+
+def make_net(**options):
+    paddle.seed(0)
+    return SuiteNet(**options)
+
+
+def numpy_state(model):
+    return {k: v.numpy().copy() for k, v in model.state_dict().items()}
+
+
+def tied_aliases(model):
+    """key -> the first key holding the same tensor."""
+    first, aliases = {}, {}
+    for key, value in model.state_dict().items():
+        if id(value) in first:
+            aliases[key] = first[id(value)]
+        else:
+            first[id(value)] = key
+    return aliases
+
+
+def train_step(model, rng):
+    """Stand-in for an optimizer step: every entry moves (BN statistics and frozen weights too),
+    with exact zeros and negative zeros among the values; integer entries move by integers."""
+    with paddle.no_grad():
+        for tensor_ in model.state_dict().values():
+            old = tensor_.numpy()
+            noise = rng.normal(0, 0.3, old.shape).astype(np.float32)
+            if old.dtype == so.BF16:
+                new = so.f32_to_bf16(so.bf16_to_f32(old) + noise)
+            elif so.is_floating(old):
+                new = (old.astype(np.float32) + noise)
+                flat = new.reshape(-1)
+                flat[: max(1, flat.size // 10)] = rng.choice([0.0, -0.0], max(1, flat.size // 10))
+                new = new.astype(old.dtype)
+            else:
+                new = old + rng.integers(-3, 4, old.shape).astype(old.dtype)
+            tensor_.set_value(new)
+    return numpy_state(model)
+
+
+def suite_class(modules, name, package):
+    import importlib
+
+    for module in modules:
+        try:
+            return getattr(importlib.import_module(module), name)
+        except ImportError:
+            continue
+    pytest.skip(f"{package} is not installed (tried {', '.join(modules)}): its real class is not compared")
+
+
+def check_state(actual, expected, what):
+    assert list(actual) == list(expected), what
+    for key, value in expected.items():
+        assert_bitwise(np.asarray(actual[key].numpy() if hasattr(actual[key], "numpy") else actual[key]),
+                       value, f"{what}: {key}")
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["plain", "tied"])
+@pytest.mark.parametrize("decay", [0.9999, 0.99, 0.5])
+def test_paddleclas_real_class(tied, decay):
+    EMA = suite_class(["paddleclas.ppcls.utils.ema", "ppcls.utils.ema"], "ExponentialMovingAverage", "paddleclas")
+    model, rng = make_net(tied=tied, int_buffer=True), np.random.default_rng(11)
+    ema = EMA(model, decay) if decay != 0.9999 else EMA(model)
+    ref = so.PaddleClasOracle(numpy_state(model), tied_aliases(model), decay)
+    assert not ema.module.training and ema.module is not model
+    for t in range(64):
+        values = train_step(model, rng)
+        if t == 40:
+            ema.set(model)  # what PaddleClas's engine offers besides update
+            ref.set(values)
+        else:
+            ema.update(model)
+            ref.update(values)
+        check_state(ema.module.state_dict(), ref.state(), f"update {t}")
+        # the int64 buffer: float32 after each update (promoted), int64 again after set()
+        assert ema.module.state_dict()["count"].dtype == (paddle.int64 if t == 40 else paddle.float32)
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["plain", "tied"])
+def test_paddleseg_real_functions(tied):
+    init_ema_params = suite_class(["paddleseg.utils.ema"], "init_ema_params", "paddleseg")
+    update_ema_model = suite_class(["paddleseg.utils.ema"], "update_ema_model", "paddleseg")
+    model, rng = make_net(tied=tied, int_buffer=True), np.random.default_rng(12)
+    ema_model = copy.deepcopy(model)  # as paddleseg's core/train.py builds it
+    ema_model.eval()
+    for param in ema_model.parameters():
+        param.stop_gradient = True
+    ref = so.PaddleSegOracle(numpy_state(ema_model), tied_aliases(ema_model))
+    values = train_step(model, rng)
+    init_ema_params(ema_model, model)
+    ref.init(values)
+    check_state(ema_model.state_dict(), ref.state(), "init")
+    for it in range(1, 65):
+        values = train_step(model, rng)
+        decay = 0.999 if it < 50 else 0.9
+        update_ema_model(ema_model, model, step=it, decay=decay)
+        ref.update(values, step=it, decay=decay)
+        check_state(ema_model.state_dict(), ref.state(), f"iter {it}")
+        if it == 32:  # the trainer's resume: the EMA restarts from the model's weights
+            init_ema_params(ema_model, model)
+            ref.init(values)
+            check_state(ema_model.state_dict(), ref.state(), "re-init")
+
+
+PADDLEYOLO_SETTINGS = [
+    dict(ema_decay_type="threshold"),
+    dict(ema_decay_type="exponential"),
+    dict(ema_decay_type="normal", decay=0.99),
+    dict(ema_decay_type="threshold", cycle_epoch=3, ema_black_list=["fc."]),
+    dict(ema_decay_type="normal", decay=0.9, ema_black_list=["conv.bias"]),
+]
+
+
+@pytest.mark.parametrize("settings", PADDLEYOLO_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+def test_paddleyolo_real_class(settings):
+    """paddledet's ModelEMA (2.6.0 on the registry) computes as PaddleYOLO's; PaddleYOLO only
+    moved the ema_filter_no_grad block (see the next test)."""
+    ModelEMA = suite_class(["ppdet.optimizer.ema"], "ModelEMA", "paddledet")
+    model, rng = make_net(int_buffer=True), np.random.default_rng(13)
+    ema = ModelEMA(model, **settings)
+    ref = so.PaddleYOLOOracle(numpy_state(model), **settings)
+    check_state(ema.apply(), ref.apply(numpy_state(model)), "t = 0")
+    for t in range(64):
+        values = train_step(model, rng)
+        ema.update()
+        ref.update(values)
+        for key in ref.state:
+            if key not in ref.black:
+                assert_bitwise(ema.state_dict[key].numpy(), ref.state[key], f"update {t}: {key}")
+        if t % 5 == 4:
+            check_state(ema.apply(), ref.apply(values), f"apply after update {t}")
+            assert (ema.step, ema.epoch) == (ref.step, ref.epoch)
+        if t == 31:  # resume from the saved apply() output, at the saved step
+            saved = {k: v.clone() for k, v in ema.apply().items()}
+            expected = ref.apply(values)
+            step = ema.step
+            ema = ModelEMA(model, **settings)
+            ema.resume(saved, step)
+            ref = so.PaddleYOLOOracle(numpy_state(model), **settings)
+            ref.resume(expected, step)
+            if settings["ema_decay_type"] != "exponential":
+                with pytest.raises(AttributeError, match="_decay"):
+                    ema.apply()  # no update since construction: the suite has no _decay yet
+                with pytest.raises(AttributeError, match="_decay"):
+                    ref.apply(values)
+    check_state(ema.apply(), ref.apply(values), "final apply")
+
+
+def test_paddledet_ema_filter_no_grad_fails_on_a_frozen_weight():
+    """paddledet 2.6.0 appends to a set: ema_filter_no_grad=True with any frozen non-BN weight
+    raises (PaddleYOLO's copy adds to the set before building the state instead)."""
+    ModelEMA = suite_class(["ppdet.optimizer.ema"], "ModelEMA", "paddledet")
+    with pytest.raises(AttributeError, match="append"):
+        ModelEMA(make_net(), ema_filter_no_grad=True)
+
+
+EMAMODEL_SETTINGS = [
+    dict(),
+    dict(use_ema_warmup=True),
+    dict(use_ema_warmup=True, inv_gamma=3.0, power=0.75, decay=0.999),
+    dict(update_after_step=5, min_decay=0.5),
+    dict(decay=0.9),
+]
+
+
+@pytest.mark.parametrize("settings", EMAMODEL_SETTINGS, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()) or "defaults")
+def test_ppdiffusers_emamodel_real_class(settings):
+    EMAModel = suite_class(["ppdiffusers.training_utils"], "EMAModel", "ppdiffusers")
+    model, rng = make_net(tied=True, extra_dtype="bfloat16"), np.random.default_rng(14)
+    params = model.parameters()  # BN statistics are stop_gradient parameters here: copied, not averaged
+    ema = EMAModel(params, **settings)
+    ref = so.EMAModelOracle([p.numpy() for p in params], **settings)
+    for t in range(64):
+        train_step(model, rng)
+        ema.step(model.parameters())
+        ref.step([p.numpy() for p in model.parameters()], [not p.stop_gradient for p in model.parameters()])
+        assert ema.cur_decay_value == ref.cur_decay_value and ema.optimization_step == ref.optimization_step
+        for i, (shadow, expected) in enumerate(zip(ema.shadow_params, ref.shadow_params)):
+            assert_bitwise(shadow.numpy(), expected, f"step {t}: shadow {i}")
+        if t == 31:  # accelerate-style checkpoint: state_dict() saved, a new EMAModel loads it
+            saved = copy.deepcopy(ema.state_dict())
+            ema = EMAModel(model.parameters(), **settings)
+            ema.load_state_dict(saved)
+    target = make_net(tied=True, extra_dtype="bfloat16")
+    ema.copy_to(target.parameters())
+    for p, expected in zip(target.parameters(), ref.copy_to([p.numpy().dtype for p in target.parameters()])):
+        assert_bitwise(p.numpy(), expected, "copy_to")
+
+
+@pytest.mark.parametrize("decay,use_num_upates", [(0.9999, True), (0.99, False), (0.5, True)])
+def test_ppdiffusers_litema_real_class(decay, use_num_upates):
+    LitEma = suite_class(["ppdiffusers.models.ema"], "LitEma", "ppdiffusers")
+    model, rng = make_net(tied=True, extra_dtype="float16"), np.random.default_rng(15)
+    ema = LitEma(model, decay=decay, use_num_upates=use_num_upates)
+
+    def trainable():
+        return {n: p.numpy() for n, p in model.named_parameters() if not p.stop_gradient}
+
+    ref = so.LitEmaOracle(trainable(), decay=decay, use_num_upates=use_num_upates)
+    for t in range(64):
+        train_step(model, rng)
+        ema(model)
+        ref.forward(trainable())
+        assert ema.num_updates == ref.num_updates
+        check_state(dict(ema.named_buffers()), ref.buffers, f"forward {t}")
+        if t == 31:  # LitEma's state_dict holds the buffers only: num_updates restarts
+            saved = {k: v.clone() for k, v in ema.state_dict().items()}
+            ema = LitEma(model, decay=decay, use_num_upates=use_num_upates)
+            ema.set_state_dict(saved)
+            ref.num_updates = 0 if use_num_upates else -1
+    target = make_net(tied=True, extra_dtype="float16")
+    ema.copy_to(target)
+    dtypes = {n: p.numpy().dtype for n, p in target.named_parameters() if not p.stop_gradient}
+    expected = ref.copy_to(dtypes)
+    for name, p in target.named_parameters():
+        if name in expected:
+            assert_bitwise(p.numpy(), expected[name], f"copy_to {name}")
