@@ -302,6 +302,28 @@ def test_paddleclas_real_class(tied, decay):
         assert ema.module.state_dict()["count"].dtype == (paddle.int64 if t == 40 else paddle.float32)
 
 
+def test_paddleclas_update_is_lost_under_state_dict_hooks():
+    """paddle.amp.decorate(level='O2', save_dtype=...) on a GPU hooks every sublayer's state_dict()
+    to return cast copies, as the hook below does (PaddleClas's engine decorates so before building
+    the EMA): the deep-copied module keeps the hooks, paddle.assign writes into the copies, and the
+    EMA never moves. (On the CPU decorate(O2) returns early, so the hook is registered by hand.)"""
+    EMA = suite_class(["paddleclas.ppcls.utils.ema", "ppcls.utils.ema"], "ExponentialMovingAverage", "paddleclas")
+
+    def cast_copies(state_dict):
+        for key, value in state_dict.items():
+            if paddle.is_floating_point(value):
+                state_dict[key] = paddle.cast(value, "float32")
+
+    model = make_net()
+    for layer in model.sublayers(include_self=True):
+        layer.register_state_dict_hook(cast_copies)
+    ema = EMA(model, 0.5)
+    before = numpy_state(ema.module)
+    train_step(model, np.random.default_rng(17))
+    ema.update(model)
+    check_state(ema.module.state_dict(), before, "hooked module after update")
+
+
 @pytest.mark.parametrize("tied", [False, True], ids=["plain", "tied"])
 def test_paddleseg_real_functions(tied):
     init_ema_params = suite_class(["paddleseg.utils.ema"], "init_ema_params", "paddleseg")
