@@ -17,6 +17,7 @@ import paddle
 import pytest
 
 import suite_oracles as so
+from test_model_ema import Net as ModelEMANet
 from test_ppdet_bitwise import assert_bitwise, hard_values
 
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
@@ -202,18 +203,13 @@ def test_schedules_closed_forms():
 
 
 # --- 2. the oracles against the real suite classes (when installed) --------------------------
-class SuiteNet(paddle.nn.Layer):
+class SuiteNet(ModelEMANet):
     """conv, BatchNorm, linear and a frozen non-BN weight; optionally a head tied to fc's weight
     (one tensor under two state_dict keys, as in PicoDet's head), an extra parameter of another
     dtype, and an int64 buffer."""
 
     def __init__(self, tied=False, extra_dtype=None, int_buffer=False):
         super().__init__()
-        self.conv = paddle.nn.Conv2D(1, 2, 3)
-        self.bn = paddle.nn.BatchNorm2D(2)
-        self.fc = paddle.nn.Linear(8, 3)
-        self.frozen = self.create_parameter([4])
-        self.frozen.stop_gradient = True
         if tied:
             self.head = paddle.nn.Linear(8, 3)
             self.head.weight = self.fc.weight
