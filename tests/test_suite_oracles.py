@@ -6,8 +6,10 @@
    float16/bfloat16 arithmetic is checked where Paddle's CPU has the kernel; where it has none
    (float16 add/subtract, bfloat16 add) the test pins that it raises: those run on GPUs only.
 2. Each oracle against the suite's real class over 64 updates of a model with conv, BatchNorm,
-   linear and a frozen weight, when the suite is installed (skipped with the reason otherwise):
-   paddleclas, paddleseg, ppdiffusers and paddledet (whose ModelEMA computes as PaddleYOLO's).
+   linear and a frozen weight, when the suite is importable (skipped with the reason otherwise):
+   paddleclas, paddleseg, ppdiffusers and paddledet (whose ModelEMA computes as PaddleYOLO's) from
+   the package registry; PaddleOCR's `ppocr` and PaddleYOLO's `ppdet` from a checkout put first on
+   PYTHONPATH. CI installs none of them.
 """
 
 import copy
