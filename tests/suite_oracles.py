@@ -6,7 +6,8 @@ numpy state dicts (name -> array, in the model's order) and knows nothing of pad
 tests/test_suite_oracles.py checks every primitive bitwise against Paddle's own ops, and the
 oracles against the real suite classes where those are installed.
 
-Paddle's ops as the suites' expressions reach them (Paddle 3.3.1, CPU; the tests pin each):
+Paddle's ops as the suites' expressions reach them (Paddle 3.3.1, CPU; the tests pin each; Paddle
+3.0.0 and 2.6.2 round float16 scale, division and casts otherwise, so CI runs them on the newest leg):
 - `python_float * tensor` is `scale`: the factor rounded to the tensor's dtype (through float32
   for float16 and bfloat16), x * s + 0.0 rounded in that dtype; an integer tensor is first
   cast to float32 and the result is float32 (so `paddle.assign` of it into an int64 tensor
