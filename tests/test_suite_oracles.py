@@ -13,6 +13,7 @@
 """
 
 import copy
+import importlib
 
 import numpy as np
 import paddle
@@ -262,8 +263,6 @@ def train_step(model, rng):
 
 
 def suite_class(modules, name, package):
-    import importlib
-
     for module in modules:
         try:
             return getattr(importlib.import_module(module), name)
@@ -275,8 +274,7 @@ def suite_class(modules, name, package):
 def check_state(actual, expected, what):
     assert list(actual) == list(expected), what
     for key, value in expected.items():
-        assert_bitwise(np.asarray(actual[key].numpy() if hasattr(actual[key], "numpy") else actual[key]),
-                       value, f"{what}: {key}")
+        assert_bitwise(actual[key].numpy(), value, f"{what}: {key}")
 
 
 @pytest.mark.parametrize("tied", [False, True], ids=["plain", "tied"])
