@@ -22,7 +22,6 @@ from ._require import require_paddle
 
 require_paddle()
 
-from . import ppdet as _ppdet  # noqa: E402
 from .averaging import EMARule  # noqa: E402
 from .batchnorm import update_bn  # noqa: E402
 from .checkpoint import safe_load  # noqa: E402
@@ -36,7 +35,7 @@ from .errors import (  # noqa: E402
     PaddleEMAError,
     SelectionError,
 )
-from .ppdet import ModelEMA  # noqa: E402
+from .ppdet import ModelEMA, SimpleModelEMA  # noqa: E402
 from .schedules import SCHEDULES, Schedule, make_schedule, register_schedule  # noqa: E402
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
@@ -57,6 +56,7 @@ __all__: list[str] = [
     "ExponentialMovingAverage",
     "StochasticWeightAveraging",
     "ModelEMA",
+    "SimpleModelEMA",
     "EMARule",
     "Schedule",
     "SCHEDULES",
@@ -76,12 +76,6 @@ __all__: list[str] = [
     "CheckpointError",
 ]
 
-# PaddleDetection's timm-style SimpleModelEMA, exported where this version of paddle_ema.ppdet has it.
-if hasattr(_ppdet, "SimpleModelEMA"):
-    SimpleModelEMA = _ppdet.SimpleModelEMA
-    __all__.insert(__all__.index("ModelEMA") + 1, "SimpleModelEMA")
-
-
 def __getattr__(name: str) -> Any:
     """Import a lazily exported name (`static`, `EMACallback`, `PostHocEMA`) on first access."""
     if name in _LAZY:
@@ -90,9 +84,6 @@ def __getattr__(name: str) -> Any:
         value = module if attribute is None else getattr(module, attribute)
         globals()[name] = value  # later accesses skip this function
         return value
-    if name == "SimpleModelEMA":
-        raise AttributeError("paddle_ema.SimpleModelEMA is not available: this version of paddle_ema.ppdet "
-                             "does not define it")
     raise AttributeError(f"module 'paddle_ema' has no attribute {name!r}")
 
 

@@ -67,7 +67,7 @@ from . import kernels
 from .averaging import EMARule, SavedState, first_nonfinite_name, settings_differences, tensor_problem
 from .checkpoint import atomic_write
 from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
-from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
+from .schedules import schedule_for_decay_type
 from .selection import batchnorm_statistic_names, black_listed_keys
 from .step_policy import AVERAGE, StepPolicy, is_integer
 
@@ -77,10 +77,6 @@ __all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per
 # The library's logger ("paddle_ema" and below): with no logging set up, Python prints its warnings
 # on stderr; PaddleDetection's own loggers do not propagate, so this one reaches stderr there too.
 LOGGER = logging.getLogger(__name__)
-
-# PaddleDetection hard-codes this time constant of the 'exponential' warm-up (schedules.py has it).
-EXPONENTIAL_TAU = PPDET_EXPONENTIAL_TAU
-
 
 # The BatchNorm kinds whose statistics PaddleDetection's ema_filter_no_grad keeps averaged.
 PPDET_BATCHNORM_CLASSES = (nn.BatchNorm2D, nn.SyncBatchNorm)

@@ -66,7 +66,7 @@ def test_is_cpu_place():
     assert not _compat.is_cpu_place(object())
 
 
-@pytest.mark.skipif(not PADDLE3 or not paddle.framework.in_pir_mode.__module__, reason="PIR needs Paddle 3")
+@pytest.mark.skipif(not PADDLE3, reason="PIR needs Paddle 3")
 def test_create_pir_persistable():
     def build():
         init = paddle.nn.initializer.Constant(3.0)

@@ -3,12 +3,9 @@ cycle_epoch restart never copies NaN weights into the average (and keeps the ski
 ema_update_bn never returns or saves NaN BatchNorm statistics, and ema_impl: ppdet gets the policy.
 
 No run exits 0 with a NaN average (each in dygraph, ema_impl: ppdet and mode: static): settings
-under which the average never moves are refused before training (the issue's own command), a
+under which the average never moves are refused before training (a decay of 1), a
 diverging run stops before it writes NaN weights, a .pdopt whose EMA shadow is NaN or of another
-shape is refused by -r; each is one line, exit 2, and the run's files stay byte for byte.
-
-The ppdet test needs ModelEMA's `nonfinite` keyword (helper i12's change to paddle_ema/ppdet.py);
-on a branch without it, build_ema fails with TypeError there."""
+shape is refused by -r; each is one line, exit 2, and the run's files stay byte for byte."""
 
 import os
 import re
@@ -116,7 +113,7 @@ def test_ema_update_bn_refuses_a_recalibration_that_overflows(bn_trainer):
         bn_trainer.cfg["ema_nonfinite"] = "skip"
 
 
-def test_ppdet_impl_honours_ema_nonfinite():  # needs ModelEMA(nonfinite=...), helper i12's change
+def test_ppdet_impl_honours_ema_nonfinite():
     model = Net()
     _step(model, 1.0)
     handle = build_ema(config(ema_impl="ppdet", ema_nonfinite="raise"), model)

@@ -192,19 +192,11 @@ class _StaticEMAState:
 class StaticTrainer(Trainer):
     """Trainer on paddle.static programs and the Executor; same arguments and files as Trainer."""
 
-    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None):
+    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None, write=True):
         check_static_config(cfg)
         self.scope = paddle.static.Scope()
-        super().__init__(cfg, name, do_eval=do_eval, vdl_log_dir=vdl_log_dir, resume=resume, stream=stream)
-
-    @classmethod
-    def check_config(cls, cfg, do_eval=True):
-        check_static_config(cfg)
-        trainer = cls.__new__(cls)
-        trainer.scope = paddle.static.Scope()
-        trainer._build_parts(cfg, do_eval, None)
-        trainer.global_step, trainer.posthoc = 0, None  # so that a test may take a step
-        return trainer
+        super().__init__(cfg, name, do_eval=do_eval, vdl_log_dir=vdl_log_dir, resume=resume, stream=stream,
+                         write=write)
 
     @contextlib.contextmanager
     def _static(self):

@@ -45,15 +45,17 @@ __all__ = ["Trainer"]
 
 
 class Trainer:
-    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None):
+    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None, write=True):
         self._build_parts(cfg, do_eval, stream)
-        self.output_dir = os.path.join(cfg["output_dir"], name)
+        # write=False (check_config): everything a run trains with, and no run folder, lock, file or resume.
+        self.output_dir = os.path.join(cfg["output_dir"], name) if write else None
         self.lock, self._created = None, []
         try:
-            if self.parallel.is_main:
+            writes = write and self.parallel.is_main
+            if writes:
                 self._claim_outputs(vdl_log_dir)
-            self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=self.parallel.is_main)
-            self.log = ScalarLog(vdl_log_dir if self.parallel.is_main else None)
+            self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=writes) if write else None
+            self.log = ScalarLog(vdl_log_dir if writes else None)
             self.start_epoch, self.global_step, self.history, self.best = 0, 0, [], None
             if resume == RESUME_AUTO:
                 resume = newest_resumable(self.output_dir, self.ema is not None)
@@ -69,10 +71,7 @@ class Trainer:
     def check_config(cls, cfg, do_eval=True):
         """Build everything a run of `cfg` trains with (data, model, schedule, optimizer, EMA), writing
         nothing: a config that passes trains; one that does not raises a PaddleEMAError."""
-        trainer = cls.__new__(cls)
-        trainer._build_parts(cfg, do_eval, None)
-        trainer.global_step, trainer.posthoc = 0, None  # so that a test may take a step
-        return trainer
+        return cls(cfg, None, do_eval=do_eval, write=False)
 
     def _build_parts(self, cfg, do_eval, stream):
         """What the run trains with; validates the config against the data, writes nothing."""

@@ -2,7 +2,6 @@
 
     lerp_(averages, values, weight)   averages[i] += weight * (values[i] - averages[i]), in place
     copy_(targets, sources)           targets[i] <- sources[i], cast to the target's dtype and place
-    all_finite(tensors)               True when no tensor holds NaN or Inf
     first_nonfinite(tensors)          index of the first tensor that does, or None
 
 `averages` are the float32 (or float64) shadows; `values` may be float16/bfloat16 weights, or live
@@ -40,7 +39,7 @@ from .reference import cast, copy_
 if TYPE_CHECKING:  # for the annotations only (the implementations import paddle themselves)
     import paddle
 
-__all__ = ["lerp_", "copy_", "cast", "all_finite", "first_nonfinite", "set_kernel", "kernel_mode", "active_kernel",
+__all__ = ["lerp_", "copy_", "cast", "first_nonfinite", "ppdet_update_", "set_kernel", "kernel_mode", "active_kernel",
            "prepare", "KERNEL_MODES", "KERNEL_ENV"]
 
 KERNEL_ENV = "PADDLE_EMA_KERNEL"
@@ -136,18 +135,6 @@ def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
     return reference.first_nonfinite(tensors)
 
 
-def all_finite(tensors: Sequence["paddle.Tensor"]) -> bool:
-    """Whether no tensor holds NaN or Inf.
-
-    Args:
-        tensors: the tensors to check.
-
-    Returns:
-        True when `first_nonfinite` finds none.
-    """
-    return first_nonfinite(tensors) is None
-
-
 def lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], weight: float) -> None:
     """averages[i] += weight * (values[i] - averages[i]), in place, with the active kernel.
 
@@ -190,6 +177,3 @@ def ppdet_update_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.
         fused.ppdet_update_(averages, values, decay, weight)
     else:
         reference.ppdet_update_(averages, values, decay, weight)
-
-
-__all__ += ["ppdet_update_"]

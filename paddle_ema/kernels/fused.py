@@ -24,8 +24,8 @@ from . import build, reference
 if TYPE_CHECKING:  # for the annotations only: build imports paddle when the extension is loaded
     import paddle
 
-__all__ = ["available", "failure", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "stream_add_", "num_threads",
-           "THREADS_ENV"]
+__all__ = ["available", "failure", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "ppdet_update_", "stream_add_",
+           "num_threads", "THREADS_ENV"]
 
 THREADS_ENV = _environment.NUM_THREADS
 
@@ -276,6 +276,3 @@ def ppdet_update_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.
     skipped = _module().ppdet_update_(averages, values, float(decay), float(weight), num_threads())
     if skipped:
         reference.ppdet_update_([averages[i] for i in skipped], [values[i] for i in skipped], decay, weight)
-
-
-__all__ += ["ppdet_update_"]

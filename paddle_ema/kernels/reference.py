@@ -14,7 +14,7 @@ import paddle
 
 from .. import _compat
 
-__all__ = ["lerp_", "copy_", "cast", "all_finite", "first_nonfinite", "check_shapes"]
+__all__ = ["lerp_", "copy_", "cast", "first_nonfinite", "ppdet_update_", "check_shapes"]
 
 _WIDE = (paddle.float32, paddle.float64)
 _HALF = (paddle.float16, paddle.bfloat16)
@@ -128,18 +128,6 @@ def first_nonfinite(tensors: Sequence[paddle.Tensor]) -> Optional[int]:
     return None if finite.all() else checked[int(finite.argmin())]
 
 
-def all_finite(tensors: Sequence[paddle.Tensor]) -> bool:
-    """Whether no tensor holds NaN or Inf.
-
-    Args:
-        tensors: the tensors to check.
-
-    Returns:
-        True when `first_nonfinite` finds none.
-    """
-    return first_nonfinite(tensors) is None
-
-
 @paddle.no_grad()
 def ppdet_update_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], decay: float,
                   weight: float) -> None:
@@ -155,6 +143,3 @@ def ppdet_update_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Ten
     check_shapes("ppdet_update_", averages, values, "an average", "a value")
     for average, value in zip(averages, values, strict=True):
         average.scale_(decay).add_(_as(value, average).scale(weight))
-
-
-__all__ += ["ppdet_update_"]
