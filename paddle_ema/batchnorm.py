@@ -16,8 +16,9 @@ import numpy as np
 import paddle
 
 from . import _compat
+
 # batchnorm_layers lives in selection.py, with the one BatchNorm-statistic test; re-exported here.
-from .selection import batchnorm_layers, unwrap
+from .core.selection import batchnorm_layers, unwrap
 
 __all__ = ["batchnorm_layers", "bn_statistics", "set_bn_statistics", "update_bn"]
 

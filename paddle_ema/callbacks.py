@@ -5,8 +5,8 @@ from typing import Any, Dict, Optional
 
 import paddle
 
-from .checkpoint import atomic_save
 from .dygraph import ExponentialMovingAverage
+from .infra.checkpoint import atomic_save
 
 __all__ = ["EMACallback"]
 

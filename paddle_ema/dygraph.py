@@ -9,13 +9,13 @@ import numpy as np
 import paddle
 
 from . import _compat, kernels
-from .kernels import fused
-from .averaging import EMARule, SavedState, settings_differences, shadow_dtype
+from .core.averaging import EMARule, SavedState, settings_differences, shadow_dtype
+from .core.schedules import PowerFunction, Schedule, make_schedule
+from .core.selection import select_parameters
+from .core.step_policy import AVERAGE, COPY, SKIP, StepPolicy, check_int
 from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
-from .schedules import PowerFunction, Schedule, make_schedule
-from .selection import select_parameters
-from .sharding import Sharding
-from .step_policy import AVERAGE, COPY, SKIP, StepPolicy, check_int
+from .infra.sharding import Sharding
+from .kernels import fused
 
 __all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 

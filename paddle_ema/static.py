@@ -51,14 +51,15 @@ from typing import Any, Dict, Iterable, Iterator, Optional
 import numpy as np
 import paddle
 
-from . import _compat, kernels, program_ops
-from .averaging import EMARule, shadow_dtype
-from .checkpoint import staged_prefix
+from . import _compat, kernels
+from .core.averaging import EMARule, shadow_dtype
+from .core.schedules import Schedule, make_schedule
+from .core.selection import is_floating, select_parameters
+from .core.step_policy import StepPolicy
 from .errors import ConfigError, EMAStateError
-from .program_ops import clone_for_test, step_counter
-from .schedules import Schedule, make_schedule
-from .selection import is_floating, select_parameters
-from .step_policy import StepPolicy
+from .infra import program_ops
+from .infra.checkpoint import staged_prefix
+from .infra.program_ops import clone_for_test, step_counter
 
 __all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
 

@@ -5,6 +5,10 @@ cannot hide a cycle and a private Paddle attribute cannot slip in unnoticed.
 """
 
 import ast
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "paddle_ema"
@@ -237,3 +241,60 @@ def test_public_functions_have_type_hints_and_documented_arguments():
                     problems += signature_problems(method, f"{where}:{method.lineno} {node.name}.{method.name}",
                                                    class_doc or "", inherited)
     assert not problems, "public functions without type hints or Args:/Returns: sections:\n" + "\n".join(problems)
+
+
+# Modules that moved into core/, infra/ and dropin/, or were renamed in engine/, by their old paths.
+MOVED = {
+    "paddle_ema.schedules": "paddle_ema.core.schedules",
+    "paddle_ema.step_policy": "paddle_ema.core.step_policy",
+    "paddle_ema.averaging": "paddle_ema.core.averaging",
+    "paddle_ema.selection": "paddle_ema.core.selection",
+    "paddle_ema.checkpoint": "paddle_ema.infra.checkpoint",
+    "paddle_ema.restricted_pickle": "paddle_ema.infra.restricted_pickle",
+    "paddle_ema.sharding": "paddle_ema.infra.sharding",
+    "paddle_ema.program_ops": "paddle_ema.infra.program_ops",
+    "paddle_ema.ppdet": "paddle_ema.dropin.ppdet",
+    "paddle_ema.engine.averages": "paddle_ema.engine.average_protocol",
+    "paddle_ema.engine.average_files": "paddle_ema.engine.checkpoint_averaging",
+    "paddle_ema.engine.extra_averages": "paddle_ema.engine.swa_posthoc_setup",
+    "paddle_ema.engine.runs": "paddle_ema.engine.trainer_choice",
+    "paddle_ema.engine.run_folder": "paddle_ema.engine.output_folder",
+    "paddle_ema.engine.run_checkpoints": "paddle_ema.engine.checkpoint_files",
+}
+
+
+def test_old_import_paths_resolve_to_the_new_modules():
+    # In a fresh process whose first import is an old path, as a user's script would do it.
+    code = textwrap.dedent(
+        f"""
+        import importlib, sys
+        import paddle_ema.engine.run_checkpoints as first
+        from paddle_ema.ppdet import ModelEMA, SimpleModelEMA
+        from paddle_ema.schedules import make_schedule
+        moved = {MOVED!r}
+        assert first is sys.modules["paddle_ema.engine.checkpoint_files"]
+        for old, new in moved.items():
+            module = importlib.import_module(old)
+            assert module is importlib.import_module(new), old
+            assert sys.modules[old] is sys.modules[new] and module.__name__ == new, old
+            package, _, name = old.rpartition(".")
+            assert getattr(sys.modules[package], name) is module, old
+        import paddle_ema.step_policy
+        assert paddle_ema.step_policy.StepPolicy is sys.modules["paddle_ema.core.step_policy"].StepPolicy
+        assert ModelEMA.__module__ == "paddle_ema.dropin.ppdet" and SimpleModelEMA is paddle_ema.SimpleModelEMA
+        assert make_schedule is sys.modules["paddle_ema.core.schedules"].make_schedule
+        print("ok", len(moved))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["ok", str(len(MOVED))]
+
+
+def test_the_new_packages_are_found_by_setup():
+    from setuptools import find_packages
+
+    found = find_packages(str(PACKAGE.parent), include=["paddle_ema", "paddle_ema.*"])
+    assert {"paddle_ema.core", "paddle_ema.kernels", "paddle_ema.infra", "paddle_ema.dropin",
+            "paddle_ema.integrations", "paddle_ema.config", "paddle_ema.engine"} <= set(found), found

@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
+from ..core.schedules import SCHEDULES
 from .errors import ConfigFileError
-from ..schedules import SCHEDULES
 from .loader import Config, _short
 from .registry import CATEGORIES, LIMITS, REGISTRY, find_category, section_args
 

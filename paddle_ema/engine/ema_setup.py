@@ -25,14 +25,14 @@ import warnings
 import paddle
 
 from .. import kernels
-from ..averaging import SavedState
+from ..core.averaging import SavedState
+from ..core.schedules import schedule_for_decay_type
+from ..core.step_policy import StepPolicy
+from ..dropin.ppdet import ModelEMA, bn_running_state_names
 from ..dygraph import ExponentialMovingAverage
 from ..errors import ConfigError, NonFiniteError
-from ..ppdet import ModelEMA, bn_running_state_names
-from ..schedules import schedule_for_decay_type
-from ..step_policy import StepPolicy
-from .averages import weights_loaded
-from .run_checkpoints import copy_state
+from .average_protocol import weights_loaded
+from .checkpoint_files import copy_state
 
 __all__ = ["build_ema", "check_averaging_steps", "ema_settings", "relative_distance", "restart_allowed"]
 

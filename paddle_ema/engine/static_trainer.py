@@ -29,15 +29,15 @@ import numpy as np
 import paddle
 
 from .. import _compat
-from ..averaging import SavedState, settings_differences
 from ..config import create
+from ..core.averaging import SavedState, settings_differences
+from ..core.selection import select_parameters
 from ..errors import ConfigError, IncompatibleStateError
-from ..selection import select_parameters
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
+from .builders import build_model, classification_loss
 from .ema_setup import ema_settings, restart_allowed
 from .evaluation import accuracy, predict_with
-from .builders import build_model, classification_loss
 from .trainer import Trainer
 
 __all__ = ["StaticTrainer"]

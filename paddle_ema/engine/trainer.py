@@ -20,21 +20,30 @@ import warnings
 import paddle
 
 from .. import kernels
-from ..checkpoint import recover
 from ..config import create
+from ..core.selection import batchnorm_statistic_names
 from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, PaddleEMAError
-from ..selection import batchnorm_statistic_names
-from .averages import check_finite, weights_loaded
+from ..infra.checkpoint import recover
+from .average_protocol import check_finite, weights_loaded
 from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
-from .run_checkpoints import (check_fits, check_same_run, copy_state, ema_keys, ema_resume_hint, load_resume_state,
-                              newest_resumable, run_identity, save_checkpoint)
+from .checkpoint_files import (
+    check_fits,
+    check_same_run,
+    copy_state,
+    ema_keys,
+    ema_resume_hint,
+    load_resume_state,
+    newest_resumable,
+    run_identity,
+    save_checkpoint,
+)
 from .data import batches
 from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, check_averaging_steps, relative_distance
-from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
+from .output_folder import RunLock, check_writable, refuse_planted_links, remove_created
 from .progress import Progress
 from .report import ScalarLog, output_lines, plot_curves, summary_table
-from .run_folder import RunLock, check_writable, refuse_planted_links, remove_created
+from .swa_posthoc_setup import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
 
 # `-r auto`: resume from the newest complete checkpoint of this run, or start fresh without one.
 RESUME_AUTO = "auto"

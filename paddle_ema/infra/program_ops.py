@@ -13,9 +13,9 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 
 import paddle
 
-from . import _compat
-from .errors import ConfigError
-from .step_policy import check_int
+from .. import _compat
+from ..core.step_policy import check_int
+from ..errors import ConfigError
 
 __all__ = [
     "in_pir",
@@ -110,7 +110,7 @@ def fused_lerp_(averages: Iterable[Any], values: Iterable[Any], weight: Any) -> 
         weight: a one-element float32 or float64 tensor (the averages' dtype); 0 leaves the
             averages untouched even where values hold NaN, 1 copies the values.
     """
-    from .kernels import fused
+    from ..kernels import fused
 
     averages, values = list(averages), list(values)
     threads = fused.num_threads()
@@ -162,7 +162,7 @@ def fused_all_finite(values: Iterable[Any]) -> Any:
     Returns:
         A bool [1] program value: True when no element is NaN or Inf.
     """
-    from .kernels import fused
+    from ..kernels import fused
 
     values = list(values)
     threads = fused.num_threads()
@@ -212,7 +212,7 @@ def fused_cast(value: Any, dtype: Any) -> Any:
     Returns:
         The cast program value.
     """
-    from .kernels import fused
+    from ..kernels import fused
 
     if not fused_cast_takes(value, dtype):
         raise ConfigError(f"fused_cast narrows float32 to float16 or bfloat16, got {value.dtype} to {dtype}")

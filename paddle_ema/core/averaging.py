@@ -24,7 +24,7 @@ The formulas are plain arithmetic, so the static EMA evaluates them on tensors t
 
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .errors import ConfigError, IncompatibleStateError
+from ..errors import ConfigError, IncompatibleStateError
 from .step_policy import is_integer
 
 __all__ = ["EMARule", "settings_differences", "shadow_dtype", "SavedState", "tensor_problem", "first_nonfinite_name"]
@@ -183,7 +183,7 @@ def first_nonfinite_name(named: Dict[str, Any]) -> Optional[str]:
     import numpy as np
     import paddle
 
-    from . import kernels
+    from .. import kernels
 
     order = list(named)
     tensors = [n for n in order if isinstance(named[n], paddle.Tensor) and paddle.is_floating_point(named[n])]

@@ -63,20 +63,21 @@ import numpy as np
 import paddle
 from paddle import nn
 
-from . import kernels
-from .averaging import EMARule, SavedState, first_nonfinite_name, settings_differences, tensor_problem
-from .checkpoint import atomic_write
-from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
-from .schedules import schedule_for_decay_type
-from .selection import batchnorm_statistic_names, black_listed_keys
-from .step_policy import AVERAGE, StepPolicy, is_integer
+from .. import kernels
+from ..core.averaging import EMARule, SavedState, first_nonfinite_name, settings_differences, tensor_problem
+from ..core.schedules import schedule_for_decay_type
+from ..core.selection import batchnorm_statistic_names, black_listed_keys
+from ..core.step_policy import AVERAGE, StepPolicy, is_integer
+from ..errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
+from ..infra.checkpoint import atomic_write
 
 __all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per_tensor", "save_ema_state_file",
            "load_ema_state_file", "exact_resume", "EMA_STATE_SUFFIX"]
 
 # The library's logger ("paddle_ema" and below): with no logging set up, Python prints its warnings
 # on stderr; PaddleDetection's own loggers do not propagate, so this one reaches stderr there too.
-LOGGER = logging.getLogger(__name__)
+# Named after the documented import path, which log filters may name.
+LOGGER = logging.getLogger("paddle_ema.ppdet")
 
 # The BatchNorm kinds whose statistics PaddleDetection's ema_filter_no_grad keeps averaged.
 PPDET_BATCHNORM_CLASSES = (nn.BatchNorm2D, nn.SyncBatchNorm)

@@ -41,9 +41,10 @@ import tempfile
 import time
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-from . import _compat, environment, restricted_pickle
-from .errors import CheckpointError
-from .step_policy import is_integer
+from .. import _compat, environment
+from ..core.step_policy import is_integer
+from ..errors import CheckpointError
+from . import restricted_pickle
 
 __all__ = [
     "atomic_save",

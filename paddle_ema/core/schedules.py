@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, Type
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = [
     "Schedule",
@@ -62,7 +62,7 @@ class _TensorMath:
 
     @staticmethod
     def exp(x):
-        from . import _compat  # imports paddle: deferred like the `import paddle` above
+        from .. import _compat  # imports paddle: deferred like the `import paddle` above
 
         return _compat.exp(x)  # paddle.exp rejects legacy-program Variables on Paddle 3.3
 

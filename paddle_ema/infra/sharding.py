@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Sequence
 
 import paddle
 
-from . import _compat, kernels
+from .. import _compat, kernels
 
 __all__ = ["partition", "Sharding"]
 

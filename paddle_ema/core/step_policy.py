@@ -24,7 +24,7 @@ from typing import Any, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["StepPolicy", "Action", "check_int", "is_integer", "COPY", "SKIP", "AVERAGE"]
 

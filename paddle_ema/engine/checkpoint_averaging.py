@@ -21,10 +21,10 @@ import paddle
 
 from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
+from ..core.selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
 from ..errors import ConfigError, IncompatibleStateError
-from ..selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
-from .averages import check_finite
-from .run_checkpoints import check_weights_output, copy_state, load_state_dict, save_weights_file
+from .average_protocol import check_finite
+from .checkpoint_files import check_weights_output, copy_state, load_state_dict, save_weights_file
 from .data import batches
 
 __all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]
