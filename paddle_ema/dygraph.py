@@ -1,19 +1,21 @@
 """The dygraph EMA: `paddle_ema.ExponentialMovingAverage`."""
 
 import difflib
-import warnings
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import paddle
 
 from . import _compat, kernels
-from .core.averaging import EMARule, SavedState, settings_differences, shadow_dtype
+from .core.averaging import EMARule, settings_differences, shadow_dtype
+from .core.nonfinite import NonfinitePolicy
 from .core.schedules import PowerFunction, Schedule, make_schedule
 from .core.selection import select_parameters
-from .core.step_policy import AVERAGE, COPY, SKIP, StepPolicy, check_int
-from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
+from .core.step_policy import AVERAGE, COPY, SKIP, StepPolicy
+from .core.validation import check_int
+from .errors import ConfigError, EMAStateError, IncompatibleStateError
+from .infra.saved_state import SavedState
 from .infra.sharding import Sharding
 from .kernels import fused
 
@@ -21,7 +23,6 @@ __all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 
 STATE_VERSION = 1
 DEFAULT_DECAY = 0.9998
-NONFINITE_POLICIES = ("skip", "raise", "update")
 
 
 class _Applied:
@@ -98,7 +99,7 @@ class ExponentialMovingAverage:
         device: Any = None,
         shard: bool = False,
         group: Any = None,
-        nonfinite: str = "skip",
+        nonfinite: Union[str, NonfinitePolicy] = "skip",
     ):
         if not isinstance(thres_steps, (bool, np.bool_)):
             raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
@@ -109,9 +110,8 @@ class ExponentialMovingAverage:
             decay = DEFAULT_DECAY
         self.rule = EMARule(make_schedule(schedule, decay, **dict(schedule_options or {})), bias_correction)
         self.policy = StepPolicy(start_step=start_step, update_every=update_every)
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
-        self.nonfinite = nonfinite
+        # A policy object is used as given (its count goes on); a mode name makes a new one.
+        self.nonfinite_policy = nonfinite if isinstance(nonfinite, NonfinitePolicy) else NonfinitePolicy(nonfinite)
         self.include_stop_gradient = bool(include_stop_gradient)
         self.exclude = exclude
         self.device = self._place(device)
@@ -174,7 +174,7 @@ class ExponentialMovingAverage:
         self._owned_params = [self._params[i] for i in self._owned]
         self._separate_spares = None  # the guarded update's own buffers, when apply()'s do not fit
         self.num_calls = 0
-        self.num_nonfinite_skipped = 0
+        self.nonfinite_policy.reset()
         self.num_updates = 0
         self.decay_product = 1.0
         self.last_decay = None
@@ -208,7 +208,7 @@ class ExponentialMovingAverage:
 
     def _update(self, call, kind, t):
         self.num_calls = call + 1
-        guarded = self.nonfinite != "update"
+        guarded = self.nonfinite_policy.checks
         if kind == AVERAGE:
             decay, weight, product = self.rule.step(t, self.decay_product)
             if 0.0 < weight < 1.0 and _active_kernel() == "fused":  # the common case, one call
@@ -279,23 +279,28 @@ class ExponentialMovingAverage:
         bad = kernels.first_nonfinite(self._params)
         if bad is None:
             return True
-        self._nonfinite(call, bad, stacklevel=4)
+        self._nonfinite(call, bad)
         return False
 
-    def _nonfinite(self, call, bad, stacklevel=3):
+    def _nonfinite(self, call, bad):
         """The guard's answer to the weight `bad` holding NaN or Inf: raise, or count and warn."""
         name = self.names[bad]
-        if self.nonfinite == "raise":
-            raise NonFiniteError(f"update() at call {call}: parameter {name!r} holds NaN or Inf")
-        self.num_nonfinite_skipped += 1
-        count = self.num_nonfinite_skipped
-        if count in (1, 10, 100) or count % 1000 == 0:  # diverged runs would warn every step
-            warnings.warn(
-                f"EMA update at call {call} skipped: parameter {name!r} holds NaN or Inf "
-                f"({count} update(s) skipped so far; warnings repeat at 10, 100 and every 1000)",
-                RuntimeWarning,
-                stacklevel=stacklevel + 1,
-            )
+        self.nonfinite_policy.skip(f"update() at call {call}: parameter {name!r} holds NaN or Inf",
+                                   f"EMA update at call {call} skipped: parameter {name!r} holds NaN or Inf")
+
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite policy's mode: 'skip', 'raise' or 'update'."""
+        return self.nonfinite_policy.mode
+
+    @property
+    def num_nonfinite_skipped(self) -> int:
+        """Updates skipped for NaN or Inf weights since register()."""
+        return self.nonfinite_policy.skipped
+
+    @num_nonfinite_skipped.setter
+    def num_nonfinite_skipped(self, count: int) -> None:
+        self.nonfinite_policy.skipped = int(count)
 
     @property
     def is_applied(self) -> bool:
@@ -524,16 +529,12 @@ class StochasticWeightAveraging(ExponentialMovingAverage):
 
 
 # kernels.active_kernel() reads $PADDLE_EMA_KERNEL through os.environ.get, a noticeable share of
-# a small model's update; its answer is kept for as long as set_kernel()'s mode and the
-# variable's raw value stay the same (both are checked on every call, far more cheaply).
+# a small model's update; its answer is kept for as long as kernels.mode.key() stays the same.
 _kernel_cache = {"key": None, "kernel": None}
 
 
 def _active_kernel():
-    # The choice depends on the mode, the variable and whether the extension is (still) loaded:
-    # a process state reset (a new extension state, as tests make) must not keep a stale "fused".
-    state = fused._state
-    key = (kernels._forced, fused.environment(kernels.KERNEL_ENV), id(state), state["loaded"])
+    key = kernels.mode.key()
     cache = _kernel_cache
     if cache["kernel"] is None or key != cache["key"]:
         kernel = kernels.active_kernel()  # raises for a bad mode: nothing cached then

@@ -26,12 +26,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .core.averaging import SavedState, first_nonfinite_name, tensor_problem
 from .core.schedules import PowerFunction
-from .core.step_policy import check_int, is_integer
+from .core.validation import check_int, is_integer
 from .dygraph import ExponentialMovingAverage
 from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
 from .infra.checkpoint import atomic_save, atomic_write_text, safe_load
+from .infra.saved_state import SavedState, tensor_problem
+from .kernels import first_nonfinite_name
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "profile_coefficients", "profile_fit", "PostHocEMA",
            "synthesize", "read_index", "synthesis_range", "synthesis_step", "check_synthesis", "MAX_PROFILE_ERROR"]

@@ -45,14 +45,14 @@ truncates.
 """
 
 import contextlib
-import warnings
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import paddle
 
 from . import _compat, kernels
 from .core.averaging import EMARule, shadow_dtype
+from .core.nonfinite import NonfinitePolicy
 from .core.schedules import Schedule, make_schedule
 from .core.selection import is_floating, select_parameters
 from .core.step_policy import StepPolicy
@@ -64,6 +64,8 @@ from .infra.program_ops import clone_for_test, step_counter
 __all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
 
 DEFAULT_DECAY = 0.999
+# A program counts skipped runs itself and cannot raise: 'raise' is the dygraph EMA's.
+STATIC_NONFINITE_MODES = ("skip", "update")
 SCALAR_DTYPE = "float64"
 
 
@@ -155,7 +157,7 @@ class ExponentialMovingAverage:
         include_stop_gradient: bool = False,
         exclude: Any = None,
         parameters: Optional[Iterable[Any]] = None,
-        nonfinite: str = "skip",
+        nonfinite: Union[str, NonfinitePolicy] = "skip",
     ):
         if paddle.in_dynamic_mode():
             raise ConfigError(
@@ -182,9 +184,11 @@ class ExponentialMovingAverage:
                 f"decay {self.schedule.decay!r} rounds to 1.0 in float32, the precision in which programs "
                 "carry constants: nothing would be averaged; use a decay below 1 - 3e-8"
             )
-        if nonfinite not in ("skip", "update"):
-            raise ConfigError(f"nonfinite must be 'skip' or 'update' in a static program, got {nonfinite!r}")
-        self.nonfinite = nonfinite
+        if isinstance(nonfinite, NonfinitePolicy):
+            nonfinite = nonfinite.mode  # the count lives in the program (num_nonfinite_skipped)
+        self.nonfinite_policy = NonfinitePolicy(nonfinite, modes=STATIC_NONFINITE_MODES,
+                                                refused="nonfinite must be 'skip' or 'update' in a static program, "
+                                                        "got {mode!r}")
         self._step_variable = thres_steps if _is_program_variable(thres_steps) else None
         self._prefix = name or ""
 
@@ -215,7 +219,6 @@ class ExponentialMovingAverage:
         self._skipped = program_ops.create_persistable(self._var("@EMA_NONFINITE_SKIPPED@"), [1], "int64", 0)
         self._updated = False
         self._open_applies = 0  # apply() blocks open that restore on exit
-        self._skipped_warned = 0
         self._start_program = None  # start_from_weights()'s, built on its first call
         self._build_swap_programs()
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
@@ -308,7 +311,7 @@ class ExponentialMovingAverage:
         decay = self.schedule.tensor(t)
         weight, product = self.rule.weight(decay, self._product)
         finite = None
-        if self.nonfinite == "skip":
+        if self.nonfinite_policy.checks:
             # Weights holding NaN or Inf (a diverged step) must not reach the shadows: such a run
             # averages nothing and is counted, like the dygraph EMA's nonfinite='skip'.
             check = program_ops.fused_all_finite if self._fused_check() else program_ops.all_finite
@@ -530,17 +533,18 @@ class ExponentialMovingAverage:
         except (RuntimeError, ValueError, IndexError):  # declared but not initialised yet
             return 0
 
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite policy's mode: 'skip' or 'update'."""
+        return self.nonfinite_policy.mode
+
     def _warn_skipped(self):
         """Warn (at apply(), where the averages get used) when more runs were skipped since the last warning."""
-        count = self.num_nonfinite_skipped()
-        if count > self._skipped_warned:
-            self._skipped_warned = count
-            warnings.warn(
-                f"the static EMA skipped {count} update run(s) so far because parameters held NaN or Inf "
-                f"(counted in {self._skipped.name!r}); the averages leave those runs out",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        name = self._skipped.name
+        self.nonfinite_policy.report_total(
+            self.num_nonfinite_skipped(),
+            lambda count: f"the static EMA skipped {count} update run(s) so far because parameters held NaN or Inf "
+                          f"(counted in {name!r}); the averages leave those runs out")
 
     @contextlib.contextmanager
     def apply(self, executor: paddle.static.Executor,

@@ -136,7 +136,7 @@ def unbuilt(monkeypatch, tmp_path):
     """A process state where the extension was never loaded, with an empty cache directory."""
     monkeypatch.setattr(fused, "_state", {"loaded": False, "failure": None})
     monkeypatch.setenv("PADDLE_EMA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "_forced", None)
+    monkeypatch.setattr(kernels.mode, "_forced", None)
     return tmp_path
 
 
@@ -341,7 +341,7 @@ def test_kernels_command_says_why_it_falls_back(tmp_path):
 
 
 def test_kernel_mode_switch(monkeypatch):
-    monkeypatch.setattr(kernels, "_forced", None)
+    monkeypatch.setattr(kernels.mode, "_forced", None)
     monkeypatch.delenv("PADDLE_EMA_KERNEL", raising=False)
     assert kernels.kernel_mode() == "auto"
     monkeypatch.setenv("PADDLE_EMA_KERNEL", "Reference")

@@ -74,3 +74,73 @@ def test_copy_phase_is_guarded_too():
         warnings.simplefilter("ignore")
         assert ema.update() is None
     assert np.array_equal(ema.average("0.weight").numpy(), clean["0.weight"])
+
+
+# --- NonfinitePolicy, the one object every front-end and the engine decide with -----------------
+
+from paddle_ema.core.nonfinite import NonfinitePolicy  # noqa: E402
+
+
+def test_policy_warns_at_1_10_100_and_every_1000_and_counts_every_skip():
+    policy = NonfinitePolicy("skip")
+    assert policy.checks
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3001):
+            policy.skip("raised", "skipped")
+    assert policy.skipped == 3001
+    counts = [int(str(w.message).split("(")[1].split()[0]) for w in caught]
+    assert counts == [1, 10, 100, 1000, 2000, 3000]
+    assert all(w.filename == __file__ for w in caught)  # the caller's line, not the package's
+    assert str(caught[1].message) == ("skipped (10 update(s) skipped so far; warnings repeat at 10, 100 and "
+                                      "every 1000)")
+    policy.reset()
+    assert policy.skipped == 0
+
+
+def test_policy_raise_update_and_the_modes_a_front_end_offers():
+    with pytest.raises(NonFiniteError, match="^raised here$"):
+        NonfinitePolicy("raise").skip("raised here", "not this")
+    assert not NonfinitePolicy("update").checks
+    with pytest.raises(ConfigError, match=r"nonfinite must be one of \['update', 'skip'\], got 'raise'"):
+        NonfinitePolicy("raise", modes=("update", "skip"))
+    with pytest.raises(ConfigError, match="^only skip, got 'update'$"):
+        NonfinitePolicy("update", modes=("skip",), refused="only skip, got {mode!r}")
+
+
+def test_policy_restart_copy_and_refusal():
+    assert NonfinitePolicy("update").allow_copy("m", skip_note="; n")
+    with pytest.raises(NonFiniteError, match="^m$"):
+        NonfinitePolicy("raise").allow_copy("m", skip_note="; n")
+    with pytest.warns(RuntimeWarning, match="^m; n$"):
+        assert NonfinitePolicy("skip").allow_copy("m", skip_note="; n") is False
+    with pytest.raises(NonFiniteError, match="^m \\(raise\\)$"):
+        NonfinitePolicy("raise").refuse("m", raise_note=" (raise)", skip_note="; kept")
+    for mode in ("skip", "update"):
+        with pytest.warns(RuntimeWarning, match="^m; kept$"):
+            NonfinitePolicy(mode).refuse("m", raise_note=" (raise)", skip_note="; kept")
+
+
+def test_policy_reports_a_total_counted_elsewhere_when_it_grew():
+    policy = NonfinitePolicy("skip")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for total in (0, 2, 2, 5, 5, 4):
+            policy.report_total(total, lambda count: f"{count} so far")
+    assert [str(w.message) for w in caught] == ["2 so far", "5 so far"]
+
+
+def test_ema_takes_a_policy_object_and_shares_its_count():
+    model = _model()
+    policy = NonfinitePolicy("skip")
+    ema = ExponentialMovingAverage(model, 0.9, nonfinite=policy)
+    assert ema.nonfinite_policy is policy and ema.nonfinite == "skip"
+    weights = _steps(1)[0]
+    weights["0.weight"][0, 0] = np.nan
+    set_weights(model, weights)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ema.update()
+    assert policy.skipped == ema.num_nonfinite_skipped == 1
+    ema.num_nonfinite_skipped = 7  # the engine carries the count across a restart
+    assert policy.skipped == 7

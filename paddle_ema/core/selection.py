@@ -39,7 +39,7 @@ def unwrap(model: Any) -> Any:
 
     while isinstance(model, paddle.DataParallel) or (
         type(model).__name__ in ("DataParallel", "DistributedModel", "GroupShardedStage2", "GroupShardedStage3")
-        and hasattr(model, "_layers")
+        and _compat.unwrap_layers(model) is not None
     ):
         model = _compat.unwrap_layers(model)
     return model

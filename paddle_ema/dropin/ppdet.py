@@ -54,7 +54,6 @@ import copy
 import json
 import logging
 import os
-import warnings
 import weakref
 import zipfile
 from typing import Any, Dict, List, Optional, Set, Union
@@ -64,12 +63,16 @@ import paddle
 from paddle import nn
 
 from .. import kernels
-from ..core.averaging import EMARule, SavedState, first_nonfinite_name, settings_differences, tensor_problem
+from ..core.averaging import EMARule, settings_differences
+from ..core.nonfinite import NonfinitePolicy
 from ..core.schedules import schedule_for_decay_type
 from ..core.selection import batchnorm_statistic_names, black_listed_keys
-from ..core.step_policy import AVERAGE, StepPolicy, is_integer
-from ..errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
+from ..core.step_policy import AVERAGE, StepPolicy
+from ..core.validation import is_integer
+from ..errors import CheckpointError, ConfigError, IncompatibleStateError
 from ..infra.checkpoint import atomic_write
+from ..infra.saved_state import SavedState, tensor_problem
+from ..kernels import first_nonfinite_name
 
 __all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per_tensor", "save_ema_state_file",
            "load_ema_state_file", "exact_resume", "EMA_STATE_SUFFIX"]
@@ -78,6 +81,9 @@ __all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per
 # on stderr; PaddleDetection's own loggers do not propagate, so this one reaches stderr there too.
 # Named after the documented import path, which log filters may name.
 LOGGER = logging.getLogger("paddle_ema.ppdet")
+
+# ModelEMA's non-finite modes, its default (PaddleDetection's behaviour, no check) first.
+NONFINITE_MODES = ("update", "skip", "raise")
 
 # The BatchNorm kinds whose statistics PaddleDetection's ema_filter_no_grad keeps averaged.
 PPDET_BATCHNORM_CLASSES = (nn.BatchNorm2D, nn.SyncBatchNorm)
@@ -93,9 +99,6 @@ def bn_running_state_names(model: nn.Layer) -> Set[str]:
         `selection.batchnorm_statistic_names(model, PPDET_BATCHNORM_CLASSES)`.
     """
     return batchnorm_statistic_names(model, PPDET_BATCHNORM_CLASSES)
-
-
-NONFINITE_POLICIES = ("update", "skip", "raise")
 
 
 class ModelEMA:
@@ -123,8 +126,7 @@ class ModelEMA:
     def __init__(self, model: nn.Layer, decay: float = 0.9998, ema_decay_type: str = "threshold",
                  cycle_epoch: int = -1, ema_black_list: Optional[List[str]] = None, ema_filter_no_grad: bool = False,
                  *, freeze_black_list: bool = True, nonfinite: str = "update"):
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        self.nonfinite_policy = NonfinitePolicy(nonfinite, modes=NONFINITE_MODES)
         self.decay = decay
         self.ema_decay_type = ema_decay_type
         if not is_integer(cycle_epoch):
@@ -134,8 +136,6 @@ class ModelEMA:
         # t = updates so far, and the average restarts after every cycle_epoch-th apply().
         self.policy = StepPolicy(restart_every=max(int(cycle_epoch), 0))
         self.freeze_black_list = bool(freeze_black_list)
-        self.nonfinite = nonfinite
-        self.num_nonfinite_skipped = 0
         self.rule = EMARule(schedule_for_decay_type(ema_decay_type, decay))
         self.step = 0
         self.epoch = 0
@@ -180,7 +180,7 @@ class ModelEMA:
         """
         values = model.state_dict() if model is not None else self._live_state()
         values = [values[name] for name in self.averaged]
-        if self.nonfinite != "update" and not self._values_finite(values):
+        if self.nonfinite_policy.checks and not self._values_finite(values):
             return
         kind, t = self.policy.action(self.step)
         assert kind == AVERAGE  # no start step, no update_every: every update averages
@@ -195,18 +195,19 @@ class ModelEMA:
         if bad is None:
             return True
         name = self.averaged[bad]
-        if self.nonfinite == "raise":
-            raise NonFiniteError(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf")
-        self.num_nonfinite_skipped += 1
-        count = self.num_nonfinite_skipped
-        if count in (1, 10, 100) or count % 1000 == 0:  # a diverged run would warn every step
-            warnings.warn(
-                f"ModelEMA update skipped: {name!r} holds NaN or Inf ({count} update(s) skipped so far; "
-                "warnings repeat at 10, 100 and every 1000)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
+        self.nonfinite_policy.skip(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf",
+                                   f"ModelEMA update skipped: {name!r} holds NaN or Inf")
         return False
+
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite policy's mode: 'update' (PaddleDetection's: no check), 'skip' or 'raise'."""
+        return self.nonfinite_policy.mode
+
+    @property
+    def num_nonfinite_skipped(self) -> int:
+        """Updates skipped for NaN or Inf values."""
+        return self.nonfinite_policy.skipped
 
     @property
     def last_decay(self) -> Optional[float]:

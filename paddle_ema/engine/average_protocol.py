@@ -16,8 +16,8 @@ from typing import ContextManager, Dict, Iterator, Optional, Protocol, runtime_c
 
 import paddle
 
-from ..core.averaging import first_nonfinite_name
 from ..errors import NonFiniteError
+from ..kernels import first_nonfinite_name
 from .checkpoint_files import copy_state
 
 __all__ = ["TrainerAverage", "EvaluatedAverage", "weights_loaded", "check_finite"]

@@ -20,17 +20,16 @@ Both resume exactly from their full state in .pdopt.
 
 import dataclasses
 import math
-import warnings
 
 import paddle
 
 from .. import kernels
-from ..core.averaging import SavedState
 from ..core.schedules import schedule_for_decay_type
 from ..core.step_policy import StepPolicy
 from ..dropin.ppdet import ModelEMA, bn_running_state_names
 from ..dygraph import ExponentialMovingAverage
-from ..errors import ConfigError, NonFiniteError
+from ..errors import ConfigError
+from ..infra.saved_state import SavedState
 from .average_protocol import weights_loaded
 from .checkpoint_files import copy_state
 
@@ -40,35 +39,18 @@ __all__ = ["build_ema", "check_averaging_steps", "ema_settings", "relative_dista
 def restart_allowed(policy, arrays_or_tensors, where):
     """Whether a cycle_epoch restart may copy the current weights into the average.
 
-    `arrays_or_tensors`: (name, value) pairs of the floating-point weights. Non-finite weights are
-    copied only under policy 'update'; 'raise' raises NonFiniteError; 'skip' warns and keeps the
-    average."""
-    if policy == "update":
+    `policy`: the average's NonfinitePolicy; `arrays_or_tensors`: (name, value) pairs of the
+    floating-point weights. Non-finite weights are copied only under 'update'; 'raise' raises
+    NonFiniteError; 'skip' warns and keeps the average."""
+    if not policy.checks:
         return True
-    pairs = list(arrays_or_tensors)
-    bad = _first_nonfinite(pairs)
+    bad = kernels.first_nonfinite_name(dict(arrays_or_tensors))
     if bad is None:
         return True
-    message = f"{where}: the cycle_epoch restart would copy parameter {bad!r}, which holds NaN or Inf, into the average"
-    if policy == "raise":
-        raise NonFiniteError(message)
-    warnings.warn(message + "; the restart is skipped and the average kept (ema_nonfinite: skip)", RuntimeWarning,
-                  stacklevel=3)
-    return False
+    return policy.allow_copy(
+        f"{where}: the cycle_epoch restart would copy parameter {bad!r}, which holds NaN or Inf, into the average",
+        skip_note="; the restart is skipped and the average kept (ema_nonfinite: skip)")
 
-
-def _first_nonfinite(pairs):
-    import numpy as np
-
-    tensors = [(name, v) for name, v in pairs if isinstance(v, paddle.Tensor)]
-    if tensors:
-        index = kernels.first_nonfinite([v for _, v in tensors])
-        if index is not None:
-            return tensors[index][0]
-    for name, value in pairs:
-        if not isinstance(value, paddle.Tensor) and not np.isfinite(np.asarray(value)).all():
-            return name
-    return None
 
 def _schedule(cfg):
     """(schedule name, its options) for `ema_decay_type` and the ema_* keys it reads."""
@@ -146,7 +128,7 @@ class _PaddleEMA:
         self.snapshots += 1
         if self.policy.restarts_after(self.snapshots):
             live = [(k, v) for k, v in self.model.state_dict().items() if paddle.is_floating_point(v)]
-            if restart_allowed(self.ema.nonfinite, live, f"snapshot {self.snapshots}"):
+            if restart_allowed(self.ema.nonfinite_policy, live, f"snapshot {self.snapshots}"):
                 skipped = self.ema.num_nonfinite_skipped  # a restart starts a new average, not a new run
                 self.ema.register()
                 self.ema.num_nonfinite_skipped = skipped

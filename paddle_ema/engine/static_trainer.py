@@ -30,9 +30,10 @@ import paddle
 
 from .. import _compat
 from ..config import create
-from ..core.averaging import SavedState, settings_differences
+from ..core.averaging import settings_differences
 from ..core.selection import select_parameters
 from ..errors import ConfigError, IncompatibleStateError
+from ..infra.saved_state import SavedState
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
 from .builders import build_model, classification_loss
@@ -102,7 +103,6 @@ class _StaticEMAState:
         program_to_structured = {v: k for k, v in structured.items()}
         self.names = self.ema.state_names()
         self.shadows = {program_to_structured[p]: s for p, s in self.names["shadows"].items()}
-        self.nonfinite = settings["nonfinite"]
         self.snapshots = 0
 
     def bind(self, variables, executor, static_guard, read_weights):
@@ -144,7 +144,7 @@ class _StaticEMAState:
         self.snapshots += 1
         if self.policy.restarts_after(self.snapshots):
             live = [(name, self.vars.read(self.structured[name])) for name in self.shadows]
-            if restart_allowed(self.nonfinite, live, f"snapshot {self.snapshots}"):
+            if restart_allowed(self.ema.nonfinite_policy, live, f"snapshot {self.snapshots}"):
                 self.register()
         return _tensors(weights)
 

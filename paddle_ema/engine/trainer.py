@@ -15,14 +15,14 @@ that replaces the methods below which touch the model, the optimizer or the eval
 """
 
 import os
-import warnings
 
 import paddle
 
 from .. import kernels
 from ..config import create
+from ..core.nonfinite import NonfinitePolicy
 from ..core.selection import batchnorm_statistic_names
-from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, PaddleEMAError
+from ..errors import ConfigError, IncompatibleStateError, PaddleEMAError
 from ..infra.checkpoint import recover
 from .average_protocol import check_finite, weights_loaded
 from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
@@ -204,10 +204,9 @@ class Trainer:
             return recalibrated
         message = (f"{what}: the recalibrated BatchNorm statistic {names[bad]!r} holds NaN or Inf at step "
                    f"{self.global_step}")
-        if self.cfg["ema_nonfinite"] == "raise":
-            raise NonFiniteError(message + " (ema_nonfinite: raise)")
-        warnings.warn(message + "; the recalibration is skipped: the averaged statistics are kept and saved",
-                      RuntimeWarning, stacklevel=2)
+        NonfinitePolicy(self.cfg["ema_nonfinite"], setting="ema_nonfinite").refuse(
+            message, raise_note=" (ema_nonfinite: raise)",
+            skip_note="; the recalibration is skipped: the averaged statistics are kept and saved")
         return weights
 
     def _optimizer_state(self):

@@ -42,7 +42,7 @@ import time
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 from .. import _compat, environment
-from ..core.step_policy import is_integer
+from ..core.validation import is_integer
 from ..errors import CheckpointError
 from . import restricted_pickle
 

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 import paddle
 
 from .. import _compat
-from ..core.step_policy import check_int
+from ..core.validation import check_int
 from ..errors import ConfigError
 
 __all__ = [
@@ -41,7 +41,7 @@ def in_pir() -> bool:
     Returns:
         True for PIR (the Paddle 3.x default), False for legacy ProgramDesc programs.
     """
-    return paddle.framework.in_pir_mode()
+    return _compat.in_pir_mode()
 
 
 def lerp_(average: Any, value: Any, weight: Any) -> None:

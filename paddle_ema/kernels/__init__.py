@@ -27,98 +27,17 @@ build happens before training, with one line saying so); `python -m paddle_ema.k
 ahead of time and says where the cache is and which kernel runs.
 """
 
-import os
-import sys
-import warnings
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
-from ..errors import ConfigError
-from . import fused, reference
+from . import fused, mode, reference, threads  # noqa: F401  (kernels.mode, kernels.threads)
+from .mode import KERNEL_ENV, KERNEL_MODES, active_kernel, kernel_mode, prepare, set_kernel
 from .reference import cast, copy_
 
 if TYPE_CHECKING:  # for the annotations only (the implementations import paddle themselves)
     import paddle
 
-__all__ = ["lerp_", "copy_", "cast", "first_nonfinite", "ppdet_update_", "set_kernel", "kernel_mode", "active_kernel",
-           "prepare", "KERNEL_MODES", "KERNEL_ENV"]
-
-KERNEL_ENV = "PADDLE_EMA_KERNEL"
-KERNEL_MODES = ("auto", "fused", "reference")
-_forced = None
-
-
-def _check_mode(mode, where):
-    if mode not in KERNEL_MODES:
-        raise ConfigError(f"{where} must be one of {', '.join(KERNEL_MODES)}, got {mode!r}")
-    return mode
-
-
-def set_kernel(mode: Optional[str]) -> None:
-    """Force the implementation of lerp_; it wins over $PADDLE_EMA_KERNEL.
-
-    Args:
-        mode: 'auto', 'fused', 'reference', or None to return to $PADDLE_EMA_KERNEL.
-    """
-    global _forced
-    _forced = None if mode is None else _check_mode(mode, "set_kernel(mode)")
-
-
-def kernel_mode() -> str:
-    """The mode in force; ConfigError when $PADDLE_EMA_KERNEL holds another word.
-
-    Returns:
-        set_kernel's mode, else $PADDLE_EMA_KERNEL's, else 'auto'.
-    """
-    if _forced is not None:
-        return _forced
-    value = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
-    return _check_mode(value, f"${KERNEL_ENV}")
-
-
-def _warn_fallback(message):
-    """One RuntimeWarning attributed to the first frame outside paddle_ema: the user's call."""
-    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
-    frame, level = sys._getframe(1), 2
-    while frame is not None and frame.f_code.co_filename.startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, RuntimeWarning, stacklevel=level)
-
-
-def active_kernel() -> str:
-    """What lerp_ runs now, building the extension if the mode allows it. Mode 'fused' without the
-    extension raises ConfigError; 'auto' without it warns once.
-
-    Returns:
-        'fused' or 'reference'.
-    """
-    mode = kernel_mode()
-    if mode == "reference":
-        return "reference"
-    if fused.available():
-        return "fused"
-    if mode == "fused":
-        raise ConfigError(
-            f"the fused EMA kernel was requested ({KERNEL_ENV}=fused or set_kernel('fused')) but it "
-            f"cannot be built: {fused.failure()}. Use 'auto' or 'reference' to run without it."
-        )
-    if not fused._state.get("warned"):
-        fused._state["warned"] = True
-        _warn_fallback(
-            f"paddle_ema: the fused EMA kernel is unavailable, so EMA updates use Paddle's built-in "
-            f"ops (same numbers, slower). Reason: {fused.failure()}"
-        )
-    return "reference"
-
-
-def prepare() -> str:
-    """Builds or loads the fused extension now, as the mode in force allows. A first build prints
-    one line before compiling; a failure warns once ('auto') or raises ConfigError ('fused').
-    Cheap after the first call.
-
-    Returns:
-        `active_kernel()`: 'fused' or 'reference'.
-    """
-    return active_kernel()
+__all__ = ["lerp_", "copy_", "cast", "first_nonfinite", "first_nonfinite_name", "ppdet_update_", "set_kernel",
+           "kernel_mode", "active_kernel", "prepare", "KERNEL_MODES", "KERNEL_ENV"]
 
 
 def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
@@ -133,6 +52,28 @@ def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
     if active_kernel() == "fused":
         return fused.first_nonfinite(tensors)
     return reference.first_nonfinite(tensors)
+
+
+def first_nonfinite_name(named: Dict[str, Any]) -> Optional[str]:
+    """The first name (in `named`'s order) whose Paddle tensor or numpy array holds NaN or Inf; the
+    Paddle tensors are read in one multi-tensor scan (`first_nonfinite`).
+
+    Args:
+        named: {name: tensor or array}; entries of a non-floating dtype are finite.
+
+    Returns:
+        That name, or None.
+    """
+    import numpy as np
+    import paddle
+
+    order = list(named)
+    tensors = [n for n in order if isinstance(named[n], paddle.Tensor) and paddle.is_floating_point(named[n])]
+    bad = first_nonfinite([named[n] for n in tensors]) if tensors else None
+    found = [tensors[bad]] if bad is not None else []
+    found += [n for n in order if isinstance(named[n], np.ndarray) and named[n].dtype.kind == "f"
+              and not np.isfinite(named[n]).all()]
+    return min(found, key=order.index) if found else None
 
 
 def lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], weight: float) -> None:

@@ -430,7 +430,7 @@ def load_extension() -> ModuleType:
     """
     import importlib.util
 
-    from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
+    from .. import _compat
 
     target = library_path()
     if not target.exists():
@@ -444,7 +444,7 @@ def load_extension() -> ModuleType:
             raise BuildError(f"cannot build into {target.parent}: {exc}") from None
     try:
         _preload_openmp()
-        load_op_meta_info_and_register_op(str(target))
+        _compat.register_custom_ops(target)
         # The module's name is the one compiled in (PADDLE_EXTENSION_NAME, see ema_compat.h).
         spec = importlib.util.spec_from_file_location(LIBRARY_NAME, target)
         module = importlib.util.module_from_spec(spec)

@@ -13,21 +13,17 @@ The extension is built on first use (see build.py). `available()` says whether i
 it cannot, `failure()` says why and `lerp_` must not be called.
 """
 
-import os
 import threading
-import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Hashable, Optional, Sequence
 
-from .. import environment as _environment
 from . import build, reference
+from .threads import THREADS_ENV, num_threads
 
 if TYPE_CHECKING:  # for the annotations only: build imports paddle when the extension is loaded
     import paddle
 
-__all__ = ["available", "failure", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "ppdet_update_", "stream_add_",
-           "num_threads", "THREADS_ENV"]
-
-THREADS_ENV = _environment.NUM_THREADS
+__all__ = ["available", "failure", "state_key", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "ppdet_update_",
+           "stream_add_", "num_threads", "THREADS_ENV"]
 
 _lock = threading.Lock()
 _state = {"loaded": False, "failure": None, "module": None}
@@ -65,60 +61,14 @@ def failure() -> Optional[str]:
     return _state["failure"]
 
 
-def _environment_reader():
-    """A function name -> the raw value of that environment variable, or None, as cheap as a dict
-    lookup: os.environ.get is slow for an unset name (a KeyError raised and caught inside
-    Mapping.get), a noticeable share of a whole small update. CPython keeps the process environment
-    in os.environ._data under os.environ.encodekey(name); elsewhere, os.environ.get."""
-    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
-    if not isinstance(data, dict) or encode is None:
-        return os.environ.get
-    keys = {}
-
-    def read(name):
-        key = keys.get(name)
-        if key is None:
-            key = keys[name] = encode(name)
-        value = data.get(key)
-        return None if value is None else os.environ.decodevalue(value)
-
-    return read
-
-
-environment = _environment_reader()
-
-# num_threads() runs on every update: it keeps its answer for the same $PADDLE_EMA_NUM_THREADS
-# text and re-reads the CPU affinity (a system call) at most every _AFFINITY_TTL_S seconds, so a
-# changed variable takes effect at once and a changed affinity (taskset) within a second.
-_AFFINITY_TTL_S = 1.0
-_threads_cache = {"text": None, "threads": None, "until": 0.0}
-
-
-def num_threads() -> int:
-    """CPU threads of one update.
-
-    Not OpenMP's default: Paddle sets OMP_NUM_THREADS=1 at import when it is unset, and the
-    update, bound by memory bandwidth, needs several cores to reach it on most servers.
+def state_key() -> Hashable:
+    """What changes when the extension loads or its state is replaced (a new process state).
 
     Returns:
-        $PADDLE_EMA_NUM_THREADS (ConfigError unless a whole number from 1 to 1024), else every
-        CPU this process may use.
+        A value that compares equal while neither happened.
     """
-    text = environment(THREADS_ENV)
-    cache = _threads_cache
-    if text == cache["text"] and cache["threads"] is not None:
-        if text is not None or time.monotonic() < cache["until"]:
-            return cache["threads"]
-    threads = _threads_from(text)
-    cache.update(text=text, threads=threads, until=time.monotonic() + _AFFINITY_TTL_S)
-    return threads
-
-
-def _threads_from(text):
-    threads = _environment.parse_threads(text)
-    if threads is None:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return threads
+    state = _state
+    return id(state), state["loaded"], state["failure"] is not None
 
 
 def _module():

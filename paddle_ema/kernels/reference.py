@@ -18,6 +18,8 @@ __all__ = ["lerp_", "copy_", "cast", "first_nonfinite", "ppdet_update_", "check_
 
 _WIDE = (paddle.float32, paddle.float64)
 _HALF = (paddle.float16, paddle.bfloat16)
+_FLOAT_NAMES = {"float16": paddle.float16, "bfloat16": paddle.bfloat16, "float32": paddle.float32,
+                "float64": paddle.float64}
 
 
 def _bfloat16_bits(values):
@@ -40,7 +42,7 @@ def cast(source: paddle.Tensor, dtype: Any) -> paddle.Tensor:
     Returns:
         A tensor of `dtype` on source's place (`source` itself when astype returns it).
     """
-    dtype = paddle.base.framework.convert_np_dtype_to_dtype_(dtype) if isinstance(dtype, str) else dtype
+    dtype = _FLOAT_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # other names: astype's
     if source.dtype == dtype or source.dtype not in _WIDE or dtype not in _HALF or not source.place.is_cpu_place():
         return source.astype(dtype)
     values = source.numpy()
