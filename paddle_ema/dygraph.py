@@ -17,7 +17,7 @@ from .core.validation import check_int
 from .errors import ConfigError, EMAStateError, IncompatibleStateError
 from .infra.saved_state import SavedState
 from .infra.sharding import Sharding
-from .kernels import fused
+from .kernels import Kernel
 
 __all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 
@@ -126,8 +126,8 @@ class ExponentialMovingAverage:
         self._owned = self._sharding.owned if shard else list(range(len(self._params)))
         self._backup = None
         self._backup_token = None
-        self._spares = None  # apply()'s buffers for the averages, kept between applies
-        self._holders = None  # and the tensors that hold the raw weights' buffers meanwhile
+        self._holders = None  # the tensors that hold the raw weights' buffers while applied
+        self._kernel = Kernel([])  # the update of the averages this process keeps (register())
         self.register()
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
@@ -172,7 +172,7 @@ class ExponentialMovingAverage:
         self._shadows = [self._new_shadow(p) if i in owned else None for i, p in enumerate(self._params)]
         self._owned_shadows = [self._shadows[i] for i in self._owned]
         self._owned_params = [self._params[i] for i in self._owned]
-        self._separate_spares = None  # the guarded update's own buffers, when apply()'s do not fit
+        self._kernel.rebind(self._owned_shadows)
         self.num_calls = 0
         self.nonfinite_policy.reset()
         self.num_updates = 0
@@ -208,33 +208,25 @@ class ExponentialMovingAverage:
 
     def _update(self, call, kind, t):
         self.num_calls = call + 1
-        guarded = self.nonfinite_policy.checks
-        if kind == AVERAGE:
+        # Every rank checks every weight (not only the ones it averages), so that sharded ranks,
+        # which hold the same weights, take the same decision without communicating.
+        scan = self._params if self.nonfinite_policy.checks else None
+        if kind == COPY:
+            bad = self._kernel.copy_from(self._owned_params, scan=scan)
+        else:
+            assert kind == AVERAGE
             decay, weight, product = self.rule.step(t, self.decay_product)
-            if 0.0 < weight < 1.0 and _active_kernel() == "fused":  # the common case, one call
-                if not guarded:
-                    fused.lerp_(self._owned_shadows, self._owned_params, weight)
-                else:
-                    bad = fused.guarded_lerp_(
-                        self._owned_shadows, self._owned_params, self._params, weight, self._update_spares()
-                    )
-                    if bad is not None:
-                        self._nonfinite(call, bad)
-                        return None
-            else:
-                if guarded and not self._weights_finite(call):
-                    return None
-                kernels.lerp_(self._owned_shadows, self._owned_params, weight)
-            self.num_updates += 1
-            self.decay_product = product
-            self.last_decay = decay
-            return decay
-        assert kind == COPY
-        if guarded and not self._weights_finite(call):
+            bad = self._kernel.lerp_(self._owned_params, weight, scan=scan)
+        if bad is not None:
+            self._nonfinite(call, bad)
             return None
-        kernels.copy_(self._owned_shadows, self._owned_params)
-        self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
-        return None
+        if kind == COPY:
+            self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
+            return None
+        self.num_updates += 1
+        self.decay_product = product
+        self.last_decay = decay
+        return decay
 
     def _check_shapes(self, where):
         """EMAStateError naming the first parameter whose shape is no longer its average's."""
@@ -246,41 +238,6 @@ class ExponentialMovingAverage:
                     f"{list(shadow.shape)}: it was reshaped after register(); nothing was changed. Call register() "
                     "to average it from its new shape on"
                 )
-
-    def _update_spares(self):
-        """The buffers the guarded fused update writes the new averages into before they trade
-        places with the averages (fused.guarded_lerp_: one read of the weights instead of two), or
-        None to update in place (averages or weights off the CPU). An unsharded EMA whose averages
-        have their weights' dtypes uses apply()'s spares, which are free whenever update() may run
-        (never while applied): no memory beyond what the first apply() takes anyway."""
-        if self._separate_spares is None:
-            on_cpu = all(_compat.is_cpu_place(t.place) for t in (*self._owned_shadows, *self._owned_params))
-            shared = (
-                self._sharding is None
-                and all(s.dtype == p.dtype for s, p in zip(self._shadows, self._params))
-                and _compat.can_share_buffers(self._params[0])
-            )
-            self._separate_spares = False if not on_cpu or shared else [paddle.empty_like(s) for s in self._owned_shadows]
-            self._spares_shared = on_cpu and shared
-        if self._spares_shared:
-            self._make_spares()
-            return self._spares
-        return self._separate_spares or None
-
-    def _make_spares(self):
-        if self._spares is None:
-            # paddle.Tensor() is slow to make: the holders are made once, with the spares.
-            self._spares = [paddle.empty_like(p) for p in self._params]
-            self._holders = [paddle.Tensor() for _ in self._params]
-
-    def _weights_finite(self, call):
-        # Every rank checks every weight (not only the ones it averages), so that sharded ranks,
-        # which hold the same weights, take the same decision without communicating.
-        bad = kernels.first_nonfinite(self._params)
-        if bad is None:
-            return True
-        self._nonfinite(call, bad)
-        return False
 
     def _nonfinite(self, call, bad):
         """The guard's answer to the weight `bad` holding NaN or Inf: raise, or count and warn."""
@@ -327,9 +284,10 @@ class ExponentialMovingAverage:
             self._backup_token = token = object()
         self._averages_into(self._params)
         if not need_restore:
-            if self._backup is not None and self._spares is not None:
+            if self._backup is not None and self._backup is self._holders:
                 # The weights stay on the spare buffers for good, and the raw ones are dropped.
-                self._spares = self._holders = None
+                self._kernel.forget_scratch()
+                self._holders = None
             self._backup = self._backup_token = None
         return _Applied(self, token)
 
@@ -339,12 +297,15 @@ class ExponentialMovingAverage:
         averages are then copied into. The parameter objects stay the same, so the optimizer,
         hooks, state_dict() and export see the averages; restore() points them back.
 
-        The spares are kept from one apply() to the next (no allocation, no page faults). Without
-        buffer sharing (_compat.share_buffer; not in this Paddle), the raw weights are copied instead."""
+        The spares are the kernel's, kept from one apply() to the next (no allocation, no page
+        faults). Without buffer sharing (_compat.share_buffer; not in this Paddle), the raw weights
+        are copied instead."""
         if not _compat.can_share_buffers(self._params[0]):
             return [p.detach().clone() for p in self._params]
-        self._make_spares()
-        for param, spare, holder in zip(self._params, self._spares, self._holders):
+        spares = self._kernel.scratch_like(self._params)
+        if self._holders is None:
+            self._holders = [paddle.Tensor() for _ in self._params]  # slow to make: made once
+        for param, spare, holder in zip(self._params, spares, self._holders):
             _compat.share_buffer(param, holder)
             _compat.share_buffer(spare, param)
         return self._holders
@@ -352,7 +313,7 @@ class ExponentialMovingAverage:
     def _averages_into(self, targets):
         """targets[i] <- average i for every averaged parameter; collective when sharded."""
         if self._sharding is None:
-            _copy(targets, self._shadows)
+            self._kernel.copy_(targets, self._shadows)
         else:
             dtypes = [shadow_dtype(p.dtype) for p in self._params]
             self._sharding.broadcast_into(targets, self._shadows, dtypes, self._params[0].place)
@@ -375,11 +336,11 @@ class ExponentialMovingAverage:
                 "restore() without a matching apply(): the model holds its raw weights "
                 "(or apply(need_restore=False) dropped them)"
             )
-        if self._spares is not None and _compat.can_share_buffers(self._params[0]):
+        if self._backup is self._holders:  # the parameters point at spare buffers
             for param, holder in zip(self._params, self._backup):
                 _compat.share_buffer(holder, param)
         else:
-            _copy(self._params, self._backup)
+            self._kernel.copy_(self._params, self._backup)
         self._backup = self._backup_token = None
 
     def average(self, name: str) -> paddle.Tensor:
@@ -391,7 +352,8 @@ class ExponentialMovingAverage:
         Returns:
             Its shadow, by reference (float32 for half-precision weights). The Tensor object
             follows every update; a tensor that shares its memory (`detach()`) may not, since a
-            guarded update on the CPU gives the shadow a new buffer.
+            guarded update on the CPU gives the shadow a new buffer (docs/dygraph.md, "Calls and
+            attributes").
         """
         if name not in self._index:
             close = difflib.get_close_matches(name, self.names, n=3)
@@ -461,7 +423,7 @@ class ExponentialMovingAverage:
         for index in self._owned:
             value = shadows[self.names[index]]
             sources.append(value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value))
-        kernels.copy_(self._owned_shadows, sources)
+        self._kernel.copy_from(sources)
         for key, value in counters.items():
             setattr(self, key, value)
 
@@ -526,25 +488,3 @@ class StochasticWeightAveraging(ExponentialMovingAverage):
             start_step=start_step,
             **options,
         )
-
-
-# kernels.active_kernel() reads $PADDLE_EMA_KERNEL through os.environ.get, a noticeable share of
-# a small model's update; its answer is kept for as long as kernels.mode.key() stays the same.
-_kernel_cache = {"key": None, "kernel": None}
-
-
-def _active_kernel():
-    key = kernels.mode.key()
-    cache = _kernel_cache
-    if cache["kernel"] is None or key != cache["key"]:
-        kernel = kernels.active_kernel()  # raises for a bad mode: nothing cached then
-        cache["key"], cache["kernel"] = key, kernel
-    return cache["kernel"]
-
-
-def _copy(targets, sources):
-    """kernels.copy_, multi-threaded by the extension for same-dtype CPU pairs when it is in use."""
-    if _active_kernel() == "fused":
-        fused.copy_(targets, sources)
-    else:
-        kernels.copy_(targets, sources)

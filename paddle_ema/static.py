@@ -344,10 +344,13 @@ class ExponentialMovingAverage:
             for dtype, (shadows, params) in groups.items():
                 program_ops.fused_lerp_(shadows, params, weight_for(dtype))
             pairs = [(param, shadow) for param, shadow in pairs if not program_ops.fused_lerp_takes(shadow, param)]
+        if finite is not None and pairs:
+            chosen = paddle.reshape(finite, [])
+            chosen.stop_gradient = True  # a bool that broadcast_to expands (no gradient flows here)
         for param, shadow in pairs:
             value = param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype)
             if finite is not None:  # a weight of 0 would not do: 0 * NaN is NaN
-                value = paddle.where(finite, value, shadow)
+                value = self._chosen(chosen, value, shadow)
             program_ops.lerp_(shadow, value, weight_for(shadow.dtype))
         paddle.assign(product, output=self._product)
         paddle.increment(self._counter, 1.0)

@@ -229,9 +229,9 @@ def test_ema_guarded_update_uses_apply_spares_and_swaps_stay_exact():
         ema.update()
         plain.update()
         # the update's second buffers are apply()'s spares: one extra copy in all
-        assert ema._spares is not None and ema._separate_spares is False
+        assert ema._kernel.spares is not None and ema._kernel.scratch_like(ema._params) is ema._kernel.spares
         if step == 0:  # the two sets of buffers, which the averages alternate between
-            buffers = {0: [s.data_ptr() for s in ema._shadows], 1: [s.data_ptr() for s in ema._spares]}
+            buffers = {0: [s.data_ptr() for s in ema._shadows], 1: [s.data_ptr() for s in ema._kernel.spares]}
         assert [a.data_ptr() for a in ema._shadows] == buffers[step % 2]
         state = ema.state_dict()["shadow"]
         with ema.apply():

@@ -507,10 +507,6 @@ def test_bindings_refuse_what_is_not_a_tensor_list(fused_ready):
         module.lerp_([paddle.zeros([2]), np.zeros(2)], [paddle.zeros([2])] * 2, 0.5, 1)
     with pytest.raises(TypeError, match="values must be a list or tuple"):
         module.lerp_([paddle.zeros([2])], paddle.zeros([2]), 0.5, 1)
-    with pytest.raises(TypeError, match="stream_add_ takes two paddle.Tensor"):
-        module.stream_add_(paddle.zeros([2]), np.zeros(2, "float32"), 1)
-    with pytest.raises(RuntimeError, match="two contiguous float32 CPU tensors of one size"):
-        module.stream_add_(paddle.zeros([2]), paddle.zeros([3]), 1)
 
 
 @pytest.mark.parametrize("shape", [[2, 6], [12], [4, 1], [1, 3], [1]], ids=str)
@@ -526,8 +522,10 @@ def test_pairs_of_other_shapes_are_refused_before_anything_is_written(fused_read
         "lerp_": [fused.lerp_, reference.lerp_, kernels.lerp_],
         "guarded_lerp_": [lambda a, v, w: fused.guarded_lerp_(a, v, v, w),
                           lambda a, v, w: fused.guarded_lerp_(a, v, v, w, [paddle.empty_like(t) for t in a])],
-        "ppdet_update_": [lambda a, v, w: f(a, v, 1 - w, w) for f in (fused.ppdet_update_, reference.ppdet_update_,
-                                                                      kernels.ppdet_update_)],
+        "scale_add_": [lambda a, v, w: f(a, v, 1 - w, w) for f in (fused.scale_add_, reference.scale_add_,
+                                                                   kernels.scale_add_, kernels.ppdet_update_)],
+        "sub_scale_sub_": [fused.sub_scale_sub_, reference.sub_scale_sub_, kernels.sub_scale_sub_],
+        "guarded_scale_add_": [lambda a, v, w: fused.guarded_update_("scale_add", a, v, v, 1 - w, w)],
         "copy_": [lambda a, v, w: f(a, v) for f in (fused.copy_, reference.copy_, kernels.copy_)],
     }
     calls["copy_"].append(lambda a, v, w: kernels.lerp_(a, v, 1.0))  # a weight of 1 is a copy
@@ -584,14 +582,6 @@ def test_bad_thread_count_is_refused(monkeypatch):
         fused.num_threads()
     monkeypatch.delenv("PADDLE_EMA_NUM_THREADS")
     assert fused.num_threads() >= 1
-
-
-def test_stream_add_is_a_plus_x(fused_ready):
-    rng = np.random.default_rng(4)
-    a, x = rng.standard_normal(200_000).astype("float32"), rng.standard_normal(200_000).astype("float32")
-    ta = paddle.to_tensor(a)
-    fused.stream_add_(ta, paddle.to_tensor(x))
-    np.testing.assert_array_equal(ta.numpy(), a + x)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
@@ -733,3 +723,227 @@ def test_lerp_by_tensor_refuses_what_it_cannot_update(fused_ready):
             _require_run_custom_op()
             _C_ops._run_custom_op("paddle_ema_lerp_by_tensor", average, [paddle.zeros([4])], weight, 1)
     np.testing.assert_array_equal(average[0].numpy(), np.zeros(4, "float32"))
+
+
+# --- the formulas of the suites, the Kernel object and the sign of zero --------------------------
+
+from suite_oracles import add as oracle_add  # noqa: E402
+from suite_oracles import bf16_to_f32, cast as oracle_cast, f32_to_bf16  # noqa: E402
+from suite_oracles import scale as oracle_scale, subtract as oracle_subtract  # noqa: E402
+
+# Values that probe each rounding step: signed zeros, a subnormal whose scaled step underflows to a
+# signed zero, large and tiny magnitudes, plus random ones.
+SPECIAL = np.array([0.0, -0.0, -1.4e-45, 1.4e-45, 3.0e38, -2.5e-38, 1.0, -1.0], "float32")
+
+
+def _formula_case(value_dtype, shapes, seed):
+    """float32 averages and values of `value_dtype` (as numpy float32 of the exact value, and as
+    the tensor the kernels read), SPECIAL values placed in the first tensor of each."""
+    rng = np.random.default_rng(seed)
+    averages = [rng.standard_normal(s).astype("float32") for s in shapes]
+    raw = [(a + rng.standard_normal(a.shape) * 0.5).astype("float32") for a in averages]
+    first_a, first_x = averages[0].reshape(-1), raw[0].reshape(-1)
+    k = min(len(SPECIAL), first_a.size)
+    first_a[:k] = SPECIAL[:k]
+    first_x[:k] = SPECIAL[::-1][:k]
+    if value_dtype == "float16":
+        exact = [oracle_cast(x, np.float16).astype("float32") for x in raw]
+        tensors = [paddle.to_tensor(oracle_cast(x, np.float16)) for x in raw]
+    elif value_dtype == "bfloat16":
+        exact = [bf16_to_f32(f32_to_bf16(x)) for x in raw]
+        tensors = [paddle.to_tensor(x).astype("bfloat16") for x in raw]
+    else:
+        exact, tensors = raw, [paddle.to_tensor(x) for x in raw]
+    return averages, exact, tensors
+
+
+def _scale_add_oracle(a, x, decay, weight):
+    return oracle_add(oracle_scale(a, decay), oracle_scale(x, weight))
+
+
+def _sub_scale_sub_oracle(a, x, weight):
+    return oracle_subtract(a, oracle_scale(oracle_subtract(a, x), weight))
+
+
+def _assert_bits(got, want, what):
+    got, want = np.asarray(got), np.asarray(want)
+    view = np.uint64 if got.dtype == np.float64 else np.uint32
+    assert got.dtype == want.dtype, what
+    np.testing.assert_array_equal(got.view(view), want.view(view), err_msg=what)
+
+
+FORMULA_PATHS = {
+    "fused": lambda name: getattr(fused, name),
+    "reference": lambda name: getattr(reference, name),
+    "kernels": lambda name: getattr(kernels, name),
+}
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shapes", [SMALL_SHAPES, LARGE_SHAPES], ids=["302-small", "2-large"])
+@pytest.mark.parametrize("path", list(FORMULA_PATHS))
+def test_suite_formulas_are_the_suites_ops_bit_for_bit(fused_ready, value_dtype, shapes, path):
+    # The oracle is tests/suite_oracles.py's scale/add/subtract, each checked against Paddle's op.
+    decay = 0.9998
+    weight = 1 - decay  # in float64, as the suites compute it: not 1 - float32(decay)
+    initial, exact, values = _formula_case(value_dtype, shapes, seed=7)
+    scale_add_ = FORMULA_PATHS[path]("scale_add_")
+    sub_scale_sub_ = FORMULA_PATHS[path]("sub_scale_sub_")
+    by_scale_add = [paddle.to_tensor(a) for a in initial]
+    by_sub = [paddle.to_tensor(a) for a in initial]
+    scale_add_(by_scale_add, values, decay, weight)
+    sub_scale_sub_(by_sub, values, weight)
+    for i, (a0, x) in enumerate(zip(initial, exact)):
+        _assert_bits(by_scale_add[i].numpy(), _scale_add_oracle(a0, x, decay, weight), f"scale_add_ {i}")
+        _assert_bits(by_sub[i].numpy(), _sub_scale_sub_oracle(a0, x, weight), f"sub_scale_sub_ {i}")
+
+
+@pytest.mark.parametrize("path", list(FORMULA_PATHS))
+def test_suite_formulas_in_float64(fused_ready, path):
+    rng = np.random.default_rng(8)
+    initial = [rng.standard_normal([300, 301]), np.array([0.0, -0.0, -5e-324, 1.0])]
+    raw = [rng.standard_normal(initial[0].shape), np.array([-0.0, 0.0, 5e-324, 2.0])]
+    for name in ("scale_add_", "sub_scale_sub_"):
+        averages = [paddle.to_tensor(a) for a in initial]
+        values = [paddle.to_tensor(x) for x in raw]
+        function = FORMULA_PATHS[path](name)
+        if name == "scale_add_":
+            function(averages, values, 0.75, 0.25)
+            want = [_scale_add_oracle(a, x, 0.75, 0.25) for a, x in zip(initial, raw)]
+        else:
+            function(averages, values, 0.25)
+            want = [_sub_scale_sub_oracle(a, x, 0.25) for a, x in zip(initial, raw)]
+        for got, expected in zip(averages, want):
+            _assert_bits(got.numpy(), expected, f"{name} {path}")
+
+
+def test_sub_scale_sub_is_not_a_lerp_in_the_sign_of_zero(fused_ready):
+    # s = -0, p = +0: EMAModel's s - w (s - p) keeps -0, a lerp gives +0.
+    for path in ("fused", "reference"):
+        lerped, subbed = paddle.to_tensor([-0.0]), paddle.to_tensor([-0.0])
+        FORMULA_PATHS[path]("lerp_")([lerped], [paddle.to_tensor([0.0])], 0.25)
+        FORMULA_PATHS[path]("sub_scale_sub_")([subbed], [paddle.to_tensor([0.0])], 0.25)
+        assert np.signbit(subbed.numpy()[0]) and not np.signbit(lerped.numpy()[0]), path
+
+
+def test_reference_lerp_keeps_the_sign_of_an_underflowing_step(fused_ready):
+    # a = -0, x = -1.4e-45, w = 0.25: w (x - a) underflows to -0; paddle.lerp and the fused kernel
+    # give -0 + -0 = -0, and so must the reference ops (scale's default bias of +0 would give +0).
+    a, x = np.array([-0.0, 0.0, -0.0], "float32"), np.array([-1.4e-45, 1.4e-45, 0.0], "float32")
+    by_paddle = paddle.lerp(paddle.to_tensor(a), paddle.to_tensor(x), 0.25).numpy()
+    for lerp_ in (fused.lerp_, reference.lerp_):
+        average = paddle.to_tensor(a)
+        lerp_([average], [paddle.to_tensor(x)], 0.25)
+        _assert_bits(average.numpy(), by_paddle, lerp_.__module__)
+    assert list(np.signbit(by_paddle)) == [True, False, False]
+
+
+def _kernel_case(seed=9):
+    rng = np.random.default_rng(seed)
+    initial = [rng.standard_normal(s).astype("float32") for s in ([700, 513], [33], [4, 4])]
+    steps = [[(a + rng.standard_normal(a.shape)).astype("float32") for a in initial] for _ in range(3)]
+    return initial, steps
+
+
+@pytest.mark.parametrize("mode", ["fused", "reference"])
+def test_kernel_formulas_equal_the_module_functions(fused_ready, mode):
+    initial, steps = _kernel_case()
+    kernels.set_kernel(mode)
+    try:
+        for name, call in (("lerp_", lambda k, v: k.lerp_(v, 0.3)),
+                           ("scale_add_", lambda k, v: k.scale_add_(v, 0.7, 1 - 0.7)),
+                           ("sub_scale_sub_", lambda k, v: k.sub_scale_sub_(v, 0.3))):
+            mine = [paddle.to_tensor(a) for a in initial]
+            theirs = [paddle.to_tensor(a) for a in initial]
+            kernel = kernels.Kernel(mine)
+            assert kernel.name is None  # chosen at the first call
+            for values in steps:
+                tensors = [paddle.to_tensor(v) for v in values]
+                assert call(kernel, tensors) is None
+                if name == "lerp_":
+                    reference.lerp_(theirs, tensors, 0.3)
+                elif name == "scale_add_":
+                    reference.scale_add_(theirs, tensors, 0.7, 1 - 0.7)
+                else:
+                    reference.sub_scale_sub_(theirs, tensors, 0.3)
+            assert kernel.name == mode
+            for got, want in zip(mine, theirs):
+                _assert_bits(got.numpy(), want.numpy(), f"{name} {mode}")
+    finally:
+        kernels.set_kernel(None)
+
+
+@pytest.mark.parametrize("mode", ["fused", "reference"])
+@pytest.mark.parametrize("formula", ["lerp_", "scale_add_", "sub_scale_sub_", "copy_from"])
+def test_kernel_guard_leaves_everything_when_a_scanned_tensor_is_not_finite(fused_ready, mode, formula):
+    initial, steps = _kernel_case(seed=10)
+    kernels.set_kernel(mode)
+    try:
+        averages = [paddle.to_tensor(a) for a in initial]
+        kernel = kernels.Kernel(averages)
+        values = [paddle.to_tensor(v) for v in steps[0]]
+        other = paddle.to_tensor(np.array([1.0, np.inf], "float32"))  # a weight this rank does not average
+        call = {"lerp_": lambda scan: kernel.lerp_(values, 0.3, scan=scan),
+                "scale_add_": lambda scan: kernel.scale_add_(values, 0.7, 0.3, scan=scan),
+                "sub_scale_sub_": lambda scan: kernel.sub_scale_sub_(values, 0.3, scan=scan),
+                "copy_from": lambda scan: kernel.copy_from(values, scan=scan)}[formula]
+        assert call([values[0], other, values[1]]) == 1
+        bad = values[2].numpy().copy()
+        bad[1, 2] = np.nan
+        values[2] = paddle.to_tensor(bad)
+        assert call(values) == 2
+        for got, want in zip(kernel.averages, initial):
+            _assert_bits(got.numpy(), want, f"{formula} {mode}")
+        values[2] = paddle.to_tensor(steps[0][2])
+        assert call(values) is None
+        assert not np.array_equal(kernel.averages[0].numpy(), initial[0])
+    finally:
+        kernels.set_kernel(None)
+
+
+def test_kernel_choice_follows_the_mode_at_the_next_call(fused_ready, monkeypatch):
+    averages = [paddle.zeros([4])]
+    kernel = kernels.Kernel(averages)
+    kernel.lerp_([paddle.ones([4])], 0.5)
+    assert kernel.name == "fused"
+    kernels.set_kernel("reference")
+    try:
+        kernel.lerp_([paddle.ones([4])], 0.5)
+        assert kernel.name == "reference"
+    finally:
+        kernels.set_kernel(None)
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "reference")
+    kernel.lerp_([paddle.ones([4])], 0.5)
+    assert kernel.name == "reference"
+    monkeypatch.delenv("PADDLE_EMA_KERNEL")
+    kernel.lerp_([paddle.ones([4])], 0.5)
+    assert kernel.name == "fused"
+    np.testing.assert_array_equal(averages[0].numpy(), np.full(4, 1 - 0.5**4, "float32"))
+
+
+def test_kernel_lends_its_guard_spares_only_when_they_fit(fused_ready):
+    averages = [paddle.zeros([600, 600]), paddle.zeros([9])]  # above the one-pass path's threshold
+    values = [paddle.ones([600, 600]), paddle.ones([9])]
+    kernel = kernels.Kernel(averages)
+    assert kernel.lerp_(values, 0.5, scan=values) is None
+    spares = kernel.spares
+    assert spares is not None and not kernel.spares_shared
+    assert [a.data_ptr() for a in kernel.averages] != [s.data_ptr() for s in spares]
+    # Tensors of the averages' shapes and dtypes: the same buffers, lent.
+    assert kernel.scratch_like(values) is spares and kernel.spares_shared
+    # Others (another dtype): a set of the kernel's own, kept for the next call.
+    halves = [v.astype("float16") for v in values]
+    scratch = kernel.scratch_like(halves)
+    assert scratch is not spares and [s.dtype for s in scratch] == [paddle.float16] * 2
+    assert kernel.scratch_like(halves) is scratch
+    # Lent for good (apply(need_restore=False)): the guard makes new ones.
+    kernel.forget_scratch()
+    assert kernel.spares is None
+    assert kernel.lerp_(values, 0.5, scan=values) is None and kernel.spares is not None
+    np.testing.assert_array_equal(kernel.averages[1].numpy(), np.full(9, 0.75, "float32"))
+    # rebind() keeps spares that fit the new averages and drops others.
+    kept = kernel.spares
+    kernel.rebind([paddle.zeros([600, 600]), paddle.zeros([9])])
+    assert kernel.spares is kept
+    kernel.rebind([paddle.zeros([3])])
+    assert kernel.spares is None

@@ -12,8 +12,8 @@ float32 model of its arithmetic that is itself tested against Paddle's ops, test
   min(decay, (1+t)/(10+t)); 'exponential': decay*(1-exp(-(t+1)/2000)); 'normal': constant) and
   computes shadow = d*shadow + (1-d)*value.astype(float32) rounded as Paddle's eager ops round it:
   (float32(d)*shadow + 0) + (float32(1-d)*value + 0), each product and the sum rounded to
-  float32 on its own (`kernels.ppdet_update_`: one fused multi-threaded call, or the same Paddle
-  ops). Where PaddleDetection allocates new shadows, these are updated in place;
+  float32 on its own (`kernels.Kernel.scale_add_`: one fused multi-threaded call, or the same
+  Paddle ops). Where PaddleDetection allocates new shadows, these are updated in place;
 - `apply()` runs PaddleDetection's own ops: with t = 0 the (zero) shadows; otherwise
   shadow / (1 - d_last**t) (Paddle's divide by float32(1 - d_last**t)) cast to the weight's dtype,
   d_last the decay of the LAST update; 'exponential' gets neither the division nor the cast;
@@ -72,7 +72,7 @@ from ..core.validation import is_integer
 from ..errors import CheckpointError, ConfigError, IncompatibleStateError
 from ..infra.checkpoint import atomic_write
 from ..infra.saved_state import SavedState, tensor_problem
-from ..kernels import first_nonfinite_name
+from ..kernels import Kernel, first_nonfinite_name
 
 __all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per_tensor", "save_ema_state_file",
            "load_ema_state_file", "exact_resume", "EMA_STATE_SUFFIX"]
@@ -148,6 +148,8 @@ class ModelEMA:
         self.state_dict = {}
         for name, tensor in model_state.items():
             self.state_dict[name] = tensor if name in self.ema_black_list else self._zeros(tensor)
+        # The update of the shadows, bound to them (reset() binds its new zeros).
+        self._kernel = Kernel(self._shadows())
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
 
@@ -164,6 +166,7 @@ class ModelEMA:
         self.epoch = 0
         for name in self.averaged:
             self.state_dict[name] = self._zeros(self.state_dict[name])
+        self._kernel.rebind(self._shadows())
 
     def _live_state(self):
         state = {name: ref() for name, ref in self._model_state.items()}
@@ -180,24 +183,18 @@ class ModelEMA:
         """
         values = model.state_dict() if model is not None else self._live_state()
         values = [values[name] for name in self.averaged]
-        if self.nonfinite_policy.checks and not self._values_finite(values):
-            return
         kind, t = self.policy.action(self.step)
         assert kind == AVERAGE  # no start step, no update_every: every update averages
         decay = self.rule.schedule(t)
-        self._decay = decay
         # PaddleDetection's (1 - decay), in float64: not 1 - float32(decay).
-        kernels.ppdet_update_(self._shadows(), values, decay, 1 - decay)
+        bad = self._kernel.scale_add_(values, decay, 1 - decay, scan=values if self.nonfinite_policy.checks else None)
+        if bad is not None:
+            name = self.averaged[bad]
+            self.nonfinite_policy.skip(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf",
+                                       f"ModelEMA update skipped: {name!r} holds NaN or Inf")
+            return
+        self._decay = decay
         self.step += 1
-
-    def _values_finite(self, values):
-        bad = kernels.first_nonfinite(values)
-        if bad is None:
-            return True
-        name = self.averaged[bad]
-        self.nonfinite_policy.skip(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf",
-                                   f"ModelEMA update skipped: {name!r} holds NaN or Inf")
-        return False
 
     @property
     def nonfinite(self) -> str:
@@ -381,7 +378,7 @@ class SimpleModelEMA:
 
     `model` is the copy; update(model, decay) moves every floating entry of its state dict to
     v*decay + (1-decay)*x in the entry's dtype, rounded as Paddle's scale and add ops round it
-    (kernels.ppdet_update_); other entries are left as they are. No zero init, no correction.
+    (kernels.Kernel.scale_add_); other entries are left as they are. No zero init, no correction.
     A tensor under several keys moves once, with x from its last key (`last_key_per_tensor`).
 
     Args:
@@ -392,6 +389,7 @@ class SimpleModelEMA:
     def __init__(self, model: Optional[nn.Layer] = None, decay: float = 0.9996):
         self.model = copy.deepcopy(model)
         self.decay = decay
+        self._kernel = None  # bound to the copy's float32/float64 entries at the first update
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
 
@@ -412,8 +410,11 @@ class SimpleModelEMA:
         # entry has changed.
         half = [n for n in names if mine[n].dtype not in (paddle.float32, paddle.float64)]
         new_half = {n: mine[n] * decay + (1.0 - decay) * current[n].detach() for n in half}
-        full = [n for n in names if n not in new_half]
-        kernels.ppdet_update_([mine[n] for n in full], [current[n].detach() for n in full], decay, 1.0 - decay)
+        full = [mine[n] for n in names if n not in new_half]
+        if self._kernel is None or len(full) != len(self._kernel.averages) or \
+                any(a is not b for a, b in zip(full, self._kernel.averages)):
+            self._kernel = Kernel(full)
+        self._kernel.scale_add_([current[n].detach() for n in names if n not in new_half], decay, 1.0 - decay)
         kernels.copy_([mine[n] for n in half], [new_half[n] for n in half])
 
     def resume(self, state_dict: Dict[str, Any], step: int = 0) -> None:

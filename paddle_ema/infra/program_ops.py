@@ -49,16 +49,24 @@ def lerp_(average: Any, value: Any, weight: Any) -> None:
 
     Three elementwise ops, the last one in place: on CPU this is faster than Paddle's lerp kernel
     plus an assign (docs/performance.md) (PIR programs turn `Tensor.lerp_` into an out-of-place lerp).
+    The step is a multiply by the one-element weight, not a scale op: scale adds its bias (+0 by
+    default) after the product, which turns a -0 product into +0, so a -0 average would become +0
+    when w * (x - a) underflows, unlike lerp and the fused operator. (A bias of -0.0 does not do:
+    PIR keeps one attribute per float value, and -0.0 == 0.0 finds the 0.0 of another op.)
 
     Args:
         average: the program variable updated in place.
         value: the program value averaged in, of the average's shape.
         weight: a one-element tensor of the average's dtype.
     """
-    step = paddle.scale(paddle.subtract(value, average), scale=weight)
+    difference = paddle.subtract(value, average)
     if in_pir():
-        _compat.inplace_add_(average, step)
-    else:
+        _compat.inplace_add_(average, paddle.multiply(difference, weight))
+    else:  # paddle.multiply takes no legacy Variable on Paddle 3.3: the ops appended by hand
+        helper = _compat.legacy_layer_helper("elementwise_mul")
+        step = helper.create_variable_for_type_inference(difference.dtype)
+        helper.append_op(type="elementwise_mul", inputs={"X": [difference], "Y": [weight]}, outputs={"Out": [step]},
+                         attrs={"axis": -1})
         block = paddle.static.default_main_program().current_block()
         block.append_op(
             type="elementwise_add", inputs={"X": [average], "Y": [step]}, outputs={"Out": [average]}, attrs={"axis": -1}

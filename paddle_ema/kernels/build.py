@@ -38,9 +38,10 @@ __all__ = ["BuildError", "cache_dir", "library_path", "build_key", "failure_path
 
 LIBRARY_NAME = "paddle_ema_ops"
 SOURCE_DIR = Path(__file__).with_name("csrc")
-CPU_SOURCES = ("ema_ops.cc", "ema_python.cc", "ema_ppdet.cc")
+CPU_SOURCES = ("ema_ops.cc", "ema_python.cc", "ema_update.cc", "ema_guard.cc", "ema_simd.cc")
 CUDA_SOURCES = ("ema_ops.cu",)
-HEADERS = ("ema_compat.h", "ema_half.h", "ema_ops.h", "ema_parallel.h", "ema_segments.h", "ema_cuda_kernel.cuh")
+HEADERS = ("ema_compat.h", "ema_half.h", "ema_parallel.h", "ema_segments.h", "ema_simd.h", "ema_tensors.h",
+           "ema_update.h", "ema_cuda_kernel.cuh")
 # -ffp-contract=off: the update must be a + w * (x - a) rounded step by step, as paddle.lerp_
 # computes it, never fused into an FMA that rounds differently.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
