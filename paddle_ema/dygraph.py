@@ -8,12 +8,12 @@ import numpy as np
 import paddle
 
 from . import _compat, kernels
-from .core.averaging import EMARule, settings_differences, shadow_dtype
+from .core.averaging import EMARule, rule_from_options, settings_differences, shadow_dtype
 from .core.nonfinite import NonfinitePolicy
-from .core.schedules import PowerFunction, Schedule, make_schedule
+from .core.schedules import PowerFunction, Schedule
 from .core.selection import select_parameters
 from .core.step_policy import AVERAGE, COPY, SKIP, StepPolicy
-from .core.validation import check_int
+from .core.validation import check_int, check_object_or_keywords
 from .errors import ConfigError, EMAStateError, IncompatibleStateError
 from .infra.saved_state import SavedState
 from .infra.sharding import Sharding
@@ -50,8 +50,8 @@ class ExponentialMovingAverage:
         model: a `paddle.nn.Layer`, bare or wrapped in `paddle.DataParallel`.
         decay: the schedule's decay (upper bound), default 0.9998. Leave unset when `schedule` is
             a Schedule instance, which carries its own.
-        thres_steps: the seeds' switch: True uses d = min(decay, (1+t)/(10+t)) ('threshold'),
-            False a constant decay. Used only when `schedule` is not given.
+        thres_steps: the seeds' switch: True (default) uses d = min(decay, (1+t)/(10+t))
+            ('threshold'), False a constant decay. Used only when `schedule` is not given.
         schedule: a registered schedule name ('constant', 'threshold', 'exponential', 'power') or
             a `paddle_ema.schedules.Schedule` instance.
         schedule_options: the named schedule's own options, e.g. {'tau': 2000} for 'exponential',
@@ -77,6 +77,11 @@ class ExponentialMovingAverage:
             swaps them in only when every weight was finite: the check then costs no extra pass
             over the weights. Elsewhere the weights are read twice, once for the check.
 
+        rule: the update rule as one object (`paddle_ema.EMARule(schedule, bias_correction)`),
+            instead of decay, thres_steps, schedule, schedule_options and bias_correction.
+        policy: the step policy as one object (`paddle_ema.step_policy.StepPolicy(start_step,
+            update_every)`), instead of update_every and start_step.
+
     The step t of the schedule counts averaging updates from 0. `update(step=n)` takes the call
     index from an external counter instead (TensorFlow's num_updates); t is then
     (n - start_step) // update_every, so the decay follows the external counter. Which call
@@ -87,29 +92,41 @@ class ExponentialMovingAverage:
         self,
         model: paddle.nn.Layer,
         decay: Optional[float] = None,
-        thres_steps: bool = True,
+        thres_steps: Optional[bool] = None,
         *,
         schedule: Any = None,
         schedule_options: Optional[Dict[str, Any]] = None,
-        bias_correction: bool = False,
-        update_every: int = 1,
-        start_step: int = 0,
+        bias_correction: Optional[bool] = None,
+        update_every: Optional[int] = None,
+        start_step: Optional[int] = None,
         include_stop_gradient: bool = False,
         exclude: Any = None,
         device: Any = None,
         shard: bool = False,
         group: Any = None,
         nonfinite: Union[str, NonfinitePolicy] = "skip",
+        rule: Optional[EMARule] = None,
+        policy: Optional[StepPolicy] = None,
     ):
-        if not isinstance(thres_steps, (bool, np.bool_)):
-            raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
-                              f"{thres_steps!r}")
-        if schedule is None:
-            schedule = "threshold" if thres_steps else "constant"
-        if isinstance(schedule, str) and decay is None:
-            decay = DEFAULT_DECAY
-        self.rule = EMARule(make_schedule(schedule, decay, **dict(schedule_options or {})), bias_correction)
-        self.policy = StepPolicy(start_step=start_step, update_every=update_every)
+        check_object_or_keywords("rule", rule, EMARule, {
+            "decay": decay, "thres_steps": thres_steps, "schedule": schedule, "schedule_options": schedule_options,
+            "bias_correction": bias_correction})
+        check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every, "start_step": start_step})
+        if rule is None:
+            thres_steps = True if thres_steps is None else thres_steps
+            if not isinstance(thres_steps, (bool, np.bool_)):
+                raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
+                                  f"{thres_steps!r}")
+            if schedule is None:
+                schedule = "threshold" if thres_steps else "constant"
+            if isinstance(schedule, str) and decay is None:
+                decay = DEFAULT_DECAY
+            rule = rule_from_options(schedule, decay, schedule_options, bool(bias_correction))
+        self.rule = rule
+        if policy is None:
+            policy = StepPolicy(start_step=0 if start_step is None else start_step,
+                                update_every=1 if update_every is None else update_every)
+        self.policy = policy
         # A policy object is used as given (its count goes on); a mode name makes a new one.
         self.nonfinite_policy = nonfinite if isinstance(nonfinite, NonfinitePolicy) else NonfinitePolicy(nonfinite)
         self.include_stop_gradient = bool(include_stop_gradient)
@@ -472,19 +489,16 @@ class StochasticWeightAveraging(ExponentialMovingAverage):
 
     Args:
         model: a `paddle.nn.Layer`, bare or wrapped in `paddle.DataParallel`.
-        update_every: average on every k-th call from start_step on.
-        start_step: before this call index the average copies the weights.
-        **options: as for ExponentialMovingAverage, without the decay settings.
+        update_every: average on every k-th call from start_step on (default 1).
+        start_step: before this call index the average copies the weights (default 0).
+        **options: as for ExponentialMovingAverage (policy= among them), without the decay settings.
     """
 
-    def __init__(self, model: paddle.nn.Layer, *, update_every: int = 1, start_step: int = 0, **options: Any):
-        decay_settings = sorted({"decay", "thres_steps", "schedule", "schedule_options", "bias_correction"} & set(options))
+    def __init__(self, model: paddle.nn.Layer, *, update_every: Optional[int] = None, start_step: Optional[int] = None,
+                 **options: Any):
+        decay_settings = sorted({"decay", "thres_steps", "schedule", "schedule_options", "bias_correction", "rule"}
+                                & set(options))
         if decay_settings:
             raise ConfigError(f"StochasticWeightAveraging gives every averaged step equal weight; it takes no {decay_settings}")
-        super().__init__(
-            model,
-            schedule=PowerFunction(gamma=0.0),
-            update_every=update_every,
-            start_step=start_step,
-            **options,
-        )
+        super().__init__(model, rule=EMARule(PowerFunction(gamma=0.0)), update_every=update_every, start_step=start_step,
+                         **options)

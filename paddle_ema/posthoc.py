@@ -27,7 +27,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .core.schedules import PowerFunction
-from .core.validation import check_int, is_integer
+from .core.validation import check_choice, check_int, is_integer
 from .dygraph import ExponentialMovingAverage
 from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
 from .infra.checkpoint import atomic_save, atomic_write_text, safe_load
@@ -161,8 +161,7 @@ class PostHocEMA:
 
     def __init__(self, model: Any, snapshot_dir: Union[str, Path], sigma_rels: Iterable[float] = (0.05, 0.10),
                  snapshot_every: int = 1000, snapshot_dtype: str = "float32", write: bool = True, **options: Any):
-        if snapshot_dtype not in ("float32", "float16"):
-            raise ConfigError(f"snapshot_dtype must be 'float32' or 'float16', got {snapshot_dtype!r}")
+        check_choice("snapshot_dtype", snapshot_dtype, ("float32", "float16"), "'float32' or 'float16'")
         snapshot_every = check_int("snapshot_every", snapshot_every, 1)
         if not sigma_rels:
             raise ConfigError("sigma_rels needs at least one relative width")

@@ -51,11 +51,12 @@ import numpy as np
 import paddle
 
 from . import _compat, kernels
-from .core.averaging import EMARule, shadow_dtype
+from .core.averaging import EMARule, rule_from_options, shadow_dtype
 from .core.nonfinite import NonfinitePolicy
-from .core.schedules import Schedule, make_schedule
+from .core.schedules import Schedule
 from .core.selection import is_floating, select_parameters
 from .core.step_policy import StepPolicy
+from .core.validation import check_object_or_keywords
 from .errors import ConfigError, EMAStateError
 from .infra import program_ops
 from .infra.checkpoint import staged_prefix
@@ -138,6 +139,11 @@ class ExponentialMovingAverage:
         nonfinite: 'skip' (default): a run whose parameters hold NaN or Inf averages nothing and
             is counted in the persistable `@EMA_NONFINITE_SKIPPED@` (apply() warns when it grew;
             num_nonfinite_skipped() reads it); 'update' averages regardless.
+        rule: the update rule as one object (`paddle_ema.EMARule`), instead of decay, schedule,
+            schedule_options, bias_correction and thres_steps=True (a step variable may still be
+            given as thres_steps: it feeds the rule's schedule).
+        policy: the step policy as one object (`StepPolicy(update_every=k)`; start_step must be 0),
+            instead of update_every.
 
     Build it inside the main program after `optimizer.minimize(loss)`, then call `update()` once.
     All state (shadows, update counter, decay product) is persistable: `paddle.static.save` and
@@ -146,18 +152,20 @@ class ExponentialMovingAverage:
 
     def __init__(
         self,
-        decay: float = DEFAULT_DECAY,
+        decay: Optional[float] = None,
         thres_steps: Any = None,
         name: Optional[str] = None,
         *,
         schedule: Any = None,
         schedule_options: Optional[Dict[str, Any]] = None,
-        update_every: int = 1,
-        bias_correction: bool = True,
+        update_every: Optional[int] = None,
+        bias_correction: Optional[bool] = None,
         include_stop_gradient: bool = False,
         exclude: Any = None,
         parameters: Optional[Iterable[Any]] = None,
         nonfinite: Union[str, NonfinitePolicy] = "skip",
+        rule: Optional[EMARule] = None,
+        policy: Optional[StepPolicy] = None,
     ):
         if paddle.in_dynamic_mode():
             raise ConfigError(
@@ -171,14 +179,23 @@ class ExponentialMovingAverage:
             )
         if name is not None and not isinstance(name, str):
             raise ConfigError(f"name must be a string or None, got {name!r}")
-        self.policy = StepPolicy(update_every=update_every)
-        if schedule is None:
-            schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
-        options = dict(schedule_options or {})
-        self.rule = EMARule(
-            make_schedule(schedule, None if not isinstance(schedule, str) else decay, **options),
-            bias_correction=bool(bias_correction),
-        )
+        # With rule=, a step variable may still feed its schedule; thres_steps=True is a schedule choice.
+        check_object_or_keywords("rule", rule, EMARule, {
+            "decay": decay, "thres_steps": True if thres_steps is True else None, "schedule": schedule,
+            "schedule_options": schedule_options, "bias_correction": bias_correction})
+        check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every})
+        if policy is None:
+            policy = StepPolicy(update_every=1 if update_every is None else update_every)
+        elif policy.start_step:
+            raise ConfigError("policy: start_step is not supported in static programs; use 0")
+        self.policy = policy
+        if rule is None:
+            if schedule is None:
+                schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
+            rule = rule_from_options(schedule, (DEFAULT_DECAY if decay is None else decay)
+                                     if isinstance(schedule, str) else None, schedule_options,
+                                     True if bias_correction is None else bias_correction)
+        self.rule = rule
         if np.float32(self.schedule.decay) >= 1.0:
             raise ConfigError(
                 f"decay {self.schedule.decay!r} rounds to 1.0 in float32, the precision in which programs "

@@ -22,11 +22,12 @@ both modes, starting from P = 1: it is the share of the initial value still in t
 The formulas are plain arithmetic, so the static EMA evaluates them on tensors too.
 """
 
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from ..errors import ConfigError
+from .schedules import make_schedule
 
-__all__ = ["EMARule", "settings_differences", "shadow_dtype"]
+__all__ = ["EMARule", "rule_from_options", "settings_differences", "shadow_dtype"]
 
 
 def shadow_dtype(dtype: Any) -> Any:
@@ -101,6 +102,22 @@ class EMARule:
             {'schedule': the schedule's options, 'bias_correction': bool}.
         """
         return {"schedule": self.schedule.options(), "bias_correction": self.bias_correction}
+
+
+def rule_from_options(schedule: Any, decay: Optional[float] = None, schedule_options: Optional[Dict[str, Any]] = None,
+                      bias_correction: bool = False) -> EMARule:
+    """The EMARule of the keyword form the front-ends accept beside `rule=`.
+
+    Args:
+        schedule: a registered schedule name or a Schedule instance.
+        decay: the named schedule's decay (None with an instance, which carries its own).
+        schedule_options: the named schedule's own options.
+        bias_correction: zero start with the exact correction.
+
+    Returns:
+        EMARule(make_schedule(schedule, decay, **schedule_options), bias_correction).
+    """
+    return EMARule(make_schedule(schedule, decay, **dict(schedule_options or {})), bool(bias_correction))
 
 
 def settings_differences(saved: Dict[str, Any], ours: Dict[str, Any]) -> list:

@@ -6,13 +6,14 @@ their own isinstance tests, so that a bool is never an integer and a numpy integ
 """
 
 import math
-from typing import Any, Iterable, Optional
+from typing import Any, Dict, Iterable, Optional
 
 import numpy as np
 
 from ..errors import ConfigError
 
-__all__ = ["is_integer", "check_int", "is_number", "is_finite_number", "check_number", "check_choice"]
+__all__ = ["is_integer", "check_int", "is_number", "is_finite_number", "check_number", "check_choice",
+           "check_object_or_keywords"]
 
 
 def is_integer(value: Any, minimum: Optional[int] = None) -> bool:
@@ -120,3 +121,23 @@ def check_choice(name: str, value: Any, choices: Iterable[Any], shown: Optional[
     if not allowed:
         raise ConfigError(f"{name} must be one of {list(choices) if shown is None else shown}, got {value!r}")
     return value
+
+
+def check_object_or_keywords(name: str, value: Any, kind: type, keywords: Dict[str, Any]) -> None:
+    """ConfigError unless an object argument (`rule=`, `policy=`) is None or a `kind`, given without
+    the keywords it replaces (those not None).
+
+    Args:
+        name: the argument's name, e.g. 'rule'.
+        value: the object given, or None.
+        kind: the class it must be.
+        keywords: keyword name -> value given (None when not given).
+    """
+    if value is None:
+        return
+    if not isinstance(value, kind):
+        raise ConfigError(f"{name} must be of type {kind.__name__}, got {value!r}")
+    given = [key for key, given_value in keywords.items() if given_value is not None]
+    if given:
+        raise ConfigError(f"{name}= replaces the keywords {sorted(keywords)}; give either {name}= or those, "
+                          f"not both (also given: {', '.join(given)})")

@@ -22,6 +22,7 @@ import paddle
 from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
 from ..core.selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
+from ..core.validation import check_choice
 from ..errors import ConfigError, IncompatibleStateError
 from .average_protocol import check_finite
 from .checkpoint_files import check_weights_output, copy_state, load_state_dict, save_weights_file
@@ -50,8 +51,7 @@ def average_state_dicts(states, weights=None, bn="average", labels=None):
     labels = labels or [f"checkpoint {i}" for i in range(len(states))]
     if not states:
         raise ConfigError("no checkpoints to average")
-    if bn not in BN_MODES:
-        raise ConfigError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    check_choice("bn", bn, BN_MODES, str(BN_MODES))
     weights = _check_weights(weights, len(states))
     first = states[0]
     for state, label in zip(states[1:], labels[1:]):

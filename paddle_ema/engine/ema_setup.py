@@ -18,12 +18,12 @@ weights, with the config's schedule and options. PaddleDetection's keys keep the
 Both resume exactly from their full state in .pdopt.
 """
 
-import dataclasses
 import math
 
 import paddle
 
 from .. import kernels
+from ..core.averaging import EMARule
 from ..core.schedules import schedule_for_decay_type
 from ..core.step_policy import StepPolicy
 from ..dropin.ppdet import ModelEMA, bn_running_state_names
@@ -52,16 +52,10 @@ def restart_allowed(policy, arrays_or_tensors, where):
         skip_note="; the restart is skipped and the average kept (ema_nonfinite: skip)")
 
 
-def _schedule(cfg):
-    """(schedule name, its options) for `ema_decay_type` and the ema_* keys it reads."""
-    schedule = schedule_for_decay_type(cfg["ema_decay_type"], cfg["ema_decay"], tau=cfg["ema_tau"],
-                                       inv_gamma=cfg["ema_inv_gamma"], power=cfg["ema_power"],
-                                       min_decay=cfg["ema_min_decay"])
-    return schedule.name, {k: v for k, v in schedule.options().items() if k not in ("name", "decay")}
-
-
 def ema_settings(cfg, model):
-    """The keyword arguments of paddle_ema.ExponentialMovingAverage that cfg's EMA keys ask for.
+    """The keyword arguments of paddle_ema.ExponentialMovingAverage that cfg's EMA keys ask for:
+    the update rule and the step policy as objects (with cycle_epoch's restarts after snapshots;
+    -1, never, is 0), the parameter choice, the device and the non-finite policy.
 
     `exclude` holds patterns on `model`'s structured parameter names; the static trainer maps the
     same settings onto paddle_ema.static's EMA.
@@ -72,11 +66,14 @@ def ema_settings(cfg, model):
         running = bn_running_state_names(model)
         exclude += [f"re:^{name}$" for name, p in model.named_parameters()
                     if p.stop_gradient and name not in running]
-    schedule, options = _schedule(cfg)
-    return dict(decay=cfg["ema_decay"], schedule=schedule, schedule_options=options,
-                bias_correction=cfg["ema_bias_correction"], update_every=cfg["ema_update_every"],
-                start_step=cfg["ema_start_step"], include_stop_gradient=cfg["ema_include_stop_gradient"],
-                exclude=exclude or None, device=cfg["ema_device"], nonfinite=cfg["ema_nonfinite"])
+    schedule = schedule_for_decay_type(cfg["ema_decay_type"], cfg["ema_decay"], tau=cfg["ema_tau"],
+                                       inv_gamma=cfg["ema_inv_gamma"], power=cfg["ema_power"],
+                                       min_decay=cfg["ema_min_decay"])
+    return dict(rule=EMARule(schedule, cfg["ema_bias_correction"]),
+                policy=StepPolicy(start_step=cfg["ema_start_step"], update_every=cfg["ema_update_every"],
+                                  restart_every=max(cfg["cycle_epoch"], 0)),
+                include_stop_gradient=cfg["ema_include_stop_gradient"], exclude=exclude or None,
+                device=cfg["ema_device"], nonfinite=cfg["ema_nonfinite"])
 
 
 def check_averaging_steps(cfg, total_steps):
@@ -97,8 +94,7 @@ class _PaddleEMA:
     def __init__(self, cfg, model):
         self.ema = ExponentialMovingAverage(model, **ema_settings(cfg, model), shard=cfg["ema_shard"])
         self.model = model
-        # The EMA's own step policy, with cycle_epoch's restarts after snapshots (-1, never, is 0).
-        self.policy = dataclasses.replace(self.ema.policy, restart_every=max(cfg["cycle_epoch"], 0))
+        self.policy = self.ema.policy  # restarts after cycle_epoch snapshots (ema_settings)
         self.snapshots = 0
 
     def update(self, step=None):

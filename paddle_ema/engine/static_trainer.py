@@ -22,7 +22,6 @@ Paddle's global mode stays dygraph outside the trainer's own program and executo
 """
 
 import contextlib
-import dataclasses
 import warnings
 
 import numpy as np
@@ -92,13 +91,10 @@ class _StaticEMAState:
         include = settings["include_stop_gradient"]
         # Chosen by structured names (what ema_black_list means), handed over by program name.
         chosen = [structured[n] for n, _ in select_parameters(model, include, settings["exclude"])]
-        self.ema = StaticEMA(settings["decay"], schedule=settings["schedule"],
-                             schedule_options=settings["schedule_options"], update_every=settings["update_every"],
-                             include_stop_gradient=include, parameters=chosen, nonfinite=settings["nonfinite"],
-                             bias_correction=settings["bias_correction"])
+        self.ema = StaticEMA(rule=settings["rule"], policy=settings["policy"], include_stop_gradient=include,
+                             parameters=chosen, nonfinite=settings["nonfinite"])
         self.ema.update()
-        # The EMA's own step policy, with the trainer's cycle_epoch restarts (-1, never, is 0).
-        self.policy = dataclasses.replace(self.ema.policy, restart_every=max(cfg["cycle_epoch"], 0))
+        self.policy = self.ema.policy  # restarts after cycle_epoch snapshots (ema_settings)
         self.structured = structured  # structured name -> program name
         program_to_structured = {v: k for k, v in structured.items()}
         self.names = self.ema.state_names()

@@ -544,7 +544,7 @@ def _order(stem):
     """Sort key: the recorded step, then the epoch number of the name (model_final after epochs)."""
     info = checkpoint_info(stem)
     step = info.get("global_step")
-    step = step if isinstance(step, int) and not isinstance(step, bool) else -1
+    step = step if is_integer(step) else -1
     base = os.path.basename(stem)
     number = int(base) if base.isdigit() else (float("inf") if base == "model_final" else -1)
     return (step, number, base)
