@@ -43,6 +43,29 @@ class _Applied:
         return False
 
 
+def _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options, bias_correction, update_every,
+                     start_step):
+    """(EMARule, StepPolicy) from the objects or from the keywords they replace (not both)."""
+    check_object_or_keywords("rule", rule, EMARule, {
+        "decay": decay, "thres_steps": thres_steps, "schedule": schedule, "schedule_options": schedule_options,
+        "bias_correction": bias_correction})
+    check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every, "start_step": start_step})
+    if rule is None:
+        thres_steps = True if thres_steps is None else thres_steps
+        if not isinstance(thres_steps, (bool, np.bool_)):
+            raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
+                              f"{thres_steps!r}")
+        if schedule is None:
+            schedule = "threshold" if thres_steps else "constant"
+        if isinstance(schedule, str) and decay is None:
+            decay = DEFAULT_DECAY
+        rule = rule_from_options(schedule, decay, schedule_options, bool(bias_correction))
+    if policy is None:
+        policy = StepPolicy(start_step=0 if start_step is None else start_step,
+                            update_every=1 if update_every is None else update_every)
+    return rule, policy
+
+
 class ExponentialMovingAverage:
     """Exponential moving average of a dygraph model's weights.
 
@@ -108,25 +131,8 @@ class ExponentialMovingAverage:
         rule: Optional[EMARule] = None,
         policy: Optional[StepPolicy] = None,
     ):
-        check_object_or_keywords("rule", rule, EMARule, {
-            "decay": decay, "thres_steps": thres_steps, "schedule": schedule, "schedule_options": schedule_options,
-            "bias_correction": bias_correction})
-        check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every, "start_step": start_step})
-        if rule is None:
-            thres_steps = True if thres_steps is None else thres_steps
-            if not isinstance(thres_steps, (bool, np.bool_)):
-                raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
-                                  f"{thres_steps!r}")
-            if schedule is None:
-                schedule = "threshold" if thres_steps else "constant"
-            if isinstance(schedule, str) and decay is None:
-                decay = DEFAULT_DECAY
-            rule = rule_from_options(schedule, decay, schedule_options, bool(bias_correction))
-        self.rule = rule
-        if policy is None:
-            policy = StepPolicy(start_step=0 if start_step is None else start_step,
-                                update_every=1 if update_every is None else update_every)
-        self.policy = policy
+        self.rule, self.policy = _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options,
+                                                  bias_correction, update_every, start_step)
         # A policy object is used as given (its count goes on); a mode name makes a new one.
         self.nonfinite_policy = nonfinite if isinstance(nonfinite, NonfinitePolicy) else NonfinitePolicy(nonfinite)
         self.include_stop_gradient = bool(include_stop_gradient)

@@ -110,6 +110,42 @@ def _chosen_parameters(program, parameters):
     return [(name, param) for name, param in present.items() if name in chosen]
 
 
+def _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options, update_every, bias_correction):
+    """(EMARule, StepPolicy) from the objects or from the keywords they replace (not both)."""
+    # With rule=, a step variable may still feed its schedule; thres_steps=True is a schedule choice.
+    check_object_or_keywords("rule", rule, EMARule, {
+        "decay": decay, "thres_steps": True if thres_steps is True else None, "schedule": schedule,
+        "schedule_options": schedule_options, "bias_correction": bias_correction})
+    check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every})
+    if policy is None:
+        policy = StepPolicy(update_every=1 if update_every is None else update_every)
+    elif policy.start_step:
+        raise ConfigError("policy: start_step is not supported in static programs; use 0")
+    if rule is None:
+        if schedule is None:
+            schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
+        named_decay = (DEFAULT_DECAY if decay is None else decay) if isinstance(schedule, str) else None
+        rule = rule_from_options(schedule, named_decay, schedule_options,
+                                 True if bias_correction is None else bias_correction)
+    return rule, policy
+
+
+def _program_parameters(program, parameters, include_stop_gradient, exclude):
+    """[(name, parameter)] to average: those given, or the program's chosen by the selection rules."""
+    if parameters is None:
+        named = select_parameters(_ProgramParameters(program), include_stop_gradient, exclude)
+    elif exclude is not None:
+        raise ConfigError("give the parameters to average either as parameters= or by exclude=, not both")
+    else:
+        named = _chosen_parameters(program, parameters)
+    if not named:
+        raise ConfigError(
+            "the main program has no parameters to average (none is trainable, or all are excluded); "
+            "build the EMA inside the program, after optimizer.minimize(loss)"
+        )
+    return named
+
+
 class ExponentialMovingAverage:
     """Exponential moving average of a static program's parameters, for PIR and legacy programs.
 
@@ -179,23 +215,8 @@ class ExponentialMovingAverage:
             )
         if name is not None and not isinstance(name, str):
             raise ConfigError(f"name must be a string or None, got {name!r}")
-        # With rule=, a step variable may still feed its schedule; thres_steps=True is a schedule choice.
-        check_object_or_keywords("rule", rule, EMARule, {
-            "decay": decay, "thres_steps": True if thres_steps is True else None, "schedule": schedule,
-            "schedule_options": schedule_options, "bias_correction": bias_correction})
-        check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every})
-        if policy is None:
-            policy = StepPolicy(update_every=1 if update_every is None else update_every)
-        elif policy.start_step:
-            raise ConfigError("policy: start_step is not supported in static programs; use 0")
-        self.policy = policy
-        if rule is None:
-            if schedule is None:
-                schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
-            rule = rule_from_options(schedule, (DEFAULT_DECAY if decay is None else decay)
-                                     if isinstance(schedule, str) else None, schedule_options,
-                                     True if bias_correction is None else bias_correction)
-        self.rule = rule
+        self.rule, self.policy = _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options,
+                                                  update_every, bias_correction)
         if np.float32(self.schedule.decay) >= 1.0:
             raise ConfigError(
                 f"decay {self.schedule.decay!r} rounds to 1.0 in float32, the precision in which programs "
@@ -210,17 +231,7 @@ class ExponentialMovingAverage:
         self._prefix = name or ""
 
         self.program = paddle.static.default_main_program()
-        if parameters is None:
-            named = select_parameters(_ProgramParameters(self.program), include_stop_gradient, exclude)
-        elif exclude is not None:
-            raise ConfigError("give the parameters to average either as parameters= or by exclude=, not both")
-        else:
-            named = _chosen_parameters(self.program, parameters)
-        if not named:
-            raise ConfigError(
-                "the main program has no parameters to average (none is trainable, or all are excluded); "
-                "build the EMA inside the program, after optimizer.minimize(loss)"
-            )
+        named = _program_parameters(self.program, parameters, include_stop_gradient, exclude)
         self.names = [param_name for param_name, _ in named]
         self._params = [param for _, param in named]
         self._check_names_free()
