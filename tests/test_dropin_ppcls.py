@@ -63,10 +63,23 @@ def test_bitwise_against_the_oracle(kernel, settings, tied):
     assert ema.num_nonfinite_skipped == 0
 
 
-def test_a_tied_tensor_moves_once_per_key():
+class Tied(paddle.nn.Layer):
+    """One large weight under two keys, `fc.weight` and `head.weight` (a tied head)."""
+
+    def __init__(self, size):
+        super().__init__()
+        self.fc = paddle.nn.Linear(size, size)
+        self.head = paddle.nn.Linear(size, size)
+        self.head.weight = self.fc.weight
+
+
+@pytest.mark.parametrize("size", [8, 1024])
+def test_a_tied_tensor_moves_once_per_key(kernel, size):
     """The closed form: a tensor under two keys, decay d, the same value x under both keys:
-    e <- d*(d*e + w*x) + w*x, each product and sum rounded in float32."""
-    model = make_net(tied=True)
+    e <- d*(d*e + w*x) + w*x, each product and sum rounded in float32 (large enough that the
+    fused kernel's threads would split the two occurrences between them)."""
+    paddle.seed(0)
+    model = Tied(size)
     ema = ExponentialMovingAverage(model, 0.5)
     before = ema.module.fc.weight.numpy()
     with paddle.no_grad():
