@@ -224,7 +224,7 @@ class Cfg(dict):
     __getattr__ = dict.__getitem__
 
 
-def test_exact_resume_writes_where_paddleyolos_checkpointer_does(tmp_path):
+def test_exact_resume_writes_where_paddleyolos_checkpointer_does(tmp_path, caplog):
     pytest.importorskip("ppdet.engine.callbacks", reason="ppdet (PaddleYOLO or paddledet) is not installed")
     model, rng = make_net(), np.random.default_rng(54)
     trainer = FakeTrainer(ModelEMA(model, decay=0.9), tmp_path, epochs=2)
@@ -242,6 +242,10 @@ def test_exact_resume_writes_where_paddleyolos_checkpointer_does(tmp_path):
     exact_resume(again, str(folder / "model_final.pdparams"))
     check_state(again.ema.state_dict, {k: v.numpy() for k, v in trainer.ema.state_dict.items()}, "loaded")
     assert again.ema.step == 2
+    plain = FakeTrainer(ModelEMA(model, decay=0.9), tmp_path, epochs=2)
+    plain.cfg = Cfg(plain.cfg)
+    exact_resume(plain, str(tmp_path / "elsewhere" / "0"))  # no state beside it: PaddleYOLO's resume, said
+    assert "has no EMA state beside it" in caplog.text and plain.ema.step == 0
     with pytest.raises(ConfigError, match="no paddle_ema ModelEMA"):
         exact_resume(FakeTrainer(None, tmp_path, 2))
 

@@ -31,19 +31,22 @@ AttributeError there); `nonfinite='skip'|'raise'`; the fused update.
 `SimpleModelEMA` is PaddleDetection's class: PaddleYOLO's is the same.
 """
 
+import logging
 import os
 from typing import Any, Dict, Optional, Union
 
 import paddle
 from paddle import nn
 
-from paddle_ema.ppdet import EMA_STATE_SUFFIX, LOGGER, SimpleModelEMA, load_ema_state_file, save_ema_state_file
+from paddle_ema.ppdet import EMA_STATE_SUFFIX, SimpleModelEMA, load_ema_state_file, save_ema_state_file
 from paddle_ema.ppdet import ModelEMA as PPDetModelEMA
 
 from .. import kernels
 from ..errors import ConfigError
 
 __all__ = ["ModelEMA", "SimpleModelEMA", "exact_resume", "save_ema_state_file", "load_ema_state_file"]
+
+LOGGER = logging.getLogger(__name__)
 
 _FUSED_DTYPES = (paddle.float32, paddle.float64)
 

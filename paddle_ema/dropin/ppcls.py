@@ -51,6 +51,11 @@ __all__ = ["ExponentialMovingAverage"]
 _FUSED_DTYPES = (paddle.float32, paddle.float64)
 
 
+def _fusable(e, m):
+    """Whether kernels.ppdet_update_ gives PaddleClas's numbers for this pair."""
+    return e.dtype in _FUSED_DTYPES and m.dtype == e.dtype
+
+
 def _memory(tensor):
     """What identifies the tensor's storage: two keys on one tensor give the same."""
     return tensor.data_ptr(), str(tensor.dtype), tuple(tensor.shape)
@@ -124,11 +129,10 @@ class ExponentialMovingAverage:
             return
         decay, weight = self.decay, 1.0 - self.decay
         for entries_ in _in_write_order(entries):
-            fused = [(e, m) for _, e, m in entries_ if e.dtype in _FUSED_DTYPES and m.dtype == e.dtype]
+            fused = [(e, m) for _, e, m in entries_ if _fusable(e, m)]
             # PaddleClas's expression for the rest, all computed before anything is written: where
             # Paddle has no kernel (float16 add on a CPU) it raises as PaddleClas's does, changing nothing.
-            other = [(e, decay * e + weight * m) for _, e, m in entries_
-                     if not (e.dtype in _FUSED_DTYPES and m.dtype == e.dtype)]
+            other = [(e, decay * e + weight * m) for _, e, m in entries_ if not _fusable(e, m)]
             kernels.ppdet_update_([e for e, _ in fused], [m for _, m in fused], decay, weight)
             for e, new in other:
                 paddle.assign(new, e)
