@@ -101,6 +101,25 @@ def test_emamodel_bitwise_against_the_oracle(settings, dtype, kernel):
     assert ema.state_dict()["shadow_params"] is ema.shadow_params  # references, as ppdiffusers returns
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_emamodel_small_and_large_tensors(dtype):
+    """Below and above the size where the update switches from out-of-place to in-place ops."""
+    paddle.seed(5)
+    paddle.set_default_dtype(dtype)
+    try:
+        model = paddle.nn.Sequential(paddle.nn.Linear(3, 4), paddle.nn.Linear(400, 300))
+    finally:
+        paddle.set_default_dtype("float32")
+    rng = np.random.default_rng(44)
+    ema = EMAModel(model.parameters(), use_ema_warmup=True)
+    ref = so.EMAModelOracle(arrays(model.parameters()), use_ema_warmup=True)
+    for t in range(8):
+        train_step(model, rng)
+        ema.step(model.parameters())
+        ref.step(arrays(model.parameters()), [True] * 4)
+        check_list(ema.shadow_params, ref.shadow_params, f"step {t}")
+
+
 def test_emamodel_float16_shadows_need_a_gpu():
     """Paddle's CPU has no float16 subtract: EMAModel on float16 shadows raises there, as
     ppdiffusers' does (the float32-then-round step the oracle models is GPU-only, unverified here)."""

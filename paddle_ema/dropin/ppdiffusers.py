@@ -63,6 +63,7 @@ Differences that change no number of a run that works with ppdiffusers' classes:
 - `nonfinite='skip'` / `'raise'` (not the default) guard the update against NaN/Inf weights.
 """
 
+import math
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -94,8 +95,16 @@ def _sub_scale_sub_(shadows: Sequence[paddle.Tensor], params: Sequence[paddle.Te
     `s - one_minus_decay * (s - p)` is: subtract, scale, subtract, each rounded on its own."""
     # kernels.sub_scale_sub_ once the Kernel object lands
     for shadow, param in zip(shadows, params):
-        difference = paddle.subtract(shadow, param if param.dtype == shadow.dtype else param.cast(shadow.dtype))
-        shadow.subtract_(difference.scale_(weight))
+        difference = shadow - (param if param.dtype is shadow.dtype else param.cast(shadow.dtype))
+        if math.prod(shadow.shape) < _IN_PLACE_FROM:
+            shadow.copy_(shadow - weight * difference, False)
+        else:
+            shadow.subtract_(difference.scale_(weight))
+
+
+# From this many elements the in-place ops (fewer bytes moved) beat the out-of-place ones (less
+# Python per call): same numbers either way.
+_IN_PLACE_FROM = 65536
 
 
 @paddle.no_grad()
