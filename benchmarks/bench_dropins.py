@@ -1,13 +1,15 @@
 """Each drop-in's update against its suite's own loop, on the same model, one run, alternating.
 
-    python benchmarks/bench_dropins.py [--repeats 30] [--unet-scale 4] [--real] [--rows NAMES] [--json PATH]
+    python benchmarks/bench_dropins.py [--repeats 30] [--unet-scale 4 | --unet-config DIR] [--real] [--rows NAMES]
+                                       [--json PATH]
 
 Rows and models:
 - PaddleOCR ModelEMA.update, on ResNet-50 (paddle.vision.models.resnet50: 267 state tensors, 25.6 M elements);
 - ppdiffusers EMAModel.step and LitEma.forward, on a UNet-sized set of 686 parameters: the tensors
   of Stable Diffusion 1.5's UNet (conv_in, time embedding, 4 down blocks, mid block, 4 up blocks,
   with their ResNet and transformer layers) with every channel count divided by --unet-scale
-  (4: 54 M elements; 1 would be the full 860 M);
+  (4: 54 M elements; 1 would be the full 860 M); or, with --unet-config, ppdiffusers' UNet2DModel
+  built from that config folder (ppdiffusers needed);
 - PaddleClas, PaddleSeg and PaddleYOLO, on ResNet-50, from benchmarks/bench_dropins_ppcls_paddleseg_paddleyolo.py
   when it and `paddle_ema.dropin.ppcls` / `.paddleseg` / `.paddleyolo` are present (a note otherwise).
 Each suite's loop is written out here in the Paddle ops its source runs (the expressions that
@@ -253,6 +255,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--unet-scale", type=int, default=4, help="divide the UNet's channel counts by this")
+    parser.add_argument("--unet-config", help="a folder with a ppdiffusers UNet2DModel config.json to use instead")
     parser.add_argument("--real", action="store_true", help="time the installed suites' own classes")
     parser.add_argument("--rows", help="comma-separated row names (default: all)")
     parser.add_argument("--json")
@@ -267,7 +270,12 @@ def main():
     if any(found[n][0] == "resnet50" for n in names):
         models["resnet50"] = paddle.vision.models.resnet50()
     if any(found[n][0] == "unet" for n in names):
-        models["unet"] = UNetLike(args.unet_scale)
+        if args.unet_config:
+            from ppdiffusers import UNet2DModel
+
+            models["unet"] = UNet2DModel.from_config(UNet2DModel.load_config(args.unet_config))
+        else:
+            models["unet"] = UNetLike(args.unet_scale)
     for key, model in models.items():
         state = model.state_dict()
         numel = sum(int(np.prod(v.shape)) for v in state.values())
@@ -276,7 +284,8 @@ def main():
           f"{WARMUP}, suites' loops {'installed' if args.real else 'written out in Paddle ops'}")
     for note in notes:
         print(note)
-    print("| row | model | drop-in median ms | suite's loop median ms | ratio | EMA bitwise equal (after warm-up, end) |")
+    print("| row | model | drop-in median ms | suite's loop median ms | ratio "
+          "| EMA bitwise equal (after warm-up, end) |")
     print("|---|---|---|---|---|---|")
     report, ok = {}, True
     for name in names:
@@ -293,7 +302,8 @@ def main():
         ratio = medians["suite"] / medians["drop-in"]
         print(f"| {name} | {key} | {medians['drop-in']:.2f} | {medians['suite']:.2f} | {ratio:.1f}x | True, {same} |")
         report[name] = {"model": key, "median_ms": medians, "ratio": ratio, "bitwise_equal": same}
-    write_json(args.json, {"real": args.real, "unet_scale": args.unet_scale, "rows": report, "notes": notes})
+    unet = args.unet_config or f"SD 1.5 UNet shapes, channels / {args.unet_scale}"
+    write_json(args.json, {"real": args.real, "unet": unet, "rows": report, "notes": notes})
     return 0 if ok else 1
 
 

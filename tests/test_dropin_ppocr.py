@@ -19,8 +19,11 @@ import pytest
 import suite_oracles as so
 from paddle_ema.dropin.ppocr import ModelEMA
 from paddle_ema.errors import ConfigError, IncompatibleStateError, NonFiniteError
-from test_ppdet_bitwise import assert_bitwise, kernel  # noqa: F401  (kernel: the fused/reference fixture)
+import test_ppdet_bitwise
+from test_ppdet_bitwise import assert_bitwise
 from test_suite_oracles import SuiteNet, check_state, numpy_state, suite_class, train_step
+
+kernel = test_ppdet_bitwise.kernel  # the fused/reference fixture
 
 pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]

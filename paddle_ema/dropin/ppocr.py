@@ -31,9 +31,9 @@ PaddleOCR's quirks, kept by default:
   prefix and match no state-dict key, so nothing is black-listed there, as in PaddleOCR;
 - the decay of the last update is not part of the saved state: after `set_state_dict`, an apply()
   before the next update divides by 1 - d**t with the last decay this object has seen, which for
-  a new object (a resumed run) is the constructor's `decay`. A bug for 'threshold' (whose decay is below `decay` for the first
-  9/(1-decay) updates): `restore_last_decay=True` makes set_state_dict() restore it, d(t-1), and
-  apply() then equals the saving run's.
+  a new object (a resumed run) is the constructor's `decay`. A bug for 'threshold' (whose decay
+  is below `decay` for the first 9/(1-decay) updates): `restore_last_decay=True` makes
+  set_state_dict() restore it, d(t-1), and apply() then equals the saving run's.
 
 Differences that change no number of a run that works with PaddleOCR's class:
 - an unknown `ema_decay_type` is a ConfigError (PaddleOCR treats any other string as 'normal'),
