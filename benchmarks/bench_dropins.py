@@ -24,6 +24,9 @@ With --real the installed suites' classes run instead (ppdiffusers; PaddleOCR's 
 The drop-in and the suite's loop alternate call by call, each on its own EMA, the model's weights
 fixed; after the warm-up calls the two EMA states must be bitwise equal (else the row says so and
 is not timed), and again at the end. The table gives the median of each, the ratio, and the check.
+Below it, per model, the memory floor (as bench_update.py measures it): the fused extension's
+a += x over one flat float32 buffer of the model's element count, which reads and writes what a
+fused update of float32 weights reads and writes.
 """
 
 import argparse
@@ -251,6 +254,26 @@ def timed(ours, theirs, our_state, their_state, repeats):
     return {label: statistics.median(t) * 1e3 for label, t in times.items()}
 
 
+def memory_floors(models, repeats):
+    """{model key: median ms of the extension's a += x over one flat buffer of its size}; {} without it."""
+    from paddle_ema.kernels import fused
+
+    if kernels.active_kernel() != "fused":
+        return {}
+    floors = {}
+    for key, model in models.items():
+        numel = sum(int(np.prod(v.shape)) for v in model.state_dict().values())
+        a, x = paddle.zeros([numel], "float32"), paddle.ones([numel], "float32")
+        times = []
+        for i in range(repeats + WARMUP):
+            start = time.perf_counter()
+            fused.stream_add_(a, x)
+            if i >= WARMUP:
+                times.append(time.perf_counter() - start)
+        floors[key] = statistics.median(times) * 1e3
+    return floors
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=30)
@@ -303,7 +326,11 @@ def main():
         print(f"| {name} | {key} | {medians['drop-in']:.2f} | {medians['suite']:.2f} | {ratio:.1f}x | True, {same} |")
         report[name] = {"model": key, "median_ms": medians, "ratio": ratio, "bitwise_equal": same}
     unet = args.unet_config or f"SD 1.5 UNet shapes, channels / {args.unet_scale}"
-    write_json(args.json, {"real": args.real, "unet": unet, "rows": report, "notes": notes})
+    floors = memory_floors(models, args.repeats)
+    for key, ms in floors.items():
+        print(f"memory floor, {key}: {ms:.2f} ms (a += x over one flat float32 buffer of its size)")
+    write_json(args.json, {"real": args.real, "unet": unet, "rows": report, "notes": notes,
+                           "memory_floor_ms": floors})
     return 0 if ok else 1
 
 
