@@ -74,6 +74,7 @@ from .. import _compat, kernels
 from ..averaging import first_nonfinite_name
 from ..errors import ConfigError, EMAStateError, IncompatibleStateError
 from ..schedules import Power, Threshold
+from ._guarded import NonfiniteAttributes
 from ._nonfinite import NonfiniteGuard
 
 __all__ = ["EMAModel", "LitEma", "STATE_KEYS", "NUM_UPDATES_BUFFER"]
@@ -118,7 +119,36 @@ def _copy_cast(targets: Sequence[paddle.Tensor], sources: Sequence[paddle.Tensor
             target.copy_(source.cast(target.dtype), False)
 
 
-class EMAModel:
+class _StoreRestore:
+    """store()/restore() of both classes: CPU clones, kept in the attribute ppdiffusers names
+    (`_stored_name`), written back cast to each parameter's dtype."""
+
+    _stored_name = "temp_stored_params"
+
+    def store(self, parameters: Iterable[paddle.Tensor]) -> None:
+        """Keep CPU clones of the parameters, for restore().
+
+        Args:
+            parameters: the parameters to keep.
+        """
+        setattr(self, self._stored_name, [param.detach().cpu().clone() for param in parameters])
+
+    def restore(self, parameters: Iterable[paddle.Tensor]) -> None:
+        """Write the stored clones back into the parameters and drop them.
+
+        Args:
+            parameters: the parameters store() was given, in its order.
+        """
+        stored = getattr(self, self._stored_name)
+        if stored is None:
+            raise EMAStateError(f"{type(self).__name__}.restore(): nothing stored (store() first; restore() gives the "
+                                "stored weights back once)")
+        pairs = list(zip(stored, parameters))
+        _copy_cast([p for _, p in pairs], [c for c, _ in pairs])
+        setattr(self, self._stored_name, None)
+
+
+class EMAModel(NonfiniteAttributes, _StoreRestore):
     """ppdiffusers' EMAModel: same constructor, methods, attributes, state keys and numbers (see
     the module docstring).
 
@@ -180,16 +210,6 @@ class EMAModel:
         self._schedule()  # a setting the schedule refuses is an error now, not at the first step
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
-
-    @property
-    def nonfinite(self) -> str:
-        """The non-finite policy: 'update', 'skip' or 'raise'."""
-        return self._guard.policy
-
-    @property
-    def num_nonfinite_skipped(self) -> int:
-        """How many steps `nonfinite='skip'` has skipped."""
-        return self._guard.skipped
 
     def _schedule(self):
         """The decay schedule of the current settings (they are public attributes and
@@ -323,26 +343,6 @@ class EMAModel:
             "shadow_params": self.shadow_params,
         }
 
-    def store(self, parameters: Iterable[paddle.Tensor]) -> None:
-        """Keep CPU clones of the parameters, for restore().
-
-        Args:
-            parameters: the parameters to keep.
-        """
-        self.temp_stored_params = [param.detach().cpu().clone() for param in parameters]
-
-    def restore(self, parameters: Iterable[paddle.Tensor]) -> None:
-        """Write the stored clones back into the parameters and drop them.
-
-        Args:
-            parameters: the parameters store() was given, in its order.
-        """
-        if self.temp_stored_params is None:
-            raise EMAStateError("This ExponentialMovingAverage has no `store()`ed weights to `restore()`")
-        pairs = list(zip(self.temp_stored_params, parameters))
-        _copy_cast([p for _, p in pairs], [c for c, _ in pairs])
-        self.temp_stored_params = None
-
     @paddle.no_grad()
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Take settings and shadows from a state_dict(); absent keys keep their value. Checked as
@@ -439,7 +439,7 @@ def _in_rounds(pairs: List[Tuple[paddle.Tensor, paddle.Tensor]]) -> List[List[Tu
     return rounds
 
 
-class LitEma(nn.Layer):
+class LitEma(NonfiniteAttributes, _StoreRestore, nn.Layer):
     """ppdiffusers' LitEma: an nn.Layer whose float32 buffers are the averages (see the module
     docstring).
 
@@ -457,6 +457,8 @@ class LitEma(nn.Layer):
         save_num_updates: (beyond ppdiffusers') keep num_updates in the int64 buffer
             `_num_updates`, so that the state dict resumes the threshold exactly. Default False.
     """
+
+    _stored_name = "collected_params"
 
     def __init__(self, model: nn.Layer, decay: float = 0.9999, use_num_upates: bool = True, *,
                  nonfinite: str = "update", name_collisions: str = "share", save_num_updates: bool = False):
@@ -498,16 +500,6 @@ class LitEma(nn.Layer):
             self._num_updates_int = int(value)
         else:
             getattr(self, self._count).set_value(paddle.to_tensor(int(value), dtype="int64"))
-
-    @property
-    def nonfinite(self) -> str:
-        """The non-finite policy: 'update', 'skip' or 'raise'."""
-        return self._guard.policy
-
-    @property
-    def num_nonfinite_skipped(self) -> int:
-        """How many updates `nonfinite='skip'` has skipped."""
-        return self._guard.skipped
 
     def _pairs(self, model, what):
         """(buffer, parameter) for the model's trainable parameters, in its order; an
@@ -555,22 +547,3 @@ class LitEma(nn.Layer):
         pairs = self._pairs(model, "copy_to()")
         _copy_cast([p for _, p in pairs], [b for b, _ in pairs])
 
-    def store(self, parameters: Iterable[paddle.Tensor]) -> None:
-        """Keep CPU clones of the parameters, for restore().
-
-        Args:
-            parameters: the parameters to keep.
-        """
-        self.collected_params = [param.detach().cpu().clone() for param in parameters]
-
-    def restore(self, parameters: Iterable[paddle.Tensor]) -> None:
-        """Write the stored clones back into the parameters and drop them.
-
-        Args:
-            parameters: the parameters store() was given, in its order.
-        """
-        if self.collected_params is None:
-            raise EMAStateError("LitEma.restore(): nothing stored (restore() already gave the stored weights back)")
-        pairs = list(zip(self.collected_params, parameters))
-        _copy_cast([p for _, p in pairs], [c for c, _ in pairs])
-        self.collected_params = None

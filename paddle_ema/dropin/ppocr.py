@@ -57,6 +57,7 @@ from ..averaging import first_nonfinite_name, tensor_problem
 from ..errors import IncompatibleStateError
 from ..schedules import schedule_for_decay_type
 from ..step_policy import is_integer
+from ._guarded import NonfiniteAttributes
 from ._nonfinite import NonfiniteGuard
 
 __all__ = ["ModelEMA", "PPOCR_BATCHNORM_CLASSES", "frozen_parameter_names"]
@@ -85,7 +86,7 @@ def frozen_parameter_names(model: nn.Layer, batchnorm_classes: Tuple[type, ...] 
     return {name for name, param in model.named_parameters() if param.stop_gradient and name not in statistics}
 
 
-class ModelEMA:
+class ModelEMA(NonfiniteAttributes):
     """PaddleOCR's ModelEMA: same constructor, methods, attributes and numbers (see the module
     docstring).
 
@@ -133,16 +134,6 @@ class ModelEMA:
                     self.state_dict[name] = paddle.zeros(value.shape, "float32")
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
-
-    @property
-    def nonfinite(self) -> str:
-        """The non-finite policy: 'update', 'skip' or 'raise'."""
-        return self._guard.policy
-
-    @property
-    def num_nonfinite_skipped(self) -> int:
-        """How many updates `nonfinite='skip'` has skipped."""
-        return self._guard.skipped
 
     @paddle.no_grad()
     def update(self, model: nn.Layer) -> None:
