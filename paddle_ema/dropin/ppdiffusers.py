@@ -54,8 +54,8 @@ LitEma's quirks, kept by default:
   `save_num_updates=True` keeps it in an int64 buffer `_num_updates` of the state dict).
 
 Differences that change no number of a run that works with ppdiffusers' classes:
-- the updates are in place in one call per step where paddle_ema has a fused kernel (LitEma's
-  update; EMAModel's runs Paddle's ops in place, without ppdiffusers' temporary copies);
+- LitEma's update is one fused in-place call; EMAModel's runs Paddle's own ops without
+  ppdiffusers' cast and copy (in place from 64K elements), until the fused form of its formula;
 - a call that does not fit (load_state_dict with other shadow shapes or a non-finite shadow; a
   LitEma forward or copy_to on a model whose trainable parameters differ from the ones it was built
   with; restore() twice) raises one IncompatibleStateError / EMAStateError naming what is wrong,
@@ -83,7 +83,6 @@ __all__ = ["EMAModel", "LitEma", "STATE_KEYS", "NUM_UPDATES_BUFFER"]
 STATE_KEYS = ("decay", "min_decay", "optimization_step", "update_after_step", "use_ema_warmup", "inv_gamma", "power")
 # The LitEma buffer that keeps num_updates with save_num_updates=True.
 NUM_UPDATES_BUFFER = "_num_updates"
-_HALF = (paddle.float16, paddle.bfloat16)
 
 
 def _deprecated(message):
