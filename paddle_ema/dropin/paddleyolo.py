@@ -38,8 +38,8 @@ from typing import Any, Dict, Optional, Union
 import paddle
 from paddle import nn
 
-from paddle_ema.ppdet import EMA_STATE_SUFFIX, SimpleModelEMA, load_ema_state_file, save_ema_state_file
-from paddle_ema.ppdet import ModelEMA as PPDetModelEMA
+from .ppdet import EMA_STATE_SUFFIX, SimpleModelEMA, load_ema_state_file, save_ema_state_file
+from .ppdet import ModelEMA as PPDetModelEMA
 
 from .. import kernels
 from ..errors import ConfigError
@@ -52,7 +52,7 @@ _FUSED_DTYPES = (paddle.float32, paddle.float64)
 
 
 def _fusable(shadow, value):
-    """Whether kernels.ppdet_update_ gives PaddleYOLO's numbers for this pair: a float32/float64
+    """Whether kernels.scale_add_ gives PaddleYOLO's numbers for this pair: a float32/float64
     shadow with a value of its dtype, or an integer value (which `scale` casts to float32 first,
     as the kernel does)."""
     return shadow.dtype in _FUSED_DTYPES and (value.dtype == shadow.dtype or (
@@ -87,7 +87,9 @@ class ModelEMA(PPDetModelEMA):
         """
         state = model.state_dict() if model is not None else self._live_state()
         values = [state[name] for name in self.averaged]
-        if self.nonfinite != "update" and not self._values_finite(values):
+        bad = kernels.first_nonfinite(values) if self.nonfinite_policy.checks else None
+        if bad is not None:
+            self._skip_nonfinite(bad)
             return
         decay = self.rule.schedule(self.policy.action(self.step)[1])
         # PaddleYOLO's `decay * v` makes an integer shadow float32, which is where it is kept from now on.
@@ -101,7 +103,7 @@ class ModelEMA(PPDetModelEMA):
         for name, shadow in zip(self.averaged, shadows):
             self.state_dict[name] = shadow
         fused = [i for i in range(len(shadows)) if i not in other]
-        kernels.ppdet_update_([shadows[i] for i in fused], [values[i] for i in fused], decay, 1 - decay)
+        kernels.scale_add_([shadows[i] for i in fused], [values[i] for i in fused], decay, 1 - decay)
         for i, new in other.items():
             new.stop_gradient = True
             self.state_dict[self.averaged[i]] = new

@@ -189,12 +189,16 @@ class ModelEMA:
         # PaddleDetection's (1 - decay), in float64: not 1 - float32(decay).
         bad = self._kernel.scale_add_(values, decay, 1 - decay, scan=values if self.nonfinite_policy.checks else None)
         if bad is not None:
-            name = self.averaged[bad]
-            self.nonfinite_policy.skip(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf",
-                                       f"ModelEMA update skipped: {name!r} holds NaN or Inf")
+            self._skip_nonfinite(bad)
             return
         self._decay = decay
         self.step += 1
+
+    def _skip_nonfinite(self, bad):
+        """The update found averaged[bad] holding NaN or Inf: the policy raises, or counts and warns."""
+        name = self.averaged[bad]
+        self.nonfinite_policy.skip(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf",
+                                   f"ModelEMA update skipped: {name!r} holds NaN or Inf")
 
     @property
     def nonfinite(self) -> str:
