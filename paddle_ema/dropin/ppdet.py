@@ -56,7 +56,7 @@ import logging
 import os
 import weakref
 import zipfile
-from typing import Any, Dict, List, Optional, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 import numpy as np
 import paddle
@@ -74,7 +74,7 @@ from ..infra.checkpoint import atomic_write
 from ..infra.saved_state import SavedState, tensor_problem
 from ..kernels import Kernel, first_nonfinite_name
 
-__all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per_tensor", "save_ema_state_file",
+__all__ = ["ModelEMA", "SimpleModelEMA", "resume_ema_exactly", "bn_running_state_names", "last_key_per_tensor", "save_ema_state_file",
            "load_ema_state_file", "exact_resume", "EMA_STATE_SUFFIX"]
 
 # The library's logger ("paddle_ema" and below): with no logging set up, Python prints its warnings
@@ -576,18 +576,38 @@ def exact_resume(trainer: Any, resume: Optional[Union[str, os.PathLike]] = None)
         CheckpointError: the EMA state beside `resume` is unreadable.
         IncompatibleStateError: it does not fit the trainer's EMA.
     """
-    from ppdet.engine.callbacks import Callback  # PaddleDetection's trainer accepts only its subclasses
+    def checkpoint(cfg, name):
+        folder = os.path.join(cfg.save_dir, name) if cfg.get("uniform_output_enabled", False) else cfg.save_dir
+        return os.path.join(folder, name)
+
+    resume_ema_exactly(trainer, resume, ModelEMA, "PaddleDetection", "paddle_ema.ppdet", checkpoint, LOGGER)
+
+
+def resume_ema_exactly(trainer: Any, resume: Optional[Union[str, os.PathLike]], ema_class: type, suite: str,
+                       module: str, checkpoint: Callable[[Any, str], str], logger: logging.Logger) -> None:
+    """exact_resume for a trainer of PaddleDetection's design (PaddleDetection's, PaddleYOLO's).
+
+    Args:
+        trainer: the `ppdet.engine.Trainer`.
+        resume: the checkpoint passed to `trainer.resume_weights`, or None for a fresh run.
+        ema_class: the ModelEMA class the trainer must hold.
+        suite: the suite's name, for messages.
+        module: the module to import ModelEMA from, for messages.
+        checkpoint: (cfg, name) -> the stem the suite's Checkpointer writes checkpoint `name` to.
+        logger: where a checkpoint without an EMA state beside it is reported.
+    """
+    from ppdet.engine.callbacks import Callback  # the trainer accepts only its subclasses
 
     ema = getattr(trainer, "ema", None) if getattr(trainer, "use_ema", False) else None
-    if not isinstance(ema, ModelEMA):
+    if not isinstance(ema, ema_class):
         raise ConfigError("exact_resume: the trainer has no paddle_ema ModelEMA (set use_ema: true, and import "
-                          "ModelEMA from paddle_ema.ppdet in ppdet/optimizer/ema.py)")
+                          f"ModelEMA from {module} in ppdet/optimizer/ema.py)")
     if resume is not None:
         if os.path.isfile(_stem(resume) + EMA_STATE_SUFFIX):
             load_ema_state_file(ema, resume)
         else:
-            LOGGER.warning("%s has no EMA state beside it (%s): the EMA resumes PaddleDetection's way, from the "
-                           "bias-corrected weights", resume, _stem(resume) + EMA_STATE_SUFFIX)
+            logger.warning("%s has no EMA state beside it (%s): the EMA resumes %s's way, from the "
+                           "bias-corrected weights", resume, _stem(resume) + EMA_STATE_SUFFIX, suite)
 
     class SaveEMAState(Callback):
         """Writes the EMA state beside each training checkpoint, after the Checkpointer."""
@@ -600,7 +620,6 @@ def exact_resume(trainer: Any, resume: Optional[Union[str, os.PathLike]] = None)
             cfg = self.model.cfg
             epoch_id = status["epoch_id"]
             name = str(epoch_id) if epoch_id != cfg.epoch - 1 else "model_final"
-            folder = os.path.join(cfg.save_dir, name) if cfg.get("uniform_output_enabled", False) else cfg.save_dir
-            save_ema_state_file(self.model.ema, os.path.join(folder, name))
+            save_ema_state_file(self.model.ema, checkpoint(cfg, name))
 
     trainer.register_callbacks([SaveEMAState(trainer)])
