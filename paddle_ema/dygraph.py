@@ -46,12 +46,12 @@ class _Applied:
 def _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options, bias_correction, update_every,
                      start_step):
     """(EMARule, StepPolicy) from the objects or from the keywords they replace (not both)."""
+    # thres_steps=True is the default: only False counts as given beside rule=.
     check_object_or_keywords("rule", rule, EMARule, {
-        "decay": decay, "thres_steps": thres_steps, "schedule": schedule, "schedule_options": schedule_options,
-        "bias_correction": bias_correction})
+        "decay": decay, "thres_steps": None if thres_steps is True else thres_steps, "schedule": schedule,
+        "schedule_options": schedule_options, "bias_correction": bias_correction})
     check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every, "start_step": start_step})
     if rule is None:
-        thres_steps = True if thres_steps is None else thres_steps
         if not isinstance(thres_steps, (bool, np.bool_)):
             raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
                               f"{thres_steps!r}")
@@ -115,7 +115,7 @@ class ExponentialMovingAverage:
         self,
         model: paddle.nn.Layer,
         decay: Optional[float] = None,
-        thres_steps: Optional[bool] = None,
+        thres_steps: bool = True,
         *,
         schedule: Any = None,
         schedule_options: Optional[Dict[str, Any]] = None,

@@ -18,7 +18,7 @@ from .. import _compat
 from ..errors import ConfigError, NonFiniteError
 from .validation import check_choice
 
-__all__ = ["NonfinitePolicy", "NONFINITE_POLICIES", "WARN_AT", "REPEAT_EVERY"]
+__all__ = ["NonfinitePolicy", "NonfiniteAttributes", "NONFINITE_POLICIES", "WARN_AT", "REPEAT_EVERY"]
 
 NONFINITE_POLICIES = ("skip", "raise", "update")
 # Skips that warn: these, then every REPEAT_EVERY-th.
@@ -123,3 +123,19 @@ class NonfinitePolicy:
         """Forget the skips counted (a new average)."""
         self.skipped = 0
         self._reported = 0
+
+
+class NonfiniteAttributes:
+    """`nonfinite` and `num_nonfinite_skipped` of an average that keeps its policy as `nonfinite_policy`."""
+
+    nonfinite_policy: NonfinitePolicy
+
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite policy's mode: 'skip', 'raise' or 'update'."""
+        return self.nonfinite_policy.mode
+
+    @property
+    def num_nonfinite_skipped(self) -> int:
+        """Updates skipped for NaN or Inf values."""
+        return self.nonfinite_policy.skipped

@@ -42,16 +42,3 @@ class NonfiniteGuard(NonfinitePolicy):
         self.skip(f"{self.what}: {names[bad]!r} holds NaN or Inf", f"{self.what} skipped: {names[bad]!r} holds NaN or Inf")
         return False
 
-
-class NonfiniteAttributes:
-    """`nonfinite` and `num_nonfinite_skipped` of a class that keeps its NonfiniteGuard as `_guard`."""
-
-    @property
-    def nonfinite(self) -> str:
-        """The non-finite policy: 'update', 'skip' or 'raise'."""
-        return self._guard.mode
-
-    @property
-    def num_nonfinite_skipped(self) -> int:
-        """How many updates `nonfinite='skip'` has skipped."""
-        return self._guard.skipped

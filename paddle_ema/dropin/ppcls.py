@@ -42,7 +42,8 @@ import paddle
 from paddle import nn
 
 from .. import kernels
-from ._nonfinite import NonfiniteAttributes, NonfiniteGuard
+from ..core.nonfinite import NonfiniteAttributes
+from ._nonfinite import NonfiniteGuard
 
 __all__ = ["ExponentialMovingAverage"]
 
@@ -93,7 +94,7 @@ class ExponentialMovingAverage(NonfiniteAttributes):
     """
 
     def __init__(self, model: nn.Layer, decay: float = 0.9999, *, nonfinite: str = "update", use_hook: bool = True):
-        self._guard = NonfiniteGuard(nonfinite, "ExponentialMovingAverage.update()")
+        self.nonfinite_policy = NonfiniteGuard(nonfinite, "ExponentialMovingAverage.update()")
         self.module = copy.deepcopy(model)
         self.module.eval()
         self.decay = decay
@@ -115,7 +116,7 @@ class ExponentialMovingAverage(NonfiniteAttributes):
             model: the trained model.
         """
         entries = self._entries(model)
-        if not self._guard.allows({key: m for key, _, m in entries}):
+        if not self.nonfinite_policy.allows({key: m for key, _, m in entries}):
             return
         decay, weight = self.decay, 1.0 - self.decay
         for entries_ in _in_write_order(entries):

@@ -64,7 +64,7 @@ from paddle import nn
 
 from .. import kernels
 from ..core.averaging import EMARule, settings_differences
-from ..core.nonfinite import NonfinitePolicy
+from ..core.nonfinite import NonfiniteAttributes, NonfinitePolicy
 from ..core.schedules import schedule_for_decay_type
 from ..core.selection import batchnorm_statistic_names, black_listed_keys
 from ..core.step_policy import AVERAGE, StepPolicy
@@ -101,7 +101,7 @@ def bn_running_state_names(model: nn.Layer) -> Set[str]:
     return batchnorm_statistic_names(model, PPDET_BATCHNORM_CLASSES)
 
 
-class ModelEMA:
+class ModelEMA(NonfiniteAttributes):
     """PaddleDetection's ModelEMA: same constructor, methods and numbers (see the module docstring).
 
     Args:
@@ -199,16 +199,6 @@ class ModelEMA:
         name = self.averaged[bad]
         self.nonfinite_policy.skip(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf",
                                    f"ModelEMA update skipped: {name!r} holds NaN or Inf")
-
-    @property
-    def nonfinite(self) -> str:
-        """The non-finite policy's mode: 'update' (PaddleDetection's: no check), 'skip' or 'raise'."""
-        return self.nonfinite_policy.mode
-
-    @property
-    def num_nonfinite_skipped(self) -> int:
-        """Updates skipped for NaN or Inf values."""
-        return self.nonfinite_policy.skipped
 
     @property
     def last_decay(self) -> Optional[float]:

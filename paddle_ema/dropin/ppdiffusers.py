@@ -73,7 +73,8 @@ from .. import _compat, kernels
 from ..kernels import first_nonfinite_name
 from ..errors import ConfigError, EMAStateError, IncompatibleStateError
 from ..core.schedules import Power, Threshold
-from ._nonfinite import NonfiniteAttributes, NonfiniteGuard
+from ..core.nonfinite import NonfiniteAttributes
+from ._nonfinite import NonfiniteGuard
 
 __all__ = ["EMAModel", "LitEma", "STATE_KEYS", "NUM_UPDATES_BUFFER"]
 
@@ -155,7 +156,7 @@ class EMAModel(NonfiniteAttributes, _StoreRestore):
                  update_after_step: int = 0, use_ema_warmup: bool = False, inv_gamma: Union[float, int] = 1.0,
                  power: Union[float, int] = 2 / 3, model_cls: Optional[Any] = None,
                  model_config: Optional[Dict[str, Any]] = None, *, nonfinite: str = "update", **kwargs: Any):
-        self._guard = NonfiniteGuard(nonfinite, "EMAModel.step()")
+        self.nonfinite_policy = NonfiniteGuard(nonfinite, "EMAModel.step()")
         if isinstance(parameters, nn.Layer):
             _deprecated("Passing a `nn.Layer` to `ExponentialMovingAverage` is deprecated. "
                         "Please pass the parameters of the module instead.")
@@ -272,7 +273,7 @@ class EMAModel(NonfiniteAttributes, _StoreRestore):
                         "Please pass the parameters of the module instead.")
             parameters = parameters.parameters()
         parameters = list(parameters)
-        if self._guard.checks and not self._guard.allows(
+        if self.nonfinite_policy.checks and not self.nonfinite_policy.allows(
                 {f"parameter {i} ({p.name})": p for i, p in enumerate(parameters)}):
             return
         self.optimization_step += 1
@@ -447,7 +448,7 @@ class LitEma(NonfiniteAttributes, _StoreRestore, nn.Layer):
             raise ConfigError(f"Decay must be between 0 and 1, got {decay!r}")
         if name_collisions not in ("share", "separate"):
             raise ConfigError(f"name_collisions must be 'share' or 'separate', got {name_collisions!r}")
-        self._guard = NonfiniteGuard(nonfinite, "LitEma.forward()")
+        self.nonfinite_policy = NonfiniteGuard(nonfinite, "LitEma.forward()")
         self._count = None
         self.decay = decay
         trainable = [(name, p) for name, p in model.named_parameters() if not p.stop_gradient]
@@ -507,7 +508,7 @@ class LitEma(NonfiniteAttributes, _StoreRestore, nn.Layer):
             model: the model LitEma was built with (or one with the same parameter names).
         """
         pairs = self._pairs(model, "forward()")
-        if self._guard.checks and not self._guard.allows(
+        if self.nonfinite_policy.checks and not self.nonfinite_policy.allows(
                 {f"parameter {i}": p for i, (_, p) in enumerate(pairs)}):
             return
         decay = self.decay

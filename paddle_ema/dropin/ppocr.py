@@ -58,7 +58,8 @@ from ..kernels import first_nonfinite_name
 from ..errors import IncompatibleStateError
 from ..core.schedules import schedule_for_decay_type
 from ..core.validation import is_integer
-from ._nonfinite import NonfiniteAttributes, NonfiniteGuard
+from ..core.nonfinite import NonfiniteAttributes
+from ._nonfinite import NonfiniteGuard
 
 __all__ = ["ModelEMA", "PPOCR_BATCHNORM_CLASSES", "frozen_parameter_names"]
 
@@ -112,7 +113,7 @@ class ModelEMA(NonfiniteAttributes):
     def __init__(self, model: nn.Layer, decay: float = 0.9998, gamma: float = 2000, ema_decay_type: str = "threshold",
                  ema_filter_no_grad: bool = False, *, all_batchnorm: bool = False, restore_last_decay: bool = False,
                  nonfinite: str = "update"):
-        self._guard = NonfiniteGuard(nonfinite, "ModelEMA.update()")
+        self.nonfinite_policy = NonfiniteGuard(nonfinite, "ModelEMA.update()")
         self._schedule = schedule_for_decay_type(ema_decay_type, decay, tau=gamma)
         self.decay = decay
         self.gamma = gamma
@@ -145,7 +146,7 @@ class ModelEMA(NonfiniteAttributes):
         current = model.state_dict()
         names = [name for name in self.state_dict if name not in self.ema_black_list and name in current]
         values = [current[name] for name in names]
-        if self._guard.checks and not self._guard.allows(dict(zip(names, values))):
+        if self.nonfinite_policy.checks and not self.nonfinite_policy.allows(dict(zip(names, values))):
             return
         decay = self._schedule(self.step)
         self._decay = decay
