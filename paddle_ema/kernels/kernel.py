@@ -45,6 +45,7 @@ class Kernel:
         self._spares: Optional[List["paddle.Tensor"]] = None  # the guard's second buffers
         self.spares_shared = False  # lent to apply() by scratch_like() as well
         self._scratch: Optional[List["paddle.Tensor"]] = None  # scratch_like()'s own set, when the spares do not fit
+        self._lent = None  # (ids of the tensors, the buffers) of scratch_like()'s last answer
         self._guard_plan = None  # None: undecided; True: one pass into spares; False: scan, then in place
         self.averages: List["paddle.Tensor"] = []
         self.rebind(averages)
@@ -62,6 +63,7 @@ class Kernel:
         """
         self.averages = list(averages)
         self._guard_plan = None
+        self._lent = None
         if self._spares is not None and not _fits(self._spares, self.averages):
             self._spares, self.spares_shared = None, False
         self._key = None  # choose again: the averages may live elsewhere now
@@ -244,14 +246,22 @@ class Kernel:
         import paddle
 
         tensors = list(tensors)
+        ids = [id(t) for t in tensors]
+        # The same tensors as last time (every apply() of an EMA): the same buffers, without comparing
+        # each tensor's shape, dtype and place again (microseconds a tensor; the caller checks shapes).
+        if self._lent is not None and self._lent[0] == ids:
+            return self._lent[1]
         if _fits(tensors, self.averages) and all(_compat.is_cpu_place(t.place) for t in tensors):
             if self._spares is None:
                 self._spares = [paddle.empty_like(t) for t in tensors]
             self.spares_shared = True
-            return self._spares
-        if self._scratch is None or not _fits(self._scratch, tensors):
-            self._scratch = [paddle.empty_like(t) for t in tensors]
-        return self._scratch
+            buffers = self._spares
+        else:
+            if self._scratch is None or not _fits(self._scratch, tensors):
+                self._scratch = [paddle.empty_like(t) for t in tensors]
+            buffers = self._scratch
+        self._lent = (ids, buffers)
+        return buffers
 
     def forget_scratch(self) -> None:
         """The buffers scratch_like() returned are someone else's for good (apply(need_restore=False)
@@ -259,6 +269,7 @@ class Kernel:
         if self.spares_shared:
             self._spares, self.spares_shared = None, False
         self._scratch = None
+        self._lent = None
 
 
 def _fits(buffers, tensors):
