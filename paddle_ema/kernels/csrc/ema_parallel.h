@@ -54,33 +54,13 @@ class ShortBlocktime {
   int saved_ = -1;
 };
 
-// A tensor's first lines are a cold miss that the hardware prefetcher cannot foresee (it follows
-// one stream, and Paddle starts each CPU tensor on its own 4 KB page), and a set of many small
-// tensors is mostly such starts: the first kPrefetchLines lines of the kPrefetchAhead next
-// tensors are prefetched (docs/performance.md, "The next tensors' starts are prefetched").
-constexpr size_t kPrefetchAhead = 4;
-constexpr int64_t kPrefetchLines = 4;
-
-inline void PrefetchStart(const Segment& s) {
-  // numel counts elements of at least 2 bytes (bytes for the copies): no line past the end.
-  const int64_t lines = std::min<int64_t>(kPrefetchLines, (s.numel * 2 + 63) / 64);
-  for (int64_t l = 0; l < lines; ++l) {
-    if (s.average != nullptr) __builtin_prefetch(static_cast<const char*>(s.average) + 64 * l, 1, 3);
-    __builtin_prefetch(static_cast<const char*>(s.value) + 64 * l, 0, 3);
-  }
-}
-
 // Runs body(segment, begin, end) over [start, stop) of the concatenation of all segments;
 // `offsets` is the exclusive prefix sum of the segment sizes.
 template <typename Body>
 void ForRange(const std::vector<Segment>& segments, const std::vector<int64_t>& offsets,
               int64_t start, int64_t stop, Body body) {
   size_t s = std::upper_bound(offsets.begin(), offsets.end(), start) - offsets.begin() - 1;
-  size_t ahead = s + 1;  // the next segment whose start has not been prefetched
   for (; s < segments.size() && offsets[s] < stop; ++s) {
-    for (; ahead < segments.size() && ahead <= s + kPrefetchAhead && offsets[ahead] < stop; ++ahead) {
-      PrefetchStart(segments[ahead]);
-    }
     int64_t begin = std::max<int64_t>(start - offsets[s], 0);
     int64_t end = std::min<int64_t>(stop - offsets[s], segments[s].numel);
     if (begin < end) body(segments[s], begin, end);
