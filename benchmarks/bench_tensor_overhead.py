@@ -5,7 +5,7 @@ pushed that memory out of the cache ("cold"), and again at once ("warm").
 The pairs hold 16 float32 elements each, so the time is almost all per-tensor work (the Python
 lists, the type checks, FactsOf). The cold figure is the one a training step sees: between two
 EMA updates the forward and backward passes stream far more than the cache holds. It is the
-figure `PrefetchFacts` (csrc/ema_compat.h) lowers; to compare builds, run this script once per
+figure `PrefetchFacts` (csrc/ema_tensors.h) lowers; to compare builds, run this script once per
 build (each source text gets its own cached library).
 
     PYTHONPATH=. python benchmarks/bench_tensor_overhead.py [--pairs 1000,3000] [--rounds 300] [--threads N]
