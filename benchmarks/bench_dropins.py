@@ -24,9 +24,9 @@ With --real the installed suites' classes run instead (ppdiffusers; PaddleOCR's 
 The drop-in and the suite's loop alternate call by call, each on its own EMA, the model's weights
 fixed; after the warm-up calls the two EMA states must be bitwise equal (else the row says so and
 is not timed), and again at the end. The table gives the median of each, the ratio, and the check.
-Below it, per model, the memory floor (as bench_update.py measures it): the fused extension's
-a += x over one flat float32 buffer of the model's element count, which reads and writes what a
-fused update of float32 weights reads and writes.
+Below it, per model, the memory floor (as bench_peers.py measures it): the fused extension's lerp
+of one flat float32 buffer of the model's element count, which reads and writes what a fused
+update of float32 weights reads and writes, with no per-tensor cost.
 """
 
 import argparse
@@ -255,7 +255,8 @@ def timed(ours, theirs, our_state, their_state, repeats):
 
 
 def memory_floors(models, repeats):
-    """{model key: median ms of the extension's a += x over one flat buffer of its size}; {} without it."""
+    """{model key: median ms of the extension's fused lerp of one flat float32 buffer of its size (12 bytes an
+    element, no per-tensor cost: the memory floor)}; {} without it."""
     from paddle_ema.kernels import fused
 
     if kernels.active_kernel() != "fused":
@@ -267,7 +268,7 @@ def memory_floors(models, repeats):
         times = []
         for i in range(repeats + WARMUP):
             start = time.perf_counter()
-            fused.stream_add_(a, x)
+            fused.lerp_([a], [x], 0.5)
             if i >= WARMUP:
                 times.append(time.perf_counter() - start)
         floors[key] = statistics.median(times) * 1e3
@@ -328,7 +329,7 @@ def main():
     unet = args.unet_config or f"SD 1.5 UNet shapes, channels / {args.unet_scale}"
     floors = memory_floors(models, args.repeats)
     for key, ms in floors.items():
-        print(f"memory floor, {key}: {ms:.2f} ms (a += x over one flat float32 buffer of its size)")
+        print(f"memory floor, {key}: {ms:.2f} ms (the fused lerp of one flat float32 buffer of its size)")
     write_json(args.json, {"real": args.real, "unet": unet, "rows": report, "notes": notes,
                            "memory_floor_ms": floors})
     return 0 if ok else 1

@@ -12,7 +12,8 @@ Rows (ms per update, LeNet in us):
     paddle_ema reference kernel   default settings, PADDLE_EMA_KERNEL=reference (Paddle's ops)
     timm ModelEmaV3 / ModelEmaV2  timm's EMA (V3: foreach lerp, no guard), loaded from timm's file
     torch-ema, ema-pytorch        when installed
-    floor 12 B/param              a += x over one flat float32 buffer (the extension's threads)
+    floor 12 B/param              the fused lerp of one flat float32 buffer: the update with no
+                                  per-tensor cost (the extension's threads and work split)
     floor 16 B/param              the 12 B floor x 16/12: the update plus one read of the weights,
                                   the least a guarded in-place update moves (derived, not timed)
     swap                          paddle_ema apply()+restore(); torch-ema store+copy_to+restore;
@@ -115,7 +116,7 @@ PADDLE_CHILD = COMMON_CHILD + textwrap.dedent(
         if mode == "floor12":
             total = sum(int(np.prod(s)) for s in shapes)
             a, x = paddle.zeros([total]), paddle.ones([total])
-            return {"layer": layer, "update": lambda: fused.stream_add_(a, x), "info": f"{fused.num_threads()}t"}
+            return {"layer": layer, "update": lambda: fused.lerp_([a], [x], 1.0 - DECAY), "info": f"{fused.num_threads()}t"}
         ema = ExponentialMovingAverage(layer, DECAY, nonfinite="update" if mode == "update" else "skip")
         swap = (lambda: (ema.apply(), ema.restore())) if mode == "default" else None
         return {"layer": layer, "ema": ema, "update": ema.update, "swap": swap, "info": paddle.__version__}

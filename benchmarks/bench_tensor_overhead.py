@@ -5,7 +5,7 @@ pushed that memory out of the cache ("cold"), and again at once ("warm").
 The pairs hold 16 float32 elements each, so the time is almost all per-tensor work (the Python
 lists, the type checks, FactsOf). The cold figure is the one a training step sees: between two
 EMA updates the forward and backward passes stream far more than the cache holds. It is the
-figure `PrefetchFacts` (csrc/ema_compat.h) lowers; to compare builds, run this script once per
+figure `PrefetchFacts` (csrc/ema_tensors.h) lowers; to compare builds, run this script once per
 build (each source text gets its own cached library).
 
     PYTHONPATH=. python benchmarks/bench_tensor_overhead.py [--pairs 1000,3000] [--rounds 300] [--threads N]
@@ -20,7 +20,7 @@ import time
 
 from reporting import write_json
 
-FLUSH_ELEMENTS = 16 << 20  # a += x over two 64 MB buffers: twice the 32 MB last-level cache here
+FLUSH_ELEMENTS = 16 << 20  # a lerp over two 64 MB buffers: twice the 32 MB last-level cache here
 
 
 def measure(pairs, rounds):
@@ -32,7 +32,7 @@ def measure(pairs, rounds):
     big_a, big_x = paddle.zeros([FLUSH_ELEMENTS]), paddle.ones([FLUSH_ELEMENTS])
     cold, warm = [], []
     for _ in range(rounds):
-        fused.stream_add_(big_a, big_x)
+        fused.lerp_([big_a], [big_x], 0.5)
         start = time.perf_counter()
         fused.lerp_(averages, values, 2e-4)
         cold.append((time.perf_counter() - start) * 1e6)

@@ -14,8 +14,8 @@ the fastest row and to the memory floor (the faster of the two floor rows):
     paddle_ema fallback      paddle_ema.kernels.reference.lerp_ (built-in ops, per tensor)
     paddle_ema fused         paddle_ema.kernels.fused.lerp_ (one C++ / OpenMP call)
     torch _foreach_lerp_     PyTorch on the same shapes, in a separate process (if importable)
-    floor (OpenMP a += x)    the extension's a += x over one flat buffer of the same size:
-                             the same 12 bytes per parameter, no per-tensor work
+    floor (one flat tensor)  the fused lerp of one flat buffer of the same size: the same
+                             12 bytes per parameter and work split, no per-tensor work
     floor (numpy a += x)     numpy's single-threaded a += x over one flat buffer
 
 The fused kernel and its floor use $PADDLE_EMA_NUM_THREADS threads (default: every CPU the
@@ -194,7 +194,7 @@ def paddle_contestants(name):
         threads = fused.num_threads()
         contestants.append((f"paddle_ema fused ({threads}t)", lambda: fused.lerp_(by_fused, params, weight)))
         flat_a, flat_x = paddle.zeros([total]), paddle.ones([total])
-        contestants.append((f"floor (OpenMP a += x, {threads}t)", lambda: fused.stream_add_(flat_a, flat_x)))
+        contestants.append((f"floor (one flat tensor, fused, {threads}t)", lambda: fused.lerp_([flat_a], [flat_x], weight)))
     np_a, np_x = np.zeros(total, "float32"), np.ones(total, "float32")
     contestants.append(("floor (numpy a += x)", lambda: np.add(np_a, np_x, out=np_a)))
     return contestants

@@ -22,10 +22,13 @@ from ._require import require_paddle
 
 require_paddle()
 
-from . import ppdet as _ppdet  # noqa: E402
-from .averaging import EMARule  # noqa: E402
+from . import _aliases  # noqa: E402
 from .batchnorm import update_bn  # noqa: E402
-from .checkpoint import safe_load  # noqa: E402
+from .core import averaging, schedules, selection, step_policy  # noqa: E402
+from .core.averaging import EMARule  # noqa: E402
+from .core.schedules import SCHEDULES, Schedule, make_schedule, register_schedule  # noqa: E402
+from .dropin import ppdet  # noqa: E402
+from .dropin.ppdet import ModelEMA, SimpleModelEMA  # noqa: E402
 from .dygraph import ExponentialMovingAverage, StochasticWeightAveraging  # noqa: E402
 from .errors import (  # noqa: E402
     CheckpointError,
@@ -36,8 +39,13 @@ from .errors import (  # noqa: E402
     PaddleEMAError,
     SelectionError,
 )
-from .ppdet import ModelEMA  # noqa: E402
-from .schedules import SCHEDULES, Schedule, make_schedule, register_schedule  # noqa: E402
+from .infra import checkpoint, program_ops, restricted_pickle, sharding  # noqa: E402
+from .infra.checkpoint import safe_load  # noqa: E402
+
+# The modules' paths before the package had core/, infra/ and dropin/: the same module objects.
+_aliases.register(__name__, averaging=averaging, schedules=schedules, selection=selection, step_policy=step_policy,
+                  checkpoint=checkpoint, program_ops=program_ops, restricted_pickle=restricted_pickle,
+                  sharding=sharding, ppdet=ppdet)
 
 if TYPE_CHECKING:  # what the lazy names are, for type checkers and IDEs
     from . import static
@@ -57,6 +65,7 @@ __all__: list[str] = [
     "ExponentialMovingAverage",
     "StochasticWeightAveraging",
     "ModelEMA",
+    "SimpleModelEMA",
     "EMARule",
     "Schedule",
     "SCHEDULES",
@@ -76,12 +85,6 @@ __all__: list[str] = [
     "CheckpointError",
 ]
 
-# PaddleDetection's timm-style SimpleModelEMA, exported where this version of paddle_ema.ppdet has it.
-if hasattr(_ppdet, "SimpleModelEMA"):
-    SimpleModelEMA = _ppdet.SimpleModelEMA
-    __all__.insert(__all__.index("ModelEMA") + 1, "SimpleModelEMA")
-
-
 def __getattr__(name: str) -> Any:
     """Import a lazily exported name (`static`, `EMACallback`, `PostHocEMA`) on first access."""
     if name in _LAZY:
@@ -90,9 +93,6 @@ def __getattr__(name: str) -> Any:
         value = module if attribute is None else getattr(module, attribute)
         globals()[name] = value  # later accesses skip this function
         return value
-    if name == "SimpleModelEMA":
-        raise AttributeError("paddle_ema.SimpleModelEMA is not available: this version of paddle_ema.ppdet "
-                             "does not define it")
     raise AttributeError(f"module 'paddle_ema' has no attribute {name!r}")
 
 

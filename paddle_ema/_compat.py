@@ -1,16 +1,20 @@
-"""Every reach into Paddle's private API, behind one named function each.
+"""Every reach into Paddle's (and CPython's) private or undocumented API, behind one named function each.
 
 Paddle has no public spelling for some things an EMA library needs: in-place ops and custom
 operators in PIR programs, a program's optimizer role, the place a program is built for, a
-tensor's copy to another place, BatchNorm's statistics. One Paddle release can rename any of
-them; when one breaks, this file is the only place to mend, and tests/test_compat.py has a test
-per shim. Nothing else in paddle_ema names an underscored Paddle attribute
-(tests/test_architecture.py fails if it does).
+tensor's copy to another place, BatchNorm's statistics, the operators of a compiled library.
+One Paddle release can rename any of them; when one breaks, this file is the only place to mend,
+and tests/test_compat.py has a test per shim. Nothing else in paddle_ema names an underscored
+attribute of another library, a private namespace such as paddle.base, or an undocumented
+function (tests/test_architecture.py fails if it does).
 
 Each docstring says on which Paddle versions the shim was checked (by tests/test_compat.py).
 """
 
 import io
+import os
+import sys
+import warnings
 
 import paddle
 
@@ -42,6 +46,11 @@ __all__ = [
     "batchnorm_data_format",
     "save_to_file",
     "dense_tensor",
+    "in_pir_mode",
+    "model_optimizer",
+    "register_custom_ops",
+    "warn_at_caller",
+    "environment_reader",
 ]
 
 
@@ -311,3 +320,72 @@ def dense_tensor(array):
     tensor = (getattr(core, "DenseTensor", None) or core.LoDTensor)()
     tensor.set(array, expected_place())
     return tensor
+
+
+def in_pir_mode():
+    """Whether static programs are built as PIR programs (`paddle.framework.in_pir_mode`, in no
+    __all__ and documented nowhere).
+
+    Checked on Paddle 2.6.2 (no PIR: always False), 3.0.0 and 3.3.1.
+    """
+    check = getattr(paddle.framework, "in_pir_mode", None)
+    return bool(check()) if check is not None else False
+
+
+def model_optimizer(model):
+    """The optimizer `paddle.Model.prepare` was given, or None before prepare().
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    return getattr(model, "_optimizer", None)
+
+
+def register_custom_ops(library_path):
+    """Register the custom operators of a compiled extension library with Paddle, so that static
+    programs can append them (`paddle.utils.cpp_extension.load_op_meta_info_and_register_op`).
+
+    Checked on Paddle 2.6.2, 3.0.0 and 3.3.1.
+    """
+    from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
+
+    return load_op_meta_info_and_register_op(str(library_path))
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message, category):
+    """warnings.warn attributed to the first frame outside paddle_ema: the user's call, however
+    deep inside the package the warning arose (CPython's sys._getframe walks the stack).
+
+    Checked on Paddle 2.6.2-3.3.1 with CPython 3.10-3.13.
+    """
+    frame, level = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)
+
+
+def environment_reader():
+    """A function name -> that environment variable's raw value, or None, as cheap as a dict
+    lookup: os.environ.get of an unset name raises and catches a KeyError inside Mapping.get.
+    CPython keeps the process environment in os.environ._data under os.environ.encodekey(name);
+    elsewhere this is os.environ.get. Reads os.environ's own mapping, so a change made through
+    os.environ is seen at once.
+
+    Checked on Paddle 2.6.2-3.3.1 with CPython 3.10-3.13.
+    """
+    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
+    decode = getattr(os.environ, "decodevalue", None)
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return os.environ.get
+    keys = {}
+
+    def read(name):
+        key = keys.get(name)
+        if key is None:
+            key = keys[name] = encode(name)
+        value = data.get(key)
+        return None if value is None else decode(value)
+
+    return read

@@ -16,8 +16,9 @@ import numpy as np
 import paddle
 
 from . import _compat
+
 # batchnorm_layers lives in selection.py, with the one BatchNorm-statistic test; re-exported here.
-from .selection import batchnorm_layers, unwrap
+from .core.selection import batchnorm_layers, unwrap
 
 __all__ = ["batchnorm_layers", "bn_statistics", "set_bn_statistics", "update_bn"]
 
@@ -131,29 +132,7 @@ def update_bn(model: Any, loader: Any, num_batches: Optional[int] = None) -> Dic
         return {}
     previous = bn_statistics(model)
     moments = {name: _Moments() for name, _ in layers}
-    counts = {}
-    hooks, momenta = [], {}
-    for name, layer in layers:
-        if _compat.batchnorm_uses_global_stats(layer) or _compat.batchnorm_momentum(layer) is None:
-            hooks.append(layer.register_forward_pre_hook(
-                lambda layer, inputs, name=name: moments[name].add(
-                    *_batch_moments_on_device(inputs[0], _channel_axis(layer)))))
-            continue
-        momenta[name] = _compat.batchnorm_momentum(layer)
-        _compat.set_batchnorm_momentum(layer, 0.0)  # running <- 0 * running + 1 * batch: the batch's own moments
-
-        def count(layer, inputs, name=name):
-            x = inputs[0]
-            counts[name] = _per_channel_count(x, _channel_axis(layer))
-            for statistic in _compat.batchnorm_statistics(layer):
-                statistic.set_value(paddle.zeros_like(statistic))  # 0 * NaN would stay NaN
-
-        def collect(layer, inputs, output, name=name):
-            mean, variance = _compat.batchnorm_statistics(layer)
-            moments[name].add(counts[name], mean.numpy(), variance.numpy())
-
-        hooks.append(layer.register_forward_pre_hook(count))
-        hooks.append(layer.register_forward_post_hook(collect))
+    hooks, momenta = _collect_moments(layers, moments)
     was_training = unwrap(model).training
     model.train()
     try:
@@ -179,3 +158,31 @@ def update_bn(model: Any, loader: Any, num_batches: Optional[int] = None) -> Dic
             mean.set_value(previous[name][0])
             variance.set_value(previous[name][1])
     return previous
+
+
+def _collect_moments(layers, moments):
+    """Hooks that add each batch's per-channel moments to `moments[name]`, and the momenta they
+    set to 0 (to be put back): ([hook handles], {name: momentum})."""
+    hooks, momenta, counts = [], {}, {}
+    for name, layer in layers:
+        if _compat.batchnorm_uses_global_stats(layer) or _compat.batchnorm_momentum(layer) is None:
+            hooks.append(layer.register_forward_pre_hook(
+                lambda layer, inputs, name=name: moments[name].add(
+                    *_batch_moments_on_device(inputs[0], _channel_axis(layer)))))
+            continue
+        momenta[name] = _compat.batchnorm_momentum(layer)
+        _compat.set_batchnorm_momentum(layer, 0.0)  # running <- 0 * running + 1 * batch: the batch's own moments
+
+        def count(layer, inputs, name=name):
+            x = inputs[0]
+            counts[name] = _per_channel_count(x, _channel_axis(layer))
+            for statistic in _compat.batchnorm_statistics(layer):
+                statistic.set_value(paddle.zeros_like(statistic))  # 0 * NaN would stay NaN
+
+        def collect(layer, inputs, output, name=name):
+            mean, variance = _compat.batchnorm_statistics(layer)
+            moments[name].add(counts[name], mean.numpy(), variance.numpy())
+
+        hooks.append(layer.register_forward_pre_hook(count))
+        hooks.append(layer.register_forward_post_hook(collect))
+    return hooks, momenta

@@ -5,8 +5,9 @@ from typing import Any, Dict, Optional
 
 import paddle
 
-from .checkpoint import atomic_save
+from . import _compat
 from .dygraph import ExponentialMovingAverage
+from .infra.checkpoint import atomic_save
 
 __all__ = ["EMACallback"]
 
@@ -109,7 +110,7 @@ class EMACallback(paddle.callbacks.Callback):
         with self.ema.apply():
             if write:
                 atomic_save(self.model.network.state_dict(), path + ".pdparams")
-                optimizer = getattr(self.model, "_optimizer", None)
+                optimizer = _compat.model_optimizer(self.model)
                 if optimizer is not None:
                     atomic_save(optimizer.state_dict(), path + ".pdopt")
         state = self.ema.state_dict()

@@ -1,27 +1,28 @@
 """The dygraph EMA: `paddle_ema.ExponentialMovingAverage`."""
 
 import difflib
-import warnings
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import paddle
 
 from . import _compat, kernels
-from .kernels import fused
-from .averaging import EMARule, SavedState, settings_differences, shadow_dtype
-from .errors import ConfigError, EMAStateError, IncompatibleStateError, NonFiniteError
-from .schedules import PowerFunction, Schedule, make_schedule
-from .selection import select_parameters
-from .sharding import Sharding
-from .step_policy import AVERAGE, COPY, SKIP, StepPolicy, check_int
+from .core.averaging import EMARule, rule_from_options, settings_differences, shadow_dtype
+from .core.nonfinite import NonfinitePolicy
+from .core.schedules import PowerFunction, Schedule
+from .core.selection import select_parameters
+from .core.step_policy import AVERAGE, COPY, SKIP, StepPolicy
+from .core.validation import check_int, check_object_or_keywords
+from .errors import ConfigError, EMAStateError, IncompatibleStateError
+from .infra.saved_state import SavedState
+from .infra.sharding import Sharding
+from .kernels import Kernel
 
 __all__ = ["ExponentialMovingAverage", "StochasticWeightAveraging"]
 
 STATE_VERSION = 1
 DEFAULT_DECAY = 0.9998
-NONFINITE_POLICIES = ("skip", "raise", "update")
 
 
 class _Applied:
@@ -42,6 +43,29 @@ class _Applied:
         return False
 
 
+def _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options, bias_correction, update_every,
+                     start_step):
+    """(EMARule, StepPolicy) from the objects or from the keywords they replace (not both)."""
+    # thres_steps=True is the default: only False counts as given beside rule=.
+    check_object_or_keywords("rule", rule, EMARule, {
+        "decay": decay, "thres_steps": None if thres_steps is True else thres_steps, "schedule": schedule,
+        "schedule_options": schedule_options, "bias_correction": bias_correction})
+    check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every, "start_step": start_step})
+    if rule is None:
+        if not isinstance(thres_steps, (bool, np.bool_)):
+            raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
+                              f"{thres_steps!r}")
+        if schedule is None:
+            schedule = "threshold" if thres_steps else "constant"
+        if isinstance(schedule, str) and decay is None:
+            decay = DEFAULT_DECAY
+        rule = rule_from_options(schedule, decay, schedule_options, bool(bias_correction))
+    if policy is None:
+        policy = StepPolicy(start_step=0 if start_step is None else start_step,
+                            update_every=1 if update_every is None else update_every)
+    return rule, policy
+
+
 class ExponentialMovingAverage:
     """Exponential moving average of a dygraph model's weights.
 
@@ -49,8 +73,8 @@ class ExponentialMovingAverage:
         model: a `paddle.nn.Layer`, bare or wrapped in `paddle.DataParallel`.
         decay: the schedule's decay (upper bound), default 0.9998. Leave unset when `schedule` is
             a Schedule instance, which carries its own.
-        thres_steps: the seeds' switch: True uses d = min(decay, (1+t)/(10+t)) ('threshold'),
-            False a constant decay. Used only when `schedule` is not given.
+        thres_steps: the seeds' switch: True (default) uses d = min(decay, (1+t)/(10+t))
+            ('threshold'), False a constant decay. Used only when `schedule` is not given.
         schedule: a registered schedule name ('constant', 'threshold', 'exponential', 'power') or
             a `paddle_ema.schedules.Schedule` instance.
         schedule_options: the named schedule's own options, e.g. {'tau': 2000} for 'exponential',
@@ -76,6 +100,11 @@ class ExponentialMovingAverage:
             swaps them in only when every weight was finite: the check then costs no extra pass
             over the weights. Elsewhere the weights are read twice, once for the check.
 
+        rule: the update rule as one object (`paddle_ema.EMARule(schedule, bias_correction)`),
+            instead of decay, thres_steps, schedule, schedule_options and bias_correction.
+        policy: the step policy as one object (`paddle_ema.step_policy.StepPolicy(start_step,
+            update_every)`), instead of update_every and start_step.
+
     The step t of the schedule counts averaging updates from 0. `update(step=n)` takes the call
     index from an external counter instead (TensorFlow's num_updates); t is then
     (n - start_step) // update_every, so the decay follows the external counter. Which call
@@ -90,28 +119,22 @@ class ExponentialMovingAverage:
         *,
         schedule: Any = None,
         schedule_options: Optional[Dict[str, Any]] = None,
-        bias_correction: bool = False,
-        update_every: int = 1,
-        start_step: int = 0,
+        bias_correction: Optional[bool] = None,
+        update_every: Optional[int] = None,
+        start_step: Optional[int] = None,
         include_stop_gradient: bool = False,
         exclude: Any = None,
         device: Any = None,
         shard: bool = False,
         group: Any = None,
-        nonfinite: str = "skip",
+        nonfinite: Union[str, NonfinitePolicy] = "skip",
+        rule: Optional[EMARule] = None,
+        policy: Optional[StepPolicy] = None,
     ):
-        if not isinstance(thres_steps, (bool, np.bool_)):
-            raise ConfigError(f"thres_steps must be True (the threshold warm-up) or False (a constant decay), got "
-                              f"{thres_steps!r}")
-        if schedule is None:
-            schedule = "threshold" if thres_steps else "constant"
-        if isinstance(schedule, str) and decay is None:
-            decay = DEFAULT_DECAY
-        self.rule = EMARule(make_schedule(schedule, decay, **dict(schedule_options or {})), bias_correction)
-        self.policy = StepPolicy(start_step=start_step, update_every=update_every)
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
-        self.nonfinite = nonfinite
+        self.rule, self.policy = _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options,
+                                                  bias_correction, update_every, start_step)
+        # A policy object is used as given (its count goes on); a mode name makes a new one.
+        self.nonfinite_policy = nonfinite if isinstance(nonfinite, NonfinitePolicy) else NonfinitePolicy(nonfinite)
         self.include_stop_gradient = bool(include_stop_gradient)
         self.exclude = exclude
         self.device = self._place(device)
@@ -126,8 +149,8 @@ class ExponentialMovingAverage:
         self._owned = self._sharding.owned if shard else list(range(len(self._params)))
         self._backup = None
         self._backup_token = None
-        self._spares = None  # apply()'s buffers for the averages, kept between applies
-        self._holders = None  # and the tensors that hold the raw weights' buffers meanwhile
+        self._holders = None  # the tensors that hold the raw weights' buffers while applied
+        self._kernel = Kernel([])  # the update of the averages this process keeps (register())
         self.register()
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
@@ -172,9 +195,9 @@ class ExponentialMovingAverage:
         self._shadows = [self._new_shadow(p) if i in owned else None for i, p in enumerate(self._params)]
         self._owned_shadows = [self._shadows[i] for i in self._owned]
         self._owned_params = [self._params[i] for i in self._owned]
-        self._separate_spares = None  # the guarded update's own buffers, when apply()'s do not fit
+        self._kernel.rebind(self._owned_shadows)
         self.num_calls = 0
-        self.num_nonfinite_skipped = 0
+        self.nonfinite_policy.reset()
         self.num_updates = 0
         self.decay_product = 1.0
         self.last_decay = None
@@ -208,33 +231,25 @@ class ExponentialMovingAverage:
 
     def _update(self, call, kind, t):
         self.num_calls = call + 1
-        guarded = self.nonfinite != "update"
-        if kind == AVERAGE:
+        # Every rank checks every weight (not only the ones it averages), so that sharded ranks,
+        # which hold the same weights, take the same decision without communicating.
+        scan = self._params if self.nonfinite_policy.checks else None
+        if kind == COPY:
+            bad = self._kernel.copy_from(self._owned_params, scan=scan)
+        else:
+            assert kind == AVERAGE
             decay, weight, product = self.rule.step(t, self.decay_product)
-            if 0.0 < weight < 1.0 and _active_kernel() == "fused":  # the common case, one call
-                if not guarded:
-                    fused.lerp_(self._owned_shadows, self._owned_params, weight)
-                else:
-                    bad = fused.guarded_lerp_(
-                        self._owned_shadows, self._owned_params, self._params, weight, self._update_spares()
-                    )
-                    if bad is not None:
-                        self._nonfinite(call, bad)
-                        return None
-            else:
-                if guarded and not self._weights_finite(call):
-                    return None
-                kernels.lerp_(self._owned_shadows, self._owned_params, weight)
-            self.num_updates += 1
-            self.decay_product = product
-            self.last_decay = decay
-            return decay
-        assert kind == COPY
-        if guarded and not self._weights_finite(call):
+            bad = self._kernel.lerp_(self._owned_params, weight, scan=scan)
+        if bad is not None:
+            self._nonfinite(call, bad)
             return None
-        kernels.copy_(self._owned_shadows, self._owned_params)
-        self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
-        return None
+        if kind == COPY:
+            self.num_updates, self.decay_product, self.last_decay = 0, 1.0, None
+            return None
+        self.num_updates += 1
+        self.decay_product = product
+        self.last_decay = decay
+        return decay
 
     def _check_shapes(self, where):
         """EMAStateError naming the first parameter whose shape is no longer its average's."""
@@ -247,55 +262,25 @@ class ExponentialMovingAverage:
                     "to average it from its new shape on"
                 )
 
-    def _update_spares(self):
-        """The buffers the guarded fused update writes the new averages into before they trade
-        places with the averages (fused.guarded_lerp_: one read of the weights instead of two), or
-        None to update in place (averages or weights off the CPU). An unsharded EMA whose averages
-        have their weights' dtypes uses apply()'s spares, which are free whenever update() may run
-        (never while applied): no memory beyond what the first apply() takes anyway."""
-        if self._separate_spares is None:
-            on_cpu = all(_compat.is_cpu_place(t.place) for t in (*self._owned_shadows, *self._owned_params))
-            shared = (
-                self._sharding is None
-                and all(s.dtype == p.dtype for s, p in zip(self._shadows, self._params))
-                and _compat.can_share_buffers(self._params[0])
-            )
-            self._separate_spares = False if not on_cpu or shared else [paddle.empty_like(s) for s in self._owned_shadows]
-            self._spares_shared = on_cpu and shared
-        if self._spares_shared:
-            self._make_spares()
-            return self._spares
-        return self._separate_spares or None
-
-    def _make_spares(self):
-        if self._spares is None:
-            # paddle.Tensor() is slow to make: the holders are made once, with the spares.
-            self._spares = [paddle.empty_like(p) for p in self._params]
-            self._holders = [paddle.Tensor() for _ in self._params]
-
-    def _weights_finite(self, call):
-        # Every rank checks every weight (not only the ones it averages), so that sharded ranks,
-        # which hold the same weights, take the same decision without communicating.
-        bad = kernels.first_nonfinite(self._params)
-        if bad is None:
-            return True
-        self._nonfinite(call, bad, stacklevel=4)
-        return False
-
-    def _nonfinite(self, call, bad, stacklevel=3):
+    def _nonfinite(self, call, bad):
         """The guard's answer to the weight `bad` holding NaN or Inf: raise, or count and warn."""
         name = self.names[bad]
-        if self.nonfinite == "raise":
-            raise NonFiniteError(f"update() at call {call}: parameter {name!r} holds NaN or Inf")
-        self.num_nonfinite_skipped += 1
-        count = self.num_nonfinite_skipped
-        if count in (1, 10, 100) or count % 1000 == 0:  # diverged runs would warn every step
-            warnings.warn(
-                f"EMA update at call {call} skipped: parameter {name!r} holds NaN or Inf "
-                f"({count} update(s) skipped so far; warnings repeat at 10, 100 and every 1000)",
-                RuntimeWarning,
-                stacklevel=stacklevel + 1,
-            )
+        self.nonfinite_policy.skip(f"update() at call {call}: parameter {name!r} holds NaN or Inf",
+                                   f"EMA update at call {call} skipped: parameter {name!r} holds NaN or Inf")
+
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite policy's mode: 'skip', 'raise' or 'update'."""
+        return self.nonfinite_policy.mode
+
+    @property
+    def num_nonfinite_skipped(self) -> int:
+        """Updates skipped for NaN or Inf weights since register()."""
+        return self.nonfinite_policy.skipped
+
+    @num_nonfinite_skipped.setter
+    def num_nonfinite_skipped(self, count: int) -> None:
+        self.nonfinite_policy.skipped = int(count)
 
     @property
     def is_applied(self) -> bool:
@@ -322,9 +307,10 @@ class ExponentialMovingAverage:
             self._backup_token = token = object()
         self._averages_into(self._params)
         if not need_restore:
-            if self._backup is not None and self._spares is not None:
+            if self._backup is not None and self._backup is self._holders:
                 # The weights stay on the spare buffers for good, and the raw ones are dropped.
-                self._spares = self._holders = None
+                self._kernel.forget_scratch()
+                self._holders = None
             self._backup = self._backup_token = None
         return _Applied(self, token)
 
@@ -334,12 +320,15 @@ class ExponentialMovingAverage:
         averages are then copied into. The parameter objects stay the same, so the optimizer,
         hooks, state_dict() and export see the averages; restore() points them back.
 
-        The spares are kept from one apply() to the next (no allocation, no page faults). Without
-        buffer sharing (_compat.share_buffer; not in this Paddle), the raw weights are copied instead."""
+        The spares are the kernel's, kept from one apply() to the next (no allocation, no page
+        faults). Without buffer sharing (_compat.share_buffer; not in this Paddle), the raw weights
+        are copied instead."""
         if not _compat.can_share_buffers(self._params[0]):
             return [p.detach().clone() for p in self._params]
-        self._make_spares()
-        for param, spare, holder in zip(self._params, self._spares, self._holders):
+        spares = self._kernel.scratch_like(self._params)
+        if self._holders is None:
+            self._holders = [paddle.Tensor() for _ in self._params]  # slow to make: made once
+        for param, spare, holder in zip(self._params, spares, self._holders):
             _compat.share_buffer(param, holder)
             _compat.share_buffer(spare, param)
         return self._holders
@@ -347,7 +336,7 @@ class ExponentialMovingAverage:
     def _averages_into(self, targets):
         """targets[i] <- average i for every averaged parameter; collective when sharded."""
         if self._sharding is None:
-            _copy(targets, self._shadows)
+            self._kernel.copy_(targets, self._shadows)
         else:
             dtypes = [shadow_dtype(p.dtype) for p in self._params]
             self._sharding.broadcast_into(targets, self._shadows, dtypes, self._params[0].place)
@@ -370,11 +359,11 @@ class ExponentialMovingAverage:
                 "restore() without a matching apply(): the model holds its raw weights "
                 "(or apply(need_restore=False) dropped them)"
             )
-        if self._spares is not None and _compat.can_share_buffers(self._params[0]):
+        if self._backup is self._holders:  # the parameters point at spare buffers
             for param, holder in zip(self._params, self._backup):
                 _compat.share_buffer(holder, param)
         else:
-            _copy(self._params, self._backup)
+            self._kernel.copy_(self._params, self._backup)
         self._backup = self._backup_token = None
 
     def average(self, name: str) -> paddle.Tensor:
@@ -386,7 +375,8 @@ class ExponentialMovingAverage:
         Returns:
             Its shadow, by reference (float32 for half-precision weights). The Tensor object
             follows every update; a tensor that shares its memory (`detach()`) may not, since a
-            guarded update on the CPU gives the shadow a new buffer.
+            guarded update on the CPU gives the shadow a new buffer (docs/dygraph.md, "Calls and
+            attributes").
         """
         if name not in self._index:
             close = difflib.get_close_matches(name, self.names, n=3)
@@ -456,7 +446,7 @@ class ExponentialMovingAverage:
         for index in self._owned:
             value = shadows[self.names[index]]
             sources.append(value if isinstance(value, paddle.Tensor) else paddle.to_tensor(value))
-        kernels.copy_(self._owned_shadows, sources)
+        self._kernel.copy_from(sources)
         for key, value in counters.items():
             setattr(self, key, value)
 
@@ -505,45 +495,16 @@ class StochasticWeightAveraging(ExponentialMovingAverage):
 
     Args:
         model: a `paddle.nn.Layer`, bare or wrapped in `paddle.DataParallel`.
-        update_every: average on every k-th call from start_step on.
-        start_step: before this call index the average copies the weights.
-        **options: as for ExponentialMovingAverage, without the decay settings.
+        update_every: average on every k-th call from start_step on (default 1).
+        start_step: before this call index the average copies the weights (default 0).
+        **options: as for ExponentialMovingAverage (policy= among them), without the decay settings.
     """
 
-    def __init__(self, model: paddle.nn.Layer, *, update_every: int = 1, start_step: int = 0, **options: Any):
-        decay_settings = sorted({"decay", "thres_steps", "schedule", "schedule_options", "bias_correction"} & set(options))
+    def __init__(self, model: paddle.nn.Layer, *, update_every: Optional[int] = None, start_step: Optional[int] = None,
+                 **options: Any):
+        decay_settings = sorted({"decay", "thres_steps", "schedule", "schedule_options", "bias_correction", "rule"}
+                                & set(options))
         if decay_settings:
             raise ConfigError(f"StochasticWeightAveraging gives every averaged step equal weight; it takes no {decay_settings}")
-        super().__init__(
-            model,
-            schedule=PowerFunction(gamma=0.0),
-            update_every=update_every,
-            start_step=start_step,
-            **options,
-        )
-
-
-# kernels.active_kernel() reads $PADDLE_EMA_KERNEL through os.environ.get, a noticeable share of
-# a small model's update; its answer is kept for as long as set_kernel()'s mode and the
-# variable's raw value stay the same (both are checked on every call, far more cheaply).
-_kernel_cache = {"key": None, "kernel": None}
-
-
-def _active_kernel():
-    # The choice depends on the mode, the variable and whether the extension is (still) loaded:
-    # a process state reset (a new extension state, as tests make) must not keep a stale "fused".
-    state = fused._state
-    key = (kernels._forced, fused.environment(kernels.KERNEL_ENV), id(state), state["loaded"])
-    cache = _kernel_cache
-    if cache["kernel"] is None or key != cache["key"]:
-        kernel = kernels.active_kernel()  # raises for a bad mode: nothing cached then
-        cache["key"], cache["kernel"] = key, kernel
-    return cache["kernel"]
-
-
-def _copy(targets, sources):
-    """kernels.copy_, multi-threaded by the extension for same-dtype CPU pairs when it is in use."""
-    if _active_kernel() == "fused":
-        fused.copy_(targets, sources)
-    else:
-        kernels.copy_(targets, sources)
+        super().__init__(model, rule=EMARule(PowerFunction(gamma=0.0)), update_every=update_every, start_step=start_step,
+                         **options)

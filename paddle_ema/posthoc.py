@@ -26,12 +26,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from .checkpoint import atomic_save, atomic_write_text, safe_load
-from .averaging import SavedState, first_nonfinite_name, tensor_problem
+from .core.schedules import PowerFunction
+from .core.validation import check_choice, check_int, is_integer
 from .dygraph import ExponentialMovingAverage
 from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
-from .schedules import PowerFunction
-from .step_policy import check_int, is_integer
+from .infra.checkpoint import atomic_save, atomic_write_text, safe_load
+from .infra.saved_state import SavedState, tensor_problem
+from .kernels import first_nonfinite_name
 
 __all__ = ["sigma_rel_to_gamma", "gamma_to_sigma_rel", "profile_coefficients", "profile_fit", "PostHocEMA",
            "synthesize", "read_index", "synthesis_range", "synthesis_step", "check_synthesis", "MAX_PROFILE_ERROR"]
@@ -160,8 +161,7 @@ class PostHocEMA:
 
     def __init__(self, model: Any, snapshot_dir: Union[str, Path], sigma_rels: Iterable[float] = (0.05, 0.10),
                  snapshot_every: int = 1000, snapshot_dtype: str = "float32", write: bool = True, **options: Any):
-        if snapshot_dtype not in ("float32", "float16"):
-            raise ConfigError(f"snapshot_dtype must be 'float32' or 'float16', got {snapshot_dtype!r}")
+        check_choice("snapshot_dtype", snapshot_dtype, ("float32", "float16"), "'float32' or 'float16'")
         snapshot_every = check_int("snapshot_every", snapshot_every, 1)
         if not sigma_rels:
             raise ConfigError("sigma_rels needs at least one relative width")

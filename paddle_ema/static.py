@@ -45,24 +45,28 @@ truncates.
 """
 
 import contextlib
-import warnings
-from typing import Any, Dict, Iterable, Iterator, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import paddle
 
-from . import _compat, kernels, program_ops
-from .averaging import EMARule, shadow_dtype
-from .checkpoint import staged_prefix
+from . import _compat, kernels
+from .core.averaging import EMARule, rule_from_options, shadow_dtype
+from .core.nonfinite import NonfinitePolicy
+from .core.schedules import Schedule
+from .core.selection import is_floating, select_parameters
+from .core.step_policy import StepPolicy
+from .core.validation import check_object_or_keywords
 from .errors import ConfigError, EMAStateError
-from .program_ops import clone_for_test, step_counter
-from .schedules import Schedule, make_schedule
-from .selection import is_floating, select_parameters
-from .step_policy import StepPolicy
+from .infra import program_ops
+from .infra.checkpoint import staged_prefix
+from .infra.program_ops import clone_for_test, step_counter
 
 __all__ = ["ExponentialMovingAverage", "step_counter", "clone_for_test"]
 
 DEFAULT_DECAY = 0.999
+# A program counts skipped runs itself and cannot raise: 'raise' is the dygraph EMA's.
+STATIC_NONFINITE_MODES = ("skip", "update")
 SCALAR_DTYPE = "float64"
 
 
@@ -106,6 +110,42 @@ def _chosen_parameters(program, parameters):
     return [(name, param) for name, param in present.items() if name in chosen]
 
 
+def _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options, update_every, bias_correction):
+    """(EMARule, StepPolicy) from the objects or from the keywords they replace (not both)."""
+    # With rule=, a step variable may still feed its schedule; thres_steps=True is a schedule choice.
+    check_object_or_keywords("rule", rule, EMARule, {
+        "decay": decay, "thres_steps": True if thres_steps is True else None, "schedule": schedule,
+        "schedule_options": schedule_options, "bias_correction": bias_correction})
+    check_object_or_keywords("policy", policy, StepPolicy, {"update_every": update_every})
+    if policy is None:
+        policy = StepPolicy(update_every=1 if update_every is None else update_every)
+    elif policy.start_step:
+        raise ConfigError("policy: start_step is not supported in static programs; use 0")
+    if rule is None:
+        if schedule is None:
+            schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
+        named_decay = (DEFAULT_DECAY if decay is None else decay) if isinstance(schedule, str) else None
+        rule = rule_from_options(schedule, named_decay, schedule_options,
+                                 True if bias_correction is None else bias_correction)
+    return rule, policy
+
+
+def _program_parameters(program, parameters, include_stop_gradient, exclude):
+    """[(name, parameter)] to average: those given, or the program's chosen by the selection rules."""
+    if parameters is None:
+        named = select_parameters(_ProgramParameters(program), include_stop_gradient, exclude)
+    elif exclude is not None:
+        raise ConfigError("give the parameters to average either as parameters= or by exclude=, not both")
+    else:
+        named = _chosen_parameters(program, parameters)
+    if not named:
+        raise ConfigError(
+            "the main program has no parameters to average (none is trainable, or all are excluded); "
+            "build the EMA inside the program, after optimizer.minimize(loss)"
+        )
+    return named
+
+
 class ExponentialMovingAverage:
     """Exponential moving average of a static program's parameters, for PIR and legacy programs.
 
@@ -135,6 +175,11 @@ class ExponentialMovingAverage:
         nonfinite: 'skip' (default): a run whose parameters hold NaN or Inf averages nothing and
             is counted in the persistable `@EMA_NONFINITE_SKIPPED@` (apply() warns when it grew;
             num_nonfinite_skipped() reads it); 'update' averages regardless.
+        rule: the update rule as one object (`paddle_ema.EMARule`), instead of decay, schedule,
+            schedule_options, bias_correction and thres_steps=True (a step variable may still be
+            given as thres_steps: it feeds the rule's schedule).
+        policy: the step policy as one object (`StepPolicy(update_every=k)`; start_step must be 0),
+            instead of update_every.
 
     Build it inside the main program after `optimizer.minimize(loss)`, then call `update()` once.
     All state (shadows, update counter, decay product) is persistable: `paddle.static.save` and
@@ -143,18 +188,20 @@ class ExponentialMovingAverage:
 
     def __init__(
         self,
-        decay: float = DEFAULT_DECAY,
+        decay: Optional[float] = None,
         thres_steps: Any = None,
         name: Optional[str] = None,
         *,
         schedule: Any = None,
         schedule_options: Optional[Dict[str, Any]] = None,
-        update_every: int = 1,
-        bias_correction: bool = True,
+        update_every: Optional[int] = None,
+        bias_correction: Optional[bool] = None,
         include_stop_gradient: bool = False,
         exclude: Any = None,
         parameters: Optional[Iterable[Any]] = None,
-        nonfinite: str = "skip",
+        nonfinite: Union[str, NonfinitePolicy] = "skip",
+        rule: Optional[EMARule] = None,
+        policy: Optional[StepPolicy] = None,
     ):
         if paddle.in_dynamic_mode():
             raise ConfigError(
@@ -168,37 +215,23 @@ class ExponentialMovingAverage:
             )
         if name is not None and not isinstance(name, str):
             raise ConfigError(f"name must be a string or None, got {name!r}")
-        self.policy = StepPolicy(update_every=update_every)
-        if schedule is None:
-            schedule = "constant" if thres_steps is None or thres_steps is False else "threshold"
-        options = dict(schedule_options or {})
-        self.rule = EMARule(
-            make_schedule(schedule, None if not isinstance(schedule, str) else decay, **options),
-            bias_correction=bool(bias_correction),
-        )
+        self.rule, self.policy = _rule_and_policy(rule, policy, decay, thres_steps, schedule, schedule_options,
+                                                  update_every, bias_correction)
         if np.float32(self.schedule.decay) >= 1.0:
             raise ConfigError(
                 f"decay {self.schedule.decay!r} rounds to 1.0 in float32, the precision in which programs "
                 "carry constants: nothing would be averaged; use a decay below 1 - 3e-8"
             )
-        if nonfinite not in ("skip", "update"):
-            raise ConfigError(f"nonfinite must be 'skip' or 'update' in a static program, got {nonfinite!r}")
-        self.nonfinite = nonfinite
+        if isinstance(nonfinite, NonfinitePolicy):
+            nonfinite = nonfinite.mode  # the count lives in the program (num_nonfinite_skipped)
+        self.nonfinite_policy = NonfinitePolicy(nonfinite, modes=STATIC_NONFINITE_MODES,
+                                                refused="nonfinite must be 'skip' or 'update' in a static program, "
+                                                        "got {mode!r}")
         self._step_variable = thres_steps if _is_program_variable(thres_steps) else None
         self._prefix = name or ""
 
         self.program = paddle.static.default_main_program()
-        if parameters is None:
-            named = select_parameters(_ProgramParameters(self.program), include_stop_gradient, exclude)
-        elif exclude is not None:
-            raise ConfigError("give the parameters to average either as parameters= or by exclude=, not both")
-        else:
-            named = _chosen_parameters(self.program, parameters)
-        if not named:
-            raise ConfigError(
-                "the main program has no parameters to average (none is trainable, or all are excluded); "
-                "build the EMA inside the program, after optimizer.minimize(loss)"
-            )
+        named = _program_parameters(self.program, parameters, include_stop_gradient, exclude)
         self.names = [param_name for param_name, _ in named]
         self._params = [param for _, param in named]
         self._check_names_free()
@@ -214,7 +247,6 @@ class ExponentialMovingAverage:
         self._skipped = program_ops.create_persistable(self._var("@EMA_NONFINITE_SKIPPED@"), [1], "int64", 0)
         self._updated = False
         self._open_applies = 0  # apply() blocks open that restore on exit
-        self._skipped_warned = 0
         self._start_program = None  # start_from_weights()'s, built on its first call
         self._build_swap_programs()
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
@@ -307,7 +339,7 @@ class ExponentialMovingAverage:
         decay = self.schedule.tensor(t)
         weight, product = self.rule.weight(decay, self._product)
         finite = None
-        if self.nonfinite == "skip":
+        if self.nonfinite_policy.checks:
             # Weights holding NaN or Inf (a diverged step) must not reach the shadows: such a run
             # averages nothing and is counted, like the dygraph EMA's nonfinite='skip'.
             check = program_ops.fused_all_finite if self._fused_check() else program_ops.all_finite
@@ -340,10 +372,13 @@ class ExponentialMovingAverage:
             for dtype, (shadows, params) in groups.items():
                 program_ops.fused_lerp_(shadows, params, weight_for(dtype))
             pairs = [(param, shadow) for param, shadow in pairs if not program_ops.fused_lerp_takes(shadow, param)]
+        if finite is not None and pairs:
+            chosen = paddle.reshape(finite, [])
+            chosen.stop_gradient = True  # a bool that broadcast_to expands (no gradient flows here)
         for param, shadow in pairs:
             value = param if param.dtype == shadow.dtype else paddle.cast(param, shadow.dtype)
             if finite is not None:  # a weight of 0 would not do: 0 * NaN is NaN
-                value = paddle.where(finite, value, shadow)
+                value = self._chosen(chosen, value, shadow)
             program_ops.lerp_(shadow, value, weight_for(shadow.dtype))
         paddle.assign(product, output=self._product)
         paddle.increment(self._counter, 1.0)
@@ -529,17 +564,18 @@ class ExponentialMovingAverage:
         except (RuntimeError, ValueError, IndexError):  # declared but not initialised yet
             return 0
 
+    @property
+    def nonfinite(self) -> str:
+        """The non-finite policy's mode: 'skip' or 'update'."""
+        return self.nonfinite_policy.mode
+
     def _warn_skipped(self):
         """Warn (at apply(), where the averages get used) when more runs were skipped since the last warning."""
-        count = self.num_nonfinite_skipped()
-        if count > self._skipped_warned:
-            self._skipped_warned = count
-            warnings.warn(
-                f"the static EMA skipped {count} update run(s) so far because parameters held NaN or Inf "
-                f"(counted in {self._skipped.name!r}); the averages leave those runs out",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+        name = self._skipped.name
+        self.nonfinite_policy.report_total(
+            self.num_nonfinite_skipped(),
+            lambda count: f"the static EMA skipped {count} update run(s) so far because parameters held NaN or Inf "
+                          f"(counted in {name!r}); the averages leave those runs out")
 
     @contextlib.contextmanager
     def apply(self, executor: paddle.static.Executor,

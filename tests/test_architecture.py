@@ -1,10 +1,16 @@
-"""The package's structure: private Paddle names only in the compatibility layer, and no import cycles.
+"""The package's structure: private names of other libraries only in the compatibility layer, no
+import from a lower layer to a higher one, and no import cycles.
 
-Both are read from the source with `ast`, imports inside functions included, so a lazy import
-cannot hide a cycle and a private Paddle attribute cannot slip in unnoticed.
+All are read from the source with `ast`, imports inside functions included, so a lazy import
+cannot hide a cycle or an upward import and a private attribute cannot slip in unnoticed.
 """
 
 import ast
+import os
+import re
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "paddle_ema"
@@ -18,8 +24,17 @@ KNOWN_PADDLE_PRIVATE = {
 }
 
 
-# Python's own underscored names that the package uses on purpose (not Paddle's).
-PYTHON_PRIVATE = {"_getframe"}
+# Python's own underscored names that the package uses on purpose outside _compat (none: CPython's
+# private reaches are shims there too).
+PYTHON_PRIVATE = set()
+# Other libraries' namespaces that are private as a whole, underscored or not.
+PRIVATE_NAMESPACES = ("paddle.base", "paddle.fluid", "paddle.framework.core", "paddle.jit.dy2static")
+# Not underscored, but in no __all__ and documented nowhere: reached only through _compat.
+UNDOCUMENTED = {
+    "os.environ.encodekey", "os.environ.decodevalue",
+    "paddle.utils.cpp_extension.load_op_meta_info_and_register_op",
+    "paddle.framework.in_pir_mode",
+}
 
 
 def modules():
@@ -69,6 +84,121 @@ def test_private_paddle_names_only_in_the_compatibility_layer():
     ours = (defined_private_names(trees.values()) | PYTHON_PRIVATE) - KNOWN_PADDLE_PRIVATE
     offences = [line for p, tree in trees.items() if p != COMPAT for line in private_reaches(p, tree, ours)]
     assert not offences, "private Paddle names outside paddle_ema/_compat.py:\n" + "\n".join(offences)
+
+
+def external_aliases(tree):
+    """Local name -> dotted path, for the names a module binds to other libraries' modules or attributes."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] != "paddle_ema":
+                    aliases[a.asname or a.name.split(".")[0]] = a.name if a.asname else a.name.split(".")[0]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] != "paddle_ema":
+            for a in node.names:
+                aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+    return aliases
+
+
+def dotted(node, aliases):
+    """The dotted path of an attribute chain (getattr with a constant name included) rooted at an
+    external alias, or None."""
+    parts = []
+    while True:
+        if isinstance(node, ast.Attribute):
+            parts.append(node.attr)
+            node = node.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "getattr" \
+                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) \
+                and isinstance(node.args[1].value, str):
+            parts.append(node.args[1].value)
+            node = node.args[0]
+        elif isinstance(node, ast.Name) and node.id in aliases:
+            return ".".join([aliases[node.id]] + parts[::-1])
+        else:
+            return None
+
+
+def is_private_path(path):
+    parts = path.split(".")
+    underscored = any(p.startswith("_") and not p.startswith("__") for p in parts[1:])
+    return underscored or path.startswith(PRIVATE_NAMESPACES) or path in UNDOCUMENTED
+
+
+def foreign_private_reaches(path, tree, ours):
+    """Reaches today's attribute rule misses: chains into another library's private namespaces or
+    through an underscored component (os.environ._data, sys._getframe), undocumented names,
+    getattr/hasattr/setattr/delattr with an underscored constant paddle_ema does not define, and
+    `from X import Y` of any of these."""
+    aliases = external_aliases(tree)
+    found = set()
+    for node in ast.walk(tree):
+        chain = dotted(node, aliases) if isinstance(node, (ast.Attribute, ast.Call)) else None
+        if chain and is_private_path(chain):
+            found.add((node.lineno, chain))
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                and node.func.id in ("getattr", "hasattr", "setattr", "delattr") and len(node.args) >= 2 \
+                and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+            attr = node.args[1].value
+            if attr.startswith("_") and not attr.startswith("__") and attr not in ours:
+                found.add((node.lineno, f"{node.func.id}(..., {attr!r})"))
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module \
+                and node.module.split(".")[0] != "paddle_ema":
+            found.update((node.lineno, f"from {node.module} import {a.name}") for a in node.names
+                         if is_private_path(f"{node.module}.{a.name}"))
+    # One line per reach: a chain that starts a longer one on the same line is the same reach.
+    kept = {(line, what) for line, what in found
+            if not any(l2 == line and w2 != what and w2.startswith(what + ".") for l2, w2 in found)}
+    return sorted(f"{path.relative_to(PACKAGE.parent)}:{line}: {what}" for line, what in kept)
+
+
+def test_private_names_of_other_libraries_only_in_the_compatibility_layer():
+    trees = {p: ast.parse(p.read_text(encoding="utf-8"), str(p)) for p in modules()}
+    ours = defined_private_names(trees.values()) - KNOWN_PADDLE_PRIVATE
+    offences = [line for p, tree in trees.items() if p != COMPAT for line in foreign_private_reaches(p, tree, ours)]
+    assert not offences, "private or undocumented names of other libraries outside paddle_ema/_compat.py:\n" + \
+        "\n".join(offences)
+
+
+def test_the_private_reach_rules_catch_each_kind():
+    # The rules above, on a module that commits each offence once, and on the same module's allowed twins.
+    source = textwrap.dedent(
+        """
+        import os, sys
+        import paddle
+        from paddle.base import framework
+        from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
+        a = os.environ._data
+        b = sys._getframe(1)
+        c = paddle.base.framework.convert_np_dtype_to_dtype_
+        d = getattr(model, "_optimizer", None)
+        e = hasattr(model, "_layers")
+        f = paddle.framework.in_pir_mode()
+        g = os.environ.get("X")
+        h = getattr(self, "_ours", None)
+        """
+    )
+    found = foreign_private_reaches(PACKAGE / "example.py", ast.parse(source), {"_ours"})
+    assert sorted(line.split(": ", 1)[1] for line in found) == sorted([
+        "from paddle.base import framework",
+        "from paddle.utils.cpp_extension import load_op_meta_info_and_register_op",
+        "os.environ._data", "sys._getframe", "paddle.base.framework.convert_np_dtype_to_dtype_",
+        "getattr(..., '_optimizer')", "hasattr(..., '_layers')", "paddle.framework.in_pir_mode",
+    ])
+
+
+def test_paddles_protected_tensor_members_only_in_the_cpp_compatibility_header():
+    # DenseTensor's holder_ and meta_ are protected members: ema_compat.h alone names them.
+    csrc = PACKAGE / "kernels" / "csrc"
+    offences = []
+    for path in sorted(csrc.iterdir()):
+        if path.suffix not in (".cc", ".h", ".cu", ".cuh") or path.name == "ema_compat.h":
+            continue
+        text = path.read_text(encoding="utf-8")
+        code = re.sub(r"//[^\n]*|/\*.*?\*/", "", text, flags=re.S)
+        offences += [f"{path.name}: {m}" for m in sorted(set(re.findall(r"\b(?:holder_|meta_)\b", code)))]
+    assert not offences, offences
 
 
 def test_the_compatibility_layer_documents_each_shim():
@@ -126,6 +256,60 @@ def test_no_import_cycles():
     assert not cycles, "import cycles inside paddle_ema:\n" + "\n".join(cycles)
 
 
+# The layers, lowest first: a module imports modules of its own layer and lower ones only.
+# "pkg.*" is the package and everything under it; every module of paddle_ema is in exactly one.
+LAYER_RANKS = [
+    ("foundation", ["paddle_ema._compat", "paddle_ema._require", "paddle_ema._aliases", "paddle_ema.errors",
+                    "paddle_ema.environment"]),
+    ("math core", ["paddle_ema.core.*"]),
+    ("kernels", ["paddle_ema.kernels.*"]),
+    ("infrastructure", ["paddle_ema.infra.*"]),
+    ("front-ends", ["paddle_ema.dygraph", "paddle_ema.static", "paddle_ema.posthoc", "paddle_ema.batchnorm",
+                    "paddle_ema.callbacks", "paddle_ema.dropin.*", "paddle_ema.integrations.*"]),
+    ("config", ["paddle_ema.config.*"]),
+    ("engine", ["paddle_ema.engine.*"]),
+    ("package", ["paddle_ema"]),
+]
+
+
+def layer_of(module):
+    """(rank, layer name) of a module, or None when no layer names it."""
+    found = []
+    for rank, (layer, patterns) in enumerate(LAYER_RANKS):
+        for pattern in patterns:
+            if module == pattern or (pattern.endswith(".*") and
+                                     (module == pattern[:-2] or module.startswith(pattern[:-1]))):
+                found.append((rank, layer))
+    return found[0] if len(found) == 1 else None
+
+
+def upward_imports(path, tree, known):
+    """The imports of `path` that reach a higher layer than its own."""
+    name = module_name(path)
+    rank, layer = layer_of(name)
+    upward = []
+    for target in sorted(imports_of(path, tree, known)):
+        if name.startswith(target + "."):
+            continue  # a submodule runs its package's __init__ anyway
+        target_rank, target_layer = layer_of(target)
+        if target_rank > rank:
+            upward.append(f"{name} ({layer}) imports {target} ({target_layer})")
+    return upward
+
+
+def test_no_import_from_a_lower_layer_to_a_higher_one():
+    paths = modules()
+    known = {module_name(p) for p in paths}
+    unplaced = sorted(m for m in known if layer_of(m) is None)
+    assert not unplaced, f"modules in no layer (or in several) of LAYER_RANKS: {unplaced}"
+    upward = [line for p in paths for line in upward_imports(p, ast.parse(p.read_text(encoding="utf-8")), known)]
+    assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+    # The rule itself: a lazy import from the math core into the kernels is caught.
+    planted = ast.parse("def f():\n    from ..kernels import fused\n")
+    assert upward_imports(PACKAGE / "core" / "averaging.py", planted, known) == [
+        "paddle_ema.core.averaging (math core) imports paddle_ema.kernels.fused (kernels)"]
+
+
 def test_every_name_a_module_exports_exists():
     # Read from the source: each name in a module's literal __all__ is defined or imported there
     # (a rename that forgets __all__ breaks `from module import *` only at a user's import).
@@ -154,20 +338,26 @@ def test_every_name_a_module_exports_exists():
 
 
 def documented_modules():
-    """The modules whose public API carries type hints and Google-style docstrings."""
+    """The modules whose public API carries type hints and Google-style docstrings: all but the
+    engine behind the tools and the underscored foundation."""
     top = [p for p in PACKAGE.glob("*.py") if not p.name.startswith("_")]
-    return sorted(top + list((PACKAGE / "config").glob("*.py")) + list((PACKAGE / "kernels").glob("*.py")))
+    folders = ("core", "kernels", "infra", "dropin", "integrations", "config")
+    return sorted(top + [p for folder in folders for p in (PACKAGE / folder).rglob("*.py")])
 
 
 def exported_names(tree):
-    """The module's literal __all__, with `__all__ += [...]` additions; None when it has none."""
+    """The module's literal __all__; None when it has none."""
     names = None
     for node in tree.body:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
             names = {elt.value for elt in node.value.elts} if isinstance(node.value, (ast.List, ast.Tuple)) else None
-        elif isinstance(node, ast.AugAssign) and getattr(node.target, "id", None) == "__all__" and names is not None:
-            names |= {elt.value for elt in getattr(node.value, "elts", [])}
     return names
+
+
+def test_no_module_extends_its_all_after_the_literal():
+    extended = [module_name(p) for p in modules() for node in ast.parse(p.read_text(encoding="utf-8")).body
+                if isinstance(node, ast.AugAssign) and getattr(node.target, "id", None) == "__all__"]
+    assert not extended, extended
 
 
 def is_property(function):
@@ -237,3 +427,60 @@ def test_public_functions_have_type_hints_and_documented_arguments():
                     problems += signature_problems(method, f"{where}:{method.lineno} {node.name}.{method.name}",
                                                    class_doc or "", inherited)
     assert not problems, "public functions without type hints or Args:/Returns: sections:\n" + "\n".join(problems)
+
+
+# Modules that moved into core/, infra/ and dropin/, or were renamed in engine/, by their old paths.
+MOVED = {
+    "paddle_ema.schedules": "paddle_ema.core.schedules",
+    "paddle_ema.step_policy": "paddle_ema.core.step_policy",
+    "paddle_ema.averaging": "paddle_ema.core.averaging",
+    "paddle_ema.selection": "paddle_ema.core.selection",
+    "paddle_ema.checkpoint": "paddle_ema.infra.checkpoint",
+    "paddle_ema.restricted_pickle": "paddle_ema.infra.restricted_pickle",
+    "paddle_ema.sharding": "paddle_ema.infra.sharding",
+    "paddle_ema.program_ops": "paddle_ema.infra.program_ops",
+    "paddle_ema.ppdet": "paddle_ema.dropin.ppdet",
+    "paddle_ema.engine.averages": "paddle_ema.engine.average_protocol",
+    "paddle_ema.engine.average_files": "paddle_ema.engine.checkpoint_averaging",
+    "paddle_ema.engine.extra_averages": "paddle_ema.engine.swa_posthoc_setup",
+    "paddle_ema.engine.runs": "paddle_ema.engine.trainer_choice",
+    "paddle_ema.engine.run_folder": "paddle_ema.engine.output_folder",
+    "paddle_ema.engine.run_checkpoints": "paddle_ema.engine.checkpoint_files",
+}
+
+
+def test_old_import_paths_resolve_to_the_new_modules():
+    # In a fresh process whose first import is an old path, as a user's script would do it.
+    code = textwrap.dedent(
+        f"""
+        import importlib, sys
+        import paddle_ema.engine.run_checkpoints as first
+        from paddle_ema.ppdet import ModelEMA, SimpleModelEMA
+        from paddle_ema.schedules import make_schedule
+        moved = {MOVED!r}
+        assert first is sys.modules["paddle_ema.engine.checkpoint_files"]
+        for old, new in moved.items():
+            module = importlib.import_module(old)
+            assert module is importlib.import_module(new), old
+            assert sys.modules[old] is sys.modules[new] and module.__name__ == new, old
+            package, _, name = old.rpartition(".")
+            assert getattr(sys.modules[package], name) is module, old
+        import paddle_ema.step_policy
+        assert paddle_ema.step_policy.StepPolicy is sys.modules["paddle_ema.core.step_policy"].StepPolicy
+        assert ModelEMA.__module__ == "paddle_ema.dropin.ppdet" and SimpleModelEMA is paddle_ema.SimpleModelEMA
+        assert make_schedule is sys.modules["paddle_ema.core.schedules"].make_schedule
+        print("ok", len(moved))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(PACKAGE.parent)})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-2:] == ["ok", str(len(MOVED))]
+
+
+def test_the_new_packages_are_found_by_setup():
+    from setuptools import find_packages
+
+    found = find_packages(str(PACKAGE.parent), include=["paddle_ema", "paddle_ema.*"])
+    assert {"paddle_ema.core", "paddle_ema.kernels", "paddle_ema.infra", "paddle_ema.dropin",
+            "paddle_ema.integrations", "paddle_ema.config", "paddle_ema.engine"} <= set(found), found

@@ -1,6 +1,7 @@
 """One test per shim of paddle_ema._compat, on the Paddle installed: each does what it says."""
 
 import contextlib
+import os
 
 import numpy as np
 import paddle
@@ -66,7 +67,7 @@ def test_is_cpu_place():
     assert not _compat.is_cpu_place(object())
 
 
-@pytest.mark.skipif(not PADDLE3 or not paddle.framework.in_pir_mode.__module__, reason="PIR needs Paddle 3")
+@pytest.mark.skipif(not PADDLE3, reason="PIR needs Paddle 3")
 def test_create_pir_persistable():
     def build():
         init = paddle.nn.initializer.Constant(3.0)
@@ -261,3 +262,55 @@ def test_dense_tensor(tmp_path):
     finally:
         paddle.disable_static()
     assert type(tensor) is type(loaded)
+
+
+def test_in_pir_mode():
+    assert _compat.in_pir_mode() is False  # dygraph
+    paddle.enable_static()
+    try:
+        if PADDLE3:
+            assert _compat.in_pir_mode() is True  # PIR is Paddle 3's default program kind
+            with paddle.pir_utils.OldIrGuard():
+                assert _compat.in_pir_mode() is False
+        else:
+            assert _compat.in_pir_mode() is False
+    finally:
+        paddle.disable_static()
+
+
+def test_model_optimizer():
+    network = paddle.nn.Linear(2, 1)
+    model = paddle.Model(network)
+    assert _compat.model_optimizer(model) is None
+    optimizer = paddle.optimizer.SGD(learning_rate=0.1, parameters=network.parameters())
+    model.prepare(optimizer, paddle.nn.MSELoss())
+    assert _compat.model_optimizer(model) is optimizer
+
+
+def test_register_custom_ops(tmp_path):
+    # A file that is not a library is refused by Paddle's loader; the kernel tests register the real one.
+    not_a_library = tmp_path / "not_a_library.so"
+    not_a_library.write_bytes(b"not an ELF file")
+    with pytest.raises(Exception):
+        _compat.register_custom_ops(not_a_library)
+
+
+def test_warn_at_caller():
+    with pytest.warns(RuntimeWarning, match="said here") as record:
+        _compat.warn_at_caller("said here", RuntimeWarning)
+    assert record[0].filename == __file__
+
+
+def test_environment_reader(monkeypatch):
+    read = _compat.environment_reader()
+    monkeypatch.setenv("PADDLE_EMA_COMPAT_TEST", "é 1")
+    assert read("PADDLE_EMA_COMPAT_TEST") == "é 1" == os.environ.get("PADDLE_EMA_COMPAT_TEST")
+    monkeypatch.setenv("PADDLE_EMA_COMPAT_TEST", "2")  # a change is seen at once
+    assert read("PADDLE_EMA_COMPAT_TEST") == "2"
+    monkeypatch.delenv("PADDLE_EMA_COMPAT_TEST")
+    assert read("PADDLE_EMA_COMPAT_TEST") is None
+    # Where os.environ has no private mapping to read, the reader is os.environ.get.
+    plain = {"PADDLE_EMA_COMPAT_TEST": "3"}
+    monkeypatch.setattr(os, "environ", plain)
+    fallback = _compat.environment_reader()
+    assert fallback("PADDLE_EMA_COMPAT_TEST") == "3" and fallback("UNSET_NAME") is None

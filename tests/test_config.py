@@ -175,7 +175,7 @@ def test_shipped_configs_validate(name):
     assert cfg["architecture"] in REGISTRY["architecture"] and cfg["dataset"] in REGISTRY["dataset"]
 
 
-# The hand-written probes of issue 13: each is one ConfigError naming the key, before anything is built.
+# Hand-written probes of bad settings: each is one ConfigError naming the key, before anything is built.
 @pytest.mark.parametrize(
     "overrides, pattern",
     [
@@ -196,7 +196,7 @@ def test_shipped_configs_validate(name):
         (["x={1: 2}"], r"-o .*: the value is the key 1 \(int\) is not allowed; keys are strings"),
     ],
 )
-def test_issue_13_probes_are_one_config_error(overrides, pattern):
+def test_hand_written_probes_are_one_config_error(overrides, pattern):
     from paddle_ema.engine.runs import check_config
 
     with pytest.raises(ConfigError, match=pattern) as info:

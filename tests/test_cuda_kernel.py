@@ -117,3 +117,90 @@ def test_host_model_rounds_like_paddle_lerp():
     out = paddle.to_tensor(a)
     out.lerp_(paddle.to_tensor(x), float(w))
     assert np.array_equal(out.numpy().view("uint32"), model.view("uint32"))
+
+
+# --- the suites' formulas: scale_add and sub_scale_sub --------------------------------------------
+
+from suite_oracles import bf16_to_f32, f32_to_bf16  # noqa: E402
+
+DECAY = 0.9998
+
+
+def _to_half(values):
+    """float32 -> float16 rounded to nearest, ties to even (numpy's cast; the GPU's cvt.rn.f16.f32)."""
+    with np.errstate(over="ignore"):
+        return np.asarray(values, np.float32).astype(np.float16)
+
+
+def _gpu_rule(formula, kind, a, x, decay, weight):
+    """numpy of the GPU rule the kernel follows: float32/float64 averages step by step in their
+    dtype; float16/bfloat16 averages with each op in float32 (the factor a float32, as scale's
+    MPType) rounded to the half type (nearest even)."""
+    f32 = np.float32
+    if kind in ("half", "bfloat16"):
+        widen = (lambda h: h.astype(f32)) if kind == "half" else bf16_to_f32
+        narrow = _to_half if kind == "half" else f32_to_bf16
+        af, xf, d, w = widen(a), widen(x), f32(decay), f32(weight)
+        if formula == "scale_add":
+            left = widen(narrow(d * af + f32(0)))
+            right = widen(narrow(w * xf + f32(0)))
+            return narrow(left + right)
+        difference = widen(narrow(af - xf))
+        return narrow(af - widen(narrow(w * difference + f32(0))))
+    dtype = np.float64 if kind == "double" else f32
+    d, w = dtype(decay), dtype(weight)
+    xw = x.astype(f32) if kind == "float_half" else bf16_to_f32(x) if kind == "float_bfloat16" else x
+    if formula == "scale_add":
+        return (d * a + dtype(0)) + (w * xw + dtype(0))
+    return a - (w * (a - xw) + dtype(0))
+
+
+def _formula_inputs(kind, rng):
+    special = np.array([0.0, -0.0, 1e-40, -6e-8, 65504.0, 1.0, -1.0, 3.0e-5], np.float32)
+    average32 = np.concatenate([special, rng.standard_normal(4000).astype(np.float32) * 2])
+    value32 = np.concatenate([special[::-1], (average32[len(special):] + rng.standard_normal(4000) * 0.5)
+                              .astype(np.float32)])
+    if kind == "double":
+        return average32.astype(np.float64) * (1 + 1e-9), value32.astype(np.float64)
+    if kind == "half":
+        return _to_half(average32), _to_half(value32)
+    if kind == "bfloat16":
+        return f32_to_bf16(average32), f32_to_bf16(value32)
+    value = {"float": value32, "float_half": _to_half(value32), "float_bfloat16": f32_to_bf16(value32)}[kind]
+    return average32, value
+
+
+def _bits(array):
+    array = np.asarray(array)
+    return array.view({8: np.uint64, 4: np.uint32, 2: np.uint16}[array.dtype.itemsize])
+
+
+@pytest.mark.parametrize("formula", ["scale_add", "sub_scale_sub"])
+@pytest.mark.parametrize("kind", ["float", "float_half", "float_bfloat16", "double", "half", "bfloat16"])
+def test_formula_host_model_is_the_gpu_rule(harness, formula, kind):
+    # The host model the GPU's results are compared with (lerp_check formulas) runs on the CPU:
+    # checked here, bit for bit, against numpy's float32 arithmetic and the half roundings.
+    rng = np.random.default_rng(len(formula) * 7 + len(kind))
+    average, value = _formula_inputs(kind, rng)
+    lines = "\n".join(f"{int(a):x} {int(x):x}" for a, x in zip(_bits(average), _bits(value)))
+    result = subprocess.run([str(harness), "model", formula, kind, repr(DECAY), repr(1 - DECAY)], input=lines,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    got = np.array([int(word, 16) for word in result.stdout.split()], dtype=np.uint64)
+    want = _bits(_gpu_rule(formula, kind, average, value, DECAY, 1 - DECAY)).astype(np.uint64)
+    assert len(got) == len(want)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_formula_kernels_are_bitwise_equal_to_the_host_model_on_a_gpu(harness):
+    result = subprocess.run([str(harness), "formulas"], capture_output=True, text=True, timeout=300)
+    reason = no_gpu_reason(result.stderr) if result.returncode == 3 else None
+    if reason is not None:
+        pytest.skip(reason)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if "elements" in line]
+    assert len(lines) == 2
+    for line in lines:
+        counts = [int(word) for word in line.split() if word.isdigit()]
+        assert counts[-1] == 0 and counts[-2] > 0, line
+    assert result.stdout.strip().endswith("ALL EQUAL")

@@ -106,7 +106,7 @@ def test_emamodel_bitwise_against_the_oracle(settings, dtype, kernel):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_emamodel_small_and_large_tensors(dtype):
-    """Below and above the size where the update switches from out-of-place to in-place ops."""
+    """Small and large tensors, float32 shadows (the fused update) and bfloat16 ones (Paddle's ops)."""
     paddle.seed(5)
     paddle.set_default_dtype(dtype)
     try:

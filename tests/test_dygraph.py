@@ -4,20 +4,20 @@ import numpy as np
 import paddle
 import paddle.nn.functional as F
 import pytest
+from ema_model import EMAModel, decay_closed_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from ema_model import EMAModel, decay_closed_form
 from paddle_helpers import as_numpy, set_weights, snapshot
+from processes import rss_bytes
+
 from paddle_ema import (
     ConfigError,
     EMAStateError,
     ExponentialMovingAverage,
     IncompatibleStateError,
     SelectionError,
+    kernels,
 )
-from paddle_ema import kernels
-from processes import rss_bytes
 
 
 class ConvBN(paddle.nn.Layer):
@@ -449,3 +449,58 @@ def test_updates_build_no_graph_and_memory_stays_flat_over_10000_updates():
     # Any per-update allocation that is kept (a graph node, a copy) would add >= 61,706 floats
     # (LeNet's size) * 9,000 updates ~ 2 GB; allow allocator noise of a few MB.
     assert growth < 8 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB over 9,000 updates"
+
+
+# --- rule= and policy=: the update rule and the step policy as objects ----------------------------
+
+from paddle_ema.schedules import PowerFunction, make_schedule  # noqa: E402
+from paddle_ema.step_policy import StepPolicy  # noqa: E402
+
+from paddle_ema import EMARule, StochasticWeightAveraging  # noqa: E402
+
+
+def _trained(make, steps=7, seed=4):
+    paddle.seed(seed)
+    model = paddle.nn.Sequential(paddle.nn.Linear(5, 4), paddle.nn.Linear(4, 3))
+    ema = make(model)
+    rng = np.random.default_rng(seed)
+    decays = []
+    for _ in range(steps):
+        set_weights(model, {n: rng.standard_normal(p.shape) for n, p in model.named_parameters()})
+        decays.append(ema.update())
+    return ema, decays
+
+
+def test_rule_and_policy_objects_give_the_keyword_forms_numbers():
+    keywords, decays = _trained(lambda m: ExponentialMovingAverage(
+        m, 0.9, schedule="exponential", schedule_options={"tau": 3.0}, bias_correction=True, update_every=2,
+        start_step=1))
+    objects, object_decays = _trained(lambda m: ExponentialMovingAverage(
+        m, rule=EMARule(make_schedule("exponential", 0.9, tau=3.0), bias_correction=True),
+        policy=StepPolicy(start_step=1, update_every=2)))
+    assert object_decays == decays and objects.settings() == keywords.settings()
+    for name in keywords.names:
+        assert np.array_equal(objects.average(name).numpy().view(np.uint32),
+                              keywords.average(name).numpy().view(np.uint32)), name
+    swa, _ = _trained(lambda m: StochasticWeightAveraging(m, policy=StepPolicy(start_step=2, update_every=2)))
+    plain_swa, _ = _trained(lambda m: StochasticWeightAveraging(m, start_step=2, update_every=2))
+    assert swa.settings() == plain_swa.settings() and isinstance(swa.schedule, PowerFunction)
+    for name in swa.names:
+        assert np.array_equal(swa.average(name).numpy(), plain_swa.average(name).numpy()), name
+
+
+def test_an_object_and_the_keywords_it_replaces_are_one_config_error():
+    model = paddle.nn.Linear(3, 2)
+    rule = EMARule(make_schedule("constant", 0.9))
+    with pytest.raises(ConfigError, match=r"rule= replaces the keywords .* not both \(also given: decay, "
+                                          r"bias_correction\)"):
+        ExponentialMovingAverage(model, 0.9, rule=rule, bias_correction=False)
+    with pytest.raises(ConfigError, match=r"policy= replaces the keywords \['start_step', 'update_every'\].*"
+                                          r"also given: update_every"):
+        ExponentialMovingAverage(model, policy=StepPolicy(), update_every=2)
+    with pytest.raises(ConfigError, match="rule must be of type EMARule, got 0.9"):
+        ExponentialMovingAverage(model, rule=0.9)
+    with pytest.raises(ConfigError, match="policy must be of type StepPolicy, got"):
+        ExponentialMovingAverage(model, policy={"update_every": 2})
+    with pytest.raises(ConfigError, match=r"equal weight; it takes no \['rule'\]"):
+        StochasticWeightAveraging(model, rule=rule)

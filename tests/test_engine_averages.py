@@ -1,4 +1,4 @@
-"""engine/averages.py: every average the trainer keeps behind one protocol, and the one swap of a
+"""engine/average_protocol.py: every average the trainer keeps behind one protocol, and the one swap of a
 state dict into a model (weights_loaded)."""
 
 import numpy as np

@@ -1,80 +1,20 @@
-"""The multi-tensor kernels: fused (C++ extension) and reference paths give the same numbers, and
-the extension's build cache works across processes.
-
-The extension is compiled once for this module, into a temporary cache directory, by two
-processes started together (which is itself the concurrency test); every other test loads that
-library. The module takes about 25-35 s on 2 cores, almost all of it that one compilation.
+"""The multi-tensor kernels' numbers: fused (C++ extension) and reference paths give the same
+numbers, bit for bit, for every formula and dtype pair; the static programs' operators; the
+Kernel object of one average. The build itself is tests/test_kernel_build.py's.
 """
 
-import os
 import re
-import shutil
-import subprocess
-import sys
-import textwrap
-import time
-import warnings
-from pathlib import Path
 
 import numpy as np
 import paddle
 import pytest
 
 from paddle_ema import ConfigError, ExponentialMovingAverage, kernels
-from paddle_ema.kernels import build, fused, reference
-
-ROOT = Path(__file__).resolve().parents[1]
-COMPILING = "paddle_ema: compiling the fused EMA kernel"
-
-# A child process that updates a constant pair through the dispatch and prints what ran.
-CHILD = textwrap.dedent(
-    """
-    import numpy as np, paddle
-    from paddle_ema import kernels
-    a = [paddle.to_tensor(np.full([1000], 2.0, "float32"))]
-    x = [paddle.to_tensor(np.full([1000], 4.0, "float32"))]
-    kernels.lerp_(a, x, 0.25)
-    print(kernels.active_kernel(), float(a[0][0]))
-    """
-)
-
-
-def _child_env(cache):
-    env = dict(os.environ)
-    env.update(PYTHONPATH=str(ROOT), PADDLE_EMA_CACHE_DIR=str(cache), PADDLE_EMA_KERNEL="fused")
-    return env
-
-
-def _run_children(cache, count):
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CHILD],
-            env=_child_env(cache),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(count)
-    ]
-    return [(p.wait(timeout=600), *p.communicate()) for p in procs]
-
-
-@pytest.fixture(scope="module")
-def built_cache(tmp_path_factory):
-    """A cache directory filled by two processes that built at the same time, and what they printed."""
-    cache = tmp_path_factory.mktemp("kernel-cache")
-    results = _run_children(cache, 2)
-    previous = os.environ.get("PADDLE_EMA_CACHE_DIR")
-    os.environ["PADDLE_EMA_CACHE_DIR"] = str(cache)  # this process loads the same library
-    yield cache, results
-    if previous is None:
-        os.environ.pop("PADDLE_EMA_CACHE_DIR", None)
-    else:
-        os.environ["PADDLE_EMA_CACHE_DIR"] = previous
+from paddle_ema.kernels import fused, reference
 
 
 @pytest.fixture
-def fused_ready(built_cache):
+def fused_ready():
     kernels.set_kernel("fused")
     try:  # a failed check must not leave 'fused' forced for the tests that follow
         assert fused.available(), fused.failure()
@@ -90,271 +30,6 @@ def _require_run_custom_op():
 
     if not hasattr(_C_ops, "_run_custom_op"):
         pytest.skip(f"paddle._C_ops._run_custom_op is missing on Paddle {paddle.__version__} (needs >= 3.0)")
-
-
-# --- the build cache ---------------------------------------------------------------------------
-
-
-def test_concurrent_builds_both_succeed_and_compile_once(built_cache):
-    cache, results = built_cache
-    for returncode, stdout, stderr in results:
-        assert returncode == 0, stderr
-        assert stdout.split() == ["fused", "2.5"]
-    assert sum(stderr.count(COMPILING) for _, _, stderr in results) == 1
-    assert len(list(cache.glob("*.so"))) == 1
-    assert not [p for p in cache.iterdir() if p.is_dir()], "a build directory was left behind"
-    assert not list(cache.glob("*.lock")), "a lock file was left behind"
-
-
-def test_second_process_loads_without_rebuilding(built_cache):
-    cache, _ = built_cache
-    (library,) = cache.glob("*.so")
-    before = library.stat()
-    ((returncode, stdout, stderr),) = _run_children(cache, 1)
-    assert returncode == 0, stderr
-    assert stdout.split() == ["fused", "2.5"]
-    assert COMPILING not in stderr
-    after = library.stat()
-    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
-
-
-def test_cache_dir_follows_environment(monkeypatch, tmp_path):
-    monkeypatch.delenv("PADDLE_EMA_CACHE_DIR", raising=False)
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert build.cache_dir() == tmp_path / "paddle_ema"
-    monkeypatch.setenv("PADDLE_EMA_CACHE_DIR", str(tmp_path / "mine"))
-    assert build.cache_dir() == tmp_path / "mine"
-    assert build.library_path().parent == tmp_path / "mine"
-    assert f"paddle{paddle.__version__}" in build.library_path().name
-
-
-# --- fallback when the extension cannot be built ------------------------------------------------
-
-
-@pytest.fixture
-def unbuilt(monkeypatch, tmp_path):
-    """A process state where the extension was never loaded, with an empty cache directory."""
-    monkeypatch.setattr(fused, "_state", {"loaded": False, "failure": None})
-    monkeypatch.setenv("PADDLE_EMA_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(kernels, "_forced", None)
-    return tmp_path
-
-
-def _constant_case():
-    averages = [paddle.to_tensor(np.full([3, 4], 1.0, "float32")), paddle.to_tensor(np.zeros([5], "float64"))]
-    values = [paddle.to_tensor(np.full([3, 4], 3.0, "float16")), paddle.to_tensor(np.ones([5], "float64"))]
-    return averages, values
-
-
-def test_missing_compiler_warns_and_falls_back(unbuilt, monkeypatch):
-    monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
-    monkeypatch.setenv("PADDLE_EMA_KERNEL", "auto")
-    averages, values = _constant_case()
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
-        kernels.lerp_(averages, values, 0.25)
-    np.testing.assert_array_equal(averages[0].numpy(), np.full([3, 4], 1.5, "float32"))
-    np.testing.assert_array_equal(averages[1].numpy(), np.full([5], 0.25))
-    assert kernels.active_kernel() == "reference"
-    # Forcing the fused path now says why it cannot be had.
-    monkeypatch.setenv("PADDLE_EMA_KERNEL", "fused")
-    with pytest.raises(ConfigError, match="cannot be built: no C\\+\\+ compiler"):
-        kernels.lerp_(averages, values, 0.25)
-    with pytest.raises(RuntimeError, match="fused EMA kernel is unavailable"):
-        fused.lerp_(averages, values, 0.25)
-
-
-def test_unusable_cache_dir_warns_and_falls_back(unbuilt, monkeypatch):
-    blocker = unbuilt / "a-file"
-    blocker.write_text("not a directory")
-    monkeypatch.setenv("PADDLE_EMA_CACHE_DIR", str(blocker / "cache"))
-    averages, values = _constant_case()
-    with pytest.warns(RuntimeWarning, match="cannot build into"):
-        kernels.lerp_(averages, values, 0.25)
-    np.testing.assert_array_equal(averages[1].numpy(), np.full([5], 0.25))
-
-
-def test_failed_compilation_warns_with_compiler_output_and_falls_back(unbuilt, monkeypatch):
-    broken = unbuilt / "csrc"
-    broken.mkdir()
-    for name in build.CPU_SOURCES + build.HEADERS:
-        (broken / name).write_text("this is not C++;\n")
-    monkeypatch.setattr(build, "SOURCE_DIR", broken)
-    averages, values = _constant_case()
-    with pytest.warns(RuntimeWarning, match=r"compiling ema_ops\.cc, ema_python\.cc(, \w+\.cc)* failed"):
-        kernels.lerp_(averages, values, 0.25)
-    np.testing.assert_array_equal(averages[0].numpy(), np.full([3, 4], 1.5, "float32"))
-    assert not list((unbuilt / "cache").glob("*.so"))
-
-
-def test_reference_mode_never_builds(unbuilt, monkeypatch):
-    monkeypatch.setenv("PADDLE_EMA_KERNEL", "reference")
-    monkeypatch.setattr(build, "_compile", lambda target: pytest.fail("reference mode compiled"))
-    averages, values = _constant_case()
-    kernels.lerp_(averages, values, 0.25)
-    assert kernels.active_kernel() == "reference"
-    np.testing.assert_array_equal(averages[1].numpy(), np.full([5], 0.25))
-
-
-def test_no_compiler_says_nothing_of_compiling(unbuilt, monkeypatch, capsys):
-    monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found"):
-        assert kernels.prepare() == "reference"
-    assert COMPILING not in capsys.readouterr().err
-    assert not list((unbuilt / "cache").glob("*.lock")) if (unbuilt / "cache").exists() else True
-
-
-def test_fallback_warning_points_at_the_callers_line(unbuilt, monkeypatch):
-    monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
-    model = paddle.nn.Linear(3, 2)
-    with pytest.warns(RuntimeWarning, match="fused EMA kernel is unavailable") as record:
-        ema = ExponentialMovingAverage(model, decay=0.9)  # warns here once it calls kernels.prepare()
-        ema.update()
-    (warning,) = [w for w in record if issubclass(w.category, RuntimeWarning)]
-    assert warning.filename == __file__
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # once per process: a second update warns no more
-        ema.update()
-
-
-def test_forced_fused_raises_without_a_fallback_warning(unbuilt, monkeypatch):
-    monkeypatch.setenv("CXX", str(unbuilt / "no-such-compiler"))
-    monkeypatch.setenv("PADDLE_EMA_KERNEL", "fused")
-    averages, values = _constant_case()
-    with warnings.catch_warnings(record=True) as record:
-        warnings.simplefilter("always")
-        with pytest.raises(ConfigError, match="cannot be built: no C\\+\\+ compiler"):
-            kernels.lerp_(averages, values, 0.25)
-    assert not [w for w in record if issubclass(w.category, RuntimeWarning)]
-
-
-def test_failed_build_is_remembered_until_a_rebuild_is_asked(unbuilt, monkeypatch):
-    calls = []
-
-    def failing_compile(target):
-        calls.append(target)
-        raise build.BuildError("compiling ema_ops.cc failed:\nema_ops.cc:1: error: made up")
-
-    monkeypatch.setattr(build, "_compile", failing_compile)
-    monkeypatch.delenv(build.REBUILD_ENV, raising=False)
-    with pytest.warns(RuntimeWarning, match="made up"):
-        assert kernels.prepare() == "reference"
-    assert len(calls) == 1 and build.failure_path().exists()
-    assert not list((unbuilt / "cache").glob("*.lock"))
-    # A new process (fresh state) neither compiles again nor hides why.
-    monkeypatch.setattr(fused, "_state", {"loaded": False, "failure": None})
-    with pytest.warns(RuntimeWarning, match="made up(.|\\n)*remembered from an earlier build(.|\\n)*--rebuild"):
-        assert kernels.prepare() == "reference"
-    assert len(calls) == 1
-    # Asking for a rebuild tries again.
-    monkeypatch.setattr(fused, "_state", {"loaded": False, "failure": None})
-    monkeypatch.setenv(build.REBUILD_ENV, "1")
-    with pytest.warns(RuntimeWarning, match="made up"):
-        kernels.prepare()
-    assert len(calls) == 2
-
-
-def test_build_key_does_not_depend_on_where_paddle_is_installed(monkeypatch, tmp_path):
-    key = build.build_key()
-    real = Path(paddle.__file__).parent / "libs"
-    elsewhere = tmp_path / "site-packages" / "paddle" / "libs"
-    elsewhere.mkdir(parents=True)
-    for entry in real.iterdir():
-        (elsewhere / entry.name).symlink_to(entry)
-    monkeypatch.setattr(build, "_paddle_libs", lambda: elsewhere)
-    assert build.build_key() == key
-    assert not [flag for flag in build._link_flags() if str(real) in flag or str(elsewhere) in flag]
-
-
-def test_library_finds_paddles_openmp_by_name(built_cache):
-    """The link records libiomp5 by name only; the path comes from the Paddle loaded at run time.
-    (Paddle's own build helper still adds a RUNPATH to its install; the libraries it names are
-    loaded by `import paddle` first, so the loader takes them by soname wherever they are.)"""
-    readelf = shutil.which("readelf")
-    if readelf is None:
-        pytest.skip("readelf (binutils) is not installed")
-    if not (Path(paddle.__file__).parent / "libs" / "libiomp5.so").exists():
-        pytest.skip("this Paddle wheel ships no libiomp5; the library links GNU libgomp")
-    cache, _ = built_cache
-    (library,) = cache.glob("*.so")
-    dynamic = subprocess.run([readelf, "-d", str(library)], capture_output=True, text=True, check=True).stdout
-    assert "Shared library: [libiomp5.so]" in dynamic
-    assert not [flag for flag in build._link_flags() if os.sep in flag]
-
-
-def test_stale_builds_are_cleaned(tmp_path):
-    keep = tmp_path / "paddle_ema_ops-paddle9.9.9-py311-cpu-0000000000000000.so"
-    names = {
-        "same-flavour-older-source": "paddle_ema_ops-paddle9.9.9-py311-cpu-1111111111111111.so",
-        "its-failure-note": "paddle_ema_ops-paddle9.9.9-py311-cpu-1111111111111111.failed",
-        "legacy-name": "paddle_ema_ops-paddle9.9.9-cpu-2222222222222222.so",
-        "other-python": "paddle_ema_ops-paddle9.9.9-py312-cpu-3333333333333333.so",
-        "other-paddle": "paddle_ema_ops-paddle3.0.0-py311-cpu-4444444444444444.so",
-        "fresh-lock": "paddle_ema_ops-paddle3.0.0-py311-cpu-4444444444444444.lock",
-        "old-lock": "paddle_ema_ops-paddle3.0.0-py311-cpu-5555555555555555.lock",
-        "unrelated": "notes.txt",
-    }
-    for name in list(names.values()) + [keep.name]:
-        (tmp_path / name).write_text("x")
-    old_build = tmp_path / "paddle_ema_ops-build-abc"
-    fresh_build = tmp_path / "paddle_ema_ops-build-def"
-    old_build.mkdir()
-    fresh_build.mkdir()
-    two_days_ago = time.time() - 2 * 24 * 3600
-    for path in (old_build, tmp_path / names["old-lock"]):
-        os.utime(path, (two_days_ago, two_days_ago))
-    removed = build.clean_stale(keep)
-    gone = {"same-flavour-older-source", "its-failure-note", "legacy-name", "old-lock"}
-    assert {p.name for p in removed} == {names[k] for k in gone} | {old_build.name}
-    for label, name in names.items():
-        assert (tmp_path / name).exists() == (label not in gone), label
-    assert keep.exists() and fresh_build.exists() and not old_build.exists()
-
-
-def _kernels_command(cache, **env):
-    run_env = dict(os.environ, PYTHONPATH=str(ROOT), PADDLE_EMA_CACHE_DIR=str(cache))
-    run_env.pop("PADDLE_EMA_KERNEL", None)
-    run_env.update(env)
-    return subprocess.run([sys.executable, "-m", "paddle_ema.kernels"], env=run_env, capture_output=True,
-                          text=True, timeout=600)
-
-
-def test_kernels_command_reports_the_cached_build(built_cache):
-    cache, _ = built_cache
-    (library,) = cache.glob("*.so")
-    result = _kernels_command(cache)
-    assert result.returncode == 0, result.stderr
-    lines = dict(line.split(":", 1) for line in result.stdout.splitlines())
-    assert lines["cache"].strip() == str(cache)
-    assert lines["library"].strip() == str(library)
-    assert lines["build key"].strip() == library.stem.rsplit("-", 1)[1]
-    assert lines["kernel"].strip() == "fused (loaded from the cache)"
-    assert COMPILING not in result.stderr
-
-
-def test_kernels_command_says_why_it_falls_back(tmp_path):
-    result = _kernels_command(tmp_path / "cache", CXX=str(tmp_path / "no-such-compiler"))
-    assert result.returncode == 1, result.stderr
-    assert "kernel:     reference, because the fused kernel is unavailable: no C++ compiler found" in result.stdout
-    forced = _kernels_command(tmp_path / "cache", CXX=str(tmp_path / "no-such-compiler"), PADDLE_EMA_KERNEL="fused")
-    assert forced.returncode == 2
-    assert "error: PADDLE_EMA_KERNEL=fused but the fused kernel cannot be built" in forced.stderr
-
-
-def test_kernel_mode_switch(monkeypatch):
-    monkeypatch.setattr(kernels, "_forced", None)
-    monkeypatch.delenv("PADDLE_EMA_KERNEL", raising=False)
-    assert kernels.kernel_mode() == "auto"
-    monkeypatch.setenv("PADDLE_EMA_KERNEL", "Reference")
-    assert kernels.kernel_mode() == "reference"
-    kernels.set_kernel("fused")
-    assert kernels.kernel_mode() == "fused"  # the setter wins over the variable
-    kernels.set_kernel(None)
-    assert kernels.kernel_mode() == "reference"
-    monkeypatch.setenv("PADDLE_EMA_KERNEL", "fast")
-    with pytest.raises(ConfigError, match="PADDLE_EMA_KERNEL must be one of auto, fused, reference, got 'fast'"):
-        kernels.kernel_mode()
-    with pytest.raises(ConfigError, match="set_kernel\\(mode\\) must be one of"):
-        kernels.set_kernel("gpu")
 
 
 # --- numbers -------------------------------------------------------------------------------------
@@ -507,10 +182,6 @@ def test_bindings_refuse_what_is_not_a_tensor_list(fused_ready):
         module.lerp_([paddle.zeros([2]), np.zeros(2)], [paddle.zeros([2])] * 2, 0.5, 1)
     with pytest.raises(TypeError, match="values must be a list or tuple"):
         module.lerp_([paddle.zeros([2])], paddle.zeros([2]), 0.5, 1)
-    with pytest.raises(TypeError, match="stream_add_ takes two paddle.Tensor"):
-        module.stream_add_(paddle.zeros([2]), np.zeros(2, "float32"), 1)
-    with pytest.raises(RuntimeError, match="two contiguous float32 CPU tensors of one size"):
-        module.stream_add_(paddle.zeros([2]), paddle.zeros([3]), 1)
 
 
 @pytest.mark.parametrize("shape", [[2, 6], [12], [4, 1], [1, 3], [1]], ids=str)
@@ -526,8 +197,10 @@ def test_pairs_of_other_shapes_are_refused_before_anything_is_written(fused_read
         "lerp_": [fused.lerp_, reference.lerp_, kernels.lerp_],
         "guarded_lerp_": [lambda a, v, w: fused.guarded_lerp_(a, v, v, w),
                           lambda a, v, w: fused.guarded_lerp_(a, v, v, w, [paddle.empty_like(t) for t in a])],
-        "ppdet_update_": [lambda a, v, w: f(a, v, 1 - w, w) for f in (fused.ppdet_update_, reference.ppdet_update_,
-                                                                      kernels.ppdet_update_)],
+        "scale_add_": [lambda a, v, w: f(a, v, 1 - w, w) for f in (fused.scale_add_, reference.scale_add_,
+                                                                   kernels.scale_add_, kernels.ppdet_update_)],
+        "sub_scale_sub_": [fused.sub_scale_sub_, reference.sub_scale_sub_, kernels.sub_scale_sub_],
+        "guarded_scale_add_": [lambda a, v, w: fused.guarded_update_("scale_add", a, v, v, 1 - w, w)],
         "copy_": [lambda a, v, w: f(a, v) for f in (fused.copy_, reference.copy_, kernels.copy_)],
     }
     calls["copy_"].append(lambda a, v, w: kernels.lerp_(a, v, 1.0))  # a weight of 1 is a copy
@@ -544,7 +217,7 @@ def test_pairs_of_other_shapes_are_refused_before_anything_is_written(fused_read
                 np.testing.assert_array_equal(average.numpy(), expected)
 
 
-def test_dygraph_ema_same_with_either_kernel(built_cache):
+def test_dygraph_ema_same_with_either_kernel(fused_ready):
     """The EMA front-end gives identical shadows through either path (callers do not change)."""
     shadows = {}
     for mode in ("fused", "reference"):
@@ -584,14 +257,6 @@ def test_bad_thread_count_is_refused(monkeypatch):
         fused.num_threads()
     monkeypatch.delenv("PADDLE_EMA_NUM_THREADS")
     assert fused.num_threads() >= 1
-
-
-def test_stream_add_is_a_plus_x(fused_ready):
-    rng = np.random.default_rng(4)
-    a, x = rng.standard_normal(200_000).astype("float32"), rng.standard_normal(200_000).astype("float32")
-    ta = paddle.to_tensor(a)
-    fused.stream_add_(ta, paddle.to_tensor(x))
-    np.testing.assert_array_equal(ta.numpy(), a + x)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
@@ -733,3 +398,229 @@ def test_lerp_by_tensor_refuses_what_it_cannot_update(fused_ready):
             _require_run_custom_op()
             _C_ops._run_custom_op("paddle_ema_lerp_by_tensor", average, [paddle.zeros([4])], weight, 1)
     np.testing.assert_array_equal(average[0].numpy(), np.zeros(4, "float32"))
+
+
+# --- the formulas of the suites, the Kernel object and the sign of zero --------------------------
+
+from suite_oracles import add as oracle_add  # noqa: E402
+from suite_oracles import bf16_to_f32  # noqa: E402
+from suite_oracles import cast as oracle_cast
+from suite_oracles import scale as oracle_scale  # noqa: E402
+from suite_oracles import subtract as oracle_subtract
+
+# Values that probe each rounding step: signed zeros, a subnormal whose scaled step underflows to a
+# signed zero, large and tiny magnitudes, plus random ones.
+SPECIAL = np.array([0.0, -0.0, -1.4e-45, 1.4e-45, 3.0e38, -2.5e-38, 1.0, -1.0], "float32")
+
+
+def _formula_case(value_dtype, shapes, seed):
+    """float32 averages and values of `value_dtype` (as numpy float32 of the exact value, and as
+    the tensor the kernels read), SPECIAL values placed in the first tensor of each."""
+    rng = np.random.default_rng(seed)
+    averages = [rng.standard_normal(s).astype("float32") for s in shapes]
+    raw = [(a + rng.standard_normal(a.shape) * 0.5).astype("float32") for a in averages]
+    first_a, first_x = averages[0].reshape(-1), raw[0].reshape(-1)
+    k = min(len(SPECIAL), first_a.size)
+    first_a[:k] = SPECIAL[:k]
+    first_x[:k] = SPECIAL[::-1][:k]
+    if value_dtype == "float16":
+        exact = [oracle_cast(x, np.float16).astype("float32") for x in raw]
+        tensors = [paddle.to_tensor(oracle_cast(x, np.float16)) for x in raw]
+    elif value_dtype == "bfloat16":  # the bits the tensors hold (Paddle 2.6's cast truncates, later ones round)
+        tensors = [paddle.to_tensor(x).astype("bfloat16") for x in raw]
+        exact = [bf16_to_f32(t.numpy()) for t in tensors]
+    else:
+        exact, tensors = raw, [paddle.to_tensor(x) for x in raw]
+    return averages, exact, tensors
+
+
+def _scale_add_oracle(a, x, decay, weight):
+    return oracle_add(oracle_scale(a, decay), oracle_scale(x, weight))
+
+
+def _sub_scale_sub_oracle(a, x, weight):
+    return oracle_subtract(a, oracle_scale(oracle_subtract(a, x), weight))
+
+
+def _assert_bits(got, want, what):
+    got, want = np.asarray(got), np.asarray(want)
+    view = np.uint64 if got.dtype == np.float64 else np.uint32
+    assert got.dtype == want.dtype, what
+    np.testing.assert_array_equal(got.view(view), want.view(view), err_msg=what)
+
+
+FORMULA_PATHS = {
+    "fused": lambda name: getattr(fused, name),
+    "reference": lambda name: getattr(reference, name),
+    "kernels": lambda name: getattr(kernels, name),
+}
+
+
+@pytest.mark.parametrize("value_dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("shapes", [SMALL_SHAPES, LARGE_SHAPES], ids=["302-small", "2-large"])
+@pytest.mark.parametrize("path", list(FORMULA_PATHS))
+def test_suite_formulas_are_the_suites_ops_bit_for_bit(fused_ready, value_dtype, shapes, path):
+    # The oracle is tests/suite_oracles.py's scale/add/subtract, each checked against Paddle's op.
+    decay = 0.9998
+    weight = 1 - decay  # in float64, as the suites compute it: not 1 - float32(decay)
+    initial, exact, values = _formula_case(value_dtype, shapes, seed=7)
+    scale_add_ = FORMULA_PATHS[path]("scale_add_")
+    sub_scale_sub_ = FORMULA_PATHS[path]("sub_scale_sub_")
+    by_scale_add = [paddle.to_tensor(a) for a in initial]
+    by_sub = [paddle.to_tensor(a) for a in initial]
+    scale_add_(by_scale_add, values, decay, weight)
+    sub_scale_sub_(by_sub, values, weight)
+    for i, (a0, x) in enumerate(zip(initial, exact)):
+        _assert_bits(by_scale_add[i].numpy(), _scale_add_oracle(a0, x, decay, weight), f"scale_add_ {i}")
+        _assert_bits(by_sub[i].numpy(), _sub_scale_sub_oracle(a0, x, weight), f"sub_scale_sub_ {i}")
+
+
+@pytest.mark.parametrize("path", list(FORMULA_PATHS))
+def test_suite_formulas_in_float64(fused_ready, path):
+    rng = np.random.default_rng(8)
+    initial = [rng.standard_normal([300, 301]), np.array([0.0, -0.0, -5e-324, 1.0])]
+    raw = [rng.standard_normal(initial[0].shape), np.array([-0.0, 0.0, 5e-324, 2.0])]
+    for name in ("scale_add_", "sub_scale_sub_"):
+        averages = [paddle.to_tensor(a) for a in initial]
+        values = [paddle.to_tensor(x) for x in raw]
+        function = FORMULA_PATHS[path](name)
+        if name == "scale_add_":
+            function(averages, values, 0.75, 0.25)
+            want = [_scale_add_oracle(a, x, 0.75, 0.25) for a, x in zip(initial, raw)]
+        else:
+            function(averages, values, 0.25)
+            want = [_sub_scale_sub_oracle(a, x, 0.25) for a, x in zip(initial, raw)]
+        for got, expected in zip(averages, want):
+            _assert_bits(got.numpy(), expected, f"{name} {path}")
+
+
+def test_sub_scale_sub_is_not_a_lerp_in_the_sign_of_zero(fused_ready):
+    # s = -0, p = +0: EMAModel's s - w (s - p) keeps -0, a lerp gives +0.
+    for path in ("fused", "reference"):
+        lerped, subbed = paddle.to_tensor([-0.0]), paddle.to_tensor([-0.0])
+        FORMULA_PATHS[path]("lerp_")([lerped], [paddle.to_tensor([0.0])], 0.25)
+        FORMULA_PATHS[path]("sub_scale_sub_")([subbed], [paddle.to_tensor([0.0])], 0.25)
+        assert np.signbit(subbed.numpy()[0]) and not np.signbit(lerped.numpy()[0]), path
+
+
+def test_reference_lerp_keeps_the_sign_of_an_underflowing_step(fused_ready):
+    # a = -0, x = -1.4e-45, w = 0.25: w (x - a) underflows to -0; paddle.lerp and the fused kernel
+    # give -0 + -0 = -0, and so must the reference ops (scale's default bias of +0 would give +0).
+    a, x = np.array([-0.0, 0.0, -0.0], "float32"), np.array([-1.4e-45, 1.4e-45, 0.0], "float32")
+    by_paddle = paddle.lerp(paddle.to_tensor(a), paddle.to_tensor(x), 0.25).numpy()
+    for lerp_ in (fused.lerp_, reference.lerp_):
+        average = paddle.to_tensor(a)
+        lerp_([average], [paddle.to_tensor(x)], 0.25)
+        _assert_bits(average.numpy(), by_paddle, lerp_.__module__)
+    assert list(np.signbit(by_paddle)) == [True, False, False]
+
+
+def _kernel_case(seed=9):
+    rng = np.random.default_rng(seed)
+    initial = [rng.standard_normal(s).astype("float32") for s in ([700, 513], [33], [4, 4])]
+    steps = [[(a + rng.standard_normal(a.shape)).astype("float32") for a in initial] for _ in range(3)]
+    return initial, steps
+
+
+@pytest.mark.parametrize("mode", ["fused", "reference"])
+def test_kernel_formulas_equal_the_module_functions(fused_ready, mode):
+    initial, steps = _kernel_case()
+    kernels.set_kernel(mode)
+    try:
+        for name, call in (("lerp_", lambda k, v: k.lerp_(v, 0.3)),
+                           ("scale_add_", lambda k, v: k.scale_add_(v, 0.7, 1 - 0.7)),
+                           ("sub_scale_sub_", lambda k, v: k.sub_scale_sub_(v, 0.3))):
+            mine = [paddle.to_tensor(a) for a in initial]
+            theirs = [paddle.to_tensor(a) for a in initial]
+            kernel = kernels.Kernel(mine)
+            assert kernel.name is None  # chosen at the first call
+            for values in steps:
+                tensors = [paddle.to_tensor(v) for v in values]
+                assert call(kernel, tensors) is None
+                if name == "lerp_":
+                    reference.lerp_(theirs, tensors, 0.3)
+                elif name == "scale_add_":
+                    reference.scale_add_(theirs, tensors, 0.7, 1 - 0.7)
+                else:
+                    reference.sub_scale_sub_(theirs, tensors, 0.3)
+            assert kernel.name == mode
+            for got, want in zip(mine, theirs):
+                _assert_bits(got.numpy(), want.numpy(), f"{name} {mode}")
+    finally:
+        kernels.set_kernel(None)
+
+
+@pytest.mark.parametrize("mode", ["fused", "reference"])
+@pytest.mark.parametrize("formula", ["lerp_", "scale_add_", "sub_scale_sub_", "copy_from"])
+def test_kernel_guard_leaves_everything_when_a_scanned_tensor_is_not_finite(fused_ready, mode, formula):
+    initial, steps = _kernel_case(seed=10)
+    kernels.set_kernel(mode)
+    try:
+        averages = [paddle.to_tensor(a) for a in initial]
+        kernel = kernels.Kernel(averages)
+        values = [paddle.to_tensor(v) for v in steps[0]]
+        other = paddle.to_tensor(np.array([1.0, np.inf], "float32"))  # a weight this rank does not average
+        call = {"lerp_": lambda scan: kernel.lerp_(values, 0.3, scan=scan),
+                "scale_add_": lambda scan: kernel.scale_add_(values, 0.7, 0.3, scan=scan),
+                "sub_scale_sub_": lambda scan: kernel.sub_scale_sub_(values, 0.3, scan=scan),
+                "copy_from": lambda scan: kernel.copy_from(values, scan=scan)}[formula]
+        assert call([values[0], other, values[1]]) == 1
+        bad = values[2].numpy().copy()
+        bad[1, 2] = np.nan
+        values[2] = paddle.to_tensor(bad)
+        assert call(values) == 2
+        for got, want in zip(kernel.averages, initial):
+            _assert_bits(got.numpy(), want, f"{formula} {mode}")
+        values[2] = paddle.to_tensor(steps[0][2])
+        assert call(values) is None
+        assert not np.array_equal(kernel.averages[0].numpy(), initial[0])
+    finally:
+        kernels.set_kernel(None)
+
+
+def test_kernel_choice_follows_the_mode_at_the_next_call(fused_ready, monkeypatch):
+    averages = [paddle.zeros([4])]
+    kernel = kernels.Kernel(averages)
+    kernel.lerp_([paddle.ones([4])], 0.5)
+    assert kernel.name == "fused"
+    kernels.set_kernel("reference")
+    try:
+        kernel.lerp_([paddle.ones([4])], 0.5)
+        assert kernel.name == "reference"
+    finally:
+        kernels.set_kernel(None)
+    monkeypatch.setenv("PADDLE_EMA_KERNEL", "reference")
+    kernel.lerp_([paddle.ones([4])], 0.5)
+    assert kernel.name == "reference"
+    monkeypatch.delenv("PADDLE_EMA_KERNEL")
+    kernel.lerp_([paddle.ones([4])], 0.5)
+    assert kernel.name == "fused"
+    np.testing.assert_array_equal(averages[0].numpy(), np.full(4, 1 - 0.5**4, "float32"))
+
+
+def test_kernel_lends_its_guard_spares_only_when_they_fit(fused_ready):
+    averages = [paddle.zeros([600, 600]), paddle.zeros([9])]  # above the one-pass path's threshold
+    values = [paddle.ones([600, 600]), paddle.ones([9])]
+    kernel = kernels.Kernel(averages)
+    assert kernel.lerp_(values, 0.5, scan=values) is None
+    spares = kernel.spares
+    assert spares is not None and not kernel.spares_shared
+    assert [a.data_ptr() for a in kernel.averages] != [s.data_ptr() for s in spares]
+    # Tensors of the averages' shapes and dtypes: the same buffers, lent.
+    assert kernel.scratch_like(values) is spares and kernel.spares_shared
+    # Others (another dtype): a set of the kernel's own, kept for the next call.
+    halves = [v.astype("float16") for v in values]
+    scratch = kernel.scratch_like(halves)
+    assert scratch is not spares and [s.dtype for s in scratch] == [paddle.float16] * 2
+    assert kernel.scratch_like(halves) is scratch
+    # Lent for good (apply(need_restore=False)): the guard makes new ones.
+    kernel.forget_scratch()
+    assert kernel.spares is None
+    assert kernel.lerp_(values, 0.5, scan=values) is None and kernel.spares is not None
+    np.testing.assert_array_equal(kernel.averages[1].numpy(), np.full(9, 0.75, "float32"))
+    # rebind() keeps spares that fit the new averages and drops others.
+    kept = kernel.spares
+    kernel.rebind([paddle.zeros([600, 600]), paddle.zeros([9])])
+    assert kernel.spares is kept
+    kernel.rebind([paddle.zeros([3])])
+    assert kernel.spares is None

@@ -612,3 +612,31 @@ def test_parameters_chosen_by_the_caller_are_averaged_in_program_order(kind):
             ExponentialMovingAverage(0.9, name="bad_", parameters=["no_such"])
         with pytest.raises(ConfigError, match="either as parameters= or by exclude=, not both"):
             ExponentialMovingAverage(0.9, name="both_", parameters=[params[0].name], exclude=["fc"])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rule_and_policy_objects_give_the_keyword_forms_program(kind):
+    from paddle_ema.schedules import make_schedule
+    from paddle_ema.step_policy import StepPolicy
+
+    from paddle_ema import ConfigError, EMARule
+
+    built = {}
+    for form in ("keywords", "objects"):
+        with static_programs(kind) as (main, startup):
+            x = paddle.static.data("x", [4, 3], "float32")
+            loss = paddle.mean(paddle.nn.Linear(3, 2)(x))
+            paddle.optimizer.SGD(0.1).minimize(loss)
+            if form == "keywords":
+                ema = ExponentialMovingAverage(0.9, schedule="exponential", schedule_options={"tau": 5.0},
+                                               update_every=2, bias_correction=False)
+            else:
+                ema = ExponentialMovingAverage(rule=EMARule(make_schedule("exponential", 0.9, tau=5.0)),
+                                               policy=StepPolicy(update_every=2))
+            ema.update()
+            built[form] = (ema.settings(), repr(ema))
+            with pytest.raises(ConfigError, match="also given: decay"):
+                ExponentialMovingAverage(0.5, rule=ema.rule, name="other")
+            with pytest.raises(ConfigError, match="start_step is not supported in static programs"):
+                ExponentialMovingAverage(policy=StepPolicy(start_step=3), name="third")
+    assert built["keywords"] == built["objects"]

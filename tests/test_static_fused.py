@@ -232,3 +232,34 @@ def test_parameters_the_check_cannot_read_keep_the_builtin_check(kind, monkeypat
     assert state == reference_state and state["skipped"] == 1
     for fused_after, reference_after in zip(shadows, reference_shadows):
         assert_same_bits(fused_after, reference_after)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_builtin_ops_keep_the_sign_of_an_underflowing_step_like_the_fused_op(kind):
+    # shadow -0, parameter -1.4e-45, weight 0.25: w (x - a) underflows to -0 and -0 + -0 = -0 (the
+    # fused op, paddle.lerp); a scale with its default bias of +0 would make the step +0 and the
+    # shadow +0. The guard's where() picks the parameter without broadcasting (which adds zeros).
+    start = np.array([-0.0, 0.0, -0.0, 1.0], "float32")
+    step = np.array([-1.4e-45, 1.4e-45, 0.0, 3.0], "float32")
+    results = {}
+    for mode in ("fused", "reference"):
+        with static_programs(kind) as (main, startup):
+            feed = paddle.static.data("x", [4], "float32")
+            param = paddle.static.create_parameter([4], "float32", name="p",
+                                                   default_initializer=paddle.nn.initializer.Constant(0.0))
+            paddle.assign(feed, output=param)
+            param.stop_gradient = False
+            kernels.set_kernel(mode)
+            ema = ExponentialMovingAverage(0.75, bias_correction=False)
+            ema.update()
+            kernels.set_kernel(None)
+            exe = paddle.static.Executor(paddle.CPUPlace())
+            exe.run(startup)
+            exe.run(main, feed={"x": start})  # the shadow takes the weights (incl. -0) below
+            ema.start_from_weights(exe)
+            exe.run(main, feed={"x": step})
+            results[mode] = scope_value(ema.shadow_name("p")).copy()
+    expected = (paddle.lerp(paddle.to_tensor(start), paddle.to_tensor(step), 0.25)).numpy()
+    assert list(np.signbit(expected)) == [True, False, False, False]
+    for mode, got in results.items():
+        np.testing.assert_array_equal(got.view(np.uint32), expected.view(np.uint32), err_msg=mode)

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_fused_kernel_is_active(monkeypatch):
     """Each CI leg has a compiler: the fused kernel must build and load on its Paddle."""
     monkeypatch.delenv(KERNEL_ENV, raising=False)
-    monkeypatch.setattr(kernels, "_forced", None)
+    monkeypatch.setattr(kernels.mode, "_forced", None)
     assert kernels.prepare() == "fused", fused.failure()
 
 

@@ -7,6 +7,13 @@
 //       and device weights (0: untouched even under NaN, 1: exact copy), all in one launch, each
 //       element compared bit for bit with a host model of the same rounding: a + w * (x - a)
 //       rounded step by step. Prints one line per case; exit status 1 on any mismatch.
+//   lerp_check formulas
+//       scale_add and sub_scale_sub for every kind (float32 averages with each value dtype, float64,
+//       float16 and bfloat16 averages by Paddle's GPU rule), the same check against the host model
+//       FormulaModel. Prints one line per case; exit status 1 on any mismatch.
+//   lerp_check model FORMULA KIND DECAY WEIGHT < pairs
+//       the host model alone (no GPU needed): reads "average value" bit patterns (hex) per line and
+//       prints the model's average bits, so that a test can check the model against numpy.
 //   lerp_check bench RUNS WARMUP < numels
 //       reads one tensor size per line and prints one JSON line of median ms per update for:
 //       the fused kernel (chunk table built, copied and launched per update, as the Paddle
@@ -26,6 +33,7 @@
 #include <vector>
 
 #include "../../paddle_ema/kernels/csrc/ema_cuda_kernel.cuh"
+#include "../../paddle_ema/kernels/csrc/ema_half.h"
 
 namespace {
 
@@ -46,7 +54,9 @@ size_t ValueBytes(Kind kind) {
       return 2;
   }
 }
-size_t AverageBytes(Kind kind) { return kind == Kind::kDouble ? 8 : 4; }
+size_t AverageBytes(Kind kind) {
+  return kind == Kind::kDouble ? 8 : (kind == Kind::kHalf || kind == Kind::kBfloat16) ? 2 : 4;
+}
 
 // ---- host model of the kernel's rounding ------------------------------------------------------
 
@@ -244,6 +254,190 @@ int Checks() {
   return bad == 0 ? 0 : 1;
 }
 
+// ---- the suites' formulas ---------------------------------------------------------------------
+
+uint32_t BitsOf(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return bits;
+}
+
+// A float32 result rounded to the half type (nearest, ties to even) and widened again.
+float RoundTo(Kind kind, float v) {
+  return kind == Kind::kHalf ? HalfToFloat(FloatToHalf(BitsOf(v))) : Bfloat16ToFloat(FloatToBfloat16(BitsOf(v)));
+}
+
+// The expected average bits of one element: float32/float64 averages step by step in their dtype;
+// float16/bfloat16 averages by Paddle's GPU rule, each op computed in float32 (the factor a float32)
+// and its result rounded to the half type.
+void FormulaModel(Formula formula, Kind kind, uint8_t* a, const uint8_t* x, int64_t i, double decay, double weight) {
+  const float d = static_cast<float>(decay), w = static_cast<float>(weight);
+  if (kind == Kind::kDouble) {
+    double* ad = reinterpret_cast<double*>(a);
+    const double xd = reinterpret_cast<const double*>(x)[i];
+    volatile double out;
+    if (formula == Formula::kScaleAdd) {
+      volatile double left = decay * ad[i];
+      left = left + 0.0;
+      volatile double right = weight * xd;
+      right = right + 0.0;
+      out = left + right;
+    } else {
+      volatile double t = ad[i] - xd;
+      t = weight * t;
+      t = t + 0.0;
+      out = ad[i] - t;
+    }
+    ad[i] = out;
+    return;
+  }
+  if (kind == Kind::kHalf || kind == Kind::kBfloat16) {
+    uint16_t ab, xb;
+    std::memcpy(&ab, a + 2 * i, 2);
+    std::memcpy(&xb, x + 2 * i, 2);
+    const float af = kind == Kind::kHalf ? HalfToFloat(ab) : Bfloat16ToFloat(ab);
+    const float xf = kind == Kind::kHalf ? HalfToFloat(xb) : Bfloat16ToFloat(xb);
+    volatile float out;
+    if (formula == Formula::kScaleAdd) {
+      volatile float left = d * af;
+      left = left + 0.0f;
+      volatile float right = w * xf;
+      right = right + 0.0f;
+      out = RoundTo(kind, left) + RoundTo(kind, right);
+    } else {
+      volatile float difference = af - xf;
+      volatile float scaled = w * RoundTo(kind, difference);
+      scaled = scaled + 0.0f;
+      out = af - RoundTo(kind, scaled);
+    }
+    const uint16_t bits = kind == Kind::kHalf ? FloatToHalf(BitsOf(out)) : FloatToBfloat16(BitsOf(out));
+    std::memcpy(a + 2 * i, &bits, 2);
+    return;
+  }
+  float* af = reinterpret_cast<float*>(a);
+  const float xf = HostValue(kind, x, i);
+  volatile float out;
+  if (formula == Formula::kScaleAdd) {
+    volatile float left = d * af[i];
+    left = left + 0.0f;
+    volatile float right = w * xf;
+    right = right + 0.0f;
+    out = left + right;
+  } else {
+    volatile float t = af[i] - xf;
+    t = w * t;
+    t = t + 0.0f;
+    out = af[i] - t;
+  }
+  af[i] = out;
+}
+
+void FillHalfAverage(Kind kind, uint8_t* out, int64_t n, std::mt19937& rng) {
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float v = normal(rng) * 2.0f;
+    const uint16_t bits = kind == Kind::kHalf ? FloatToHalf(BitsOf(v)) : FloatToBfloat16(BitsOf(v));
+    std::memcpy(out + 2 * i, &bits, 2);
+  }
+}
+
+int64_t RunFormulaCase(const char* name, Formula formula, std::vector<Pair>& pairs, double decay, double weight,
+                       uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::vector<Segment> segments;
+  for (Pair& p : pairs) {
+    p.average.assign(p.numel * AverageBytes(p.kind), 0);
+    p.value.assign(p.numel * ValueBytes(p.kind), 0);
+    if (p.kind == Kind::kHalf || p.kind == Kind::kBfloat16) {
+      FillHalfAverage(p.kind, p.average.data(), p.numel, rng);
+      FillHalfAverage(p.kind, p.value.data(), p.numel, rng);
+    } else {
+      FillAverage(p.kind, p.average.data(), p.numel, rng);
+      FillValue(p.kind, p.value.data(), p.numel, rng, false);
+    }
+    Check(cudaMalloc(&p.device_average_base, (p.numel + p.misalign) * AverageBytes(p.kind)), "cudaMalloc");
+    Check(cudaMalloc(&p.device_value_base, (p.numel + p.misalign) * ValueBytes(p.kind)), "cudaMalloc");
+    Check(cudaMemcpy(p.DeviceAverage(), p.average.data(), p.average.size(), cudaMemcpyHostToDevice), "upload");
+    Check(cudaMemcpy(p.DeviceValue(), p.value.data(), p.value.size(), cudaMemcpyHostToDevice), "upload");
+    segments.push_back({p.DeviceAverage(), p.DeviceValue(), p.numel, p.kind});
+  }
+  const paddle_ema_cuda::ChunkTable table = paddle_ema_cuda::MakeChunkTable(segments.data(), segments.size());
+  uint8_t* meta = nullptr;
+  Check(cudaMalloc(&meta, std::max<size_t>(table.bytes.size(), 1)), "cudaMalloc");
+  Check(cudaMemcpy(meta, table.bytes.data(), table.bytes.size(), cudaMemcpyHostToDevice), "table");
+  Check(paddle_ema_cuda::LaunchUpdate(formula, table, meta, decay, weight, nullptr, nullptr), "launch");
+  Check(cudaDeviceSynchronize(), "kernel");
+  int64_t bad = 0, total = 0;
+  for (Pair& p : pairs) {
+    std::vector<uint8_t> got(p.average.size());
+    Check(cudaMemcpy(got.data(), p.DeviceAverage(), got.size(), cudaMemcpyDeviceToHost), "download");
+    for (int64_t i = 0; i < p.numel; ++i) FormulaModel(formula, p.kind, p.average.data(), p.value.data(), i, decay, weight);
+    const size_t width = AverageBytes(p.kind);
+    for (int64_t i = 0; i < p.numel; ++i) {
+      bad += std::memcmp(got.data() + i * width, p.average.data() + i * width, width) != 0;
+    }
+    total += p.numel;
+    cudaFree(p.device_average_base);
+    cudaFree(p.device_value_base);
+  }
+  cudaFree(meta);
+  std::printf("%-52s %10lld elements %8lld differ\n", name, static_cast<long long>(total),
+              static_cast<long long>(bad));
+  return bad;
+}
+
+int FormulaChecks() {
+  const Kind kinds[] = {Kind::kFloat, Kind::kFloatHalf, Kind::kFloatBfloat16, Kind::kDouble, Kind::kHalf,
+                        Kind::kBfloat16};
+  const int64_t sizes[] = {1, 5, 256, 4097, 65537, 200003};
+  int64_t bad = 0;
+  uint32_t seed = 10;
+  for (Formula formula : {Formula::kScaleAdd, Formula::kSubScaleSub}) {
+    std::vector<Pair> pairs;
+    int index = 0;
+    for (int64_t n : sizes) {
+      for (Kind kind : kinds) {
+        Pair p;
+        p.kind = kind;
+        p.numel = n;
+        p.misalign = (index++ % 3 == 1) ? 1 : 0;
+        pairs.push_back(std::move(p));
+      }
+    }
+    bad += RunFormulaCase(formula == Formula::kScaleAdd ? "scale_add, all kinds, d 0.9998, w 1 - d"
+                                                        : "sub_scale_sub, all kinds, w 1 - 0.9998",
+                          formula, pairs, 0.9998, 1.0 - 0.9998, seed++);
+  }
+  std::printf("%s\n", bad == 0 ? "ALL EQUAL" : "MISMATCH");
+  return bad == 0 ? 0 : 1;
+}
+
+Kind KindNamed(const char* name) {
+  const char* names[] = {"float", "float_half", "float_bfloat16", "double", "unsupported", "half", "bfloat16"};
+  for (int k = 0; k < 7; ++k) {
+    if (std::strcmp(name, names[k]) == 0) return static_cast<Kind>(k);
+  }
+  return Kind::kUnsupported;
+}
+
+// The host model on given bits, one "average value" pair (hex) per line.
+int Model(const char* formula_name, const char* kind_name, double decay, double weight) {
+  const Formula formula = std::strcmp(formula_name, "scale_add") == 0 ? Formula::kScaleAdd : Formula::kSubScaleSub;
+  const Kind kind = KindNamed(kind_name);
+  if (kind == Kind::kUnsupported) return 2;
+  unsigned long long a_bits, x_bits;
+  while (std::scanf("%llx %llx", &a_bits, &x_bits) == 2) {
+    uint8_t a[8] = {}, x[8] = {};
+    std::memcpy(a, &a_bits, AverageBytes(kind));  // little-endian: the low bytes
+    std::memcpy(x, &x_bits, ValueBytes(kind));
+    FormulaModel(formula, kind, a, x, 0, decay, weight);
+    unsigned long long out = 0;
+    std::memcpy(&out, a, AverageBytes(kind));
+    std::printf("%llx\n", out);
+  }
+  return 0;
+}
+
 // ---- bench ------------------------------------------------------------------------------------
 
 __global__ void LerpOne(float* __restrict__ a, const float* __restrict__ x, int64_t n, float w) {
@@ -343,7 +537,12 @@ int Bench(int runs, int warmup) {
 
 int main(int argc, char** argv) {
   if (argc >= 2 && std::strcmp(argv[1], "check") == 0) return Checks();
+  if (argc >= 2 && std::strcmp(argv[1], "formulas") == 0) return FormulaChecks();
+  if (argc >= 6 && std::strcmp(argv[1], "model") == 0) {
+    return Model(argv[2], argv[3], std::atof(argv[4]), std::atof(argv[5]));
+  }
   if (argc >= 4 && std::strcmp(argv[1], "bench") == 0) return Bench(std::atoi(argv[2]), std::atoi(argv[3]));
-  std::fprintf(stderr, "usage: %s check | %s bench RUNS WARMUP < numels\n", argv[0], argv[0]);
+  std::fprintf(stderr, "usage: %s check | formulas | model FORMULA KIND DECAY WEIGHT < pairs | bench RUNS WARMUP < numels\n",
+               argv[0]);
   return 2;
 }

@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Optional
 
+from ..core.validation import is_number
 from ..errors import ConfigError
 
 __all__ = ["CATEGORIES", "INJECTED", "REGISTRY", "LIMITS", "Limit", "register", "lookup", "section_args", "create"]
@@ -66,7 +67,7 @@ class Limit:
         """
         if self.check is not None:
             return self.check(value)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             return None  # the type check reports it
         low_ok = value > self.low if self.low_open else value >= self.low
         high_ok = value < self.high if self.high_open else value <= self.high

@@ -15,8 +15,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Dict
 
+from ..core.schedules import SCHEDULES
+from ..core.validation import is_finite_number, is_integer
 from .errors import ConfigFileError
-from ..schedules import SCHEDULES
 from .loader import Config, _short
 from .registry import CATEGORIES, LIMITS, REGISTRY, find_category, section_args
 
@@ -140,9 +141,9 @@ def _is_kind(value, kind):
     if kind == "bool":
         return isinstance(value, bool)
     if kind == "int":
-        return isinstance(value, int) and not isinstance(value, bool)
+        return is_integer(value)
     if kind == "float":  # a finite number: NaN and Inf are never a setting
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return is_finite_number(value)
     return isinstance(value, {"str": str, "list": list, "dict": dict}[kind])
 
 

@@ -12,7 +12,7 @@ The same functions and numbers as PaddleSeg's:
   trainer's first call, step 1, gives 0.5) and moves every floating-point entry v of
   `ema_model.state_dict()` to `v * d + (1 - d) * model.state_dict()[k]` in the entry's dtype,
   rounded as Paddle's `scale` and `add` ops round PaddleSeg's two statements: each product and
-  the sum on its own, `1 - d` in float64 (`kernels.ppdet_update_`, one fused multi-threaded call
+  the sum on its own, `1 - d` in float64 (`kernels.scale_add_`, one fused multi-threaded call
   for float32/float64 entries; float16/bfloat16 entries and mixed dtypes run PaddleSeg's own ops,
   whose float16 and bfloat16 add Paddle has on GPUs only);
 - judge_params_equal(ema_model, model): whether the parameters, zipped by position, are equal.
@@ -40,13 +40,14 @@ from typing import Any, Dict, Optional, Union
 import paddle
 from paddle import nn
 
-from paddle_ema.ppdet import last_key_per_tensor
+from .ppdet import last_key_per_tensor
 
 from .. import kernels
-from ..averaging import first_nonfinite_name, tensor_problem
-from ..checkpoint import atomic_save, safe_load
+from ..infra.saved_state import tensor_problem
+from ..kernels import first_nonfinite_name
+from ..infra.checkpoint import atomic_save, safe_load
 from ..errors import IncompatibleStateError
-from ..step_policy import is_integer
+from ..core.validation import is_integer
 from ._nonfinite import NonfiniteGuard
 
 __all__ = ["judge_params_equal", "init_ema_params", "update_ema_model", "paddleseg_decay", "save_ema_state",
@@ -151,7 +152,7 @@ def update_ema_model(ema_model: nn.Layer, model: nn.Layer, step: int = 0, decay:
                and theirs[k].dtype == live[k].dtype}
     other = {k: hooked[k] * d + (1.0 - d) * theirs[k].detach() for k in names if k not in fusable}
     fused = [k for k in names if k in fusable]
-    kernels.ppdet_update_([live[k] for k in fused], [theirs[k] for k in fused], d, 1.0 - d)
+    kernels.scale_add_([live[k] for k in fused], [theirs[k] for k in fused], d, 1.0 - d)
     for k, new in other.items():
         live[k].set_value(new)
     return True

@@ -38,8 +38,8 @@ from typing import Any, Dict, Optional, Union
 import paddle
 from paddle import nn
 
-from paddle_ema.ppdet import EMA_STATE_SUFFIX, SimpleModelEMA, load_ema_state_file, save_ema_state_file
-from paddle_ema.ppdet import ModelEMA as PPDetModelEMA
+from .ppdet import SimpleModelEMA, load_ema_state_file, resume_ema_exactly, save_ema_state_file
+from .ppdet import ModelEMA as PPDetModelEMA
 
 from .. import kernels
 from ..errors import ConfigError
@@ -52,7 +52,7 @@ _FUSED_DTYPES = (paddle.float32, paddle.float64)
 
 
 def _fusable(shadow, value):
-    """Whether kernels.ppdet_update_ gives PaddleYOLO's numbers for this pair: a float32/float64
+    """Whether kernels.scale_add_ gives PaddleYOLO's numbers for this pair: a float32/float64
     shadow with a value of its dtype, or an integer value (which `scale` casts to float32 first,
     as the kernel does)."""
     return shadow.dtype in _FUSED_DTYPES and (value.dtype == shadow.dtype or (
@@ -87,7 +87,9 @@ class ModelEMA(PPDetModelEMA):
         """
         state = model.state_dict() if model is not None else self._live_state()
         values = [state[name] for name in self.averaged]
-        if self.nonfinite != "update" and not self._values_finite(values):
+        bad = kernels.first_nonfinite(values) if self.nonfinite_policy.checks else None
+        if bad is not None:
+            self._skip_nonfinite(bad)
             return
         decay = self.rule.schedule(self.policy.action(self.step)[1])
         # PaddleYOLO's `decay * v` makes an integer shadow float32, which is where it is kept from now on.
@@ -101,7 +103,7 @@ class ModelEMA(PPDetModelEMA):
         for name, shadow in zip(self.averaged, shadows):
             self.state_dict[name] = shadow
         fused = [i for i in range(len(shadows)) if i not in other]
-        kernels.ppdet_update_([shadows[i] for i in fused], [values[i] for i in fused], decay, 1 - decay)
+        kernels.scale_add_([shadows[i] for i in fused], [values[i] for i in fused], decay, 1 - decay)
         for i, new in other.items():
             new.stop_gradient = True
             self.state_dict[self.averaged[i]] = new
@@ -146,13 +148,6 @@ class ModelEMA(PPDetModelEMA):
             raise
 
 
-def _state_path(checkpoint):
-    """`<stem>.pdemastate` beside a checkpoint given with or without its suffix."""
-    stem, suffix = os.path.splitext(os.fspath(checkpoint))
-    known = (".pdparams", ".pdopt", ".pdmodel", ".pdema", EMA_STATE_SUFFIX)
-    return (stem if suffix in known else os.fspath(checkpoint)) + EMA_STATE_SUFFIX
-
-
 def exact_resume(trainer: Any, resume: Optional[Union[str, os.PathLike]] = None) -> None:
     """Make a PaddleYOLO Trainer's EMA resume exactly (its own resume corrects twice).
 
@@ -172,30 +167,5 @@ def exact_resume(trainer: Any, resume: Optional[Union[str, os.PathLike]] = None)
         CheckpointError: the EMA state beside `resume` is unreadable.
         IncompatibleStateError: it does not fit the trainer's EMA.
     """
-    from ppdet.engine.callbacks import Callback  # the trainer accepts only its subclasses
-
-    ema = getattr(trainer, "ema", None) if getattr(trainer, "use_ema", False) else None
-    if not isinstance(ema, PPDetModelEMA):
-        raise ConfigError("exact_resume: the trainer has no paddle_ema ModelEMA (set use_ema: true, and import "
-                          "ModelEMA from paddle_ema.dropin.paddleyolo in ppdet/optimizer/ema.py)")
-    if resume is not None:
-        if os.path.isfile(_state_path(resume)):
-            load_ema_state_file(ema, resume)
-        else:
-            LOGGER.warning("%s has no EMA state beside it (%s): the EMA resumes PaddleYOLO's way, from the "
-                           "bias-corrected weights", resume, _state_path(resume))
-
-    class SaveEMAState(Callback):
-        """Writes the EMA state beside each training checkpoint, after the Checkpointer."""
-
-        def on_epoch_end(self, status):
-            # The trainer puts the raw weights in status['weight'] exactly when it snapshots the
-            # EMA for the Checkpointer; the names are the Checkpointer's.
-            if status.get("mode") != "train" or "weight" not in status:
-                return
-            cfg = self.model.cfg
-            epoch_id = status["epoch_id"]
-            name = str(epoch_id) if epoch_id != cfg.epoch - 1 else "model_final"
-            save_ema_state_file(self.model.ema, os.path.join(cfg.save_dir, cfg.filename, name))
-
-    trainer.register_callbacks([SaveEMAState(trainer)])
+    resume_ema_exactly(trainer, resume, PPDetModelEMA, "PaddleYOLO", "paddle_ema.dropin.paddleyolo",
+                       lambda cfg, name: os.path.join(cfg.save_dir, cfg.filename, name), LOGGER)

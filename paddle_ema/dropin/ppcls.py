@@ -13,7 +13,7 @@ The same constructor, attributes and numbers as PaddleClas's class:
   and integer buffers too), zipped BY POSITION with `model.state_dict()`, to
   `decay * e + (1 - decay) * m` in the entry's dtype, rounded as Paddle's `scale` and `add` ops
   round PaddleClas's expression: each product and the sum on its own, `1 - decay` in float64
-  (`kernels.ppdet_update_`, one fused multi-threaded call for the float32/float64 entries; every
+  (`kernels.scale_add_`, one fused multi-threaded call for the float32/float64 entries; every
   other entry runs PaddleClas's own ops, `paddle.assign(decay * e + (1 - decay) * m, e)`).
 - set(model) copies the model's entries into the module (`paddle.assign(m, e)`), by position.
 
@@ -42,6 +42,7 @@ import paddle
 from paddle import nn
 
 from .. import kernels
+from ..core.nonfinite import NonfiniteAttributes
 from ._nonfinite import NonfiniteGuard
 
 __all__ = ["ExponentialMovingAverage"]
@@ -52,7 +53,7 @@ _FUSED_DTYPES = (paddle.float32, paddle.float64)
 
 
 def _fusable(e, m):
-    """Whether kernels.ppdet_update_ gives PaddleClas's numbers for this pair."""
+    """Whether kernels.scale_add_ gives PaddleClas's numbers for this pair."""
     return e.dtype in _FUSED_DTYPES and m.dtype == e.dtype
 
 
@@ -77,7 +78,7 @@ def _in_write_order(entries):
     return rounds
 
 
-class ExponentialMovingAverage:
+class ExponentialMovingAverage(NonfiniteAttributes):
     """PaddleClas's ExponentialMovingAverage: same constructor, attributes and numbers (see the
     module docstring).
 
@@ -93,23 +94,13 @@ class ExponentialMovingAverage:
     """
 
     def __init__(self, model: nn.Layer, decay: float = 0.9999, *, nonfinite: str = "update", use_hook: bool = True):
-        self._guard = NonfiniteGuard(nonfinite, "ExponentialMovingAverage.update()")
+        self.nonfinite_policy = NonfiniteGuard(nonfinite, "ExponentialMovingAverage.update()")
         self.module = copy.deepcopy(model)
         self.module.eval()
         self.decay = decay
         self.use_hook = bool(use_hook)
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
-
-    @property
-    def nonfinite(self) -> str:
-        """The non-finite policy: 'update', 'skip' or 'raise'."""
-        return self._guard.policy
-
-    @property
-    def num_nonfinite_skipped(self) -> int:
-        """How many updates `nonfinite='skip'` has skipped."""
-        return self._guard.skipped
 
     def _entries(self, model):
         """(key, module entry, model entry), zipped by position as PaddleClas zips them."""
@@ -125,7 +116,7 @@ class ExponentialMovingAverage:
             model: the trained model.
         """
         entries = self._entries(model)
-        if not self._guard.allows({key: m for key, _, m in entries}):
+        if not self.nonfinite_policy.allows({key: m for key, _, m in entries}):
             return
         decay, weight = self.decay, 1.0 - self.decay
         for entries_ in _in_write_order(entries):
@@ -133,7 +124,7 @@ class ExponentialMovingAverage:
             # PaddleClas's expression for the rest, all computed before anything is written: where
             # Paddle has no kernel (float16 add on a CPU) it raises as PaddleClas's does, changing nothing.
             other = [(e, decay * e + weight * m) for _, e, m in entries_ if not _fusable(e, m)]
-            kernels.ppdet_update_([e for e, _ in fused], [m for _, m in fused], decay, weight)
+            kernels.scale_add_([e for e, _ in fused], [m for _, m in fused], decay, weight)
             for e, new in other:
                 paddle.assign(new, e)
 

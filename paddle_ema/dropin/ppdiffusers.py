@@ -43,7 +43,7 @@ ppdiffusers': a float32 buffer per trainable parameter at construction, named li
 with the dots removed (so they live in the owning model's state dict as `model_ema.<name>`);
 forward(model) counts n = num_updates + 1 (unless use_num_upates=False), d = min(decay,
 (1 + n)/(10 + n)), and moves each buffer to (d*b + 0) + ((1 - d)*p.astype(float32) + 0), rounded as
-Paddle's scale_ and add_ (`kernels.ppdet_update_`); copy_to casts back to each parameter's dtype.
+Paddle's scale_ and add_ (`kernels.scale_add_`); copy_to casts back to each parameter's dtype.
 
 LitEma's quirks, kept by default:
 - two parameter names that differ only by dots ('a.bc', 'ab.c') share one buffer, which both
@@ -54,8 +54,8 @@ LitEma's quirks, kept by default:
   `save_num_updates=True` keeps it in an int64 buffer `_num_updates` of the state dict).
 
 Differences that change no number of a run that works with ppdiffusers' classes:
-- LitEma's update is one fused in-place call; EMAModel's runs Paddle's own ops without
-  ppdiffusers' cast and copy (in place from 64K elements), until the fused form of its formula;
+- both updates are one fused in-place call for float32/float64 shadows (`kernels.scale_add_`,
+  `kernels.sub_scale_sub_`), Paddle's own ops for the others, without ppdiffusers' copies;
 - a call that does not fit (load_state_dict with other shadow shapes or a non-finite shadow; a
   LitEma forward or copy_to on a model whose trainable parameters differ from the ones it was built
   with; restore() twice) raises one IncompatibleStateError / EMAStateError naming what is wrong,
@@ -63,7 +63,6 @@ Differences that change no number of a run that works with ppdiffusers' classes:
 - `nonfinite='skip'` / `'raise'` (not the default) guard the update against NaN/Inf weights.
 """
 
-import math
 import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -71,10 +70,10 @@ import paddle
 from paddle import nn
 
 from .. import _compat, kernels
-from ..averaging import first_nonfinite_name
+from ..kernels import first_nonfinite_name
 from ..errors import ConfigError, EMAStateError, IncompatibleStateError
-from ..schedules import Power, Threshold
-from ._guarded import NonfiniteAttributes
+from ..core.schedules import Power, Threshold
+from ..core.nonfinite import NonfiniteAttributes
 from ._nonfinite import NonfiniteGuard
 
 __all__ = ["EMAModel", "LitEma", "STATE_KEYS", "NUM_UPDATES_BUFFER"]
@@ -88,23 +87,6 @@ NUM_UPDATES_BUFFER = "_num_updates"
 def _deprecated(message):
     """ppdiffusers' `deprecate(..., standard_warn=False)`: the message as a FutureWarning."""
     warnings.warn(message, FutureWarning, stacklevel=3)
-
-
-def _sub_scale_sub_(shadows: Sequence[paddle.Tensor], params: Sequence[paddle.Tensor], weight: float) -> None:
-    """s <- s - (weight*(s - p.cast(s.dtype)) + 0) in place, in s's dtype, rounded as ppdiffusers'
-    `s - one_minus_decay * (s - p)` is: subtract, scale, subtract, each rounded on its own."""
-    # kernels.sub_scale_sub_ once the Kernel object lands
-    for shadow, param in zip(shadows, params):
-        difference = shadow - (param if param.dtype is shadow.dtype else param.cast(shadow.dtype))
-        if math.prod(shadow.shape) < _IN_PLACE_FROM:
-            shadow.copy_(shadow - weight * difference, False)
-        else:
-            shadow.subtract_(difference.scale_(weight))
-
-
-# From this many elements the in-place ops (fewer bytes moved) beat the out-of-place ones (less
-# Python per call): same numbers either way.
-_IN_PLACE_FROM = 65536
 
 
 @paddle.no_grad()
@@ -174,7 +156,7 @@ class EMAModel(NonfiniteAttributes, _StoreRestore):
                  update_after_step: int = 0, use_ema_warmup: bool = False, inv_gamma: Union[float, int] = 1.0,
                  power: Union[float, int] = 2 / 3, model_cls: Optional[Any] = None,
                  model_config: Optional[Dict[str, Any]] = None, *, nonfinite: str = "update", **kwargs: Any):
-        self._guard = NonfiniteGuard(nonfinite, "EMAModel.step()")
+        self.nonfinite_policy = NonfiniteGuard(nonfinite, "EMAModel.step()")
         if isinstance(parameters, nn.Layer):
             _deprecated("Passing a `nn.Layer` to `ExponentialMovingAverage` is deprecated. "
                         "Please pass the parameters of the module instead.")
@@ -291,7 +273,7 @@ class EMAModel(NonfiniteAttributes, _StoreRestore):
                         "Please pass the parameters of the module instead.")
             parameters = parameters.parameters()
         parameters = list(parameters)
-        if self._guard.policy != "update" and not self._guard.allows(
+        if self.nonfinite_policy.checks and not self.nonfinite_policy.allows(
                 {f"parameter {i} ({p.name})": p for i, p in enumerate(parameters)}):
             return
         self.optimization_step += 1
@@ -301,7 +283,7 @@ class EMAModel(NonfiniteAttributes, _StoreRestore):
         for shadow, param in zip(self.shadow_params, parameters):
             (copied if param.stop_gradient else averaged).append((shadow, param))
         # ppdiffusers' one_minus_decay, 1 - decay in float64.
-        _sub_scale_sub_([s for s, _ in averaged], [p for _, p in averaged], 1 - decay)
+        kernels.sub_scale_sub_([s for s, _ in averaged], [p for _, p in averaged], 1 - decay)
         _copy_cast([s for s, _ in copied], [p for _, p in copied])
 
     def copy_to(self, parameters: Iterable[paddle.Tensor]) -> None:
@@ -466,7 +448,7 @@ class LitEma(NonfiniteAttributes, _StoreRestore, nn.Layer):
             raise ConfigError(f"Decay must be between 0 and 1, got {decay!r}")
         if name_collisions not in ("share", "separate"):
             raise ConfigError(f"name_collisions must be 'share' or 'separate', got {name_collisions!r}")
-        self._guard = NonfiniteGuard(nonfinite, "LitEma.forward()")
+        self.nonfinite_policy = NonfiniteGuard(nonfinite, "LitEma.forward()")
         self._count = None
         self.decay = decay
         trainable = [(name, p) for name, p in model.named_parameters() if not p.stop_gradient]
@@ -526,7 +508,7 @@ class LitEma(NonfiniteAttributes, _StoreRestore, nn.Layer):
             model: the model LitEma was built with (or one with the same parameter names).
         """
         pairs = self._pairs(model, "forward()")
-        if self._guard.policy != "update" and not self._guard.allows(
+        if self.nonfinite_policy.checks and not self.nonfinite_policy.allows(
                 {f"parameter {i}": p for i, (_, p) in enumerate(pairs)}):
             return
         decay = self.decay
@@ -535,7 +517,7 @@ class LitEma(NonfiniteAttributes, _StoreRestore, nn.Layer):
             decay = Threshold(decay=self.decay)(self.num_updates)
         for group in _in_rounds(pairs):
             # ppdiffusers' one_minus_decay = 1.0 - decay, in float64.
-            kernels.ppdet_update_([b for b, _ in group], [p for _, p in group], decay, 1.0 - decay)
+            kernels.scale_add_([b for b, _ in group], [p for _, p in group], decay, 1.0 - decay)
 
     def copy_to(self, model: nn.Layer) -> None:
         """Write the averages into the model's trainable parameters, cast to each one's dtype.

@@ -13,7 +13,7 @@ The same constructor, methods, attributes (`state_dict` is a dict attribute, `st
 - update t (t = updates so far) takes decay d from `ema_decay_type` ('threshold':
   min(decay, (1+t)/(10+t)); 'exponential': decay*(1-exp(-(t+1)/gamma)); 'normal': constant) and
   moves each shadow whose key the model still has to d*shadow + (1-d)*value.astype(float32),
-  rounded as Paddle's `scale` and `add` ops round it (`kernels.ppdet_update_`: one fused
+  rounded as Paddle's `scale` and `add` ops round it (`kernels.scale_add_`: one fused
   multi-threaded call, or the same Paddle ops; `1 - d` in float64, as PaddleOCR writes it);
 - `apply()` with t = 0 returns clones of the shadows (zeros); otherwise each shadow divided by
   1 - d**t (Paddle's divide by float32(1 - d**t)), d the decay of the LAST update, in float32:
@@ -53,11 +53,12 @@ import paddle
 from paddle import nn
 
 from .. import _compat, kernels
-from ..averaging import first_nonfinite_name, tensor_problem
+from ..infra.saved_state import tensor_problem
+from ..kernels import first_nonfinite_name
 from ..errors import IncompatibleStateError
-from ..schedules import schedule_for_decay_type
-from ..step_policy import is_integer
-from ._guarded import NonfiniteAttributes
+from ..core.schedules import schedule_for_decay_type
+from ..core.validation import is_integer
+from ..core.nonfinite import NonfiniteAttributes
 from ._nonfinite import NonfiniteGuard
 
 __all__ = ["ModelEMA", "PPOCR_BATCHNORM_CLASSES", "frozen_parameter_names"]
@@ -112,7 +113,7 @@ class ModelEMA(NonfiniteAttributes):
     def __init__(self, model: nn.Layer, decay: float = 0.9998, gamma: float = 2000, ema_decay_type: str = "threshold",
                  ema_filter_no_grad: bool = False, *, all_batchnorm: bool = False, restore_last_decay: bool = False,
                  nonfinite: str = "update"):
-        self._guard = NonfiniteGuard(nonfinite, "ModelEMA.update()")
+        self.nonfinite_policy = NonfiniteGuard(nonfinite, "ModelEMA.update()")
         self._schedule = schedule_for_decay_type(ema_decay_type, decay, tau=gamma)
         self.decay = decay
         self.gamma = gamma
@@ -145,12 +146,12 @@ class ModelEMA(NonfiniteAttributes):
         current = model.state_dict()
         names = [name for name in self.state_dict if name not in self.ema_black_list and name in current]
         values = [current[name] for name in names]
-        if self._guard.policy != "update" and not self._guard.allows(dict(zip(names, values))):
+        if self.nonfinite_policy.checks and not self.nonfinite_policy.allows(dict(zip(names, values))):
             return
         decay = self._schedule(self.step)
         self._decay = decay
         # PaddleOCR's (1 - decay), in float64: not 1 - float32(decay).
-        kernels.ppdet_update_([self.state_dict[name] for name in names], values, decay, 1 - decay)
+        kernels.scale_add_([self.state_dict[name] for name in names], values, decay, 1 - decay)
         self.step += 1
 
     @paddle.no_grad()

@@ -20,7 +20,7 @@ import warnings
 
 from .. import environment
 from ..errors import ConfigError, PaddleEMAError
-from .run_folder import check_writable, describe_os_error
+from .output_folder import check_writable, describe_os_error
 
 __all__ = ["train_main", "eval_main", "export_main", "average_main", "posthoc_main"]
 
@@ -163,8 +163,8 @@ def _config(args):
 def _check_resume_target(resume, run_dir):
     """A ConfigError when -r names an existing file or folder that cannot be a checkpoint's path
     (README.md, a run folder): the line says what -r takes and lists the checkpoints there are."""
-    from ..checkpoint import complete_checkpoints
-    from .run_checkpoints import checkpoint_stem
+    from ..infra.checkpoint import complete_checkpoints
+    from .checkpoint_files import checkpoint_stem
     from .trainer import RESUME_AUTO
 
     if resume == RESUME_AUTO:
@@ -196,7 +196,7 @@ def _train(argv):
                           "newest complete checkpoint of this run (./auto for a checkpoint named auto)")
     cfg = _config(args)
     from .builders import run_name
-    from .runs import build_trainer
+    from .trainer_choice import build_trainer
 
     name = run_name(args.config)
     if args.resume is not None:
@@ -225,9 +225,9 @@ def _weights(cfg, args):
 def _eval(argv):
     args = _parser("Accuracy of a checkpoint (-o weights=PATH; default <output>/<name>/model_final).").parse_args(argv)
     cfg = _config(args)
-    from .run_checkpoints import load_weights
-    from .evaluation import evaluate
     from .builders import build_datasets, build_model, set_device
+    from .checkpoint_files import load_weights
+    from .evaluation import evaluate
 
     set_device(cfg)
     dataset = build_datasets(cfg, ("eval",))["eval"]
@@ -244,8 +244,8 @@ def _export(argv):
     if not args.output_dir.strip():
         raise ConfigError("--output_dir: an empty path; give the folder to export into (default output_inference)")
     cfg = _config(args)
-    from .export import export_model
     from .builders import run_name
+    from .export import export_model
 
     weights = _weights(cfg, args)  # before anything is created: no trained run, no empty output folder
     check_writable(args.output_dir, "--output_dir")
@@ -264,8 +264,8 @@ def _average(argv):
                              "or take the first checkpoint's; required when the checkpoints hold BatchNorm layers")
     parser.add_argument("--output", required=True, help="the averaged .pdparams file")
     args = parser.parse_args(argv)
-    from .average_files import average_checkpoint_files
-    from .run_checkpoints import check_weights_output
+    from .checkpoint_averaging import average_checkpoint_files
+    from .checkpoint_files import check_weights_output
 
     cfg = _config(args) if args.config else None
     if os.path.isdir(args.output):
@@ -287,8 +287,8 @@ def _posthoc(argv):
     parser.add_argument("--eval", action="store_true", help="evaluate each and report the best")
     args = parser.parse_args(argv)
     cfg = _config(args)
-    from .posthoc_tool import parse_profiles, posthoc_weights
     from .builders import run_name
+    from .posthoc_tool import parse_profiles, posthoc_weights
 
     run_dir = os.path.join(cfg["output_dir"], run_name(args.config))
     snapshots = args.snapshots or os.path.join(run_dir, "posthoc")

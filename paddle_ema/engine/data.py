@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import register
 from ..config.registry import Limit
+from ..core.validation import check_choice
 from ..errors import ConfigError
 
 __all__ = ["ArrayDataset", "Digits", "ImageFolder", "MNIST", "FashionMNIST", "Cifar10", "batches"]
@@ -55,8 +56,7 @@ def batches(num_samples, batch_size, shuffle=False, drop_last=False, seed=0, epo
 
 
 def _check_split(split):
-    if split not in SPLITS:
-        raise ConfigError(f"dataset split must be one of {SPLITS}, got {split!r}")
+    check_choice("dataset split", split, SPLITS, str(SPLITS))
 
 
 def _require(path, what):

@@ -28,8 +28,8 @@ import numpy as np
 import paddle
 
 from .. import kernels
+from ..core.selection import batchnorm_statistic_names
 from ..errors import ConfigError
-from ..selection import batchnorm_statistic_names
 from .data import ArrayDataset
 from .evaluation import num_correct, predict
 

@@ -18,21 +18,20 @@ weights, with the config's schedule and options. PaddleDetection's keys keep the
 Both resume exactly from their full state in .pdopt.
 """
 
-import dataclasses
 import math
-import warnings
 
 import paddle
 
 from .. import kernels
-from ..averaging import SavedState
+from ..core.averaging import EMARule
+from ..core.schedules import schedule_for_decay_type
+from ..core.step_policy import StepPolicy
+from ..dropin.ppdet import ModelEMA, bn_running_state_names
 from ..dygraph import ExponentialMovingAverage
-from ..errors import ConfigError, NonFiniteError
-from ..ppdet import ModelEMA, bn_running_state_names
-from ..schedules import schedule_for_decay_type
-from ..step_policy import StepPolicy
-from .averages import weights_loaded
-from .run_checkpoints import copy_state
+from ..errors import ConfigError
+from ..infra.saved_state import SavedState
+from .average_protocol import weights_loaded
+from .checkpoint_files import copy_state
 
 __all__ = ["build_ema", "check_averaging_steps", "ema_settings", "relative_distance", "restart_allowed"]
 
@@ -40,46 +39,23 @@ __all__ = ["build_ema", "check_averaging_steps", "ema_settings", "relative_dista
 def restart_allowed(policy, arrays_or_tensors, where):
     """Whether a cycle_epoch restart may copy the current weights into the average.
 
-    `arrays_or_tensors`: (name, value) pairs of the floating-point weights. Non-finite weights are
-    copied only under policy 'update'; 'raise' raises NonFiniteError; 'skip' warns and keeps the
-    average."""
-    if policy == "update":
+    `policy`: the average's NonfinitePolicy; `arrays_or_tensors`: (name, value) pairs of the
+    floating-point weights. Non-finite weights are copied only under 'update'; 'raise' raises
+    NonFiniteError; 'skip' warns and keeps the average."""
+    if not policy.checks:
         return True
-    pairs = list(arrays_or_tensors)
-    bad = _first_nonfinite(pairs)
+    bad = kernels.first_nonfinite_name(dict(arrays_or_tensors))
     if bad is None:
         return True
-    message = f"{where}: the cycle_epoch restart would copy parameter {bad!r}, which holds NaN or Inf, into the average"
-    if policy == "raise":
-        raise NonFiniteError(message)
-    warnings.warn(message + "; the restart is skipped and the average kept (ema_nonfinite: skip)", RuntimeWarning,
-                  stacklevel=3)
-    return False
-
-
-def _first_nonfinite(pairs):
-    import numpy as np
-
-    tensors = [(name, v) for name, v in pairs if isinstance(v, paddle.Tensor)]
-    if tensors:
-        index = kernels.first_nonfinite([v for _, v in tensors])
-        if index is not None:
-            return tensors[index][0]
-    for name, value in pairs:
-        if not isinstance(value, paddle.Tensor) and not np.isfinite(np.asarray(value)).all():
-            return name
-    return None
-
-def _schedule(cfg):
-    """(schedule name, its options) for `ema_decay_type` and the ema_* keys it reads."""
-    schedule = schedule_for_decay_type(cfg["ema_decay_type"], cfg["ema_decay"], tau=cfg["ema_tau"],
-                                       inv_gamma=cfg["ema_inv_gamma"], power=cfg["ema_power"],
-                                       min_decay=cfg["ema_min_decay"])
-    return schedule.name, {k: v for k, v in schedule.options().items() if k not in ("name", "decay")}
+    return policy.allow_copy(
+        f"{where}: the cycle_epoch restart would copy parameter {bad!r}, which holds NaN or Inf, into the average",
+        skip_note="; the restart is skipped and the average kept (ema_nonfinite: skip)")
 
 
 def ema_settings(cfg, model):
-    """The keyword arguments of paddle_ema.ExponentialMovingAverage that cfg's EMA keys ask for.
+    """The keyword arguments of paddle_ema.ExponentialMovingAverage that cfg's EMA keys ask for:
+    the update rule and the step policy as objects (with cycle_epoch's restarts after snapshots;
+    -1, never, is 0), the parameter choice, the device and the non-finite policy.
 
     `exclude` holds patterns on `model`'s structured parameter names; the static trainer maps the
     same settings onto paddle_ema.static's EMA.
@@ -90,11 +66,14 @@ def ema_settings(cfg, model):
         running = bn_running_state_names(model)
         exclude += [f"re:^{name}$" for name, p in model.named_parameters()
                     if p.stop_gradient and name not in running]
-    schedule, options = _schedule(cfg)
-    return dict(decay=cfg["ema_decay"], schedule=schedule, schedule_options=options,
-                bias_correction=cfg["ema_bias_correction"], update_every=cfg["ema_update_every"],
-                start_step=cfg["ema_start_step"], include_stop_gradient=cfg["ema_include_stop_gradient"],
-                exclude=exclude or None, device=cfg["ema_device"], nonfinite=cfg["ema_nonfinite"])
+    schedule = schedule_for_decay_type(cfg["ema_decay_type"], cfg["ema_decay"], tau=cfg["ema_tau"],
+                                       inv_gamma=cfg["ema_inv_gamma"], power=cfg["ema_power"],
+                                       min_decay=cfg["ema_min_decay"])
+    return dict(rule=EMARule(schedule, cfg["ema_bias_correction"]),
+                policy=StepPolicy(start_step=cfg["ema_start_step"], update_every=cfg["ema_update_every"],
+                                  restart_every=max(cfg["cycle_epoch"], 0)),
+                include_stop_gradient=cfg["ema_include_stop_gradient"], exclude=exclude or None,
+                device=cfg["ema_device"], nonfinite=cfg["ema_nonfinite"])
 
 
 def check_averaging_steps(cfg, total_steps):
@@ -115,8 +94,7 @@ class _PaddleEMA:
     def __init__(self, cfg, model):
         self.ema = ExponentialMovingAverage(model, **ema_settings(cfg, model), shard=cfg["ema_shard"])
         self.model = model
-        # The EMA's own step policy, with cycle_epoch's restarts after snapshots (-1, never, is 0).
-        self.policy = dataclasses.replace(self.ema.policy, restart_every=max(cfg["cycle_epoch"], 0))
+        self.policy = self.ema.policy  # restarts after cycle_epoch snapshots (ema_settings)
         self.snapshots = 0
 
     def update(self, step=None):
@@ -146,7 +124,7 @@ class _PaddleEMA:
         self.snapshots += 1
         if self.policy.restarts_after(self.snapshots):
             live = [(k, v) for k, v in self.model.state_dict().items() if paddle.is_floating_point(v)]
-            if restart_allowed(self.ema.nonfinite, live, f"snapshot {self.snapshots}"):
+            if restart_allowed(self.ema.nonfinite_policy, live, f"snapshot {self.snapshots}"):
                 skipped = self.ema.num_nonfinite_skipped  # a restart starts a new average, not a new run
                 self.ema.register()
                 self.ema.num_nonfinite_skipped = skipped

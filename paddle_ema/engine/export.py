@@ -3,12 +3,12 @@
 import numpy as np
 import paddle
 
-from ..checkpoint import staged_prefix
 from ..errors import PaddleEMAError
-from .averages import check_finite
-from .run_checkpoints import load_weights
-from .evaluation import predict
+from ..infra.checkpoint import staged_prefix
+from .average_protocol import check_finite
 from .builders import build_datasets, build_model, set_device
+from .checkpoint_files import load_weights
+from .evaluation import predict
 
 __all__ = ["export_model", "ExportMismatch"]
 

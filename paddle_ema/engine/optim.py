@@ -8,6 +8,7 @@ import paddle
 
 from ..config import register
 from ..config.registry import Limit
+from ..core.validation import is_integer
 
 _NONNEG = Limit(0)
 _BETA = Limit(0, 1, high_open=True)
@@ -16,7 +17,7 @@ _STEPS = Limit(0, 2**31 - 1)
 
 def _milestones(value):
     ok = (isinstance(value, (list, tuple)) and value
-          and all(isinstance(m, int) and not isinstance(m, bool) and 0 < m < 2**31 for m in value)
+          and all(is_integer(m, 1) and m < 2**31 for m in value)
           and all(a < b for a, b in zip(value, value[1:])))
     return None if ok else "expected a non-empty list of increasing epochs >= 1, e.g. [6, 9]"
 

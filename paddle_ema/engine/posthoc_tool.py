@@ -12,10 +12,10 @@ requested one outside it is refused with the range; the default sweep leaves suc
 
 import os
 
-from ..checkpoint import atomic_save, safe_load
 from ..errors import ConfigError
+from ..infra.checkpoint import atomic_save, safe_load
 from ..posthoc import check_synthesis, gamma_to_sigma_rel, read_index, sigma_rel_to_gamma, synthesis_step, synthesize
-from .averages import check_finite
+from .average_protocol import check_finite
 
 __all__ = ["DEFAULT_SWEEP", "posthoc_weights", "parse_profiles", "output_name"]
 
@@ -72,10 +72,10 @@ def posthoc_weights(cfg, run_dir, snapshots, profiles, at=None, update_bn=False,
     left out]); writes one .pdparams each."""
     import paddle
 
-    from .average_files import recompute_bn_statistics
-    from .run_checkpoints import check_fits, copy_state
-    from .evaluation import evaluate
     from .builders import build_datasets, build_model, set_device
+    from .checkpoint_averaging import recompute_bn_statistics
+    from .checkpoint_files import check_fits, copy_state
+    from .evaluation import evaluate
 
     entries = read_index(snapshots)  # checked before the model and data are built
     profiles, left_out = _expressible(snapshots, entries, profiles, at, explicit)

@@ -3,7 +3,7 @@
 import os
 from typing import Any, Dict, List, Optional
 
-from ..checkpoint import atomic_write
+from ..infra.checkpoint import atomic_write
 
 __all__ = ["ScalarLog", "summary_table", "output_lines", "plot_curves", "TAGS"]
 

@@ -22,22 +22,22 @@ Paddle's global mode stays dygraph outside the trainer's own program and executo
 """
 
 import contextlib
-import dataclasses
 import warnings
 
 import numpy as np
 import paddle
 
 from .. import _compat
-from ..averaging import SavedState, settings_differences
 from ..config import create
+from ..core.averaging import settings_differences
+from ..core.selection import select_parameters
 from ..errors import ConfigError, IncompatibleStateError
-from ..selection import select_parameters
+from ..infra.saved_state import SavedState
 from ..static import ExponentialMovingAverage as StaticEMA
 from ..static import clone_for_test
+from .builders import build_model, classification_loss
 from .ema_setup import ema_settings, restart_allowed
 from .evaluation import accuracy, predict_with
-from .builders import build_model, classification_loss
 from .trainer import Trainer
 
 __all__ = ["StaticTrainer"]
@@ -91,18 +91,14 @@ class _StaticEMAState:
         include = settings["include_stop_gradient"]
         # Chosen by structured names (what ema_black_list means), handed over by program name.
         chosen = [structured[n] for n, _ in select_parameters(model, include, settings["exclude"])]
-        self.ema = StaticEMA(settings["decay"], schedule=settings["schedule"],
-                             schedule_options=settings["schedule_options"], update_every=settings["update_every"],
-                             include_stop_gradient=include, parameters=chosen, nonfinite=settings["nonfinite"],
-                             bias_correction=settings["bias_correction"])
+        self.ema = StaticEMA(rule=settings["rule"], policy=settings["policy"], include_stop_gradient=include,
+                             parameters=chosen, nonfinite=settings["nonfinite"])
         self.ema.update()
-        # The EMA's own step policy, with the trainer's cycle_epoch restarts (-1, never, is 0).
-        self.policy = dataclasses.replace(self.ema.policy, restart_every=max(cfg["cycle_epoch"], 0))
+        self.policy = self.ema.policy  # restarts after cycle_epoch snapshots (ema_settings)
         self.structured = structured  # structured name -> program name
         program_to_structured = {v: k for k, v in structured.items()}
         self.names = self.ema.state_names()
         self.shadows = {program_to_structured[p]: s for p, s in self.names["shadows"].items()}
-        self.nonfinite = settings["nonfinite"]
         self.snapshots = 0
 
     def bind(self, variables, executor, static_guard, read_weights):
@@ -144,7 +140,7 @@ class _StaticEMAState:
         self.snapshots += 1
         if self.policy.restarts_after(self.snapshots):
             live = [(name, self.vars.read(self.structured[name])) for name in self.shadows]
-            if restart_allowed(self.nonfinite, live, f"snapshot {self.snapshots}"):
+            if restart_allowed(self.ema.nonfinite_policy, live, f"snapshot {self.snapshots}"):
                 self.register()
         return _tensors(weights)
 
@@ -192,19 +188,11 @@ class _StaticEMAState:
 class StaticTrainer(Trainer):
     """Trainer on paddle.static programs and the Executor; same arguments and files as Trainer."""
 
-    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None):
+    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None, write=True):
         check_static_config(cfg)
         self.scope = paddle.static.Scope()
-        super().__init__(cfg, name, do_eval=do_eval, vdl_log_dir=vdl_log_dir, resume=resume, stream=stream)
-
-    @classmethod
-    def check_config(cls, cfg, do_eval=True):
-        check_static_config(cfg)
-        trainer = cls.__new__(cls)
-        trainer.scope = paddle.static.Scope()
-        trainer._build_parts(cfg, do_eval, None)
-        trainer.global_step, trainer.posthoc = 0, None  # so that a test may take a step
-        return trainer
+        super().__init__(cfg, name, do_eval=do_eval, vdl_log_dir=vdl_log_dir, resume=resume, stream=stream,
+                         write=write)
 
     @contextlib.contextmanager
     def _static(self):

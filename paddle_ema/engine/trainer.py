@@ -15,26 +15,35 @@ that replaces the methods below which touch the model, the optimizer or the eval
 """
 
 import os
-import warnings
 
 import paddle
 
 from .. import kernels
-from ..checkpoint import recover
 from ..config import create
-from ..errors import ConfigError, IncompatibleStateError, NonFiniteError, PaddleEMAError
-from ..selection import batchnorm_statistic_names
-from .averages import check_finite, weights_loaded
+from ..core.nonfinite import NonfinitePolicy
+from ..core.selection import batchnorm_statistic_names
+from ..errors import ConfigError, IncompatibleStateError, PaddleEMAError
+from ..infra.checkpoint import recover
+from .average_protocol import check_finite, weights_loaded
 from .builders import build_datasets, build_model, classification_loss, seed_everything, set_device
-from .run_checkpoints import (check_fits, check_same_run, copy_state, ema_keys, ema_resume_hint, load_resume_state,
-                              newest_resumable, run_identity, save_checkpoint)
+from .checkpoint_files import (
+    check_fits,
+    check_same_run,
+    copy_state,
+    ema_keys,
+    ema_resume_hint,
+    load_resume_state,
+    newest_resumable,
+    run_identity,
+    save_checkpoint,
+)
 from .data import batches
 from .distributed import Parallel, SilentProgress, dump_snapshot
 from .ema_setup import build_ema, check_averaging_steps, relative_distance
-from .extra_averages import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
+from .output_folder import RunLock, check_writable, refuse_planted_links, remove_created
 from .progress import Progress
 from .report import ScalarLog, output_lines, plot_curves, summary_table
-from .run_folder import RunLock, check_writable, refuse_planted_links, remove_created
+from .swa_posthoc_setup import SWA_SUFFIX, build_posthoc, build_swa, with_recalibrated_bn
 
 # `-r auto`: resume from the newest complete checkpoint of this run, or start fresh without one.
 RESUME_AUTO = "auto"
@@ -45,15 +54,17 @@ __all__ = ["Trainer"]
 
 
 class Trainer:
-    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None):
+    def __init__(self, cfg, name, do_eval=False, vdl_log_dir=None, resume=None, stream=None, write=True):
         self._build_parts(cfg, do_eval, stream)
-        self.output_dir = os.path.join(cfg["output_dir"], name)
+        # write=False (check_config): everything a run trains with, and no run folder, lock, file or resume.
+        self.output_dir = os.path.join(cfg["output_dir"], name) if write else None
         self.lock, self._created = None, []
         try:
-            if self.parallel.is_main:
+            writes = write and self.parallel.is_main
+            if writes:
                 self._claim_outputs(vdl_log_dir)
-            self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=self.parallel.is_main)
-            self.log = ScalarLog(vdl_log_dir if self.parallel.is_main else None)
+            self.posthoc = build_posthoc(cfg, self.model, self.output_dir, write=writes) if write else None
+            self.log = ScalarLog(vdl_log_dir if writes else None)
             self.start_epoch, self.global_step, self.history, self.best = 0, 0, [], None
             if resume == RESUME_AUTO:
                 resume = newest_resumable(self.output_dir, self.ema is not None)
@@ -69,10 +80,7 @@ class Trainer:
     def check_config(cls, cfg, do_eval=True):
         """Build everything a run of `cfg` trains with (data, model, schedule, optimizer, EMA), writing
         nothing: a config that passes trains; one that does not raises a PaddleEMAError."""
-        trainer = cls.__new__(cls)
-        trainer._build_parts(cfg, do_eval, None)
-        trainer.global_step, trainer.posthoc = 0, None  # so that a test may take a step
-        return trainer
+        return cls(cfg, None, do_eval=do_eval, write=False)
 
     def _build_parts(self, cfg, do_eval, stream):
         """What the run trains with; validates the config against the data, writes nothing."""
@@ -196,10 +204,9 @@ class Trainer:
             return recalibrated
         message = (f"{what}: the recalibrated BatchNorm statistic {names[bad]!r} holds NaN or Inf at step "
                    f"{self.global_step}")
-        if self.cfg["ema_nonfinite"] == "raise":
-            raise NonFiniteError(message + " (ema_nonfinite: raise)")
-        warnings.warn(message + "; the recalibration is skipped: the averaged statistics are kept and saved",
-                      RuntimeWarning, stacklevel=2)
+        NonfinitePolicy(self.cfg["ema_nonfinite"], setting="ema_nonfinite").refuse(
+            message, raise_note=" (ema_nonfinite: raise)",
+            skip_note="; the recalibration is skipped: the averaged statistics are kept and saved")
         return weights
 
     def _optimizer_state(self):

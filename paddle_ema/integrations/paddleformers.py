@@ -24,7 +24,9 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 
-from paddle_ema import CheckpointError, ConfigError, ExponentialMovingAverage
+from ..core.validation import check_choice
+from ..dygraph import ExponentialMovingAverage
+from ..errors import CheckpointError, ConfigError
 
 try:
     from paddleformers.trainer import Trainer, TrainerCallback
@@ -79,8 +81,7 @@ class EMACallback(TrainerCallback):
         if unknown:
             raise ConfigError(f"EMACallback got unknown option(s) {unknown}; it takes {accepted}, "
                               "export_dir and missing_state")
-        if missing_state not in MISSING_STATE_POLICIES:
-            raise ConfigError(f"missing_state must be one of {list(MISSING_STATE_POLICIES)}, got {missing_state!r}")
+        check_choice("missing_state", missing_state, MISSING_STATE_POLICIES)
         self.decay = decay
         self.options = options
         self.export_dir = export_dir

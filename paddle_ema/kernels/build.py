@@ -38,9 +38,10 @@ __all__ = ["BuildError", "cache_dir", "library_path", "build_key", "failure_path
 
 LIBRARY_NAME = "paddle_ema_ops"
 SOURCE_DIR = Path(__file__).with_name("csrc")
-CPU_SOURCES = ("ema_ops.cc", "ema_python.cc", "ema_ppdet.cc")
+CPU_SOURCES = ("ema_ops.cc", "ema_python.cc", "ema_update.cc", "ema_guard.cc", "ema_simd.cc")
 CUDA_SOURCES = ("ema_ops.cu",)
-HEADERS = ("ema_compat.h", "ema_half.h", "ema_ops.h", "ema_parallel.h", "ema_segments.h", "ema_cuda_kernel.cuh")
+HEADERS = ("ema_compat.h", "ema_half.h", "ema_parallel.h", "ema_segments.h", "ema_simd.h", "ema_tensors.h",
+           "ema_update.h", "ema_cuda_kernel.cuh")
 # -ffp-contract=off: the update must be a + w * (x - a) rounded step by step, as paddle.lerp_
 # computes it, never fused into an FMA that rounds differently.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
@@ -430,7 +431,7 @@ def load_extension() -> ModuleType:
     """
     import importlib.util
 
-    from paddle.utils.cpp_extension import load_op_meta_info_and_register_op
+    from .. import _compat
 
     target = library_path()
     if not target.exists():
@@ -444,7 +445,7 @@ def load_extension() -> ModuleType:
             raise BuildError(f"cannot build into {target.parent}: {exc}") from None
     try:
         _preload_openmp()
-        load_op_meta_info_and_register_op(str(target))
+        _compat.register_custom_ops(target)
         # The module's name is the one compiled in (PADDLE_EXTENSION_NAME, see ema_compat.h).
         spec = importlib.util.spec_from_file_location(LIBRARY_NAME, target)
         module = importlib.util.module_from_spec(spec)

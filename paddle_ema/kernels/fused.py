@@ -1,33 +1,35 @@
 """The fused implementation of the kernels: the C++/CUDA extension updates a whole list in one call.
 
-`lerp_` hands every (average, value) pair to one call of the extension's `lerp_` (a Python function
-of the compiled library, ema_python.cc), which updates all pairs it supports in a single
-multi-threaded pass (CPU) or one launch per device (GPU): float32 averages with
-float32/float16/bfloat16 values and float64 with float64, both tensors on one device, contiguous.
-It returns the indices of any other pair (an average kept on another device than its weight, an
-unusual dtype, a strided view), which the reference implementation then updates, so every input
-gets the same numbers either way. Static programs use the library's operators instead
-(program_ops.fused_lerp_, paddle_ema_lerp_by_tensor), which take the weight as a tensor.
+`lerp_`, `scale_add_` and `sub_scale_sub_` hand every (average, value) pair to one call of the
+extension (ema_python.cc), which updates all pairs it supports in a single multi-threaded pass
+(CPU) or one launch per device (GPU): float32 averages with float32/float16/bfloat16 values and
+float64 with float64, both tensors on one device, contiguous (and on a GPU, float16/bfloat16
+averages with values of their dtype for the two suite formulas). It returns the indices of any
+other pair (an average kept on another device than its weight, an unusual dtype, a strided
+view), which the reference implementation then updates, so every input gets the same numbers
+either way. Static programs use the library's operators instead (program_ops.fused_lerp_,
+paddle_ema_lerp_by_tensor), which take the weight as a tensor.
+
+Every function takes `threads`, the CPU threads of the call (None: `threads.num_threads()`).
 
 The extension is built on first use (see build.py). `available()` says whether it could be; when
 it cannot, `failure()` says why and `lerp_` must not be called.
 """
 
-import os
 import threading
-import time
-from typing import TYPE_CHECKING, Optional, Sequence
+from typing import TYPE_CHECKING, Hashable, Optional, Sequence
 
-from .. import environment as _environment
 from . import build, reference
+from .threads import THREADS_ENV, num_threads
 
 if TYPE_CHECKING:  # for the annotations only: build imports paddle when the extension is loaded
     import paddle
 
-__all__ = ["available", "failure", "lerp_", "guarded_lerp_", "copy_", "first_nonfinite", "stream_add_", "num_threads",
-           "THREADS_ENV"]
+__all__ = ["available", "failure", "state_key", "runs_on_gpus", "update_", "lerp_", "scale_add_", "sub_scale_sub_", "ppdet_update_",
+           "guarded_lerp_", "guarded_update_", "copy_", "first_nonfinite", "num_threads", "THREADS_ENV", "FORMULAS"]
 
-THREADS_ENV = _environment.NUM_THREADS
+# The formulas, by the name the kernels use (ema_segments.h's Formula, the module's FORMULA_* codes).
+FORMULAS = ("lerp", "scale_add", "sub_scale_sub")
 
 _lock = threading.Lock()
 _state = {"loaded": False, "failure": None, "module": None}
@@ -65,60 +67,23 @@ def failure() -> Optional[str]:
     return _state["failure"]
 
 
-def _environment_reader():
-    """A function name -> the raw value of that environment variable, or None, as cheap as a dict
-    lookup: os.environ.get is slow for an unset name (a KeyError raised and caught inside
-    Mapping.get), a noticeable share of a whole small update. CPython keeps the process environment
-    in os.environ._data under os.environ.encodekey(name); elsewhere, os.environ.get."""
-    data, encode = getattr(os.environ, "_data", None), getattr(os.environ, "encodekey", None)
-    if not isinstance(data, dict) or encode is None:
-        return os.environ.get
-    keys = {}
-
-    def read(name):
-        key = keys.get(name)
-        if key is None:
-            key = keys[name] = encode(name)
-        value = data.get(key)
-        return None if value is None else os.environ.decodevalue(value)
-
-    return read
-
-
-environment = _environment_reader()
-
-# num_threads() runs on every update: it keeps its answer for the same $PADDLE_EMA_NUM_THREADS
-# text and re-reads the CPU affinity (a system call) at most every _AFFINITY_TTL_S seconds, so a
-# changed variable takes effect at once and a changed affinity (taskset) within a second.
-_AFFINITY_TTL_S = 1.0
-_threads_cache = {"text": None, "threads": None, "until": 0.0}
-
-
-def num_threads() -> int:
-    """CPU threads of one update.
-
-    Not OpenMP's default: Paddle sets OMP_NUM_THREADS=1 at import when it is unset, and the
-    update, bound by memory bandwidth, needs several cores to reach it on most servers.
+def runs_on_gpus() -> bool:
+    """Whether the loaded extension has the CUDA kernel (a CUDA build of Paddle, nvcc at build time).
 
     Returns:
-        $PADDLE_EMA_NUM_THREADS (ConfigError unless a whole number from 1 to 1024), else every
-        CPU this process may use.
+        True when GPU pairs are updated by the extension too.
     """
-    text = environment(THREADS_ENV)
-    cache = _threads_cache
-    if text == cache["text"] and cache["threads"] is not None:
-        if text is not None or time.monotonic() < cache["until"]:
-            return cache["threads"]
-    threads = _threads_from(text)
-    cache.update(text=text, threads=threads, until=time.monotonic() + _AFFINITY_TTL_S)
-    return threads
+    return available() and build.with_cuda()
 
 
-def _threads_from(text):
-    threads = _environment.parse_threads(text)
-    if threads is None:
-        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return threads
+def state_key() -> Hashable:
+    """What changes when the extension loads or its state is replaced (a new process state).
+
+    Returns:
+        A value that compares equal while neither happened.
+    """
+    state = _state
+    return id(state), state["loaded"], state["failure"] is not None
 
 
 def _module():
@@ -137,7 +102,38 @@ def _sequence(items):
     return items if isinstance(items, (list, tuple)) else list(items)
 
 
-def lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], weight: float) -> None:
+def _pairs(op, averages, values):
+    if len(averages) != len(values):
+        raise ValueError(f"{op} needs one value per average, got {len(averages)} averages and {len(values)} values")
+    return _sequence(averages), _sequence(values)
+
+
+def update_(formula: str, averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], decay: float,
+            weight: float, threads: Optional[int] = None) -> None:
+    """One of the formulas by name in one call of the extension; the pairs it does not take (other
+    dtypes or devices, strided views) go to the reference ops.
+
+    Args:
+        formula: 'lerp', 'scale_add' or 'sub_scale_sub'.
+        averages: the averages, updated in place.
+        values: one per average.
+        decay: the factor of the average (scale_add; ignored by the others).
+        weight: the update's weight.
+        threads: CPU threads; None for `num_threads()`.
+    """
+    averages, values = _pairs(f"{formula}_", averages, values)
+    if not averages:
+        return
+    module = _module()
+    code = getattr(module, f"FORMULA_{formula.upper()}")
+    skipped = module.update_(code, averages, values, float(decay), float(weight),
+                             num_threads() if threads is None else threads)
+    if skipped:  # strided views, other dtypes or devices: Paddle's own ops
+        reference.update_(formula, [averages[i] for i in skipped], [values[i] for i in skipped], decay, weight)
+
+
+def lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], weight: float,
+          threads: Optional[int] = None) -> None:
     """averages[i] += weight * (values[i] - averages[i]), in place, in one call of the extension.
 
     Pairs it does not take (other dtypes or devices, strided views) go to `reference.lerp_`.
@@ -146,22 +142,50 @@ def lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"]
         averages: the float32/float64 averages, updated in place.
         values: one per average.
         weight: the update's weight, 1 - decay.
+        threads: CPU threads; None for `num_threads()`.
     """
-    if len(averages) != len(values):
-        raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
-    if not averages:
-        return
-    averages, values = _sequence(averages), _sequence(values)
-    skipped = _module().lerp_(averages, values, float(weight), num_threads())
-    if skipped:  # strided views, other dtypes or devices: Paddle's own ops
-        reference.lerp_([averages[i] for i in skipped], [values[i] for i in skipped], weight)
+    update_("lerp", averages, values, 0.0, weight, threads)
 
 
-def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
+def scale_add_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], decay: float, weight: float,
+               threads: Optional[int] = None) -> None:
+    """averages[i] <- (decay * averages[i] + 0) + (weight * values[i] + 0), in place, in one call of
+    the extension, rounded as Paddle's `scale` and `add` ops round `decay * a + weight * x`.
+
+    Args:
+        averages: the averages, updated in place.
+        values: one per average.
+        decay: the factor of the average.
+        weight: the factor of the value.
+        threads: CPU threads; None for `num_threads()`.
+    """
+    update_("scale_add", averages, values, decay, weight, threads)
+
+
+def sub_scale_sub_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], weight: float,
+                   threads: Optional[int] = None) -> None:
+    """averages[i] <- averages[i] - (weight * (averages[i] - values[i]) + 0), in place, in one call
+    of the extension, rounded as Paddle's `subtract`, `scale` and `subtract` ops round it.
+
+    Args:
+        averages: the averages, updated in place.
+        values: one per average.
+        weight: the update's weight, 1 - decay.
+        threads: CPU threads; None for `num_threads()`.
+    """
+    update_("sub_scale_sub", averages, values, 0.0, weight, threads)
+
+
+# The name PaddleDetection's drop-in was written against.
+ppdet_update_ = scale_add_
+
+
+def first_nonfinite(tensors: Sequence["paddle.Tensor"], threads: Optional[int] = None) -> Optional[int]:
     """The first tensor holding NaN or Inf: one multi-threaded read of all of them.
 
     Args:
         tensors: the tensors to check.
+        threads: CPU threads; None for `num_threads()`.
 
     Returns:
         Its index, or None when every tensor is finite.
@@ -169,7 +193,7 @@ def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
     if not tensors:
         return None
     tensors = list(tensors)
-    first, unchecked = _module().first_nonfinite(tensors, num_threads())
+    first, unchecked = _module().first_nonfinite(tensors, num_threads() if threads is None else threads)
     found = [first] if first >= 0 else []
     if unchecked:  # tensors not on the CPU, or strided: Paddle's own ops check them
         other = reference.first_nonfinite([tensors[i] for i in unchecked])
@@ -178,21 +202,59 @@ def first_nonfinite(tensors: Sequence["paddle.Tensor"]) -> Optional[int]:
     return min(found) if found else None
 
 
+def guarded_update_(formula: str, averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"],
+                    scan: Sequence["paddle.Tensor"], decay: float, weight: float,
+                    threads: Optional[int] = None) -> Optional[int]:
+    """`formula`'s update only when no tensor of `scan` holds NaN or Inf: one pass reads all of
+    `scan`, a second updates in place, backwards, so that the values read last come from the cache
+    (GuardedUpdateTensors, 16 bytes a float32 parameter). When some tensor of `scan` is not one the
+    extension reads (another device, strided), the scan and the update run as two separate calls,
+    with Paddle's ops for what the extension leaves out.
+
+    Args:
+        formula: 'lerp', 'scale_add' or 'sub_scale_sub'.
+        averages: the averages, updated in place.
+        values: one per average.
+        scan: the weights whose finiteness decides (`values` among them, or others).
+        decay: the factor of the average (scale_add; ignored by the others).
+        weight: the update's weight.
+        threads: CPU threads; None for `num_threads()`.
+
+    Returns:
+        The index in `scan` of the first non-finite tensor (the averages untouched), or None
+        (the averages updated).
+    """
+    averages, values = _pairs(f"guarded_{formula}_", averages, values)
+    scan = _sequence(scan)
+    threads = num_threads() if threads is None else threads
+    module = _module()
+    code = getattr(module, f"FORMULA_{formula.upper()}")
+    first, unchecked, skipped = module.guarded_update_(code, averages, values, scan, float(decay), float(weight),
+                                                       threads)
+    if unchecked:
+        bad = first_nonfinite(scan, threads)
+        if bad is not None:
+            return bad
+        update_(formula, averages, values, decay, weight, threads)
+        return None
+    if first >= 0:
+        return first
+    if skipped:
+        reference.update_(formula, [averages[i] for i in skipped], [values[i] for i in skipped], decay, weight)
+    return None
+
+
 def guarded_lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"],
                   scan: Sequence["paddle.Tensor"], weight: float,
-                  spares: Optional[Sequence["paddle.Tensor"]] = None) -> Optional[int]:
+                  spares: Optional[Sequence["paddle.Tensor"]] = None, threads: Optional[int] = None) -> Optional[int]:
     """`lerp_` only when no tensor of `scan` holds NaN or Inf, in one call.
 
     With `spares` (CPU pairs): one pass reads each block of values once for the scan and the update
     together and writes the new averages into the spares; only when every weight was finite does
     each average take its spare's buffer and the spare the old one (GuardedLerpSwapTensors in
-    ema_ops.cc): 12 bytes a parameter, as unguarded. The Tensor objects stay the same; only
+    ema_guard.cc): 12 bytes a parameter, as unguarded. The Tensor objects stay the same; only
     tensors that share an average's buffer (a `detach()`, `_share_buffer_to`) keep the old one.
-
-    Without spares, or where they do not fit: one pass reads all of `scan`, a second updates in
-    place (GuardedLerpTensors, 16 bytes a parameter). When some tensor of `scan` is not one the
-    extension reads (another device, strided), the scan and the update run as two separate calls,
-    with Paddle's ops for what the extension leaves out.
+    Without spares, or where they do not fit: `guarded_update_('lerp', ...)`.
 
     Args:
         averages: the averages, updated in place (or given their spares' buffers).
@@ -201,81 +263,37 @@ def guarded_lerp_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.
         weight: the update's weight, 1 - decay.
         spares: None, or one buffer per average of its dtype and size (contents ignored); after
             an update each holds the average's previous buffer.
+        threads: CPU threads; None for `num_threads()`.
 
     Returns:
         The index in `scan` of the first non-finite tensor (the averages untouched), or None
         (the averages updated).
     """
-    if len(averages) != len(values):
-        raise ValueError(f"lerp_ needs one value per average, got {len(averages)} averages and {len(values)} values")
-    averages, values, scan = _sequence(averages), _sequence(values), _sequence(scan)
-    threads = num_threads()
+    averages, values = _pairs("lerp_", averages, values)
+    scan = _sequence(scan)
+    threads = num_threads() if threads is None else threads
     if spares is not None:
         first = _module().guarded_lerp_swap_(averages, values, scan, _sequence(spares), float(weight), threads)
         if first != -2:
             return None if first < 0 else first
-    first, unchecked, skipped = _module().guarded_lerp_(averages, values, scan, float(weight), threads)
-    if unchecked:
-        bad = first_nonfinite(scan)
-        if bad is not None:
-            return bad
-        lerp_(averages, values, weight)
-        return None
-    if first >= 0:
-        return first
-    if skipped:
-        reference.lerp_([averages[i] for i in skipped], [values[i] for i in skipped], weight)
-    return None
+    return guarded_update_("lerp", averages, values, scan, 0.0, weight, threads)
 
 
-def copy_(targets: Sequence["paddle.Tensor"], sources: Sequence["paddle.Tensor"]) -> None:
+def copy_(targets: Sequence["paddle.Tensor"], sources: Sequence["paddle.Tensor"],
+          threads: Optional[int] = None) -> None:
     """targets[i] <- sources[i]: same-dtype CPU pairs in one multi-threaded call, the rest (casts,
     other devices, strided views) with Paddle's copy.
 
     Args:
         targets: the tensors written.
         sources: one per target.
+        threads: CPU threads; None for `num_threads()`.
     """
     targets, sources = list(targets), list(sources)
     if len(targets) != len(sources):
         raise ValueError(f"copy_ needs one source per target, got {len(targets)} targets and {len(sources)} sources")
     if not targets:
         return
-    skipped = _module().copy_(targets, sources, num_threads())
+    skipped = _module().copy_(targets, sources, num_threads() if threads is None else threads)
     if skipped:
         reference.copy_([targets[i] for i in skipped], [sources[i] for i in skipped])
-
-
-def stream_add_(a: "paddle.Tensor", x: "paddle.Tensor") -> None:
-    """a += x over one flat float32 CPU buffer, multi-threaded like lerp_: the benchmarks' memory floor.
-
-    Args:
-        a: the flat float32 CPU tensor updated in place.
-        x: a float32 CPU tensor of a's size.
-    """
-    _module().stream_add_(a, x, num_threads())
-
-
-def ppdet_update_(averages: Sequence["paddle.Tensor"], values: Sequence["paddle.Tensor"], decay: float,
-                  weight: float) -> None:
-    """PaddleDetection's EMA step in place, a <- (decay*a + 0) + (weight*x + 0), in one call of the
-    extension (ema_ppdet.cc); pairs it does not take (other dtypes or devices, strided views) get
-    the same numbers from Paddle's own ops.
-
-    Args:
-        averages: the averages, updated in place.
-        values: one per average.
-        decay: the factor of the average.
-        weight: the factor of the value.
-    """
-    if len(averages) != len(values):
-        raise ValueError(f"ppdet_update_ needs one value per average, got {len(averages)} and {len(values)}")
-    if not averages:
-        return
-    averages, values = list(averages), list(values)
-    skipped = _module().ppdet_update_(averages, values, float(decay), float(weight), num_threads())
-    if skipped:
-        reference.ppdet_update_([averages[i] for i in skipped], [values[i] for i in skipped], decay, weight)
-
-
-__all__ += ["ppdet_update_"]

@@ -4,7 +4,8 @@ It is also the fallback when the fused extension cannot be built. `lerp_` writes
 subtract, in-place scale and in-place add: the same a + w * (x - a), rounded step by step exactly
 as `paddle.lerp_` does (w rounded to the average's dtype), so a constant stays constant and the
 numbers equal lerp_'s, but faster on CPU, where lerp_'s broadcasting kernel is slow (measured in
-docs/performance.md, "Why the kernels are written as they are").
+docs/performance.md, "Why the kernels are written as they are"). `scale_add_` and `sub_scale_sub_`
+are the suites' own op sequences, so they round as the suites do by construction.
 """
 
 from typing import Any, Optional, Sequence
@@ -14,10 +15,13 @@ import paddle
 
 from .. import _compat
 
-__all__ = ["lerp_", "copy_", "cast", "all_finite", "first_nonfinite", "check_shapes"]
+__all__ = ["lerp_", "scale_add_", "sub_scale_sub_", "ppdet_update_", "update_", "copy_", "cast", "first_nonfinite",
+           "check_shapes"]
 
 _WIDE = (paddle.float32, paddle.float64)
 _HALF = (paddle.float16, paddle.bfloat16)
+_FLOAT_NAMES = {"float16": paddle.float16, "bfloat16": paddle.bfloat16, "float32": paddle.float32,
+                "float64": paddle.float64}
 
 
 def _bfloat16_bits(values):
@@ -40,7 +44,7 @@ def cast(source: paddle.Tensor, dtype: Any) -> paddle.Tensor:
     Returns:
         A tensor of `dtype` on source's place (`source` itself when astype returns it).
     """
-    dtype = paddle.base.framework.convert_np_dtype_to_dtype_(dtype) if isinstance(dtype, str) else dtype
+    dtype = _FLOAT_NAMES.get(dtype, dtype) if isinstance(dtype, str) else dtype  # other names: astype's
     if source.dtype == dtype or source.dtype not in _WIDE or dtype not in _HALF or not source.place.is_cpu_place():
         return source.astype(dtype)
     values = source.numpy()
@@ -90,11 +94,13 @@ def lerp_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], we
         values: one per average; cast to its dtype and moved to its place when they differ.
         weight: the update's weight, 1 - decay.
     """
-    # Not Tensor.lerp_: with a Python float weight it also leaks ~100 bytes a call on Paddle 3.3.1
-    # (21 MiB over 200,000 calls), and with a 0-d tensor weight it is still 2x slower than this.
+    # Not Tensor.lerp_: with a Python float weight it leaks memory on every call and is slower
+    # than this (docs/performance.md, "Why the kernels are written as they are"). The scale's bias
+    # is -0.0, not scale's default 0.0: x * w + (-0) keeps the sign of a zero product, as lerp does
+    # (a -0 average stays -0 when w * (x - a) underflows).
     check_shapes("lerp_", averages, values, "an average", "a value")
     for average, value in zip(averages, values, strict=True):
-        average.add_(paddle.subtract(_as(value, average), average).scale_(weight))
+        average.add_(paddle.subtract(_as(value, average), average).scale_(weight, bias=-0.0))
 
 
 @paddle.no_grad()
@@ -128,23 +134,11 @@ def first_nonfinite(tensors: Sequence[paddle.Tensor]) -> Optional[int]:
     return None if finite.all() else checked[int(finite.argmin())]
 
 
-def all_finite(tensors: Sequence[paddle.Tensor]) -> bool:
-    """Whether no tensor holds NaN or Inf.
-
-    Args:
-        tensors: the tensors to check.
-
-    Returns:
-        True when `first_nonfinite` finds none.
-    """
-    return first_nonfinite(tensors) is None
-
-
 @paddle.no_grad()
-def ppdet_update_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], decay: float,
-                  weight: float) -> None:
-    """a <- decay * a + weight * x in place with exactly the ops PaddleDetection's EMA runs: `scale`
-    (the factor rounded to a's dtype, then + 0.0, which makes -0 products +0) twice and `add`.
+def scale_add_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], decay: float,
+               weight: float) -> None:
+    """a <- decay * a + weight * x in place with exactly the ops the suites run: `scale` (the factor
+    rounded to a's dtype, then + 0.0, which makes -0 products +0) twice and `add`.
 
     Args:
         averages: the averages, updated in place.
@@ -152,9 +146,46 @@ def ppdet_update_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Ten
         decay: the factor of the average.
         weight: the factor of the value.
     """
-    check_shapes("ppdet_update_", averages, values, "an average", "a value")
+    check_shapes("scale_add_", averages, values, "an average", "a value")
     for average, value in zip(averages, values, strict=True):
         average.scale_(decay).add_(_as(value, average).scale(weight))
 
 
-__all__ += ["ppdet_update_"]
+# The name PaddleDetection's drop-in was written against.
+ppdet_update_ = scale_add_
+
+
+@paddle.no_grad()
+def sub_scale_sub_(averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], weight: float) -> None:
+    """a <- a - weight * (a - x) in place with exactly the ops ppdiffusers' EMAModel runs:
+    `subtract`, `scale` (the factor rounded to a's dtype, + 0.0) and `subtract`.
+
+    Args:
+        averages: the averages, updated in place.
+        values: one per average, cast to its dtype and place when they differ.
+        weight: the update's weight, 1 - decay.
+    """
+    check_shapes("sub_scale_sub_", averages, values, "an average", "a value")
+    for average, value in zip(averages, values, strict=True):
+        average.subtract_(paddle.subtract(average, _as(value, average)).scale_(weight))
+
+
+def update_(formula: str, averages: Sequence[paddle.Tensor], values: Sequence[paddle.Tensor], decay: float,
+            weight: float) -> None:
+    """One of the formulas by name, as the fused kernels name them.
+
+    Args:
+        formula: 'lerp', 'scale_add' or 'sub_scale_sub'.
+        averages: the averages, updated in place.
+        values: one per average.
+        decay: the factor of the average (scale_add; ignored by the others).
+        weight: the update's weight.
+    """
+    if formula == "lerp":
+        lerp_(averages, values, weight)
+    elif formula == "scale_add":
+        scale_add_(averages, values, decay, weight)
+    elif formula == "sub_scale_sub":
+        sub_scale_sub_(averages, values, weight)
+    else:
+        raise ValueError(f"unknown formula {formula!r}")

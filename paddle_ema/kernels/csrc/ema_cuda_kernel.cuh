@@ -1,17 +1,23 @@
 // The CUDA multi-tensor EMA update, free of Paddle: every (average, value) pair of one device in
-// a single launch. ema_ops.cu wraps it as a Paddle operator; benchmarks/cuda/lerp_check.cu builds
-// it on its own to check its numbers and time it where no CUDA build of Paddle exists.
+// a single launch, for each formula of ema_segments.h. ema_ops.cu wraps it for the extension;
+// benchmarks/cuda/lerp_check.cu builds it on its own to check its numbers and time it where no
+// CUDA build of Paddle exists.
 //
 // The pairs are cut into chunks of kChunk elements, one thread block per chunk, so a thousand
 // small tensors cost one launch, not a thousand, and a big tensor spreads over many blocks. The
 // chunk table (MakeChunkTable) travels to the device in one copy before the launch.
 //
-// The arithmetic is a + w * (x - a) with explicitly rounded operations (__fmul_rn/__fadd_rn,
-// built with --fmad=false as well): no FMA contraction, the same rounding as paddle.lerp_ and as
-// the CPU operator. The weight comes from the host or, for a weight computed on the device (a
-// static program's schedule), from a device pointer; a device weight of 0 leaves the averages as
-// they are (even where x is NaN) and one of 1 copies x exactly, the rule kernels.lerp_ applies on
-// the host before it calls an operator with any other weight.
+// Float32 and float64 averages compute each formula with explicitly rounded operations
+// (__fmul_rn/__fadd_rn/__fsub_rn, built with --fmad=false as well): no FMA contraction, the same
+// rounding as Paddle's ops and as the CPU loops. Float16 and bfloat16 averages (scale_add and
+// sub_scale_sub only: the model-dtype averages of some suites) follow Paddle's GPU kernels: each
+// op computes in float32 with the factor as a float32 (scale's MPType) and rounds its result to
+// the half type once (nearest, ties to even), as `scale` then `add`/`subtract` do there.
+//
+// The lerp's weight comes from the host or, for a weight computed on the device (a static
+// program's schedule), from a device pointer; a device weight of 0 leaves the averages as they
+// are (even where x is NaN) and one of 1 copies x exactly, the rule kernels.lerp_ applies on the
+// host before it calls an operator with any other weight.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -93,15 +99,72 @@ __device__ __forceinline__ float LerpFloat(float a, float x, float w) {
   return __fadd_rn(a, __fmul_rn(w, __fsub_rn(x, a)));
 }
 
+// One element of formula F in float32 (the average's dtype), each operation rounded on its own.
+template <Formula F>
+__device__ __forceinline__ float ApplyFloat(float a, float x, float d, float w) {
+  if constexpr (F == Formula::kLerp) {
+    return LerpFloat(a, x, w);
+  } else if constexpr (F == Formula::kScaleAdd) {
+    return __fadd_rn(__fadd_rn(__fmul_rn(d, a), 0.0f), __fadd_rn(__fmul_rn(w, x), 0.0f));
+  } else {
+    return __fsub_rn(a, __fadd_rn(__fmul_rn(w, __fsub_rn(a, x)), 0.0f));
+  }
+}
+
+template <Formula F>
+__device__ __forceinline__ double ApplyDouble(double a, double x, double d, double w) {
+  if constexpr (F == Formula::kLerp) {
+    return __dadd_rn(a, __dmul_rn(w, __dsub_rn(x, a)));
+  } else if constexpr (F == Formula::kScaleAdd) {
+    return __dadd_rn(__dadd_rn(__dmul_rn(d, a), 0.0), __dadd_rn(__dmul_rn(w, x), 0.0));
+  } else {
+    return __dsub_rn(a, __dadd_rn(__dmul_rn(w, __dsub_rn(a, x)), 0.0));
+  }
+}
+
+// float32 -> the half type, rounded to nearest, ties to even, and back (exact): one op's result.
+__device__ __forceinline__ uint16_t Narrow(float v, HalfBits) {
+  uint16_t bits;
+  asm("{ cvt.rn.f16.f32 %0, %1; }" : "=h"(bits) : "f"(v));
+  return bits;
+}
+
+__device__ __forceinline__ uint16_t Narrow(float v, Bfloat16Bits) {
+  const uint32_t f = __float_as_uint(v);
+  if ((f & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;  // every NaN, as Paddle writes it
+  return static_cast<uint16_t>((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
+}
+
+template <typename H>
+__device__ __forceinline__ float Rounded(float v) {
+  return ToFloat(H{Narrow(v, H{})});
+}
+
+// One element of formula F for a half-precision average: Paddle's GPU ops, each computed in
+// float32 and rounded to the half type (scale: float32(d) * a + 0; add, subtract).
+template <Formula F, typename H>
+__device__ __forceinline__ uint16_t ApplyNarrow(H a, H x, float d, float w) {
+  const float af = ToFloat(a), xf = ToFloat(x);
+  if constexpr (F == Formula::kScaleAdd) {
+    const float left = Rounded<H>(__fadd_rn(__fmul_rn(d, af), 0.0f));
+    const float right = Rounded<H>(__fadd_rn(__fmul_rn(w, xf), 0.0f));
+    return Narrow(__fadd_rn(left, right), H{});
+  } else {  // kSubScaleSub (no half-precision lerp: the package keeps float32 averages)
+    const float difference = Rounded<H>(__fsub_rn(af, xf));
+    const float scaled = Rounded<H>(__fadd_rn(__fmul_rn(w, difference), 0.0f));
+    return Narrow(__fsub_rn(af, scaled), H{});
+  }
+}
+
 // Four values in one load: 16 bytes of float32, 8 of the 16-bit types.
 template <typename X>
 struct alignas(4 * sizeof(X)) Pack4 {
   X v[4];
 };
 
-// a[0:n] <- lerp(a, x, w) by the block's threads; 16-byte loads and stores where both are aligned.
-template <typename X>
-__device__ void LerpRange(float* __restrict__ a, const X* __restrict__ x, int64_t n, float w, bool copy) {
+// a[0:n] <- F(a, x) by the block's threads; 16-byte loads and stores where both are aligned.
+template <Formula F, typename X>
+__device__ void UpdateRange(float* __restrict__ a, const X* __restrict__ x, int64_t n, float d, float w, bool copy) {
   int64_t i = threadIdx.x;
   if (reinterpret_cast<uintptr_t>(a) % 16 == 0 && reinterpret_cast<uintptr_t>(x) % sizeof(Pack4<X>) == 0) {
     const int64_t packs = n / 4;
@@ -113,32 +176,37 @@ __device__ void LerpRange(float* __restrict__ a, const X* __restrict__ x, int64_
       if (copy) {
         av = make_float4(ToFloat(xv.v[0]), ToFloat(xv.v[1]), ToFloat(xv.v[2]), ToFloat(xv.v[3]));
       } else {
-        av.x = LerpFloat(av.x, ToFloat(xv.v[0]), w);
-        av.y = LerpFloat(av.y, ToFloat(xv.v[1]), w);
-        av.z = LerpFloat(av.z, ToFloat(xv.v[2]), w);
-        av.w = LerpFloat(av.w, ToFloat(xv.v[3]), w);
+        av.x = ApplyFloat<F>(av.x, ToFloat(xv.v[0]), d, w);
+        av.y = ApplyFloat<F>(av.y, ToFloat(xv.v[1]), d, w);
+        av.z = ApplyFloat<F>(av.z, ToFloat(xv.v[2]), d, w);
+        av.w = ApplyFloat<F>(av.w, ToFloat(xv.v[3]), d, w);
       }
       a4[j] = av;
     }
     i = packs * 4 + threadIdx.x;
   }
-  for (; i < n; i += blockDim.x) a[i] = copy ? ToFloat(x[i]) : LerpFloat(a[i], ToFloat(x[i]), w);
+  for (; i < n; i += blockDim.x) a[i] = copy ? ToFloat(x[i]) : ApplyFloat<F>(a[i], ToFloat(x[i]), d, w);
 }
 
-__device__ void LerpRangeDouble(double* __restrict__ a, const double* __restrict__ x, int64_t n, double w,
-                                bool copy) {
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    a[i] = copy ? x[i] : __dadd_rn(a[i], __dmul_rn(w, __dsub_rn(x[i], a[i])));
-  }
+template <Formula F>
+__device__ void UpdateRangeDouble(double* __restrict__ a, const double* __restrict__ x, int64_t n, double d, double w,
+                                  bool copy) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) a[i] = copy ? x[i] : ApplyDouble<F>(a[i], x[i], d, w);
 }
 
-// One block per chunk. `device_weight`, when set, replaces the host weight (as float32 for
-// float32 averages, widened for float64 ones).
-__global__ void LerpChunks(const DeviceSegment* __restrict__ segments, const int32_t* __restrict__ chunk_segment,
-                           const int64_t* __restrict__ chunk_start, float wf, double wd,
-                           const float* __restrict__ device_weight) {
+template <Formula F, typename H>
+__device__ void UpdateRangeNarrow(H* __restrict__ a, const H* __restrict__ x, int64_t n, float d, float w) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) a[i] = H{ApplyNarrow<F>(a[i], x[i], d, w)};
+}
+
+// One block per chunk. `device_weight`, when set, replaces the host weight of a lerp (as float32
+// for float32 averages, widened for float64 ones).
+template <Formula F>
+__global__ void UpdateChunks(const DeviceSegment* __restrict__ segments, const int32_t* __restrict__ chunk_segment,
+                             const int64_t* __restrict__ chunk_start, float df, float wf, double dd, double wd,
+                             const float* __restrict__ device_weight) {
   bool copy = false;
-  if (device_weight != nullptr) {
+  if (F == Formula::kLerp && device_weight != nullptr) {
     wf = *device_weight;
     wd = static_cast<double>(wf);
     if (wf == 0.0f) return;
@@ -149,16 +217,32 @@ __global__ void LerpChunks(const DeviceSegment* __restrict__ segments, const int
   const int64_t n = (begin + kChunk < s.numel ? begin + kChunk : s.numel) - begin;
   switch (static_cast<Kind>(s.kind)) {
     case Kind::kFloat:
-      LerpRange(static_cast<float*>(s.average) + begin, static_cast<const float*>(s.value) + begin, n, wf, copy);
+      UpdateRange<F>(static_cast<float*>(s.average) + begin, static_cast<const float*>(s.value) + begin, n, df, wf,
+                     copy);
       break;
     case Kind::kFloatHalf:
-      LerpRange(static_cast<float*>(s.average) + begin, static_cast<const HalfBits*>(s.value) + begin, n, wf, copy);
+      UpdateRange<F>(static_cast<float*>(s.average) + begin, static_cast<const HalfBits*>(s.value) + begin, n, df, wf,
+                     copy);
       break;
     case Kind::kFloatBfloat16:
-      LerpRange(static_cast<float*>(s.average) + begin, static_cast<const Bfloat16Bits*>(s.value) + begin, n, wf, copy);
+      UpdateRange<F>(static_cast<float*>(s.average) + begin, static_cast<const Bfloat16Bits*>(s.value) + begin, n, df,
+                     wf, copy);
       break;
     case Kind::kDouble:
-      LerpRangeDouble(static_cast<double*>(s.average) + begin, static_cast<const double*>(s.value) + begin, n, wd, copy);
+      UpdateRangeDouble<F>(static_cast<double*>(s.average) + begin, static_cast<const double*>(s.value) + begin, n,
+                           dd, wd, copy);
+      break;
+    case Kind::kHalf:
+      if constexpr (F != Formula::kLerp) {
+        UpdateRangeNarrow<F>(static_cast<HalfBits*>(s.average) + begin, static_cast<const HalfBits*>(s.value) + begin,
+                             n, df, wf);
+      }
+      break;
+    case Kind::kBfloat16:
+      if constexpr (F != Formula::kLerp) {
+        UpdateRangeNarrow<F>(static_cast<Bfloat16Bits*>(s.average) + begin,
+                             static_cast<const Bfloat16Bits*>(s.value) + begin, n, df, wf);
+      }
       break;
     default:
       break;
@@ -167,15 +251,34 @@ __global__ void LerpChunks(const DeviceSegment* __restrict__ segments, const int
 
 // Launches the update described by `table`, whose bytes the caller has copied to `device_meta`
 // (on `stream`, before this). A null `device_weight` means: use `weight`.
+inline cudaError_t LaunchUpdate(Formula formula, const ChunkTable& table, const uint8_t* device_meta, double decay,
+                                double weight, const float* device_weight, cudaStream_t stream) {
+  if (table.chunks == 0) return cudaSuccess;
+  const auto* segments = reinterpret_cast<const DeviceSegment*>(device_meta);
+  const auto* chunk_segment = reinterpret_cast<const int32_t*>(device_meta + table.segment_index_offset);
+  const auto* chunk_start = reinterpret_cast<const int64_t*>(device_meta + table.chunk_start_offset);
+  const float df = static_cast<float>(decay), wf = static_cast<float>(weight);
+  switch (formula) {
+    case Formula::kLerp:
+      UpdateChunks<Formula::kLerp><<<table.chunks, kThreads, 0, stream>>>(segments, chunk_segment, chunk_start, df, wf,
+                                                                         decay, weight, device_weight);
+      break;
+    case Formula::kScaleAdd:
+      UpdateChunks<Formula::kScaleAdd><<<table.chunks, kThreads, 0, stream>>>(segments, chunk_segment, chunk_start, df,
+                                                                             wf, decay, weight, nullptr);
+      break;
+    case Formula::kSubScaleSub:
+      UpdateChunks<Formula::kSubScaleSub><<<table.chunks, kThreads, 0, stream>>>(segments, chunk_segment, chunk_start,
+                                                                                df, wf, decay, weight, nullptr);
+      break;
+  }
+  return cudaGetLastError();
+}
+
+// The lerp (the static programs' update and the benchmarks'), with a host or a device weight.
 inline cudaError_t LaunchLerp(const ChunkTable& table, const uint8_t* device_meta, double weight,
                               const float* device_weight, cudaStream_t stream) {
-  if (table.chunks == 0) return cudaSuccess;
-  LerpChunks<<<table.chunks, kThreads, 0, stream>>>(
-      reinterpret_cast<const DeviceSegment*>(device_meta),
-      reinterpret_cast<const int32_t*>(device_meta + table.segment_index_offset),
-      reinterpret_cast<const int64_t*>(device_meta + table.chunk_start_offset), static_cast<float>(weight), weight,
-      device_weight);
-  return cudaGetLastError();
+  return LaunchUpdate(Formula::kLerp, table, device_meta, 0.0, weight, device_weight, stream);
 }
 
 }  // namespace paddle_ema_cuda

@@ -1,5 +1,5 @@
-// Half-precision bits -> float (exact) and the AVX2/any-x86-64 clones attribute, shared by the
-// update loops of ema_ops.cc and the PaddleDetection-compatible loops of ema_ppdet.cc.
+// float16 and bfloat16 <-> float32, both ways, bit-exact and free of Paddle: the widening is
+// exact; the narrowing rounds to nearest, ties to even, as numpy and Paddle 3.2+ do on the CPU.
 #pragma once
 
 #include <cstdint>
@@ -34,11 +34,36 @@ inline float Bfloat16ToFloat(uint16_t b) {
   return out;
 }
 
-// The streaming loops are compiled twice, for AVX2 and for any x86-64 (SSE2), and the loader
-// picks one for the CPU (target_clones): SSE2 alone issues too many instructions to keep up
-// with the memory of a recent server core.
-#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
-#define PADDLE_EMA_VECTOR_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define PADDLE_EMA_VECTOR_CLONES
-#endif
+// float32 -> IEEE half, round to nearest, ties to even, in integer arithmetic (the result
+// does not depend on the FPU's rounding mode or flush-to-zero). Bit for bit numpy's
+// npy_floatbits_to_halfbits, NaN payloads included, as Paddle 3.2+'s CPU cast.
+inline uint16_t FloatToHalf(uint32_t f) {
+  const uint16_t sign = static_cast<uint16_t>((f >> 16) & 0x8000u);
+  const uint32_t a = f & 0x7fffffffu;
+  if (a >= 0x7f800000u) {  // inf, or NaN with the top of its payload (still a NaN)
+    if (a == 0x7f800000u) return sign | 0x7c00u;
+    const uint16_t nan = static_cast<uint16_t>(0x7c00u | ((a >> 13) & 0x3ffu));
+    return sign | (nan == 0x7c00u ? 0x7c01u : nan);
+  }
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // >= 65520: ties to even past 65504 = inf
+  if (a >= 0x38800000u) {                       // a normal half: drop 13 bits, rounded
+    const uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
+    return sign | static_cast<uint16_t>((rounded - (static_cast<uint32_t>(127 - 15) << 23)) >> 13);
+  }
+  if (a < 0x33000000u) return sign;  // below half the smallest subnormal (2^-25): zero
+  // A subnormal half, counted in units of 2^-24: the 24-bit significand shifted down, rounded
+  // (a carry into 0x400 is the smallest normal half, encoded the same).
+  const uint32_t shift = 126u - (a >> 23);  // 14 .. 24
+  const uint32_t significand = (a & 0x7fffffu) | 0x800000u;
+  const uint32_t kept = significand >> shift;
+  const uint32_t rest = significand & ((1u << shift) - 1u);
+  const uint32_t half = 1u << (shift - 1u);
+  return sign | static_cast<uint16_t>(kept + (rest > half || (rest == half && (kept & 1u))));
+}
+
+// float32 -> bfloat16: the top 16 bits rounded to nearest, ties to even (an overflow carries into
+// inf, subnormals round like the rest); every NaN becomes 0x7fff.
+inline uint16_t FloatToBfloat16(uint32_t f) {
+  if ((f & 0x7fffffffu) > 0x7f800000u) return 0x7fffu;
+  return static_cast<uint16_t>((f + 0x7fffu + ((f >> 16) & 1u)) >> 16);
+}

@@ -1,6 +1,6 @@
-// Paddle glue of the CUDA side of paddle_ema_lerp (see ema_ops.cc): the kernel itself, with its
-// chunking and rounding rules, is ema_cuda_kernel.cuh. Here: the chunk table goes to the device
-// in one copy on the tensors' stream, into a buffer from Paddle's allocator, then one launch.
+// Paddle glue of the CUDA side of the multi-tensor update (see ema_update.cc): the kernel itself,
+// with its chunking and rounding rules, is ema_cuda_kernel.cuh. Here: the chunk table goes to the
+// device in one copy on the tensors' stream, into a buffer from Paddle's allocator, then one launch.
 
 // The CUDA side needs no Python bindings; leaving them out also spares it pybind.h's ATen
 // compatibility headers, which want the full toolkit (cuBLAS headers).
@@ -11,17 +11,18 @@
 #include <vector>
 
 #include "ema_cuda_kernel.cuh"
-#include "ema_ops.h"
+#include "ema_update.h"
 
 namespace {
 
 void Check(cudaError_t status, const char* what) {
-  PD_CHECK(status == cudaSuccess, "paddle_ema_lerp (CUDA): ", what, ": ", cudaGetErrorString(status));
+  PD_CHECK(status == cudaSuccess, "paddle_ema update (CUDA): ", what, ": ", cudaGetErrorString(status));
 }
 
 }  // namespace
 
-void LerpSegmentsCUDA(const std::vector<Segment>& segments, double weight, const paddle::Tensor& example) {
+void UpdateSegmentsCUDA(Formula formula, const std::vector<Segment>& segments, const Factors& factors,
+                        const paddle::Tensor& example) {
   const paddle_ema_cuda::ChunkTable table = paddle_ema_cuda::MakeChunkTable(segments.data(), segments.size());
   if (table.chunks == 0) return;
 
@@ -39,6 +40,7 @@ void LerpSegmentsCUDA(const std::vector<Segment>& segments, double weight, const
   // From pageable memory: returns once the bytes have been staged, so `table` may go out of scope.
   Check(cudaMemcpyAsync(device_meta, table.bytes.data(), table.bytes.size(), cudaMemcpyHostToDevice, stream),
         "copying the chunk table");
-  Check(paddle_ema_cuda::LaunchLerp(table, device_meta, weight, nullptr, stream), "launching the update");
+  Check(paddle_ema_cuda::LaunchUpdate(formula, table, device_meta, factors.decay, factors.weight, nullptr, stream),
+        "launching the update");
   if (device != previous_device) Check(cudaSetDevice(previous_device), "cudaSetDevice");
 }

@@ -1,4 +1,4 @@
-// Work split for the CPU loops over many tensors, shared by ema_ops.cc and ema_ppdet.cc.
+// Work split for the CPU passes over many tensors (ema_update.cc, ema_guard.cc, ema_ops.cc).
 #pragma once
 
 #include <omp.h>
@@ -28,14 +28,13 @@ void kmp_set_blocktime(int) __attribute__((weak));
 
 // After a parallel region libiomp5's team threads spin for KMP_BLOCKTIME (200 ms by default)
 // before they sleep. An EMA update is followed by the training step's own ops on the same cores,
-// so a spinning worker took a core from them for the whole step: a static ResNet-18 step
-// (PIR, 2 cores) used twice its wall time in CPU time and took 13 ms longer, where the op itself
-// ran for 5 ms. Our regions fork their team with a blocktime of kBlocktimeMs, long enough for
-// back-to-back updates to find the team awake. Where the thread had no explicit blocktime
-// (kmp_get_blocktime() then reads 0 although the workers spin for the default), the 1 ms stays
-// for the regions that follow on that thread: setting 0 back made Paddle's own regions there put
-// their workers to sleep after every region (conv2d_grad 8.8 ms a step slower in the same static
-// ResNet-18 step). An explicit value, from the user or Paddle, is set back after the join.
+// so a spinning worker takes a core from them for the whole step (docs/performance.md, "OpenMP's
+// idle workers sleep after 1 ms"). Our regions fork their team with a blocktime of kBlocktimeMs,
+// long enough for back-to-back updates to find the team awake. Where the thread had no explicit
+// blocktime (kmp_get_blocktime() then reads 0 although the workers spin for the default), the
+// 1 ms stays for the regions that follow on that thread: setting 0 back made Paddle's own regions
+// there put their workers to sleep after every region, which slowed its kernels. An explicit
+// value, from the user or Paddle, is set back after the join.
 constexpr int kBlocktimeMs = 1;
 
 class ShortBlocktime {
@@ -55,35 +54,13 @@ class ShortBlocktime {
   int saved_ = -1;
 };
 
-// A tensor's first lines are a cold miss that the hardware prefetcher cannot foresee (it follows
-// one stream, and Paddle starts each CPU tensor on its own 4 KB page), and a set of many small
-// tensors is mostly such starts. benchmarks/cpu/tensor_starts.cc (no Paddle, the 1,000-tensor
-// set's sizes, half its tensors 512 bytes): page-aligned allocations ran 1.10-1.15x the time over
-// one buffer, 1.03-1.11x with the first kPrefetchLines lines of the kPrefetchAhead next tensors
-// prefetched.
-constexpr size_t kPrefetchAhead = 4;
-constexpr int64_t kPrefetchLines = 4;
-
-inline void PrefetchStart(const Segment& s) {
-  // numel counts elements of at least 2 bytes (bytes for the copies): no line past the end.
-  const int64_t lines = std::min<int64_t>(kPrefetchLines, (s.numel * 2 + 63) / 64);
-  for (int64_t l = 0; l < lines; ++l) {
-    if (s.average != nullptr) __builtin_prefetch(static_cast<const char*>(s.average) + 64 * l, 1, 3);
-    __builtin_prefetch(static_cast<const char*>(s.value) + 64 * l, 0, 3);
-  }
-}
-
 // Runs body(segment, begin, end) over [start, stop) of the concatenation of all segments;
 // `offsets` is the exclusive prefix sum of the segment sizes.
 template <typename Body>
 void ForRange(const std::vector<Segment>& segments, const std::vector<int64_t>& offsets,
               int64_t start, int64_t stop, Body body) {
   size_t s = std::upper_bound(offsets.begin(), offsets.end(), start) - offsets.begin() - 1;
-  size_t ahead = s + 1;  // the next segment whose start has not been prefetched
   for (; s < segments.size() && offsets[s] < stop; ++s) {
-    for (; ahead < segments.size() && ahead <= s + kPrefetchAhead && offsets[ahead] < stop; ++ahead) {
-      PrefetchStart(segments[ahead]);
-    }
     int64_t begin = std::max<int64_t>(start - offsets[s], 0);
     int64_t end = std::min<int64_t>(stop - offsets[s], segments[s].numel);
     if (begin < end) body(segments[s], begin, end);

@@ -1,138 +1,17 @@
-"""The averaging rule: how one update moves the average, and bias correction.
-
-Every average in paddle_ema is kept with one in-place operation per update,
-
-    average <- average + w * (weight - average)          (lerp; w in [0, 1])
-
-and an averaging rule only decides the interpolation weight w of each update. Writing the update
-as a lerp keeps a constant weight exactly constant in float arithmetic, which `d*a + (1-d)*x` does
-not.
-
-EMA, initialised from the weights:      w_t = 1 - d_t
-EMA, from zero with bias correction:    w_t = (1 - d_t) / (1 - P_t),   P_t = d_0 * d_1 * ... * d_t
-
-The second is the bias-corrected average s_t / (1 - P_t) of the zero-initialised EMA
-s_t = d_t s_{t-1} + (1 - d_t) x_t, carried directly: with a = s / (1 - P),
-a_t = a_{t-1} + (1 - d_t) / (1 - P_t) * (x_t - a_{t-1}) follows because
-d_t (1 - P_{t-1}) + (1 - d_t) = 1 - P_t. It divides by the exact product of the decays applied
-(not decay**t, which is wrong when the decay varies), never divides a tiny number at apply time,
-and its first update takes the weights whole (w_0 = 1). P_t is tracked in float64 on the host in
-both modes, starting from P = 1: it is the share of the initial value still in the average.
-
-The formulas are plain arithmetic, so the static EMA evaluates them on tensors too.
+"""A saved average state read back (a state_dict() from a file), checked entry by entry before a
+loader changes anything: counters, decays, names and shapes against this average's, floating
+dtypes and finite averages. Every front-end's loader (the dygraph and static EMAs, ModelEMA,
+SimpleModelEMA, post-hoc EMA, the engine's trainers) reads its state through `SavedState` or
+`tensor_problem`; the first entry that cannot be loaded is one IncompatibleStateError naming it.
 """
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
-from .errors import ConfigError, IncompatibleStateError
-from .step_policy import is_integer
+from ..core.validation import is_integer
+from ..errors import IncompatibleStateError
+from ..kernels import first_nonfinite_name
 
-__all__ = ["EMARule", "settings_differences", "shadow_dtype", "SavedState", "tensor_problem", "first_nonfinite_name"]
-
-
-def shadow_dtype(dtype: Any) -> Any:
-    """The dtype an average of `dtype` weights is kept in.
-
-    Args:
-        dtype: the weights' Paddle dtype.
-
-    Returns:
-        float32 for float16/bfloat16 (a half-precision average rounds each small
-        (1 - d) * (x - a) step away and stops moving), else `dtype` itself.
-    """
-    import paddle
-
-    return paddle.float32 if dtype in (paddle.float16, paddle.bfloat16) else dtype
-
-
-class EMARule:
-    """Exponential moving average with a decay schedule, optionally zero-initialised and bias-corrected.
-
-    Args:
-        schedule: the decay schedule (a `paddle_ema.schedules.Schedule`).
-        bias_correction: zero start with the correction by 1 - P_t (w_t = (1 - d_t) / (1 - P_t));
-            False: start from the weights, w_t = 1 - d_t.
-    """
-
-    def __init__(self, schedule: Any, bias_correction: bool = False):
-        if bias_correction and schedule.decay >= 1.0:
-            raise ConfigError("bias_correction needs decay < 1: with decay 1 nothing is ever averaged")
-        if schedule(0) >= 1.0:
-            # Every update would have weight 0: an average started from the weights stays there, one
-            # started from zero stays zero, and PaddleDetection's correction divides it by 1 - 1**t = 0.
-            raise ConfigError(f"the {schedule.name} schedule {_shown(schedule.options())} has decay 1 from its first "
-                              "update on: the average would never move from where it starts (one started from zero "
-                              "stays 0, and its bias correction divides by 1 - 1**t = 0); use a decay below 1")
-        self.schedule = schedule
-        self.bias_correction = bool(bias_correction)
-
-    def weight(self, decay: Any, product: Any) -> Tuple[Any, Any]:
-        """The interpolation weight of one update; float or tensor arithmetic alike.
-
-        Args:
-            decay: this update's decay d_t.
-            product: P_{t-1}, the product of the decays applied before (1 at the start).
-
-        Returns:
-            (w_t, P_t).
-        """
-        new_product = product * decay
-        if self.bias_correction:
-            return (1.0 - decay) / (1.0 - new_product), new_product
-        return 1.0 - decay, new_product
-
-    def step(self, t: int, product: float) -> Tuple[float, float, float]:
-        """The t-th update on the host, its decay from the schedule in float64.
-
-        Args:
-            t: the averaging step (0 for the first update).
-            product: P_{t-1}.
-
-        Returns:
-            (d_t, w_t, P_t).
-        """
-        decay = self.schedule(t)
-        w, new_product = self.weight(decay, product)
-        return decay, w, new_product
-
-    def options(self) -> Dict[str, Any]:
-        """The settings that change the numbers, for state dicts.
-
-        Returns:
-            {'schedule': the schedule's options, 'bias_correction': bool}.
-        """
-        return {"schedule": self.schedule.options(), "bias_correction": self.bias_correction}
-
-
-def settings_differences(saved: Dict[str, Any], ours: Dict[str, Any]) -> list:
-    """The settings a saved average state was made with that differ from this average's: the one
-    check every front-end's set_state_dict runs (dygraph and static EMA, ModelEMA).
-
-    Args:
-        saved: the settings recorded in the state (nested dicts allowed).
-        ours: this average's settings, in the same form.
-
-    Returns:
-        ["setting K: SAVED in the state, OURS here", ...] for each differing key (nested keys
-        dotted), sorted; empty when they agree.
-    """
-    mine, theirs = _flatten(ours), _flatten(saved)
-    return [f"setting {key}: {theirs.get(key)!r} in the state, {mine.get(key)!r} here"
-            for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
-
-
-def _flatten(mapping, prefix=""):
-    flat = {}
-    for key, value in mapping.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def _shown(options):
-    return "(" + ", ".join(f"{k}={v!r}" for k, v in options.items() if k != "name") + ")"
+__all__ = ["SavedState", "tensor_problem"]
 
 
 def _short(value, limit=60):
@@ -168,30 +47,6 @@ def tensor_problem(value: Any, shape: Sequence[int], floating: bool = True) -> O
         if not is_float:
             return f"is {str(value.dtype).replace('paddle.', '')}; it must be floating point ({_FLOATING})"
     return None
-
-
-def first_nonfinite_name(named: Dict[str, Any]) -> Optional[str]:
-    """The first name (in `named`'s order) whose Paddle tensor or numpy array holds NaN or Inf; the
-    Paddle tensors are read in one multi-tensor scan (kernels.first_nonfinite).
-
-    Args:
-        named: {name: tensor or array}; entries of a non-floating dtype are finite.
-
-    Returns:
-        That name, or None.
-    """
-    import numpy as np
-    import paddle
-
-    from . import kernels
-
-    order = list(named)
-    tensors = [n for n in order if isinstance(named[n], paddle.Tensor) and paddle.is_floating_point(named[n])]
-    bad = kernels.first_nonfinite([named[n] for n in tensors]) if tensors else None
-    found = [tensors[bad]] if bad is not None else []
-    found += [n for n in order if isinstance(named[n], np.ndarray) and named[n].dtype.kind == "f"
-              and not np.isfinite(named[n]).all()]
-    return min(found, key=order.index) if found else None
 
 
 class SavedState:

@@ -14,7 +14,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Dict, Type
 
-from .errors import ConfigError
+from ..errors import ConfigError
+from .validation import check_number
 
 __all__ = [
     "Schedule",
@@ -62,23 +63,13 @@ class _TensorMath:
 
     @staticmethod
     def exp(x):
-        from . import _compat  # imports paddle: deferred like the `import paddle` above
+        from .. import _compat  # imports paddle: deferred like the `import paddle` above
 
         return _compat.exp(x)  # paddle.exp rejects legacy-program Variables on Paddle 3.3
 
 
 HOST = _HostMath()
 TENSOR = _TensorMath()
-
-
-def _check_unit_interval(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
-def _check_positive(name, value):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigError(f"{name} must be a number > 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +87,7 @@ class Schedule:
     name = "base"
 
     def __post_init__(self):
-        _check_unit_interval(f"{self.name} schedule: decay", self.decay)
+        check_number(f"{self.name} schedule: decay", self.decay, at_least=0, at_most=1)
 
     def formula(self, t: Any, m: Any) -> Any:
         """d(t), written with the operations of a math namespace.
@@ -210,7 +201,7 @@ class Exponential(Schedule):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_positive("exponential schedule: tau", self.tau)
+        check_number("exponential schedule: tau", self.tau, above=0)
 
     def formula(self, t: Any, m: Any) -> Any:
         return self.decay * (1.0 - m.exp(-(t + 1.0) / self.tau))
@@ -234,9 +225,9 @@ class Power(Schedule):
 
     def __post_init__(self):
         super().__post_init__()
-        _check_positive("power schedule: inv_gamma", self.inv_gamma)
-        _check_positive("power schedule: power", self.power)
-        _check_unit_interval("power schedule: min_decay", self.min_decay)
+        check_number("power schedule: inv_gamma", self.inv_gamma, above=0)
+        check_number("power schedule: power", self.power, above=0)
+        check_number("power schedule: min_decay", self.min_decay, at_least=0, at_most=1)
         if self.min_decay > self.decay:
             raise ConfigError(f"power schedule: min_decay ({self.min_decay}) must not exceed decay ({self.decay})")
 
@@ -263,8 +254,7 @@ class PowerFunction(Schedule):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.gamma, bool) or not isinstance(self.gamma, (int, float)) or not self.gamma >= 0:
-            raise ConfigError(f"power_function schedule: gamma must be a number >= 0, got {self.gamma!r}")
+        check_number("power_function schedule: gamma", self.gamma, at_least=0)
 
     def formula(self, t: Any, m: Any) -> Any:
         return m.minimum((t / (t + 1.0)) ** (self.gamma + 1.0), self.decay)

@@ -41,9 +41,10 @@ import tempfile
 import time
 from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
-from . import _compat, environment, restricted_pickle
-from .errors import CheckpointError
-from .step_policy import is_integer
+from .. import _compat, environment
+from ..core.validation import is_integer
+from ..errors import CheckpointError
+from . import restricted_pickle
 
 __all__ = [
     "atomic_save",
@@ -543,7 +544,7 @@ def _order(stem):
     """Sort key: the recorded step, then the epoch number of the name (model_final after epochs)."""
     info = checkpoint_info(stem)
     step = info.get("global_step")
-    step = step if isinstance(step, int) and not isinstance(step, bool) else -1
+    step = step if is_integer(step) else -1
     base = os.path.basename(stem)
     number = int(base) if base.isdigit() else (float("inf") if base == "model_final" else -1)
     return (step, number, base)

@@ -22,45 +22,12 @@ snapshots (evaluations); 0 never restarts.
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Optional, Tuple
 
-import numpy as np
+from ..errors import ConfigError
+from .validation import check_int, is_integer  # noqa: F401  (is_integer: its old import path)
 
-from .errors import ConfigError
-
-__all__ = ["StepPolicy", "Action", "check_int", "is_integer", "COPY", "SKIP", "AVERAGE"]
+__all__ = ["StepPolicy", "Action", "COPY", "SKIP", "AVERAGE"]
 
 COPY, SKIP, AVERAGE = "copy", "skip", "average"
-
-
-def is_integer(value: Any, minimum: Optional[int] = None) -> bool:
-    """The package's one integer test: a Python or numpy integer (a bool is not one), >= `minimum`.
-
-    Args:
-        value: the value to test.
-        minimum: the least value allowed; None for any integer.
-
-    Returns:
-        True when `value` passes.
-    """
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        return False
-    return minimum is None or value >= minimum
-
-
-def check_int(name: str, value: Any, minimum: Optional[int] = None) -> int:
-    """`value` as an int, or a one-line ConfigError naming the setting.
-
-    Args:
-        name: the setting's name, as the message shows it.
-        value: the value given.
-        minimum: the least value allowed; None for any integer.
-
-    Returns:
-        int(value).
-    """
-    if not is_integer(value, minimum):
-        bound = "" if minimum is None else f" >= {minimum}"
-        raise ConfigError(f"{name} must be an integer{bound}, got {value!r}")
-    return int(value)
 
 
 class Action(NamedTuple):

@@ -15,9 +15,9 @@ import paddle
 
 from ..dygraph import StochasticWeightAveraging
 from ..posthoc import PostHocEMA
-from .averages import weights_loaded
-from .average_files import recompute_bn_statistics
-from .run_checkpoints import copy_state
+from .average_protocol import weights_loaded
+from .checkpoint_averaging import recompute_bn_statistics
+from .checkpoint_files import copy_state
 
 __all__ = ["SWA_SUFFIX", "TrainerPostHoc", "TrainerSWA", "build_swa", "build_posthoc", "with_recalibrated_bn"]
 

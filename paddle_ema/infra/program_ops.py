@@ -13,9 +13,9 @@ from typing import Any, Dict, Iterable, Optional, Sequence
 
 import paddle
 
-from . import _compat
-from .errors import ConfigError
-from .step_policy import check_int
+from .. import _compat
+from ..core.validation import check_int
+from ..errors import ConfigError
 
 __all__ = [
     "in_pir",
@@ -41,7 +41,7 @@ def in_pir() -> bool:
     Returns:
         True for PIR (the Paddle 3.x default), False for legacy ProgramDesc programs.
     """
-    return paddle.framework.in_pir_mode()
+    return _compat.in_pir_mode()
 
 
 def lerp_(average: Any, value: Any, weight: Any) -> None:
@@ -49,16 +49,24 @@ def lerp_(average: Any, value: Any, weight: Any) -> None:
 
     Three elementwise ops, the last one in place: on CPU this is faster than Paddle's lerp kernel
     plus an assign (docs/performance.md) (PIR programs turn `Tensor.lerp_` into an out-of-place lerp).
+    The step is a multiply by the one-element weight, not a scale op: scale adds its bias (+0 by
+    default) after the product, which turns a -0 product into +0, so a -0 average would become +0
+    when w * (x - a) underflows, unlike lerp and the fused operator. (A bias of -0.0 does not do:
+    PIR keeps one attribute per float value, and -0.0 == 0.0 finds the 0.0 of another op.)
 
     Args:
         average: the program variable updated in place.
         value: the program value averaged in, of the average's shape.
         weight: a one-element tensor of the average's dtype.
     """
-    step = paddle.scale(paddle.subtract(value, average), scale=weight)
+    difference = paddle.subtract(value, average)
     if in_pir():
-        _compat.inplace_add_(average, step)
-    else:
+        _compat.inplace_add_(average, paddle.multiply(difference, weight))
+    else:  # paddle.multiply takes no legacy Variable on Paddle 3.3: the ops appended by hand
+        helper = _compat.legacy_layer_helper("elementwise_mul")
+        step = helper.create_variable_for_type_inference(difference.dtype)
+        helper.append_op(type="elementwise_mul", inputs={"X": [difference], "Y": [weight]}, outputs={"Out": [step]},
+                         attrs={"axis": -1})
         block = paddle.static.default_main_program().current_block()
         block.append_op(
             type="elementwise_add", inputs={"X": [average], "Y": [step]}, outputs={"Out": [average]}, attrs={"axis": -1}
@@ -110,7 +118,7 @@ def fused_lerp_(averages: Iterable[Any], values: Iterable[Any], weight: Any) -> 
         weight: a one-element float32 or float64 tensor (the averages' dtype); 0 leaves the
             averages untouched even where values hold NaN, 1 copies the values.
     """
-    from .kernels import fused
+    from ..kernels import fused
 
     averages, values = list(averages), list(values)
     threads = fused.num_threads()
@@ -162,7 +170,7 @@ def fused_all_finite(values: Iterable[Any]) -> Any:
     Returns:
         A bool [1] program value: True when no element is NaN or Inf.
     """
-    from .kernels import fused
+    from ..kernels import fused
 
     values = list(values)
     threads = fused.num_threads()
@@ -212,7 +220,7 @@ def fused_cast(value: Any, dtype: Any) -> Any:
     Returns:
         The cast program value.
     """
-    from .kernels import fused
+    from ..kernels import fused
 
     if not fused_cast_takes(value, dtype):
         raise ConfigError(f"fused_cast narrows float32 to float16 or bfloat16, got {value.dtype} to {dtype}")

@@ -21,10 +21,11 @@ import paddle
 
 from .. import kernels
 from ..batchnorm import batchnorm_layers, update_bn
+from ..core.selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
+from ..core.validation import check_choice
 from ..errors import ConfigError, IncompatibleStateError
-from ..selection import is_batchnorm_statistic  # by key: checkpoint files come without a model
-from .averages import check_finite
-from .run_checkpoints import check_weights_output, copy_state, load_state_dict, save_weights_file
+from .average_protocol import check_finite
+from .checkpoint_files import check_weights_output, copy_state, load_state_dict, save_weights_file
 from .data import batches
 
 __all__ = ["average_state_dicts", "average_checkpoint_files", "recompute_bn_statistics", "BN_MODES"]
@@ -50,8 +51,7 @@ def average_state_dicts(states, weights=None, bn="average", labels=None):
     labels = labels or [f"checkpoint {i}" for i in range(len(states))]
     if not states:
         raise ConfigError("no checkpoints to average")
-    if bn not in BN_MODES:
-        raise ConfigError(f"bn must be one of {BN_MODES}, got {bn!r}")
+    check_choice("bn", bn, BN_MODES, str(BN_MODES))
     weights = _check_weights(weights, len(states))
     first = states[0]
     for state, label in zip(states[1:], labels[1:]):

@@ -278,7 +278,7 @@ def _tensor(array, name=None, return_numpy=False):
         if name:
             tensor.name = name
         return tensor
-    from . import _compat
+    from .. import _compat
 
     return _compat.dense_tensor(array)
 

@@ -14,8 +14,8 @@ must not silently average everything.
 import re
 from typing import Any, Callable, Iterable, List, Optional, Set, Tuple
 
-from . import _compat
-from .errors import SelectionError
+from .. import _compat
+from ..errors import SelectionError
 
 __all__ = ["unwrap", "select_parameters", "compile_patterns", "is_floating", "batchnorm_layers",
            "batchnorm_statistic_names", "is_batchnorm_statistic", "black_listed_keys", "BATCHNORM_STATISTIC_SUFFIXES"]
@@ -39,7 +39,7 @@ def unwrap(model: Any) -> Any:
 
     while isinstance(model, paddle.DataParallel) or (
         type(model).__name__ in ("DataParallel", "DistributedModel", "GroupShardedStage2", "GroupShardedStage3")
-        and hasattr(model, "_layers")
+        and _compat.unwrap_layers(model) is not None
     ):
         model = _compat.unwrap_layers(model)
     return model

@@ -16,9 +16,9 @@ from typing import ContextManager, Dict, Iterator, Optional, Protocol, runtime_c
 
 import paddle
 
-from ..averaging import first_nonfinite_name
 from ..errors import NonFiniteError
-from .run_checkpoints import copy_state
+from ..kernels import first_nonfinite_name
+from .checkpoint_files import copy_state
 
 __all__ = ["TrainerAverage", "EvaluatedAverage", "weights_loaded", "check_finite"]
 

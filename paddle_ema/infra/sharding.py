@@ -12,7 +12,7 @@ from typing import Any, List, Optional, Sequence
 
 import paddle
 
-from . import _compat, kernels
+from .. import _compat, kernels
 
 __all__ = ["partition", "Sharding"]
 
@@ -60,17 +60,6 @@ class Sharding:
             self.ranks = list(range(self.world_size))
         self.owners = partition(list(sizes), self.world_size)
         self.owned = [i for i, owner in enumerate(self.owners) if owner == self.rank]
-
-    def owns(self, index: int) -> bool:
-        """Whether this rank owns tensor `index`.
-
-        Args:
-            index: the tensor's position in `sizes`.
-
-        Returns:
-            True when this rank keeps its shadow.
-        """
-        return self.owners[index] == self.rank
 
     @paddle.no_grad()
     def broadcast_into(self, targets: Sequence[paddle.Tensor], shadows: Sequence[Optional[paddle.Tensor]],

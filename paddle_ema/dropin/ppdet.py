@@ -12,8 +12,8 @@ float32 model of its arithmetic that is itself tested against Paddle's ops, test
   min(decay, (1+t)/(10+t)); 'exponential': decay*(1-exp(-(t+1)/2000)); 'normal': constant) and
   computes shadow = d*shadow + (1-d)*value.astype(float32) rounded as Paddle's eager ops round it:
   (float32(d)*shadow + 0) + (float32(1-d)*value + 0), each product and the sum rounded to
-  float32 on its own (`kernels.ppdet_update_`: one fused multi-threaded call, or the same Paddle
-  ops). Where PaddleDetection allocates new shadows, these are updated in place;
+  float32 on its own (`kernels.Kernel.scale_add_`: one fused multi-threaded call, or the same
+  Paddle ops). Where PaddleDetection allocates new shadows, these are updated in place;
 - `apply()` runs PaddleDetection's own ops: with t = 0 the (zero) shadows; otherwise
   shadow / (1 - d_last**t) (Paddle's divide by float32(1 - d_last**t)) cast to the weight's dtype,
   d_last the decay of the LAST update; 'exponential' gets neither the division nor the cast;
@@ -54,33 +54,36 @@ import copy
 import json
 import logging
 import os
-import warnings
 import weakref
 import zipfile
-from typing import Any, Dict, List, Optional, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 import numpy as np
 import paddle
 from paddle import nn
 
-from . import kernels
-from .averaging import EMARule, SavedState, first_nonfinite_name, settings_differences, tensor_problem
-from .checkpoint import atomic_write
-from .errors import CheckpointError, ConfigError, IncompatibleStateError, NonFiniteError
-from .schedules import PPDET_EXPONENTIAL_TAU, schedule_for_decay_type
-from .selection import batchnorm_statistic_names, black_listed_keys
-from .step_policy import AVERAGE, StepPolicy, is_integer
+from .. import kernels
+from ..core.averaging import EMARule, settings_differences
+from ..core.nonfinite import NonfiniteAttributes, NonfinitePolicy
+from ..core.schedules import schedule_for_decay_type
+from ..core.selection import batchnorm_statistic_names, black_listed_keys
+from ..core.step_policy import AVERAGE, StepPolicy
+from ..core.validation import is_integer
+from ..errors import CheckpointError, ConfigError, IncompatibleStateError
+from ..infra.checkpoint import atomic_write
+from ..infra.saved_state import SavedState, tensor_problem
+from ..kernels import Kernel, first_nonfinite_name
 
-__all__ = ["ModelEMA", "SimpleModelEMA", "bn_running_state_names", "last_key_per_tensor", "save_ema_state_file",
+__all__ = ["ModelEMA", "SimpleModelEMA", "resume_ema_exactly", "bn_running_state_names", "last_key_per_tensor", "save_ema_state_file",
            "load_ema_state_file", "exact_resume", "EMA_STATE_SUFFIX"]
 
 # The library's logger ("paddle_ema" and below): with no logging set up, Python prints its warnings
 # on stderr; PaddleDetection's own loggers do not propagate, so this one reaches stderr there too.
-LOGGER = logging.getLogger(__name__)
+# Named after the documented import path, which log filters may name.
+LOGGER = logging.getLogger("paddle_ema.ppdet")
 
-# PaddleDetection hard-codes this time constant of the 'exponential' warm-up (schedules.py has it).
-EXPONENTIAL_TAU = PPDET_EXPONENTIAL_TAU
-
+# ModelEMA's non-finite modes, its default (PaddleDetection's behaviour, no check) first.
+NONFINITE_MODES = ("update", "skip", "raise")
 
 # The BatchNorm kinds whose statistics PaddleDetection's ema_filter_no_grad keeps averaged.
 PPDET_BATCHNORM_CLASSES = (nn.BatchNorm2D, nn.SyncBatchNorm)
@@ -98,10 +101,7 @@ def bn_running_state_names(model: nn.Layer) -> Set[str]:
     return batchnorm_statistic_names(model, PPDET_BATCHNORM_CLASSES)
 
 
-NONFINITE_POLICIES = ("update", "skip", "raise")
-
-
-class ModelEMA:
+class ModelEMA(NonfiniteAttributes):
     """PaddleDetection's ModelEMA: same constructor, methods and numbers (see the module docstring).
 
     Args:
@@ -126,8 +126,7 @@ class ModelEMA:
     def __init__(self, model: nn.Layer, decay: float = 0.9998, ema_decay_type: str = "threshold",
                  cycle_epoch: int = -1, ema_black_list: Optional[List[str]] = None, ema_filter_no_grad: bool = False,
                  *, freeze_black_list: bool = True, nonfinite: str = "update"):
-        if nonfinite not in NONFINITE_POLICIES:
-            raise ConfigError(f"nonfinite must be one of {list(NONFINITE_POLICIES)}, got {nonfinite!r}")
+        self.nonfinite_policy = NonfinitePolicy(nonfinite, modes=NONFINITE_MODES)
         self.decay = decay
         self.ema_decay_type = ema_decay_type
         if not is_integer(cycle_epoch):
@@ -137,8 +136,6 @@ class ModelEMA:
         # t = updates so far, and the average restarts after every cycle_epoch-th apply().
         self.policy = StepPolicy(restart_every=max(int(cycle_epoch), 0))
         self.freeze_black_list = bool(freeze_black_list)
-        self.nonfinite = nonfinite
-        self.num_nonfinite_skipped = 0
         self.rule = EMARule(schedule_for_decay_type(ema_decay_type, decay))
         self.step = 0
         self.epoch = 0
@@ -151,6 +148,8 @@ class ModelEMA:
         self.state_dict = {}
         for name, tensor in model_state.items():
             self.state_dict[name] = tensor if name in self.ema_black_list else self._zeros(tensor)
+        # The update of the shadows, bound to them (reset() binds its new zeros).
+        self._kernel = Kernel(self._shadows())
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
 
@@ -167,6 +166,7 @@ class ModelEMA:
         self.epoch = 0
         for name in self.averaged:
             self.state_dict[name] = self._zeros(self.state_dict[name])
+        self._kernel.rebind(self._shadows())
 
     def _live_state(self):
         state = {name: ref() for name, ref in self._model_state.items()}
@@ -183,33 +183,22 @@ class ModelEMA:
         """
         values = model.state_dict() if model is not None else self._live_state()
         values = [values[name] for name in self.averaged]
-        if self.nonfinite != "update" and not self._values_finite(values):
-            return
         kind, t = self.policy.action(self.step)
         assert kind == AVERAGE  # no start step, no update_every: every update averages
         decay = self.rule.schedule(t)
-        self._decay = decay
         # PaddleDetection's (1 - decay), in float64: not 1 - float32(decay).
-        kernels.ppdet_update_(self._shadows(), values, decay, 1 - decay)
+        bad = self._kernel.scale_add_(values, decay, 1 - decay, scan=values if self.nonfinite_policy.checks else None)
+        if bad is not None:
+            self._skip_nonfinite(bad)
+            return
+        self._decay = decay
         self.step += 1
 
-    def _values_finite(self, values):
-        bad = kernels.first_nonfinite(values)
-        if bad is None:
-            return True
+    def _skip_nonfinite(self, bad):
+        """The update found averaged[bad] holding NaN or Inf: the policy raises, or counts and warns."""
         name = self.averaged[bad]
-        if self.nonfinite == "raise":
-            raise NonFiniteError(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf")
-        self.num_nonfinite_skipped += 1
-        count = self.num_nonfinite_skipped
-        if count in (1, 10, 100) or count % 1000 == 0:  # a diverged run would warn every step
-            warnings.warn(
-                f"ModelEMA update skipped: {name!r} holds NaN or Inf ({count} update(s) skipped so far; "
-                "warnings repeat at 10, 100 and every 1000)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return False
+        self.nonfinite_policy.skip(f"ModelEMA.update() at step {self.step}: {name!r} holds NaN or Inf",
+                                   f"ModelEMA update skipped: {name!r} holds NaN or Inf")
 
     @property
     def last_decay(self) -> Optional[float]:
@@ -383,7 +372,7 @@ class SimpleModelEMA:
 
     `model` is the copy; update(model, decay) moves every floating entry of its state dict to
     v*decay + (1-decay)*x in the entry's dtype, rounded as Paddle's scale and add ops round it
-    (kernels.ppdet_update_); other entries are left as they are. No zero init, no correction.
+    (kernels.Kernel.scale_add_); other entries are left as they are. No zero init, no correction.
     A tensor under several keys moves once, with x from its last key (`last_key_per_tensor`).
 
     Args:
@@ -394,6 +383,7 @@ class SimpleModelEMA:
     def __init__(self, model: Optional[nn.Layer] = None, decay: float = 0.9996):
         self.model = copy.deepcopy(model)
         self.decay = decay
+        self._kernel = None  # bound to the copy's float32/float64 entries at the first update
         # Build (or load) the fused kernel now, with one line when it compiles, not inside the first update.
         kernels.prepare()
 
@@ -414,8 +404,11 @@ class SimpleModelEMA:
         # entry has changed.
         half = [n for n in names if mine[n].dtype not in (paddle.float32, paddle.float64)]
         new_half = {n: mine[n] * decay + (1.0 - decay) * current[n].detach() for n in half}
-        full = [n for n in names if n not in new_half]
-        kernels.ppdet_update_([mine[n] for n in full], [current[n].detach() for n in full], decay, 1.0 - decay)
+        full = [mine[n] for n in names if n not in new_half]
+        if self._kernel is None or len(full) != len(self._kernel.averages) or \
+                any(a is not b for a, b in zip(full, self._kernel.averages)):
+            self._kernel = Kernel(full)
+        self._kernel.scale_add_([current[n].detach() for n in names if n not in new_half], decay, 1.0 - decay)
         kernels.copy_([mine[n] for n in half], [new_half[n] for n in half])
 
     def resume(self, state_dict: Dict[str, Any], step: int = 0) -> None:
@@ -573,18 +566,38 @@ def exact_resume(trainer: Any, resume: Optional[Union[str, os.PathLike]] = None)
         CheckpointError: the EMA state beside `resume` is unreadable.
         IncompatibleStateError: it does not fit the trainer's EMA.
     """
-    from ppdet.engine.callbacks import Callback  # PaddleDetection's trainer accepts only its subclasses
+    def checkpoint(cfg, name):
+        folder = os.path.join(cfg.save_dir, name) if cfg.get("uniform_output_enabled", False) else cfg.save_dir
+        return os.path.join(folder, name)
+
+    resume_ema_exactly(trainer, resume, ModelEMA, "PaddleDetection", "paddle_ema.ppdet", checkpoint, LOGGER)
+
+
+def resume_ema_exactly(trainer: Any, resume: Optional[Union[str, os.PathLike]], ema_class: type, suite: str,
+                       module: str, checkpoint: Callable[[Any, str], str], logger: logging.Logger) -> None:
+    """exact_resume for a trainer of PaddleDetection's design (PaddleDetection's, PaddleYOLO's).
+
+    Args:
+        trainer: the `ppdet.engine.Trainer`.
+        resume: the checkpoint passed to `trainer.resume_weights`, or None for a fresh run.
+        ema_class: the ModelEMA class the trainer must hold.
+        suite: the suite's name, for messages.
+        module: the module to import ModelEMA from, for messages.
+        checkpoint: (cfg, name) -> the stem the suite's Checkpointer writes checkpoint `name` to.
+        logger: where a checkpoint without an EMA state beside it is reported.
+    """
+    from ppdet.engine.callbacks import Callback  # the trainer accepts only its subclasses
 
     ema = getattr(trainer, "ema", None) if getattr(trainer, "use_ema", False) else None
-    if not isinstance(ema, ModelEMA):
+    if not isinstance(ema, ema_class):
         raise ConfigError("exact_resume: the trainer has no paddle_ema ModelEMA (set use_ema: true, and import "
-                          "ModelEMA from paddle_ema.ppdet in ppdet/optimizer/ema.py)")
+                          f"ModelEMA from {module} in ppdet/optimizer/ema.py)")
     if resume is not None:
         if os.path.isfile(_stem(resume) + EMA_STATE_SUFFIX):
             load_ema_state_file(ema, resume)
         else:
-            LOGGER.warning("%s has no EMA state beside it (%s): the EMA resumes PaddleDetection's way, from the "
-                           "bias-corrected weights", resume, _stem(resume) + EMA_STATE_SUFFIX)
+            logger.warning("%s has no EMA state beside it (%s): the EMA resumes %s's way, from the "
+                           "bias-corrected weights", resume, _stem(resume) + EMA_STATE_SUFFIX, suite)
 
     class SaveEMAState(Callback):
         """Writes the EMA state beside each training checkpoint, after the Checkpointer."""
@@ -597,7 +610,6 @@ def exact_resume(trainer: Any, resume: Optional[Union[str, os.PathLike]] = None)
             cfg = self.model.cfg
             epoch_id = status["epoch_id"]
             name = str(epoch_id) if epoch_id != cfg.epoch - 1 else "model_final"
-            folder = os.path.join(cfg.save_dir, name) if cfg.get("uniform_output_enabled", False) else cfg.save_dir
-            save_ema_state_file(self.model.ema, os.path.join(folder, name))
+            save_ema_state_file(self.model.ema, checkpoint(cfg, name))
 
     trainer.register_callbacks([SaveEMAState(trainer)])

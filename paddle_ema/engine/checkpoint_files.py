@@ -16,10 +16,19 @@ from typing import Any, Dict, Optional
 import numpy as np
 import paddle
 
-from ..checkpoint import JOURNAL_SUFFIX, MANIFEST_SUFFIX, atomic_save, complete_checkpoints, resolve, safe_load  # noqa: F401
-from ..checkpoint import check_replaceable, checkpoint_info, listed_suffixes
-from ..checkpoint import save_checkpoint as _save_files
 from ..errors import CheckpointError, IncompatibleStateError
+from ..infra.checkpoint import (  # noqa: F401
+    JOURNAL_SUFFIX,
+    MANIFEST_SUFFIX,
+    atomic_save,
+    check_replaceable,
+    checkpoint_info,
+    complete_checkpoints,
+    listed_suffixes,
+    resolve,
+    safe_load,
+)
+from ..infra.checkpoint import save_checkpoint as _save_files
 
 __all__ = ["atomic_save", "copy_state", "checkpoint_stem", "save_checkpoint", "load_resume_state", "load_weights", "check_fits",
            "run_identity", "check_same_run", "ema_keys", "ema_resume_hint", "load_state_dict", "newest_resumable",
