@@ -17,8 +17,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Paddle's import-time warning, and glog's line head: severity, MMDD, time, thread, file:line].
-NOISE = re.compile(r"ccache|^[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]", re.M)
+# Paddle's import-time warning, glog's line head (severity, MMDD, time, thread, file:line]), and
+# any library's INFO record through the root handler `import paddle` installs (matplotlib's
+# "generated new fontManager" on a machine without its font cache).
+NOISE = re.compile(r"ccache|^[IW]\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ \S+:\d+\]|\[ +INFO\]", re.M)
 
 
 def readme_block(heading):
@@ -61,10 +63,12 @@ def block(tmp_path_factory):
     commands = readme_block("## Training tools")
     clone = fresh_copy(tmp_path_factory.mktemp("clone"))
     assert not (clone / "output").exists()
+    # A fresh machine: no matplotlib font cache yet (the first run builds it).
+    matplotlib_config = tmp_path_factory.mktemp("matplotlib")
     results = []
     for argv in commands:
         assert argv[0] == "python", argv  # run with this interpreter
-        result = run([sys.executable, *argv[1:]], clone)
+        result = run([sys.executable, *argv[1:]], clone, MPLCONFIGDIR=str(matplotlib_config))
         assert result.returncode == 0, f"{shlex.join(argv)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
         results.append((argv, result))
     return clone, results

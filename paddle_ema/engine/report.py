@@ -1,5 +1,6 @@
 """What a run reports: VisualDL scalars, the end-of-run summary table and a PNG of the curves."""
 
+import logging
 import os
 from typing import Any, Dict, List, Optional
 
@@ -119,6 +120,9 @@ def output_lines(run_dir: str, epochs: int, snapshot_epoch: int, has_ema: bool, 
 
 def plot_curves(series, steps_per_epoch, path):
     """Training loss, raw vs EMA accuracy and EMA distance against epochs, saved as a PNG."""
+    # On a machine without matplotlib's font cache the first import builds it and logs that at INFO,
+    # which reaches the terminal through the root handler `import paddle` installs at INFO.
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.WARNING)
     import matplotlib
 
     matplotlib.use("Agg")
